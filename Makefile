@@ -1,0 +1,22 @@
+# Two entry points; each creates .venv (Python 3.11) and installs the pins when needed.
+#   make run    train + sample the embedded default (configs/default.py) into runs/default
+#   make test   the whole test suite on 8 simulated CPU devices
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+
+.PHONY: run test venv
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "score_jax needs Python 3.11; set PYTHON=/path/to/python3.11")'
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/python main.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests $(ARGS)

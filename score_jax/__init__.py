@@ -1,0 +1,20 @@
+"""score_jax: score-based generative modeling (NCSN, NCSNv2, CAS, adversarial SM) in JAX/Flax.
+
+Notebook entry points (imported lazily so `import score_jax` stays cheap):
+  `load_checkpoint(workdir, step=None) -> (config, state)`
+  `make_sampler(config, state) -> (rng, n) -> samples`
+"""
+
+__all__ = ["load_checkpoint", "make_sampler"]
+
+
+def load_checkpoint(workdir, step=None):
+  """Returns `(config, state)` restored from `workdir` (latest step if `step` is None)."""
+  from score_jax import sample
+  return sample.load_checkpoint(workdir, step=step)
+
+
+def make_sampler(config, state):
+  """Returns a jit-compiled `(rng, n) -> samples` using the EMA params and the configured sampler."""
+  from score_jax import sample
+  return sample.make_sampler(config, state)
