@@ -33,6 +33,17 @@ def is_toy(dataset: str) -> bool:
   return dataset in toy.DATASETS
 
 
+def check_dataset(dataset: str) -> None:
+  """ValueError unless `dataset` names a toy or an image dataset."""
+  if is_toy(dataset):
+    return
+  from score_jax import image_data
+  if dataset not in image_data.DATASETS:
+    raise ValueError(
+        f"data.dataset={dataset!r} is unknown; toys: {sorted(toy.DATASETS)}, "
+        f"images: {sorted(image_data.DATASETS)}")
+
+
 class ToyIterator:
   """Stateless-by-construction toy batches `[batch_size, dim]` keyed by (seed, batch, shard)."""
 
@@ -79,11 +90,8 @@ def create_iterator(*, dataset: str, batch_size: int, seed: int, shard_index: in
   if is_toy(dataset):
     return ToyIterator(dataset, batch_size=batch_size, seed=seed, shard_index=shard_index,
                        dim=toy_dim)
+  check_dataset(dataset)
   from score_jax import image_data
-  if dataset not in image_data.DATASETS:
-    raise ValueError(
-        f"data.dataset={dataset!r} is unknown; toys: {sorted(toy.DATASETS)}, "
-        f"images: {sorted(image_data.DATASETS)}")
   return image_data.create_iterator(dataset=dataset, split=split, batch_size=batch_size, seed=seed,
                                     shard_index=shard_index, shard_count=shard_count,
                                     **image_kwargs)

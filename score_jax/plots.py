@@ -1,0 +1,115 @@
+"""PNG outputs: image grids, toy scatter comparisons and per-level sampler trajectories."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def to_uint8(x: np.ndarray, *, centered: bool = False) -> np.ndarray:
+  """Images in [0, 1] (or [-1, 1] if centered) to uint8, clipping out-of-range values."""
+  x = np.asarray(x, np.float32)
+  if centered:
+    x = (x + 1.0) / 2.0
+  return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def image_grid(x: np.ndarray, *, ncol: int | None = None, pad: int = 2,
+               centered: bool = False) -> np.ndarray:
+  """Tiles `[n, h, w, c]` images into one `[H, W, c]` uint8 grid."""
+  x = to_uint8(x, centered=centered)
+  n, h, w, c = x.shape
+  ncol = ncol or int(np.ceil(np.sqrt(n)))
+  nrow = int(np.ceil(n / ncol))
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, k = divmod(i, ncol)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = x[i]
+  return grid
+
+
+def save_image_grid(x: np.ndarray, path: str, *, ncol: int | None = None,
+                    centered: bool = False) -> None:
+  grid = image_grid(x, ncol=ncol, centered=centered)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def save_intermediates(saved: np.ndarray, path: str, *, centered: bool = False) -> None:
+  """`saved` `[levels, n, h, w, c]`: one row per sample, one column per saved level."""
+  levels, n = saved.shape[:2]
+  tiles = np.transpose(saved, (1, 0, 2, 3, 4)).reshape(n * levels, *saved.shape[2:])
+  save_image_grid(tiles, path, ncol=levels, centered=centered)
+
+
+def save_inpainting_grid(masked: np.ndarray, completed: np.ndarray, path: str, *,
+                         centered: bool = False) -> None:
+  """Rows of masked inputs, each followed by its completion."""
+  n = min(len(masked), 8)
+  pairs = np.stack([masked[:n], completed[:n]], axis=1).reshape(2 * n, *masked.shape[1:])
+  save_image_grid(pairs, path, ncol=2 * min(n, 4), centered=centered)
+
+
+def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], path: str) -> None:
+  """Scatter (2-D) or histogram (1-D) panels: ground truth, then each sampler."""
+  panels = {"ground truth": truth, **{k.upper(): v for k, v in samples.items()}}
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+  finite = truth[np.isfinite(truth).all(axis=1)]
+  lo, hi = finite.min(0) - 1.0, finite.max(0) + 1.0
+  for ax, (name, x) in zip(axes[0], panels.items()):
+    x = x[np.isfinite(x).all(axis=1)]
+    if x.shape[1] == 1:
+      ax.hist(x[:, 0], bins=80, range=(lo[0], hi[0]), density=True, color="tab:blue")
+    else:
+      ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4)
+      ax.set_xlim(lo[0], hi[0])
+      ax.set_ylim(lo[1], hi[1])
+      ax.set_aspect("equal")
+    ax.set_title(name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None], path: str) -> None:
+  """Per-level statistics of each sampler (one panel per statistic, one line per sampler)."""
+  trajectories = {k: v for k, v in trajectories.items() if v}
+  keys = sorted({k for t in trajectories.values() for k, v in t.items()
+                 if k != "samples" and np.ndim(v) == 1})
+  if not keys:
+    return
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for name, t in trajectories.items():
+      if key in t:
+        ax.plot(np.asarray(t[key]), label=name.upper())
+    if key in ("sigma", "noise_std", "x_std", "score_norm"):
+      ax.set_yscale("log")
+    ax.set_title(key)
+    ax.set_xlabel("level")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, ylabel: str,
+               logx: bool = False) -> None:
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, ys in ys_by_name.items():
+    ax.plot(xs, ys, marker="o", label=name)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
