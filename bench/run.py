@@ -1,0 +1,155 @@
+"""score_jax benchmark: time, throughput, compile time, memory and FLOP/s of the main workloads.
+
+    .venv/bin/python bench/run.py                 # every workload, table + bench/results.jsonl
+    .venv/bin/python bench/run.py --only=toy_als_b64,ncsnv2_cifar_train_b16
+    .venv/bin/python bench/run.py --list
+
+Each workload runs in its own subprocess (so its peak host memory is its own, and device counts
+can differ). Per workload: compile time (lower + compile), wall time per call (median of
+`--repeats` timed calls after one warm-up, with min and max), throughput, XLA's cost-analysis FLOPs
+of the compiled call, achieved FLOP/s as a fraction of the machine's peak, measured in the same run
+by a large float32 matrix product. Results are appended to bench/results.jsonl with the machine
+description; bench/RESULTS.md keeps the latest table per machine kind (rewritten by this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def machine() -> dict:
+  import jax
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  dev = jax.devices()[0]
+  accel = None if dev.platform == "cpu" else f"{dev.platform}: {dev.device_kind}"
+  return {"cpu": cpu, "cores": os.cpu_count(), "accelerator": accel, "jax": jax.__version__,
+          "backend": dev.platform}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--only", default="", help="comma-separated workload names")
+  p.add_argument("--list", action="store_true")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--workload", help=argparse.SUPPRESS)
+  p.add_argument("--devices", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--kind", default=None, help="machine kind label for RESULTS.md (default: cpu model)")
+  p.add_argument("--no-save", action="store_true")
+  args = p.parse_args()
+  sys.path.insert(0, str(REPO))
+  sys.path.insert(0, str(HERE))
+
+  if args.workload:  # child process: one workload, JSON on the last stdout line.
+    import workloads
+    result = workloads.run(args.workload, repeats=args.repeats)
+    print("RESULT " + json.dumps(result))
+    return
+
+  import workloads
+  names = workloads.names()
+  if args.list:
+    print("\n".join(names))
+    return
+  selected = [n for n in names if not args.only or n in args.only.split(",")]
+  info = machine()
+  peak = _child("matmul_peak", args.repeats, devices=1)
+  peak_flops = peak["flops"] / peak["median_s"]
+  print(f"machine: {info}; measured float32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+  rows = []
+  for name in selected:
+    r = _child(name, args.repeats, devices=workloads.devices_of(name))
+    if r is None:
+      continue
+    if r.get("flops"):
+      r["fraction_of_peak"] = r["flops"] / r["median_s"] / peak_flops
+    rows.append(r)
+    print(_format_row(r), flush=True)
+  kind = args.kind or info["accelerator"] or info["cpu"]
+  if not args.no_save:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(HERE / "results.jsonl", "a") as f:
+      for r in rows:
+        f.write(json.dumps({"time": stamp, "kind": kind, "machine": info, "peak_flops": peak_flops,
+                            **r}) + "\n")
+    _write_results_md()
+
+
+def _child(name: str, repeats: int, devices: int | None) -> dict | None:
+  env = dict(os.environ)
+  if devices and devices > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+  cmd = [sys.executable, str(HERE / "run.py"), f"--workload={name}", f"--repeats={repeats}"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    print(f"{name}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return None
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _fmt(v, unit=""):
+  if v is None:
+    return "-"
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(v) >= scale:
+      return f"{v / scale:.3g}{prefix}{unit}"
+  return f"{v:.3g}{unit}"
+
+
+HEADER = ("| workload | median (min-max) per call | throughput | compile | peak RSS | "
+          "FLOPs/call | FLOP/s | % of peak | note |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def _format_row(r: dict) -> str:
+  frac = r.get("fraction_of_peak")
+  fl = r.get("flops")
+  return (f"| {r['name']} | {r['median_s'] * 1e3:.3g} ms ({r['min_s'] * 1e3:.3g}-"
+          f"{r['max_s'] * 1e3:.3g}) | {_fmt(r.get('throughput'))} {r.get('throughput_unit', '')} | "
+          f"{r['compile_s']:.2f} s | {r['peak_rss_mb']:.0f} MB | {_fmt(fl)} | "
+          f"{_fmt(fl / r['median_s'] if fl else None)} | "
+          f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {r.get('note', '')} |")
+
+
+def _write_results_md() -> None:
+  """Keeps, per machine kind, the table of the latest run in bench/RESULTS.md."""
+  latest: dict[str, dict] = {}
+  peaks: dict[str, float] = {}
+  machines: dict[str, dict] = {}
+  with open(HERE / "results.jsonl") as f:
+    for line in f:
+      r = json.loads(line)
+      k = r["kind"]
+      if r["time"] >= latest.get(k, {}).get("_time", ""):
+        if r["time"] != latest.get(k, {}).get("_time"):
+          latest[k] = {"_time": r["time"]}
+        latest[k][r["name"]] = r
+        peaks[k], machines[k] = r["peak_flops"], r["machine"]
+  out = ["# Benchmark results", "", "Written by `bench/run.py` (latest run per machine kind). "
+         "See bench/NOTES.md for what was tried and why.", ""]
+  for k, rows in sorted(latest.items()):
+    out += [f"## {k}", "", f"Run {rows['_time']}; {machines[k]}; measured float32 matmul peak "
+            f"{peaks[k] / 1e9:.1f} GFLOP/s.", "", HEADER]
+    out += [_format_row(r) for n, r in rows.items() if n != "_time"]
+    out.append("")
+  (HERE / "RESULTS.md").write_text("\n".join(out))
+
+
+if __name__ == "__main__":
+  main()
