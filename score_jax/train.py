@@ -117,8 +117,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   grad_fn = jax.value_and_grad(score_loss, has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, **loss_kwargs)
   grads = jax.lax.pmean(grads, BATCH_AXIS)
-  metrics = jax.lax.pmean(dict(metrics, loss=loss), BATCH_AXIS)
-  grad_norm = optax.global_norm(grads)
+  metrics = _reduce_metrics(dict(metrics, loss=loss))
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads).update_ema(ema_decays)
   state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -126,10 +126,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   return state, metrics
 
 
+def _reduce_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Device-average scalars; per-level sums and counts are summed over devices."""
+  return {k: (jax.lax.psum(v, BATCH_AXIS) if k.startswith("level_") else
+              jax.lax.pmean(v, BATCH_AXIS)) for k, v in metrics.items()}
+
+
 def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, **loss_kwargs) -> dict:
   """Test loss of `params` on this device's slice, averaged over devices."""
   loss, metrics = score_loss(params, batch, rng, train=False, **loss_kwargs)
-  return jax.lax.pmean(dict(metrics, loss=loss), BATCH_AXIS)
+  return _reduce_metrics(dict(metrics, loss=loss))
 
 
 # --------------------------------------------------------------------------------------------
