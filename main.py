@@ -149,15 +149,21 @@ def main(argv: list[str]) -> int:
   try:
     FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   except Exception as e:  # ml_collections reports bad config files/overrides with many types.
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  logging.set_verbosity(logging.INFO)
+  # Orbax logs every save at INFO; the run prints its own progress.
+  logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
   from score_jax import checkpoint, train
-  config = FLAGS.config
+  try:
+    config = FLAGS.config
+    config.get("name")
+  except Exception as e:  # config_flags defers file errors to the first access.
+    print(f"error: --config: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
   workdir = FLAGS.workdir or _default_workdir()
   try:
     if config.training.distributed:

@@ -223,7 +223,7 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     plots.save_trajectories(trajectories, os.path.join(out_dir, f"trajectory_step{step}.png"))
     writer = MetricWriter(workdir, name="sample_metrics", tensorboard=False)
     for method, m in results.items():
-      writer.write(step, {}, **m)
+      writer.write(step, {}, **{k: v for k, v in m.items() if k != "step"})
     writer.close()
     with open(os.path.join(out_dir, f"metrics_step{step}.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from score_jax import checkpoint, data, losses, models, noise, parallel
 from score_jax.metric_writers import MetricWriter
@@ -303,13 +302,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_compatible(checkpoint.restore_config(manager, latest), config, workdir)
     state, data_state = checkpoint.restore(manager, latest, state)
     train_iter.set_state(data_state)
-    logging.info("Resumed from checkpoint %d in %s", latest, workdir)
+    if parallel.is_main_process():
+      print(f"resumed from checkpoint {latest} in {workdir}")
 
   main = parallel.is_main_process()
   writer = MetricWriter(workdir) if main else None
   n_params = param_count(state.params)
   if main:
-    logging.info("Model %s: %s parameters", config.model.name, f"{n_params:,}")
+    print(f"model {config.model.name}: {n_params:,} parameters; {mesh.size} device(s), "
+          f"global batch {t.batch_size}")
 
   k = t.steps_per_dispatch
   fused = None if k == 1 else k
