@@ -81,7 +81,7 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
   """Per-level statistics of each sampler (one panel per statistic, one line per sampler)."""
   trajectories = {k: v for k, v in trajectories.items() if v}
   keys = sorted({k for t in trajectories.values() for k, v in t.items()
-                 if k != "samples" and np.ndim(v) == 1})
+                 if k not in ("samples", "sigma") and np.ndim(v) == 1})
   if not keys:
     return
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
@@ -89,6 +89,10 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
     for name, t in trajectories.items():
       if key in t:
         ax.plot(np.asarray(t[key]), label=name.upper())
+    if key == "noise_std":
+      sigma = next(iter(trajectories.values())).get("sigma")
+      if sigma is not None:
+        ax.plot(np.asarray(sigma), "k--", label="sigma_i (target)")
     if key in ("sigma", "noise_std", "x_std", "score_norm"):
       ax.set_yscale("log")
     ax.set_title(key)

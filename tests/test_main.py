@@ -141,3 +141,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     if name != "incompatible checkpoint":
       assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name} wrote its workdir"
   assert sorted(str(p) for p in other.rglob("*")) == before
+
+
+def test_default_job_recovers_mixture_weights(tmp_path):
+  """`python main.py` with no config flags: the learned ALS sampler gets the 0.2/0.8 weights."""
+  code, out, err = _finish(_main(f"--workdir={tmp_path}", "--config.training.progress_bar=False"),
+                           timeout=600)
+  assert code == 0, err
+  records = {r["method"]: r for r in
+             map(json.loads, (tmp_path / "sample_metrics.jsonl").read_text().splitlines())}
+  for method in ("als", "cas"):
+    weights = np.asarray(records[method]["mode_weights"])
+    np.testing.assert_allclose(weights, [0.2, 0.8], atol=0.05, err_msg=method)
+    assert records[method]["finite_fraction"] == 1.0
