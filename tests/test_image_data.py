@@ -1,0 +1,114 @@
+"""Image pipeline: offline MNIST preparation, grain iteration, resume, sharding, local files."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from score_jax import image_data
+
+MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(tmp_path_factory):
+  if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
+    pytest.skip(f"official MNIST files are absent from {MNIST} (see ../shared/data/README.md)")
+  return image_data.prepare_cached("mnist", str(MNIST), str(tmp_path_factory.mktemp("tfds")))
+
+
+def _it(data_dir, **kw):
+  args = dict(dataset="mnist", split="train", batch_size=32, image_size=28, num_channels=1,
+              data_dir=data_dir, seed=3)
+  args.update(kw)
+  return image_data.create_iterator(**args)
+
+
+def test_raw_mnist_files():
+  if not MNIST.is_dir():
+    pytest.skip(f"{MNIST} is absent")
+  images, labels = image_data.load_mnist_raw(MNIST, "test")
+  assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+  assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def test_prepared_mnist_matches_the_raw_files(mnist_data_dir):
+  x = image_data.load_array(dataset="mnist", split="test", image_size=28, num_channels=1,
+                            data_dir=mnist_data_dir)
+  raw, _ = image_data.load_mnist_raw(MNIST, "test")
+  assert x.shape == (10000, 28, 28, 1)
+  # TFDS stores records in its own order: compare as sets of images.
+  a = np.sort((x[..., 0] * 255).round().astype(np.uint8).reshape(10000, -1).sum(1))
+  b = np.sort(raw.reshape(10000, -1).astype(np.int64).sum(1))
+  np.testing.assert_array_equal(a, b)
+
+
+def test_batches_ranges_determinism_and_resume(mnist_data_dir):
+  it = _it(mnist_data_dir, random_flip=True, uniform_dequantization=True)
+  first = next(it)["x"]
+  assert first.shape == (32, 28, 28, 1) and first.dtype == np.float32
+  assert 0.0 <= first.min() and first.max() < 1.0
+  np.testing.assert_array_equal(next(_it(mnist_data_dir, random_flip=True,
+                                         uniform_dequantization=True))["x"], first)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it)["x"] for _ in range(3)]
+  resumed = _it(mnist_data_dir, random_flip=True, uniform_dequantization=True)
+  resumed.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(resumed)["x"], e)
+  centered = next(_it(mnist_data_dir, centered=True))["x"]
+  assert centered.min() == -1.0 and centered.max() == 1.0
+
+
+def test_shards_are_disjoint_and_cover(mnist_data_dir):
+  def sums(shard):
+    it = _it(mnist_data_dir, shard_index=shard, shard_count=2, shuffle=False, batch_size=1000,
+             num_epochs=1)
+    return np.concatenate([next(it)["x"].reshape(1000, -1).sum(1) for _ in range(30)])
+  a, b = sums(0), sums(1)
+  whole = image_data.load_array(dataset="mnist", split="train", image_size=28, num_channels=1,
+                                data_dir=mnist_data_dir)
+  np.testing.assert_allclose(np.sort(np.concatenate([a, b])), np.sort(whole.reshape(60000, -1).sum(1)),
+                             rtol=1e-6)
+
+
+def test_resize_and_channels(mnist_data_dir):
+  x = next(_it(mnist_data_dir, image_size=32, num_channels=3))["x"]
+  assert x.shape == (32, 32, 32, 3)
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])
+
+
+def test_folder_and_npz_sources(tmp_path):
+  rng = np.random.RandomState(0)
+  imgs = rng.randint(0, 256, (6, 12, 12, 3), dtype=np.uint8)
+  for i, im in enumerate(imgs):
+    Image.fromarray(im).save(tmp_path / f"{i}.png")
+  np.savez(tmp_path / "data.npz", x=imgs)
+  for dataset, path in (("folder", str(tmp_path)), ("npz", str(tmp_path / "data.npz"))):
+    x = image_data.load_array(dataset=dataset, split="train", image_size=12, num_channels=3,
+                              path=path)
+    np.testing.assert_allclose(x * 255, imgs, atol=1e-3)
+    batch = next(image_data.create_iterator(dataset=dataset, split="train", batch_size=4,
+                                            image_size=8, num_channels=1, path=path))
+    assert batch["x"].shape == (4, 8, 8, 1)
+
+
+def test_errors(tmp_path):
+  with pytest.raises(ValueError, match="unknown"):
+    image_data.create_iterator(dataset="imagenet", split="train", batch_size=2, image_size=8,
+                               num_channels=3)
+  with pytest.raises(ValueError, match="prepare_data --dataset=mnist"):
+    image_data.create_iterator(dataset="mnist", split="train", batch_size=2, image_size=28,
+                               num_channels=1, data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="lacks"):
+    image_data.prepare("mnist", data_dir=str(tmp_path), manual_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="data.path"):
+    image_data.create_iterator(dataset="npz", split="train", batch_size=2, image_size=8,
+                               num_channels=1)
+  with pytest.raises(ValueError, match="num_channels"):
+    image_data.create_iterator(dataset="npz", split="train", batch_size=2, image_size=8,
+                               num_channels=2, path="x.npz")
