@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -66,12 +67,19 @@ def validate_config(config) -> None:
 
 
 def _check_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable, so a bad path fails before any training.
+
+  Permission bits are not enough (root passes `os.access` everywhere, even on /proc), so
+  this makes the directory and a probe file for real.
+  """
   path = pathlib.Path(workdir).resolve()
-  existing = path
-  while not existing.exists():
-    existing = existing.parent
-  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-    raise UsageError(f"--workdir={workdir}: {existing} is not a writable directory")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
+      pass
+  except OSError as e:
+    raise UsageError(f"--workdir={workdir}: {path} is not a writable directory "
+                     f"({e.strerror or e}); pick a directory you can write to") from None
 
 
 def _default_workdir() -> str:
