@@ -42,7 +42,7 @@ class UsageError(ValueError):
 def validate_config(config) -> None:
   """Checks values that types cannot; raises UsageError naming the field and the fix."""
   import jax
-  from score_jax import data
+  from score_jax import data, models
   n, t, s = config.noise, config.training, config.sampling
   if not n.sigma_min > 0:
     raise UsageError(f"noise.sigma_min={n.sigma_min} must be > 0")
@@ -58,6 +58,10 @@ def validate_config(config) -> None:
     if t[name] <= 0:
       raise UsageError(f"training.{name}={t[name]} must be > 0")
   data.check_dataset(config.data.dataset)
+  if not data.is_toy(config.data.dataset) and config.model.name == "mlp":
+    raise UsageError(f"model.name='mlp' is for toy data; {config.data.dataset} needs an image "
+                     "network: set --config.model.name=ncsnv2 (or ncsn, unet)")
+  models.build(config)  # rejects unknown names and image sizes the network cannot take
   if s.step_lr <= 0:
     raise UsageError(f"sampling.step_lr={s.step_lr} must be > 0")
   if s.method not in ("als", "cas", "pc"):

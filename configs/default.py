@@ -107,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_samples = 2000  # samples written per sampling run.
   sampling.batch_size = 2000  # samples per compiled call.
   sampling.save_every_levels = placeholder(int)  # keep intermediate samples every k levels; None keeps none.
+  sampling.inpaint_examples = 8  # images: test images whose right half is inpainted after sampling; 0: none.
   sampling.also_cas = True  # after training, sample with both ALS and CAS (the default job compares them).
   sampling.cas_step_lr = 0.3  # epsilon for the CAS run when also_cas (must satisfy the CAS feasibility interval).
 

@@ -147,8 +147,11 @@ def _tfds_source(dataset: str, split: str, data_dir: str | None):
   from score_jax import tfds_builders  # noqa: F401
   info = _info(dataset)
   data_dir = data_dir or default_data_dir()
-  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
+  # Checked before TFDS looks (and logs warnings about the folder it does not find).
+  prepared = list(pathlib.Path(data_dir, info.tfds_name).glob("*/dataset_info.json"))
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record") \
+      if prepared else None
+  if builder is None or not builder.is_prepared():
     raise ValueError(f"data_dir={data_dir} holds no prepared {dataset}; prepare it offline with: "
                      f"{prepare_command(dataset, data_dir)}")
   if split not in builder.info.splits:

@@ -21,7 +21,7 @@ import numpy as np
 
 from score_jax import checkpoint, data, models, noise, parallel, plots, samplers, toy
 from score_jax.metric_writers import MetricWriter
-from score_jax.score import make_score_fn
+from score_jax.score import denoise, make_score_fn
 from score_jax.train import example_shape, init_state, sigmas_from_config
 from score_jax.train_state import TrainState
 
@@ -190,11 +190,18 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
   is_toy = data.is_toy(config.data.dataset)
   results, all_samples, trajectories = {}, {}, {}
+  # Images keep the last Langevin iterate too: the sampler runs without its final denoising
+  # step and `_denoise_in_batches` applies the same x + sigma_L^2 s(x, sigma_L) afterwards.
+  denoise_after = not is_toy and s.denoise
   for method in methods:
     sample_fn = make_sampler(config, state, method=method, return_trajectory=True,
-                             save_every=s.save_every_levels)
+                             save_every=s.save_every_levels,
+                             **({"denoise": False} if denoise_after else {}))
     samples, trajectory = _draw(sample_fn, s.num_samples, s.batch_size,
                                 jax.random.fold_in(rng, _METHOD_IDS[method]))
+    raw = None
+    if denoise_after:
+      raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
     tag = f"{method}_step{step}"
     all_samples[method], trajectories[method] = samples, trajectory
     metrics = {"method": method, "step": step, "num_samples": int(len(samples)),
@@ -205,15 +212,25 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     results[method] = metrics
     if main:
       np.savez_compressed(os.path.join(out_dir, f"{tag}.npz"), x=samples,
-                          sigmas=np.asarray(sigmas_from_config(config)))
+                          sigmas=np.asarray(sigmas_from_config(config)),
+                          **({"x_before_denoising": raw} if raw is not None else {}))
       if not is_toy:
-        plots.save_image_grid(samples[:64], os.path.join(out_dir, f"{tag}_grid.png"),
-                              centered=config.data.centered)
+        if raw is not None:
+          plots.save_image_grid(raw[:64], os.path.join(out_dir, f"{tag}_grid.png"),
+                                centered=config.data.centered)
+          plots.save_image_grid(samples[:64], os.path.join(out_dir, f"{tag}_denoised_grid.png"),
+                                centered=config.data.centered)
+        else:
+          plots.save_image_grid(samples[:64], os.path.join(out_dir, f"{tag}_grid.png"),
+                                centered=config.data.centered)
         saved = (trajectory or {}).get("samples")
         if saved is not None:
           plots.save_intermediates(np.asarray(saved)[:, :8],
                                    os.path.join(out_dir, f"{tag}_intermediates.png"),
                                    centered=config.data.centered)
+  if not is_toy and s.inpaint_examples:
+    x_known = _test_images(config, s.inpaint_examples)
+    inpaint_and_write(config, state, workdir, x_known, right_half_mask(x_known.shape))
   if main:
     if is_toy:
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
@@ -228,6 +245,31 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     with open(os.path.join(out_dir, f"metrics_step{step}.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results
+
+
+def _denoise_in_batches(config: ml_collections.ConfigDict, state: TrainState, x: np.ndarray,
+                        batch_size: int) -> np.ndarray:
+  """x + sigma_L^2 s(x, sigma_L) (Tweedie's formula at the smallest level), batch by batch."""
+  score_fn = make_score_fn(models.build(config), state.ema_params[0])
+  sigma_min = float(sigmas_from_config(config)[-1])
+  fn = jax.jit(lambda xb: denoise(score_fn, xb, sigma_min))
+  return np.concatenate([np.asarray(fn(x[i:i + batch_size]))
+                         for i in range(0, len(x), batch_size)])
+
+
+def _test_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+  """The first `n` images of the evaluation split (no shuffling, flips or dequantization)."""
+  from score_jax.train import iterator_from_config
+  it = iterator_from_config(config, split=config.data.eval_split, seed=config.seed, batch_size=n,
+                            shuffle=False)
+  return np.asarray(next(it)["x"])
+
+
+def right_half_mask(shape: tuple[int, ...]) -> np.ndarray:
+  """1 on the left half of each image (kept), 0 on the right half (to inpaint); `[b, h, w, c]`."""
+  mask = np.ones(shape, np.float32)
+  mask[:, :, shape[2] // 2:] = 0.0
+  return mask
 
 
 def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str,

@@ -291,12 +291,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   loss_kwargs = loss_kwargs_from_config(config, model, sigmas)
   ema_decays = tuple(t.ema_decays)
 
+  # The data source first: a missing dataset fails before anything is written to the workdir.
+  train_iter = iterator_from_config(config, split=config.data.split, seed=config.seed,
+                                    batch_size=local_batch)
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       keep_every_steps=t.keep_every_steps,
                                       async_save=t.async_checkpoint)
   state = parallel.replicate(init_state(config, model), mesh)
-  train_iter = iterator_from_config(config, split=config.data.split, seed=config.seed,
-                                    batch_size=local_batch)
   latest = checkpoint.latest_step(manager)
   if latest is not None:
     check_compatible(checkpoint.restore_config(manager, latest), config, workdir)
