@@ -9,7 +9,7 @@ import pytest
 
 from configs import default
 from score_jax import models
-from score_jax.models import layers, ncsn
+from score_jax.models import layers, ncsn, unet
 from score_jax.score import make_score_fn
 from score_jax.train_state import param_count
 
@@ -195,3 +195,29 @@ def test_build_rejects_image_sizes_the_network_cannot_take():
     models.build(_config("ncsnv2_deeper", 18))
   with pytest.raises(ValueError, match="dtype"):
     models.build(_config("ncsnv2", 32, dtype="float16"))
+
+
+def test_ddpm_unet_has_the_published_parameter_count():
+  # Ho et al. 2020 report 35.7M parameters for the CIFAR-10 model (with its time embedding).
+  assert _count(unet.UNet(conditional=True), (1, 32, 32, 3)) == 35_746_307
+  # The adversarial paper's UNet has no noise-level input: the embedding layers go away.
+  emb = 128 * 512 + 512 + 512 * 512 + 512 + sum(  # emb_0, emb_1, one Dense per residual block
+      c * 512 + c for c in [128] * 2 + [256] * 6 + [256] * 2 + [256] * 9 + [128] * 3)
+  assert _count(unet.UNet(conditional=False), (1, 32, 32, 3)) == 35_746_307 - emb
+
+
+def test_unet_shapes_dropout_and_conditioning():
+  m = unet.UNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), dropout=0.5, conditional=True)
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+  params = m.init(jax.random.key(1), x, jnp.ones(2))["params"]
+  # Zero-initialized output convs make the fresh network output 0 (DDPM init).
+  assert float(jnp.max(jnp.abs(m.apply({"params": params}, x, jnp.ones(2))))) == 0.0
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+  out = lambda s, **kw: m.apply({"params": params}, x, jnp.full(2, s), **kw)
+  assert out(1.0).shape == x.shape
+  assert float(jnp.max(jnp.abs(out(1.0) - out(0.01)))) > 1e-4
+  a = out(1.0, train=True, rngs={"dropout": jax.random.key(3)})
+  b = out(1.0, train=True, rngs={"dropout": jax.random.key(4)})
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+  assert m.output_convention == "scaled_score"
+  assert isinstance(models.build(_config("unet", 32, ngf=32, ch_mult=(1, 2))), unet.UNet)
