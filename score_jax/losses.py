@@ -96,8 +96,8 @@ def dsm_loss_from_noise(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Flo
 
 def dsm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "L"],
              rng: jax.Array, *, sigma_idx: Int[Array, "b"] | None = None,
-             level_sampling: str = "uniform",
-             weight_power: float = 2.0) -> tuple[jax.Array, Metrics]:
+             level_sampling: str = "uniform", weight_power: float = 2.0,
+             internals: bool = False) -> tuple[jax.Array, Metrics]:
   """Denoising score matching over all levels (reference reduction, lambda = sigma^power).
 
   Args:
@@ -108,6 +108,8 @@ def dsm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
     sigma_idx: optional given levels `[b]` (then `level_sampling` is not used).
     level_sampling: uniform | stratified | antithetic (batch-coupled methods need a single key).
     weight_power: lambda(sigma) = sigma^weight_power.
+    internals: also return "x_tilde", "score" (like x), "sigma" and "sigma_idx" `[b]` in the
+      metrics (the adversarial step denoises from the same forward pass).
 
   Returns:
     `(loss, metrics)` with "loss", "level_loss_sum" `[L]`, "level_count" `[L]`.
@@ -122,6 +124,8 @@ def dsm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
     sigma_idx = noise_lib.sample_levels(level_rng, x.shape[0], sigmas.shape[0], level_sampling)
   levels, z, _ = _draw(rng, x, sigmas.shape[0], sigma_idx)
   loss, metrics = dsm_loss_from_noise(score_fn, x, sigmas, levels, z, weight_power=weight_power)
+  if internals:
+    return loss, dict(metrics, sigma_idx=levels)
   return loss, _public(metrics)
 
 

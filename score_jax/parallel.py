@@ -118,6 +118,18 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, *,
   return {**{k: put(v) for k, v in batch.items()}, "index": put(index)}
 
 
+def per_device(tree: PyTree) -> PyTree:
+  """Marks replicated values (parameters) as per-device before differentiating a local loss.
+
+  Inside `data_parallel`, parameters are replicated ("invariant" to shard_map's type system).
+  The gradient of a per-device loss with respect to an invariant value is summed over devices
+  by JAX's transpose rules, so a later `lax.pmean` would leave N times the mean gradient. The
+  gradient with respect to a per-device copy is the local gradient, which `lax.pmean` then
+  averages: the pmap convention every step here follows.
+  """
+  return jax.lax.pcast(tree, BATCH_AXIS, to="varying")
+
+
 def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding.Mesh, *,
                   fused_steps: int | None = None,
                   donate_state: bool = True) -> Callable[..., tuple[PyTree, PyTree]]:

@@ -28,10 +28,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from score_jax import checkpoint, data, losses, models, noise, parallel
+from score_jax import checkpoint, data, gan, losses, models, noise, parallel
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import make_score_fn
-from score_jax.train_state import TrainState, create_train_state, param_count
+from score_jax.train_state import (AdversarialState, TrainState, create_discriminator_state,
+                                   create_train_state, param_count)
 
 BATCH_AXIS = parallel.BATCH_AXIS
 
@@ -86,8 +87,12 @@ def score_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mode
                sigmas: jax.Array, loss: str = "dsm", level_sampling: str = "uniform",
                weight_power: float = 2.0, global_batch_size: int,
                ssm_projection: str = "gaussian", ssm_num_projections: int = 1,
-               train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """This device's score-matching loss on its slice of the batch (no cross-device averaging)."""
+               train: bool = True, internals: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """This device's score-matching loss on its slice of the batch (no cross-device averaging).
+
+  `internals` (DSM only) adds the perturbed inputs, scores and levels to the metrics.
+  """
   level_rng, example_rng, dropout_rng = jax.random.split(rng, 3)
   example_rngs = _example_rngs(example_rng, batch["index"])
   sigma_idx = _levels(level_rng, batch["index"], method=level_sampling,
@@ -97,7 +102,7 @@ def score_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mode
                            rngs={"dropout": jax.random.fold_in(dropout_rng, batch["index"][0])})
   if loss == "dsm":
     return losses.dsm_loss(score_fn, batch["x"], sigmas, example_rngs, sigma_idx=sigma_idx,
-                           weight_power=weight_power)
+                           weight_power=weight_power, internals=internals)
   if loss == "ssm":
     return losses.ssm_loss(score_fn, batch["x"], sigmas, example_rngs, sigma_idx=sigma_idx,
                            projection=ssm_projection, num_projections=ssm_num_projections,
@@ -114,9 +119,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(score_loss, has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params, batch, rng, **loss_kwargs)
+  (loss, metrics), grads = grad_fn(parallel.per_device(state.params), batch, rng, **loss_kwargs)
   grads = jax.lax.pmean(grads, BATCH_AXIS)
-  metrics = _reduce_metrics(dict(metrics, loss=loss))
+  metrics = reduce_metrics(dict(metrics, loss=loss))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads).update_ema(ema_decays)
@@ -125,7 +130,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   return state, metrics
 
 
-def _reduce_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def reduce_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Device-average scalars; per-level sums and counts are summed over devices."""
   return {k: (jax.lax.psum(v, BATCH_AXIS) if k.startswith("level_") else
               jax.lax.pmean(v, BATCH_AXIS)) for k, v in metrics.items()}
@@ -134,7 +139,7 @@ def _reduce_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, **loss_kwargs) -> dict:
   """Test loss of `params` on this device's slice, averaged over devices."""
   loss, metrics = score_loss(params, batch, rng, train=False, **loss_kwargs)
-  return _reduce_metrics(dict(metrics, loss=loss))
+  return reduce_metrics(dict(metrics, loss=loss))
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,12 +191,48 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
                                   num_channels=d.num_channels)
 
 
-def init_state(config: ml_collections.ConfigDict, model: nn.Module) -> TrainState:
-  """A fresh state on the host (not yet placed on devices)."""
+def discriminator_from_config(config: ml_collections.ConfigDict) -> nn.Module:
+  from score_jax.models import discriminator
+  a = config.adversarial
+  if data.is_toy(config.data.dataset) and a.d_arch != "mlp":
+    raise ValueError(f"adversarial.d_arch={a.d_arch!r} is for images; toy data need 'mlp'")
+  return discriminator.build_discriminator(a.d_arch, ch=a.d_ch, resolution=config.data.image_size)
+
+
+def init_state(config: ml_collections.ConfigDict, model: nn.Module
+               ) -> TrainState | AdversarialState:
+  """A fresh state on the host (not yet placed on devices); adversarial runs get both players."""
   x_example = jnp.zeros((1, *example_shape(config)), jnp.float32)
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0x1A17)
-  return create_train_state(init_rng, model, x_example, optimizer_from_config(config),
-                            tuple(config.training.ema_decays))
+  state = create_train_state(init_rng, model, x_example, optimizer_from_config(config),
+                             tuple(config.training.ema_decays))
+  if not config.adversarial.enabled:
+    return state
+  a = config.adversarial
+  disc = create_discriminator_state(jax.random.fold_in(init_rng, 0xD), discriminator_from_config(
+      config), x_example, gan.adamp(a.d_lr, b1=a.d_beta1, b2=a.d_beta2))
+  return AdversarialState(score=state, disc=disc)
+
+
+def step_fn_from_config(config: ml_collections.ConfigDict, loss_kwargs: dict) -> Any:
+  """The per-device step this config trains with (plain or adversarial), keywords bound."""
+  ema_decays = tuple(config.training.ema_decays)
+  if not config.adversarial.enabled:
+    return functools.partial(train_step, ema_decays=ema_decays, **loss_kwargs)
+  from score_jax import adversarial
+  a = config.adversarial
+  if config.training.loss != "dsm":
+    raise ValueError("adversarial training needs training.loss='dsm' (it denoises with the DSM "
+                     "forward pass)")
+  if a.d_steps < 1:
+    raise ValueError(f"adversarial.d_steps={a.d_steps} must be >= 1")
+  clamp = None
+  if a.clamp and not data.is_toy(config.data.dataset):
+    clamp = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
+  return functools.partial(adversarial.adversarial_train_step, ema_decays=ema_decays,
+                           d_model=discriminator_from_config(config), gan_loss=a.gan_loss,
+                           lambda_dsm=a.lambda_dsm, lambda_g=a.lambda_g, lambda_d=a.lambda_d,
+                           d_steps=a.d_steps, clamp=clamp, **loss_kwargs)
 
 
 # Fields whose change makes an existing checkpoint unusable for this run.
@@ -227,23 +268,26 @@ def _reduce_interval(history: list[dict]) -> dict[str, Any]:
   host = jax.device_get(history)
   out = {k: float(np.mean(np.concatenate([np.ravel(h[k]) for h in host])))
          for k in host[0] if not k.startswith("level_")}
-  if "level_loss_sum" in host[0]:
-    num_scales = np.shape(host[0]["level_loss_sum"])[-1]
-    total = sum(np.reshape(h["level_loss_sum"], (-1, num_scales)).sum(0) for h in host)
-    count = sum(np.reshape(h["level_count"], (-1, num_scales)).sum(0) for h in host)
-    out["loss_per_level"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+  for name, sum_key, count_key in (("loss", "level_loss_sum", "level_count"),
+                                   ("d_acc_fake", "level_d_acc_fake_sum", "level_d_count")):
+    if sum_key in host[0]:
+      num_scales = np.shape(host[0][sum_key])[-1]
+      total = sum(np.reshape(h[sum_key], (-1, num_scales)).sum(0) for h in host)
+      count = sum(np.reshape(h[count_key], (-1, num_scales)).sum(0) for h in host)
+      out[f"{name}_per_level"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
   return out
 
 
-def _level_scalars(loss_per_level: np.ndarray, max_tags: int = 10) -> dict[str, float]:
-  """Per-level losses as at most `max_tags` TensorBoard scalars (contiguous level groups)."""
+def _level_scalars(loss_per_level: np.ndarray, max_tags: int = 10,
+                   tag: str = "loss") -> dict[str, float]:
+  """Per-level values as at most `max_tags` TensorBoard scalars (contiguous level groups)."""
   groups = np.array_split(np.arange(len(loss_per_level)), min(max_tags, len(loss_per_level)))
   out = {}
   for g in groups:
     vals = loss_per_level[g]
     vals = vals[np.isfinite(vals)]
     if vals.size:
-      out[f"loss_by_level/{g[0]:04d}-{g[-1]:04d}"] = float(vals.mean())
+      out[f"{tag}_by_level/{g[0]:04d}-{g[-1]:04d}"] = float(vals.mean())
   return out
 
 
@@ -289,7 +333,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = models.build(config)
   sigmas = sigmas_from_config(config)
   loss_kwargs = loss_kwargs_from_config(config, model, sigmas)
-  ema_decays = tuple(t.ema_decays)
 
   # The data source first: a missing dataset fails before anything is written to the workdir.
   train_iter = iterator_from_config(config, split=config.data.split, seed=config.seed,
@@ -315,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   k = t.steps_per_dispatch
   fused = None if k == 1 else k
-  step_fn = functools.partial(train_step, ema_decays=ema_decays, **loss_kwargs)
+  step_fn = step_fn_from_config(config, loss_kwargs)
   p_train_step = parallel.data_parallel(step_fn, mesh, fused_steps=fused)
   p_eval_step = parallel.data_parallel(lambda p, b, r: (p, eval_step(p, b, r, **loss_kwargs)),
                                        mesh, donate_state=False)
@@ -357,13 +400,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         now = time.time()
         summary["steps_per_sec"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step, history = now, step, []
-        per_level = summary.pop("loss_per_level", None)
-        if per_level is not None:
-          summary.update(_level_scalars(per_level))
+        per_level = {k: summary.pop(k) for k in list(summary) if k.endswith("_per_level")}
+        if "loss_per_level" in per_level:
+          summary.update(_level_scalars(per_level["loss_per_level"]))
+        if "d_acc_fake_per_level" in per_level:
+          summary.update(_level_scalars(per_level["d_acc_fake_per_level"], tag="d_acc_fake"))
         if writer:
-          writer.write(step, summary, **({"loss_per_level": [None if math.isnan(v) else v for v in
-                                                               per_level.tolist()]}
-                                         if per_level is not None else {}))
+          writer.write(step, summary, **{k: [None if math.isnan(v) else v for v in a.tolist()]
+                                         for k, a in per_level.items()})
         progress.update(0, loss=f"{summary['loss']:.4g}")
 
       if t.eval_every_steps and step % t.eval_every_steps == 0:

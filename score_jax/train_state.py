@@ -1,4 +1,5 @@
-"""Training state: a Flax `TrainState` extended with EMA copies of the parameters."""
+"""Training state: a Flax `TrainState` extended with EMA copies of the parameters, and the
+`AdversarialState` of adversarial score matching (score network + discriminator)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 
@@ -38,3 +40,37 @@ def create_train_state(rng: jax.Array, model: nn.Module, x_example: jax.Array,
 
 def param_count(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+class DiscriminatorState(train_state.TrainState):
+  """The discriminator's params and optimizer state plus its spectral-norm power-iteration state."""
+  spectral_stats: Any
+
+
+class AdversarialState(struct.PyTreeNode):
+  """Score network and discriminator states, updated in a fixed order by one step.
+
+  `step`, `params` and `ema_params` are the score network's, so sampling and logging code that
+  reads a `TrainState` reads this too.
+  """
+  score: TrainState
+  disc: DiscriminatorState
+
+  @property
+  def step(self):
+    return self.score.step
+
+  @property
+  def params(self):
+    return self.score.params
+
+  @property
+  def ema_params(self):
+    return self.score.ema_params
+
+
+def create_discriminator_state(rng: jax.Array, model: nn.Module, x_example: jax.Array,
+                               tx: optax.GradientTransformation) -> DiscriminatorState:
+  variables = model.init(rng, x_example, train=False)
+  return DiscriminatorState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                   spectral_stats=variables.get("spectral_stats", {}))

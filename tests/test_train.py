@@ -54,6 +54,8 @@ def test_one_and_eight_devices_agree(level_sampling):
   for a, b in zip(m1, m8):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["level_count"], b["level_count"])
+    # The mean gradient, not N times it (Adam would hide a scale error; clipping would not).
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(s8.ema_params)):
