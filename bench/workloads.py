@@ -85,13 +85,19 @@ def _ncsn_mnist_config():
                     "noise.sigma_min": 0.01, "noise.num_scales": 10})
 
 
+def _mnist_cpu_config():
+  _config()  # puts the repository on sys.path
+  from configs import mnist_cpu
+  return mnist_cpu.get_config()
+
+
 def _ncsnv2_cifar_config(dtype="float32"):
   return _config(**{"data.dataset": "cifar10", "data.image_size": 32, "data.num_channels": 3,
                     "model.name": "ncsnv2", "model.ngf": 128, "noise.sigma_max": 50.0,
                     "noise.sigma_min": 0.01, "noise.num_scales": 232, "model.dtype": dtype})
 
 
-def _state_and_step(config, batch_size, num_devices=1):
+def _state_and_step(config, batch_size, num_devices=1, fused=None):
   from score_jax import models, parallel, train
   model = models.build(config)
   sigmas = train.sigmas_from_config(config)
@@ -100,18 +106,61 @@ def _state_and_step(config, batch_size, num_devices=1):
   mesh = parallel.make_mesh(num_devices)
   state = parallel.replicate(train.init_state(config, model), mesh)
   step = functools.partial(train.train_step, ema_decays=tuple(config.training.ema_decays), **kwargs)
-  p_step = parallel.data_parallel(step, mesh)
+  p_step = parallel.data_parallel(step, mesh, fused_steps=fused)
   shape = train.example_shape(config)
-  x = np.random.RandomState(0).rand(batch_size, *shape).astype(np.float32)
-  batch = parallel.shard_batch({"x": x}, mesh)
+  lead = (fused,) if fused else ()
+  x = np.random.RandomState(0).rand(*lead, batch_size, *shape).astype(np.float32)
+  batch = parallel.shard_batch({"x": x}, mesh, fused_steps=fused)
   return model, sigmas, state, p_step, batch
 
 
-def _train(name, config, batch_size, repeats, num_devices=1, note=""):
-  _, _, state, p_step, batch = _state_and_step(config, batch_size, num_devices)
+def _train(name, config, batch_size, repeats, num_devices=1, note="", fused=None):
+  _, _, state, p_step, batch = _state_and_step(config, batch_size, num_devices, fused)
   rng = jax.random.key(0)
-  return measure(name, p_step, (state, batch, rng), repeats=repeats, work_per_call=batch_size,
-                 unit="examples/s", donate=(0,), note=note)
+  return measure(name, p_step, (state, batch, rng), repeats=repeats,
+                 work_per_call=batch_size * (fused or 1), unit="examples/s", donate=(0,),
+                 note=note)
+
+
+def _pipeline(name, repeats, steps=30):
+  """Training steps/s fed by the real MNIST pipeline (TFDS ArrayRecord + grain) vs one constant
+  batch, same model and step (configs/mnist_cpu.py, batch 64, 1 device)."""
+  import pathlib
+  import tempfile
+  from score_jax import image_data, parallel, train
+  mnist = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+  config = _mnist_cpu_config()
+  config.data.data_dir = image_data.prepare_cached(
+      "mnist", str(mnist), str(pathlib.Path(tempfile.gettempdir()) / "score_jax_bench_tfds"))
+  _, _, state, p_step, batch = _state_and_step(config, 64)
+  mesh = parallel.make_mesh(1)
+  it = train.iterator_from_config(config, split="train", seed=0, batch_size=64)
+  rng = jax.random.key(0)
+  state, _ = p_step(state, batch, rng)
+  _block(state)
+
+  def run(feed):
+    nonlocal state
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = p_step(state, feed(), rng)
+    _block(state)
+    return steps / (time.perf_counter() - t0)
+
+  constant = [run(lambda: batch) for _ in range(max(1, repeats // 2))]
+  real = [run(lambda: parallel.shard_batch(next(it), mesh)) for _ in range(max(1, repeats // 2))]
+  t0 = time.perf_counter()
+  for _ in range(200):
+    next(it)
+  loader = 200 / (time.perf_counter() - t0)
+  c, r = statistics.median(constant), statistics.median(real)
+  return {"name": name, "median_s": 1 / r, "min_s": 1 / max(real), "max_s": 1 / min(real),
+          "compile_s": None, "flops": None, "throughput": r * 64, "throughput_unit": "examples/s",
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "repeats": repeats, "constant_steps_per_s": c, "real_steps_per_s": r,
+          "loader_batches_per_s": loader,
+          "note": (f"real MNIST {r:.2f} steps/s vs constant batch {c:.2f} steps/s "
+                   f"({r / c:.0%}); loader alone {loader:.0f} batches/s")}
 
 
 def _als(name, config, batch_size, repeats, *, levels, steps, note="", extrapolate_to=None):
@@ -225,6 +274,15 @@ WORKLOADS: dict[str, Callable[[int], dict]] = {
     "ncsn_mnist_als_b64": lambda r: _als("ncsn_mnist_als_b64", _ncsn_mnist_config(), 64, r,
                                          levels=1, steps=2, note="NCSN ngf 64, per Langevin step",
                                          extrapolate_to=1000),
+    "mnist_cpu_train_b64": lambda r: _train("mnist_cpu_train_b64", _mnist_cpu_config(), 64, r,
+                                            note="configs/mnist_cpu.py: NCSNv2 ngf 16, 28x28x1"),
+    "mnist_cpu_train_b64_fused4": lambda r: _train(
+        "mnist_cpu_train_b64_fused4", _mnist_cpu_config(), 64, r, fused=4,
+        note="4 steps per dispatch (training.steps_per_dispatch=4)"),
+    "mnist_cpu_als_b64": lambda r: _als("mnist_cpu_als_b64", _mnist_cpu_config(), 64, r,
+                                        levels=1, steps=4, note="NCSNv2 ngf 16, per step;",
+                                        extrapolate_to=1000),
+    "mnist_pipeline": lambda r: _pipeline("mnist_pipeline", r),
     "ncsnv2_cifar_train_b16": lambda r: _train("ncsnv2_cifar_train_b16", _ncsnv2_cifar_config(),
                                                16, r, note="NCSNv2 ngf 128, 32x32x3"),
     "ncsnv2_cifar_als_b16": lambda r: _als("ncsnv2_cifar_als_b16", _ncsnv2_cifar_config(), 16, r,

