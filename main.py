@@ -114,6 +114,29 @@ def _apply_overrides(config, overrides: dict):
   return config
 
 
+def _cli_override_keys(argv: list[str]) -> list[str]:
+  keys = []
+  for arg in argv:
+    if arg.startswith("--config."):
+      keys.append(arg[len("--config."):].split("=", 1)[0])
+  return keys
+
+
+def _with_cli_overrides(stored, cli_config):
+  """The checkpoint's config with the `--config.a.b=v` flags of this command applied on top.
+
+  Without `--config=FILE`, sample/eval modes start from the config the run was trained with, so
+  `--mode=sample --config.sampling.method=cas` changes only the sampler.
+  """
+  values = {}
+  for key in _cli_override_keys(sys.argv):
+    node = cli_config
+    for part in key.split("."):
+      node = node[part]
+    values[key] = node
+  return _apply_overrides(stored, values) if values else stored
+
+
 def _summary_table(results: dict) -> str:
   rows = ["method  step_lr   mmd_rbf   energy    mode_weights (true)"]
   for method, m in results.items():
@@ -139,12 +162,14 @@ def run(config, workdir: str, mode: str) -> None:
     if FLAGS["config"].present:
       train.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
     else:
-      config = loaded_config
+      config = _with_cli_overrides(loaded_config, config)
     results = sample.sample_and_write(config, state, workdir)
     if parallel.is_main_process():
       print(_summary_table(results))
   elif mode in ("eval", "sampler_sweep"):
     from score_jax import evaluate
+    if not FLAGS["config"].present:
+      config = _with_cli_overrides(sample.load_checkpoint(workdir)[0], config)
     evaluate.run(config, workdir, mode=mode)
   elif mode == "sweep":
     sweep = _load_sweep(config_flags.get_config_filename(FLAGS["config"]))

@@ -290,7 +290,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) 
 
 
 def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
-  """`sample.make_sampler` with the params as an argument: one compiled program for every checkpoint.
+  """`sample.make_sampler` taking the params as an argument: one program for all checkpoints.
 
   Returns:
     A jitted `(params, rng, n) -> samples` with the configured sampler.
@@ -323,8 +323,8 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
   cells = [[cell(r.get(c)) for c in columns] for r in rows]
   widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-  lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+  lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells]
   return "\n".join(lines)
 
 
@@ -334,10 +334,11 @@ def _metric_columns(rows: list[dict], main: str) -> list[str]:
   return [c for c in order if any(c in r for r in rows)]
 
 
-def _write(writer: MetricWriter | None, row: dict) -> None:
+def _write(writer: MetricWriter | None, row: dict, measured: dict) -> None:
+  """One JSON line; numeric measurements are also TensorBoard scalars, settings keep their types."""
   if writer is None:
     return
-  scalars = {k: v for k, v in row.items() if _is_number(v) and k != "step"}
+  scalars = {k: v for k, v in measured.items() if _is_number(v)}
   extra = {k: v for k, v in row.items() if k not in scalars and k != "step"}
   writer.write(row["step"], scalars, **extra)
 
@@ -378,10 +379,10 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
     for step in steps:
       state = _restore(config, workdir, step)
       sample_fn = functools.partial(sampler, state.ema_params[0])
-      row = {"step": step, **kwargs, "num_samples": ev.num_samples,
-             **_evaluate_sampler(sample_fn, evaluator, config, rng)}
+      measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
+      row = {"step": step, **kwargs, "num_samples": ev.num_samples, **measured}
       rows.append(row)
-      _write(writer, row)
+      _write(writer, row, measured)
       if main:
         print(f"[eval] step {step}: {evaluator.main_metric}="
               f"{row.get(evaluator.main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)",
@@ -445,12 +446,14 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
           noise.check_cas_step_lr(cas_ladder, setting["step_lr"])
         except ValueError as e:
           row["skipped"] = str(e)
+      measured = {}
       if "skipped" not in row:
         overrides = {k: v for k, v in setting.items() if v is not None}
         sample_fn = sample.make_sampler(config, state, **overrides)
-        row.update(_evaluate_sampler(sample_fn, evaluator, config, rng))
+        measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
+      row.update(measured)
       rows.append(row)
-      _write(writer, row)
+      _write(writer, row, measured)
       if main:
         result = (f"skipped: {row['skipped']}" if "skipped" in row else
                   f"{evaluator.main_metric}={row.get(evaluator.main_metric, float('nan')):.4g}")
