@@ -1,0 +1,74 @@
+"""Why is the training step slow on CPU? Forward vs gradient convolutions, in isolation.
+
+    .venv/bin/python bench/conv_grad.py                        # default XLA flags
+    XLA_FLAGS=--xla_cpu_use_onednn=true .venv/bin/python bench/conv_grad.py
+
+Times one 3x3 convolution at the sizes that dominate NCSNv2 on CIFAR-10 (batch 16, 32x32 and
+16x16, 128 and 256 channels) in four forms: the forward conv, XLA's input gradient, XLA's
+weight gradient, and the weight gradient written by hand as shifted-slice matmuls. Prints
+GFLOP/s (2 * b * h * w * 9 * cin * cout per call) next to a float32 matmul of the same FLOPs.
+Results and what was tried are recorded in bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _time(fn, *args, repeats=7):
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+
+
+def weight_grad_by_matmuls(x, g):
+  """dW[i, j] = sum over (b, h, w) of x shifted by (i, j) outer g: nine [c, b*h*w] @ [b*h*w, f]."""
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  gm = g.reshape(-1, g.shape[-1])
+  return jnp.stack([xp[:, i:i + h, j:j + w, :].reshape(-1, c).T @ gm
+                    for i in range(3) for j in range(3)]).reshape(3, 3, c, g.shape[-1])
+
+
+def main():
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} jax {jax.__version__}")
+  rs = np.random.RandomState(0)
+  for b, hw, c, f in ((16, 32, 128, 128), (16, 16, 256, 256)):
+    x = jnp.asarray(rs.rand(b, hw, hw, c).astype(np.float32))
+    w = jnp.asarray(rs.rand(3, 3, c, f).astype(np.float32) / 30)
+    g = jnp.asarray(rs.rand(b, hw, hw, f).astype(np.float32))
+    flops = 2 * b * hw * hw * 9 * c * f
+    m = int(round((flops / 2) ** (1 / 3)))
+    a = jnp.asarray(rs.rand(m, m).astype(np.float32))
+    rows = {
+        "matmul (same FLOPs)": _time(lambda a: a @ a, a) * flops / (2 * m ** 3),
+        "forward conv": _time(conv, x, w),
+        "input grad (XLA)": _time(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0], x, w, g),
+        "weight grad (XLA)": _time(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1], x, w, g),
+        "weight grad (9 matmuls)": _time(weight_grad_by_matmuls, x, g),
+    }
+    print(f"b={b} {hw}x{hw} {c}->{f}: {flops / 1e9:.2f} GFLOP per call")
+    for name, t in rows.items():
+      print(f"  {name:<26} {t * 1e3:8.1f} ms  {flops / t / 1e9:7.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+  main()
