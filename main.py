@@ -138,6 +138,9 @@ def _with_cli_overrides(stored, cli_config):
 
 
 def _summary_table(results: dict) -> str:
+  if not any("mmd_rbf" in m for m in results.values()):  # images: point at the outputs
+    return "\n".join(f"{method:<7} step_lr {m['step_lr']:.4g}: {m['num_samples']} samples in "
+                     f"samples/{method}_step{m['step']}*.png/.npz" for method, m in results.items())
   rows = ["method  step_lr   mmd_rbf   energy    mode_weights (true)"]
   for method, m in results.items():
     weights = m.get("mode_weights")
