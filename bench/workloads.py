@@ -37,16 +37,22 @@ def measure(name: str, fn: Callable, args: tuple, *, repeats: int, work_per_call
             unit: str, note: str = "", donate: tuple[int, ...] = ()) -> dict[str, Any]:
   """Compiles `fn(*args)`, runs it once, then times `repeats` calls (fresh inputs if donated)."""
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate)
+  # Donated inputs are consumed by each call: keep a pristine copy and hand out fresh copies.
+  pristine = tuple(jax.tree.map(jnp.copy, a) if i in donate else a for i, a in enumerate(args))
+
+  def fresh():
+    out = tuple(jax.tree.map(jnp.copy, a) if i in donate else a for i, a in enumerate(pristine))
+    return _block(out)
+
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   flops = _flops(compiled)
-  out = _block(compiled(*args))
+  out = _block(compiled(*fresh()))
   times = []
   for _ in range(repeats):
     if donate:
-      args = tuple(jax.tree.map(jnp.copy, a) if i in donate else a for i, a in enumerate(args))
-      _block(args)
+      args = fresh()
     t0 = time.perf_counter()
     out = _block(compiled(*args))
     times.append(time.perf_counter() - t0)
