@@ -51,6 +51,8 @@ def main() -> None:
   p.add_argument("--devices", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--kind", default=None, help="machine kind label for RESULTS.md (default: cpu model)")
   p.add_argument("--no-save", action="store_true")
+  p.add_argument("--timeout", type=float, default=None,
+                 help="seconds allowed per workload (compile included); a slower one is skipped")
   args = p.parse_args()
   sys.path.insert(0, str(REPO))
   sys.path.insert(0, str(HERE))
@@ -68,35 +70,38 @@ def main() -> None:
     return
   selected = [n for n in names if not args.only or n in args.only.split(",")]
   info = machine()
-  peak = _child("matmul_peak", args.repeats, devices=1)
+  peak = _child("matmul_peak", args.repeats, devices=1, timeout=args.timeout)
   peak_flops = peak["flops"] / peak["median_s"]
-  print(f"machine: {info}; measured float32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
-  rows = []
+  print(f"machine: {info}; measured float32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s "
+        f"({peak['note']})", flush=True)
+  kind = args.kind or info["accelerator"] or info["cpu"]
+  stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   for name in selected:
-    r = _child(name, args.repeats, devices=workloads.devices_of(name))
+    r = _child(name, args.repeats, devices=workloads.devices_of(name), timeout=args.timeout)
     if r is None:
       continue
     if r.get("flops"):
       r["fraction_of_peak"] = r["flops"] / r["median_s"] / peak_flops
-    rows.append(r)
     print(_format_row(r), flush=True)
-  kind = args.kind or info["accelerator"] or info["cpu"]
-  if not args.no_save:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(HERE / "results.jsonl", "a") as f:
-      for r in rows:
+    if not args.no_save:  # row by row, so an interrupted run keeps what it measured
+      with open(HERE / "results.jsonl", "a") as f:
         f.write(json.dumps({"time": stamp, "kind": kind, "machine": info, "peak_flops": peak_flops,
-                            **r}) + "\n")
-    _write_results_md()
+                            "peak_note": peak["note"], **r}) + "\n")
+      _write_results_md()
 
 
-def _child(name: str, repeats: int, devices: int | None) -> dict | None:
+def _child(name: str, repeats: int, devices: int | None, timeout: float | None = None
+           ) -> dict | None:
   env = dict(os.environ)
   if devices and devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}").strip()
   cmd = [sys.executable, str(HERE / "run.py"), f"--workload={name}", f"--repeats={repeats}"]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    print(f"{name}: SKIPPED (over --timeout={timeout} s)", file=sys.stderr, flush=True)
+    return None
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
     print(f"{name}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -117,36 +122,49 @@ HEADER = ("| workload | median (min-max) per call | throughput | compile | peak 
           "FLOPs/call | FLOP/s | % of peak | note |\n|---|---|---|---|---|---|---|---|---|")
 
 
-def _format_row(r: dict) -> str:
-  frac = r.get("fraction_of_peak")
+def _format_row(r: dict, cpu_flops: float | None = None) -> str:
+  """One table row. `cpu_flops`: FLOPs that XLA's CPU cost analysis counts for the same
+  workload, used (marked with *) where the row's own count misses work (GPU convolutions)."""
   fl = r.get("flops")
+  frac = r.get("fraction_of_peak")
+  mark = ""
+  if cpu_flops and r.get("machine", {}).get("backend", "cpu") != "cpu":
+    fl, mark = cpu_flops, "*"
+    frac = fl / r["median_s"] / r["peak_flops"]
+  compile_s = "-" if r.get("compile_s") is None else f"{r['compile_s']:.2f} s"
   return (f"| {r['name']} | {r['median_s'] * 1e3:.3g} ms ({r['min_s'] * 1e3:.3g}-"
           f"{r['max_s'] * 1e3:.3g}) | {_fmt(r.get('throughput'))} {r.get('throughput_unit', '')} | "
-          f"{r['compile_s']:.2f} s | {r['peak_rss_mb']:.0f} MB | {_fmt(fl)} | "
-          f"{_fmt(fl / r['median_s'] if fl else None)} | "
-          f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {r.get('note', '')} |")
+          f"{compile_s} | {r['peak_rss_mb']:.0f} MB | {_fmt(fl)}{mark} | "
+          f"{_fmt(fl / r['median_s'] if fl else None)}{mark} | "
+          f"{'-' if frac is None else f'{100 * frac:.1f}%'}{mark} | {r.get('note', '')} |")
 
 
 def _write_results_md() -> None:
-  """Keeps, per machine kind, the table of the latest run in bench/RESULTS.md."""
-  latest: dict[str, dict] = {}
-  peaks: dict[str, float] = {}
-  machines: dict[str, dict] = {}
+  """bench/RESULTS.md: per machine kind, the latest measurement of each workload."""
+  latest: dict[str, dict[str, dict]] = {}
   with open(HERE / "results.jsonl") as f:
     for line in f:
       r = json.loads(line)
-      k = r["kind"]
-      if r["time"] >= latest.get(k, {}).get("_time", ""):
-        if r["time"] != latest.get(k, {}).get("_time"):
-          latest[k] = {"_time": r["time"]}
-        latest[k][r["name"]] = r
-        peaks[k], machines[k] = r["peak_flops"], r["machine"]
-  out = ["# Benchmark results", "", "Written by `bench/run.py` (latest run per machine kind). "
-         "See bench/NOTES.md for what was tried and why.", ""]
-  for k, rows in sorted(latest.items()):
-    out += [f"## {k}", "", f"Run {rows['_time']}; {machines[k]}; measured float32 matmul peak "
-            f"{peaks[k] / 1e9:.1f} GFLOP/s.", "", HEADER]
-    out += [_format_row(r) for n, r in rows.items() if n != "_time"]
+      rows = latest.setdefault(r["kind"], {})
+      if r["time"] >= rows.get(r["name"], {}).get("time", ""):
+        rows[r["name"]] = r
+  cpu_flops = {n: r["flops"] for rows in latest.values() for n, r in rows.items()
+               if r.get("machine", {}).get("backend") == "cpu" and r.get("flops")}
+  out = ["# Benchmark results", "",
+         "Written by `bench/run.py`: per machine kind, the latest measurement of each workload. "
+         "See bench/NOTES.md for what was tried and why. Loops (lax.scan, while) are counted "
+         "once by XLA's cost analysis, so FLOPs of sampler and fused-step workloads are per "
+         "iteration of the loop body, not per call. * = FLOPs counted by XLA's CPU cost analysis "
+         "for the same workload: on GPUs the cost analysis does not count the convolutions that "
+         "run as cuDNN calls.", ""]
+  for kind, rows in sorted(latest.items()):
+    first = min(r["time"] for r in rows.values())
+    last = max(r["time"] for r in rows.values())
+    r0 = rows[max(rows, key=lambda n: rows[n]["time"])]
+    out += [f"## {kind}", "", f"Runs {first} to {last}; {r0['machine']}; measured float32 matmul "
+            f"peak {r0['peak_flops'] / 1e9:.1f} GFLOP/s ({r0.get('peak_note', '4096^2')}).", "",
+            HEADER]
+    out += [_format_row(r, cpu_flops.get(n)) for n, r in rows.items()]
     out.append("")
   (HERE / "RESULTS.md").write_text("\n".join(out))
 

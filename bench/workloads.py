@@ -34,8 +34,13 @@ def _flops(compiled) -> float | None:
 
 
 def measure(name: str, fn: Callable, args: tuple, *, repeats: int, work_per_call: float,
-            unit: str, note: str = "", donate: tuple[int, ...] = ()) -> dict[str, Any]:
-  """Compiles `fn(*args)`, runs it once, then times `repeats` calls (fresh inputs if donated)."""
+            unit: str, note: str = "", donate: tuple[int, ...] = (),
+            loop_iterations: int = 1) -> dict[str, Any]:
+  """Compiles `fn(*args)`, runs it once, then times `repeats` calls (fresh inputs if donated).
+
+  XLA's cost analysis counts the body of a loop (lax.scan, nested or not) once: a call whose
+  work is one body run `loop_iterations` times reports the body's FLOPs times that number.
+  """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn, donate_argnums=donate)
   # Donated inputs are consumed by each call: keep a pristine copy and hand out fresh copies.
   pristine = tuple(jax.tree.map(jnp.copy, a) if i in donate else a for i, a in enumerate(args))
@@ -48,6 +53,7 @@ def measure(name: str, fn: Callable, args: tuple, *, repeats: int, work_per_call
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   flops = _flops(compiled)
+  flops = flops * loop_iterations if flops else None
   out = _block(compiled(*fresh()))
   times = []
   for _ in range(repeats):
@@ -61,7 +67,8 @@ def measure(name: str, fn: Callable, args: tuple, *, repeats: int, work_per_call
   return {"name": name, "median_s": median, "min_s": min(times), "max_s": max(times),
           "compile_s": compile_s, "flops": flops, "throughput": work_per_call / median,
           "throughput_unit": unit, "peak_rss_mb": resource.getrusage(
-              resource.RUSAGE_SELF).ru_maxrss / 1024, "note": note, "repeats": repeats}
+              resource.RUSAGE_SELF).ru_maxrss / 1024, "note": note, "repeats": repeats,
+          "loop_iterations": loop_iterations}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ def _train(name, config, batch_size, repeats, num_devices=1, note="", fused=None
   rng = jax.random.key(0)
   return measure(name, p_step, (state, batch, rng), repeats=repeats,
                  work_per_call=batch_size * (fused or 1), unit="examples/s", donate=(0,),
-                 note=note)
+                 note=note, loop_iterations=fused or 1)
 
 
 def _pipeline(name, repeats, steps=30):
@@ -183,7 +190,8 @@ def _als(name, config, batch_size, repeats, *, levels, steps, note="", extrapola
 
   x0 = jnp.asarray(np.random.RandomState(0).rand(batch_size, *shape).astype(np.float32))
   r = measure(name, sample, (params, x0, jax.random.key(0)), repeats=repeats,
-              work_per_call=levels * steps, unit="Langevin steps/s", note=note)
+              work_per_call=levels * steps, unit="Langevin steps/s", note=note,
+              loop_iterations=levels * steps)
   r["per_step_s"] = r["median_s"] / (levels * steps)
   if extrapolate_to:
     r["extrapolated_s"] = r["per_step_s"] * extrapolate_to
@@ -241,7 +249,8 @@ def _loop_vs_scan(name, method, repeats):
 
   n = len(sigmas) * steps
   rng = jax.random.key(0)
-  r = measure(name, program, (x0, rng), repeats=repeats, work_per_call=n, unit="steps/s")
+  r = measure(name, program, (x0, rng), repeats=repeats, work_per_call=n, unit="steps/s",
+              loop_iterations=n)
   _block(loop(x0, rng))
   times = []
   for _ in range(repeats):
@@ -258,11 +267,14 @@ def _loop_vs_scan(name, method, repeats):
 
 
 def _matmul_peak(repeats):
-  n = 4096
+  """float32 [n, n] @ [n, n] at the backend's default precision (on NVIDIA GPUs that is TF32,
+  the precision the float32 workloads' convolutions and matmuls also get)."""
+  n = 4096 if jax.default_backend() == "cpu" else 8192
   a = jnp.asarray(np.random.RandomState(0).randn(n, n).astype(np.float32))
   b = jnp.asarray(np.random.RandomState(1).randn(n, n).astype(np.float32))
   r = measure("matmul_peak", lambda a, b: a @ b, (a, b), repeats=repeats,
-              work_per_call=2 * n ** 3, unit="FLOP/s", note="4096^2 float32 matmul")
+              work_per_call=2 * n ** 3, unit="FLOP/s",
+              note=f"{n}^2 float32 matmul, default precision")
   r["flops"] = 2.0 * n ** 3
   return r
 
@@ -297,6 +309,15 @@ WORKLOADS: dict[str, Callable[[int], dict]] = {
     "ncsnv2_cifar_train_b16_bf16": lambda r: _train(
         "ncsnv2_cifar_train_b16_bf16", _ncsnv2_cifar_config("bfloat16"), 16, r,
         note="bf16 compute, f32 params"),
+    # The published batch size (128): for accelerators; on the 2-core CPU a step takes ~1 min.
+    "ncsnv2_cifar_train_b128": lambda r: _train("ncsnv2_cifar_train_b128", _ncsnv2_cifar_config(),
+                                                128, r, note="NCSNv2 ngf 128, published batch"),
+    "ncsnv2_cifar_train_b128_bf16": lambda r: _train(
+        "ncsnv2_cifar_train_b128_bf16", _ncsnv2_cifar_config("bfloat16"), 128, r,
+        note="bf16 compute, f32 params"),
+    "ncsnv2_cifar_als_b128": lambda r: _als("ncsnv2_cifar_als_b128", _ncsnv2_cifar_config(), 128,
+                                            r, levels=2, steps=5, note="NCSNv2 ngf 128, per step;",
+                                            extrapolate_to=232 * 5),
     "loop_vs_scan_als": lambda r: _loop_vs_scan("loop_vs_scan_als", "als", r),
     "loop_vs_scan_cas": lambda r: _loop_vs_scan("loop_vs_scan_cas", "cas", r),
     **{f"scaling_d{d}": (lambda r, d=d: _train(

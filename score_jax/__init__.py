@@ -2,7 +2,7 @@
 
 Notebook entry points (imported lazily so `import score_jax` stays cheap):
   `load_checkpoint(workdir, step=None) -> (config, state)`
-  `make_sampler(config, state) -> (rng, n) -> samples`
+  `make_sampler(config, state, method=None, **overrides) -> (rng, n) -> samples`
 """
 
 __all__ = ["load_checkpoint", "make_sampler"]
@@ -14,7 +14,11 @@ def load_checkpoint(workdir, step=None):
   return sample.load_checkpoint(workdir, step=step)
 
 
-def make_sampler(config, state):
-  """Returns a jit-compiled `(rng, n) -> samples` using the EMA params and the configured sampler."""
+def make_sampler(config, state, method=None, **overrides):
+  """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
+
+  `method` ("als", "cas", "pc") and keyword overrides (step_lr, steps_per_sigma, n_sigma,
+  denoise, return_trajectory, ...) replace the config's sampling settings.
+  """
   from score_jax import sample
-  return sample.make_sampler(config, state)
+  return sample.make_sampler(config, state, method=method, **overrides)

@@ -286,7 +286,7 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
   if kwargs["method"] == "cas":
     run = jax.jit(lambda x0, r: samplers.consistent_annealed(
         score_fn, x0, sigmas, r, step_lr=kwargs["step_lr"], denoise=kwargs["denoise"],
-        mask=jnp.asarray(mask), x_known=jnp.asarray(x_known)))
+        n_sigma=kwargs["n_sigma"], mask=jnp.asarray(mask), x_known=jnp.asarray(x_known)))
   else:
     run = jax.jit(lambda x0, r: samplers.annealed_langevin(
         score_fn, x0, sigmas, r, step_lr=kwargs["step_lr"],

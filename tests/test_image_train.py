@@ -23,7 +23,7 @@ def mnist_data_dir(tmp_path_factory):
 
 
 def _run(*args, timeout=600):
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1200", "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
   proc = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _env(devices: int = 8) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=1200"
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("SCORE_JAX_DEBUG", None)
   return env
