@@ -134,6 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.end_step = placeholder(int)  # last checkpoint step to evaluate; None: the latest.
   ev.features = "auto"  # auto | inception | mnist_classifier | toy: the feature space of FID/KID.
   ev.inception_weights = placeholder(str)  # .npz of converted Inception weights; None: the cache dir.
+  ev.mnist_classifier_weights = placeholder(str)  # .npz of the MNIST classifier (features=mnist_classifier); None: the cache dir (python -m score_jax.mnist_classifier writes it).
   ev.reference_stats = placeholder(str)  # .npz of reference statistics; None: computed and cached.
   ev.sweep_step_lrs = (0.05, 0.1, 0.2)  # sampler_sweep: step_lr grid.
   ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: steps per level grid.

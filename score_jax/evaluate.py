@@ -3,12 +3,19 @@
 * `eval`: every checkpoint in the workdir (between `eval.begin_step` and `eval.end_step`) draws
   `eval.num_samples` samples with the configured sampler from its first EMA parameters; one JSON
   line per checkpoint goes to `<workdir>/eval_metrics.jsonl` (and TensorBoard `tb/eval_metrics`),
-  then a table and the best checkpoint are printed.
+  then a table and the best checkpoint are printed, the table is written to
+  `<workdir>/eval_metrics.csv` and the metrics against the step are plotted in `eval_metrics.png`.
 * `sampler_sweep`: the latest checkpoint samples with every combination of `eval.sweep_methods` x
   `sweep_step_lrs` x `sweep_steps_per_sigma` x `sweep_denoise` (knobs a method does not use are
   dropped, and CAS step sizes outside its feasibility interval sigma_L^2 (1 -/+ gamma) are
-  recorded as skipped with the reason); rows go to `<workdir>/sampler_sweep.jsonl` and a table
-  sorted by the main metric is printed.
+  recorded as skipped with the reason); rows go to `<workdir>/sampler_sweep.jsonl`, a table
+  sorted by the main metric is printed and written to `sampler_sweep.csv`, and the main metric
+  against step_lr (one line per method, steps per level and denoising) to `sampler_sweep.png`.
+
+Both modes resume: an entry whose `entry_key` (checkpoint step, sampler settings, number of
+samples, feature space) already has a row in the JSON lines is not evaluated again; its stored
+row joins the table, the CSV, the plot and the ranking. An interrupted run, rerun, evaluates only
+the missing entries.
 
 Metrics (`score_jax.metrics`, `score_jax.toy`):
 * toys: unbiased RBF-kernel MMD^2 (main metric) and energy distance against samples of the true
@@ -19,7 +26,13 @@ Metrics (`score_jax.metrics`, `score_jax.toy`):
   quantized to 8 bits (as images saved to PNG, the protocol of the NCSN/NCSNv2 FID numbers);
   grayscale is repeated to three channels. Reference statistics come from `eval.reference_stats`
   or from the first `eval.num_samples` images of `data.eval_split` (unshuffled, not dequantized),
-  cached with their features under `<workdir>/eval_cache/`.
+  cached with their features under `<workdir>/eval_cache/`;
+* MNIST (`eval.features="mnist_classifier"`, 28x28x1 images only): the same FID formula and KID
+  (`fid_mnist`, the main metric, and `kid_mnist`) on the 128-d penultimate features of the
+  project's digit classifier (`score_jax.mnist_classifier`), with samples mapped and quantized as
+  above (one channel). The weights come from `eval.mnist_classifier_weights` or the classifier's
+  cache file; reference statistics are made as for Inception and cached keyed by a digest of the
+  weights.
 
 Every draw uses keys folded from `config.seed`, the same for every checkpoint and every sweep
 setting (common random numbers), so evaluations are reproducible and comparable.
@@ -27,8 +40,10 @@ setting (common random numbers), so evaluations are reproducible and comparable.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -39,8 +54,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, data, fetch_inception, inception, metrics, models, noise,
-                       parallel, sample, samplers, toy, train)
+from score_jax import (checkpoint, data, fetch_inception, inception, metrics, mnist_classifier,
+                       models, noise, parallel, plots, sample, samplers, toy, train)
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState
 
@@ -52,6 +67,16 @@ _METHODS = ("als", "cas", "pc")
 _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
                  "pc": ("steps_per_sigma",)}
 FETCH_COMMAND = "python -m score_jax.fetch_inception"
+CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
+# The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
+MAIN_METRICS = {"toy": "mmd_rbf", "inception": "fid", "mnist_classifier": "fid_mnist"}
+# The sampler settings of a row (`sample.sampler_kwargs`): part of what identifies an entry.
+SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "denoise", "init")
+# What a row was evaluated at, as opposed to what it measured (the CSV's first columns).
+SETTING_COLUMNS = ("step", *SETTING_KEYS, "num_samples", "features")
+# `image_metrics` names -> names in the classifier's feature space (not comparable to Inception's).
+_CLASSIFIER_NAMES = {"fid": "fid_mnist", "fid_error": "fid_mnist_error", "kid": "kid_mnist",
+                     "kid_std": "kid_mnist_std"}
 
 Features = dict[str, np.ndarray]
 
@@ -74,25 +99,41 @@ class Evaluator:
 # Images -> Inception features.
 
 
+def to_unit_images(x: np.ndarray, *, centered: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Images as if saved to PNG: in [0, 1], 8-bit levels, channels kept.
+
+  Args:
+    x: images `[b, h, w, c]` in [0, 1] (or [-1, 1] when `centered`).
+    centered: whether `x` is in [-1, 1].
+
+  Returns:
+    `(images [b, h, w, c] float32, finite [b])`: non-finite pixels become 0 (and the example is
+    flagged), values are clipped to [0, 1] and rounded to multiples of 1/255.
+  """
+  x = np.asarray(x, np.float32)
+  if x.ndim != 4:
+    raise ValueError(f"image features need images [b, h, w, c], got shape {x.shape}")
+  finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if centered:
+    x = (x + 1.0) / 2.0
+  x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+  return (np.round(x * 255.0) / 255.0).astype(np.float32), finite
+
+
 def to_inception_input(x: np.ndarray, *, centered: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Images as the FID network takes them: RGB in [0, 1], 8-bit levels.
+  """Images as the FID network takes them: RGB in [0, 1], 8-bit levels (see `to_unit_images`).
 
   Args:
     x: images `[b, h, w, c]`, c in (1, 3), in [0, 1] (or [-1, 1] when `centered`).
     centered: whether `x` is in [-1, 1].
 
   Returns:
-    `(images [b, h, w, 3], finite [b])`: non-finite pixels become 0 (and the example is flagged),
-    values are clipped to [0, 1] and rounded to multiples of 1/255.
+    `(images [b, h, w, 3], finite [b])`; grayscale is repeated to three channels.
   """
   x = np.asarray(x, np.float32)
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise ValueError(f"Inception features need images [b, h, w, 1 or 3], got shape {x.shape}")
-  finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-  if centered:
-    x = (x + 1.0) / 2.0
-  x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-  x = np.round(x * 255.0) / 255.0
+  x, finite = to_unit_images(x, centered=centered)
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   return x, finite
@@ -131,6 +172,59 @@ def inception_weights_path(config: ml_collections.ConfigDict) -> str:
   return path
 
 
+# --------------------------------------------------------------------------------------------
+# MNIST digits -> classifier features.
+
+
+def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
+  """`eval.mnist_classifier_weights`, else the classifier's cache file; ValueError if missing."""
+  path = (config.eval.mnist_classifier_weights
+          or os.fspath(mnist_classifier.default_params_path()))
+  if not os.path.isfile(path):
+    command = CLASSIFIER_COMMAND.format(
+        manual_dir=config.data.manual_dir or "<folder with the official MNIST .gz files>")
+    raise ValueError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
+                     "set --config.eval.mnist_classifier_weights to a saved classifier .npz)")
+  return path
+
+
+def params_digest(params: Any) -> str:
+  """sha256 of a parameter tree's paths, dtypes, shapes and values: names one feature space."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()
+
+
+def classifier_features(net: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *,
+                        centered: bool) -> Features:
+  """Classifier features of one batch of digits (mapped as in `to_unit_images`).
+
+  Args:
+    net: `mnist_classifier.features_fn(params)`: `[b, 28, 28, 1]` in [0, 1] -> `[b, 128]`.
+    x: digits `[b, 28, 28, 1]` in the data's range.
+    centered: whether `x` is in [-1, 1].
+
+  Returns:
+    `{"pool": [b, 128], "finite": [b]}` (`pool` names the penultimate features, as for Inception).
+  """
+  images, finite = to_unit_images(x, centered=centered)
+  return {"pool": np.asarray(net(images)), "finite": finite}
+
+
+def classifier_metrics(features: Features, reference: dict[str, np.ndarray | None],
+                       rng: jax.Array) -> dict[str, Any]:
+  """`image_metrics` in the classifier's feature space, named `fid_mnist`, `kid_mnist`, ..."""
+  out = image_metrics(features, reference, rng)
+  return {_CLASSIFIER_NAMES.get(k, k): v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Features -> metrics, reference statistics.
+
+
 def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
                   rng: jax.Array) -> dict[str, Any]:
   """FID, KID (when reference features exist) and IS (when logits exist) of sample features.
@@ -156,21 +250,31 @@ def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
   return out
 
 
-def _reference_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
   d, n = config.data, config.eval.num_samples
-  name = f"ref_stats_{d.dataset.replace('/', '-')}_{d.eval_split}_{n}.npz"
+  prefix = "ref_stats" if kind == "inception" else f"ref_stats_{kind}"
+  name = f"{prefix}_{d.dataset.replace('/', '-')}_{d.eval_split}_{n}.npz"
   return os.path.join(workdir, "eval_cache", name)
 
 
 def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
-                         featurize: Callable[[np.ndarray], Features], weights_path: str
-                         ) -> dict[str, np.ndarray | None]:
+                         featurize: Callable[[np.ndarray], Features], weights_id: str, *,
+                         kind: str = "inception") -> dict[str, np.ndarray | None]:
   """Reference `{"mu", "sigma", "features"}`: from `eval.reference_stats`, the cache, or data.
 
   A given `.npz` must hold `mu` and `sigma` (KID also needs `features`, else it is skipped).
   Computed statistics use the first `eval.num_samples` images of `data.eval_split` without
-  shuffling, flips or dequantization, and are cached with a description of how they were made
-  (weights file, image size, channels, data path); a cache made differently is recomputed.
+  shuffling, flips or dequantization, and are cached (one file per feature kind) with a
+  description of how they were made (feature kind, weights, image size, channels, data path); a
+  cache made differently is recomputed.
+
+  Args:
+    config: the run's config (data and eval groups).
+    workdir: holds the cache, `<workdir>/eval_cache/`.
+    featurize: `[b, ...]` images in the data's range -> `{"pool": [b, d], ...}`.
+    weights_id: names the feature network's weights (Inception: the file name; the MNIST
+      classifier: `params_digest` of its parameters).
+    kind: the feature kind ("inception" or "mnist_classifier").
   """
   ev = config.eval
   if ev.reference_stats:
@@ -181,9 +285,12 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
       return {"mu": f["mu"], "sigma": f["sigma"],
               "features": f["features"] if "features" in f.files else None}
   d = config.data
-  meta = json.dumps({"weights": os.path.basename(weights_path), "image_size": d.image_size,
-                     "num_channels": d.num_channels, "path": d.path, "data_dir": d.data_dir})
-  path = _reference_path(config, workdir)
+  description = {"weights": weights_id, "image_size": d.image_size,
+                 "num_channels": d.num_channels, "path": d.path, "data_dir": d.data_dir}
+  if kind != "inception":  # Inception caches made before other kinds existed stay valid.
+    description = {"kind": kind, **description}
+  meta = json.dumps(description)
+  path = _reference_path(config, workdir, kind)
   if os.path.isfile(path):
     with np.load(path) as f:
       if "meta" in f.files and str(f["meta"]) == meta:
@@ -213,23 +320,69 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
 
 
 def feature_kind(config: ml_collections.ConfigDict) -> str:
-  """`eval.features` resolved to "toy" or "inception"; ValueError for unusable choices."""
-  f, dataset = config.eval.features, config.data.dataset
+  """`eval.features` resolved to "toy", "inception" or "mnist_classifier"; ValueError if unusable.
+
+  "auto" is "toy" for toys and "inception" for images; "mnist_classifier" needs 28x28x1 images.
+  """
+  f, d = config.eval.features, config.data
+  dataset = d.dataset
   if f not in _FEATURES:
     raise ValueError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
   is_toy = data.is_toy(dataset)
   if f == "auto":
     return "toy" if is_toy else "inception"
   if f == "mnist_classifier":
-    raise ValueError("eval.features='mnist_classifier' is not available yet; use 'inception' "
-                     "(grayscale images are repeated to 3 channels) or 'auto'")
+    shape = (d.image_size, d.image_size, d.num_channels)
+    if is_toy or shape != mnist_classifier.IMAGE_SHAPE:
+      got = "toy points" if is_toy else "x".join(map(str, shape)) + " images"
+      raise ValueError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
+                       f"data.dataset={dataset!r} has {got}; use 'inception' or 'auto'")
+    return f
   if (f == "toy") != is_toy:
     raise ValueError(f"eval.features={f!r} does not fit data.dataset={dataset!r}; use 'auto'")
   return f
 
 
+def _toy_evaluator(config: ml_collections.ConfigDict, rng: jax.Array) -> Evaluator:
+  distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
+  reference_rng = jax.random.fold_in(rng, _REFERENCE_TAG)
+  return Evaluator(
+      main_metric=MAIN_METRICS["toy"],
+      featurize=lambda x: {"x": np.asarray(x, np.float32)},
+      score=lambda f: sample.toy_metrics(f["x"], distribution, reference_rng))
+
+
+def _inception_evaluator(config: ml_collections.ConfigDict, workdir: str,
+                         rng: jax.Array) -> Evaluator:
+  weights_path = inception_weights_path(config)
+  net = make_inception_fn(inception.load_params(weights_path))
+  centered = config.data.centered
+  featurize = lambda x: image_features(net, x, centered=centered)
+  reference = reference_statistics(config, workdir, featurize, os.path.basename(weights_path))
+  kid_rng = jax.random.fold_in(rng, _KID_TAG)
+  return Evaluator(main_metric=MAIN_METRICS["inception"], featurize=featurize,
+                   score=lambda f: image_metrics(f, reference, kid_rng))
+
+
+def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
+                          rng: jax.Array) -> Evaluator:
+  params = mnist_classifier.load_checked(classifier_weights_path(config))
+  net = mnist_classifier.features_fn(params)
+  centered = config.data.centered
+  featurize = lambda x: classifier_features(net, x, centered=centered)
+  reference = reference_statistics(config, workdir, featurize, params_digest(params),
+                                   kind="mnist_classifier")
+  if np.shape(reference["mu"]) != (mnist_classifier.NUM_FEATURES,):
+    raise ValueError(f"eval.reference_stats={config.eval.reference_stats} holds "
+                     f"{np.shape(reference['mu'])[0]}-d statistics; the MNIST classifier's "
+                     f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
+  kid_rng = jax.random.fold_in(rng, _KID_TAG)
+  return Evaluator(main_metric=MAIN_METRICS["mnist_classifier"], featurize=featurize,
+                   score=lambda f: classifier_metrics(f, reference, kid_rng))
+
+
 def make_evaluator(config: ml_collections.ConfigDict, workdir: str, rng: jax.Array) -> Evaluator:
-  """The evaluator of the config's data: toy distances, or Inception-feature metrics.
+  """The evaluator of the config's data: toy distances, Inception or MNIST-classifier metrics.
 
   Args:
     config: the run's config (data and eval groups).
@@ -238,20 +391,10 @@ def make_evaluator(config: ml_collections.ConfigDict, workdir: str, rng: jax.Arr
   """
   kind = feature_kind(config)
   if kind == "toy":
-    distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
-    reference_rng = jax.random.fold_in(rng, _REFERENCE_TAG)
-    return Evaluator(
-        main_metric="mmd_rbf",
-        featurize=lambda x: {"x": np.asarray(x, np.float32)},
-        score=lambda f: sample.toy_metrics(f["x"], distribution, reference_rng))
-  weights_path = inception_weights_path(config)
-  net = make_inception_fn(inception.load_params(weights_path))
-  centered = config.data.centered
-  featurize = lambda x: image_features(net, x, centered=centered)
-  reference = reference_statistics(config, workdir, featurize, weights_path)
-  kid_rng = jax.random.fold_in(rng, _KID_TAG)
-  return Evaluator(main_metric="fid", featurize=featurize,
-                   score=lambda f: image_metrics(f, reference, kid_rng))
+    return _toy_evaluator(config, rng)
+  if kind == "mnist_classifier":
+    return _classifier_evaluator(config, workdir, rng)
+  return _inception_evaluator(config, workdir, rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,11 +418,16 @@ def draw_features(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: E
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
+  """The checkpoint steps in `workdir`, ascending; CheckpointError when there are none."""
   manager = checkpoint.create_manager(workdir, async_save=False)
   try:
-    return checkpoint.all_steps(manager)
+    steps = checkpoint.all_steps(manager)
   finally:
     manager.close()
+  if not steps:
+    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
+                                     "train first (python main.py --workdir=...)")
+  return steps
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
@@ -300,8 +448,65 @@ def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.
   return jax.jit(fn, static_argnums=2)
 
 
+# --------------------------------------------------------------------------------------------
+# Resuming: which entries are already in the JSON lines.
+
+
+def entry_key(row: dict) -> tuple:
+  """What identifies an evaluation: step, sampler settings, sample count, feature kind, seed.
+
+  Two rows with the same key measure the same thing (every draw's keys fold from `config.seed`),
+  so a stored row stands in for a rerun. Knobs a row lacks count as None; `features` is part of
+  the key because one checkpoint's FID in Inception and in MNIST-classifier space differ.
+
+  Args:
+    row: an entry or a stored JSON row with `step`, `num_samples`, `features` and the
+      `SETTING_KEYS`.
+
+  Returns:
+    `(step, method, step_lr, steps_per_sigma, n_sigma, snr, denoise, init, num_samples,
+    features, seed)`.
+  """
+  return (int(row["step"]), *(row.get(k) for k in SETTING_KEYS), int(row["num_samples"]),
+          row.get("features"), row.get("seed"))
+
+
+def _from_json(v: Any) -> Any:
+  # MetricWriter stores non-finite floats as strings; read them back as floats.
+  return float(v) if isinstance(v, str) and v in ("nan", "inf", "-inf") else v
+
+
+def stored_rows(path: str) -> dict[tuple, dict]:
+  """The rows of a metrics `.jsonl` by `entry_key` (a later row wins); {} if there is no file.
+
+  Lines that do not parse (a write cut off by a kill) and rows without a step or a sample count
+  are ignored: their entries are evaluated again.
+  """
+  if not os.path.isfile(path):
+    return {}
+  rows: dict[tuple, dict] = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and "step" in row and "num_samples" in row:
+        row = {k: _from_json(v) for k, v in row.items()}
+        rows[entry_key(row)] = row
+  return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Tables, CSV, plots.
+
+
 def _is_number(v: Any) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_float(v: Any) -> float:
+  return float(v) if _is_number(v) else math.nan
 
 
 def _rank_key(main: str) -> Callable[[dict], float]:
@@ -329,9 +534,100 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _metric_columns(rows: list[dict], main: str) -> list[str]:
-  order = [main, "energy_distance", "kid", "kid_std", "inception_score", "finite_fraction",
-           "seconds"]
+  order = [main, "energy_distance", "kid", "kid_std", "kid_mnist", "kid_mnist_std",
+           "inception_score", "finite_fraction", "seconds"]
   return [c for c in order if any(c in r for r in rows)]
+
+
+def metric_names(rows: list[dict], main: str) -> list[str]:
+  """Every measured key of the rows: the main metric first, then the others alphabetically.
+
+  Settings (`SETTING_COLUMNS`) and the JSON rows' write time are not metrics. The order does not
+  depend on whether a row is fresh or read back from the JSON lines (which reorders keys).
+  """
+  others = {k for r in rows for k in r} - {main, "time", *SETTING_COLUMNS}
+  return ([main] if any(main in r for r in rows) else []) + sorted(others)
+
+
+def csv_columns(rows: list[dict], main: str) -> list[str]:
+  """Columns of the CSV table: `SETTING_COLUMNS`, then `metric_names`."""
+  return [*SETTING_COLUMNS, *metric_names(rows, main)]
+
+
+def csv_cell(v: Any) -> str:
+  """A value as a CSV cell: None is empty, lists are JSON, numbers keep full precision."""
+  if v is None:
+    return ""
+  if isinstance(v, (list, tuple, dict)):
+    return json.dumps(v)
+  if isinstance(v, float):
+    return repr(v)
+  return str(v)
+
+
+def write_csv(rows: list[dict], columns: list[str], path: str) -> None:
+  """One CSV line per row (a header of `columns` first), written atomically."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for r in rows:
+      writer.writerow([csv_cell(r.get(c)) for c in columns])
+  os.replace(tmp, path)
+
+
+def plot_eval(rows: list[dict], main: str, path: str) -> None:
+  """The main metric, then every other numeric metric, against the checkpoint step.
+
+  `<name>_std` metrics become error bars of `<name>`; the run time (`seconds`) is not plotted.
+  """
+  rows = sorted(rows, key=lambda r: r["step"])
+  names = [c for c in metric_names(rows, main)
+           if c != "seconds" and not c.endswith("_std") and any(_is_number(r.get(c)) for r in rows)]
+  panels = {c: [_as_float(r.get(c)) for r in rows] for c in names}
+  errors = {c: [_as_float(r.get(c + "_std")) for r in rows] for c in names
+            if any(_is_number(r.get(c + "_std")) for r in rows)}
+  plots.save_metric_panels([r["step"] for r in rows], panels, path, xlabel="checkpoint step",
+                           errors=errors)
+
+
+def sweep_line_name(row: dict) -> str:
+  """The line of a sweep row in the plot: its method and the knobs other than step_lr."""
+  parts = [row["method"]]
+  if row.get("steps_per_sigma") is not None:
+    parts.append(f"steps_per_sigma={row['steps_per_sigma']}")
+  parts.append(f"denoise={row.get('denoise')}")
+  return " ".join(parts)
+
+
+def plot_sweep(rows: list[dict], main: str, path: str) -> None:
+  """The main metric against step_lr (log axis), one line per (method, steps_per_sigma, denoise).
+
+  Skipped settings are left out; a sampler without step_lr (PC) is a dashed horizontal line.
+  """
+  curves: dict[str, tuple[list, list]] = {}
+  levels: dict[str, float] = {}
+  for r in rows:
+    if "skipped" in r:
+      continue
+    name = sweep_line_name(r)
+    if r.get("step_lr") is None:
+      levels[name] = _as_float(r.get(main))
+      continue
+    xs, ys = curves.setdefault(name, ([], []))
+    xs.append(float(r["step_lr"]))
+    ys.append(_as_float(r.get(main)))
+  plots.save_lines(curves, path, xlabel="step_lr", ylabel=main, logx=True, levels=levels)
+
+
+def _write_outputs(rows: list[dict], main: str, workdir: str, name: str,
+                   plot: Callable[[list[dict], str, str], None]) -> dict[str, str]:
+  """`<name>.csv` and `<name>.png` of the rows; returns all three output paths."""
+  base = os.path.join(os.path.abspath(workdir), name)
+  paths = {"jsonl": base + ".jsonl", "csv": base + ".csv", "png": base + ".png"}
+  write_csv(rows, csv_columns(rows, main), paths["csv"])
+  plot(rows, main, paths["png"])
+  return paths
 
 
 def _write(writer: MetricWriter | None, row: dict, measured: dict) -> None:
@@ -352,51 +648,70 @@ def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluato
   return {**evaluator.score(features), "seconds": time.time() - start}
 
 
+def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list[dict]]:
+  """The stored rows of `entries` (by key) and the entries still to evaluate, in order."""
+  stored = stored_rows(path)
+  done = {entry_key(e): stored[entry_key(e)] for e in entries if entry_key(e) in stored}
+  return done, [e for e in entries if entry_key(e) not in done]
+
+
 # --------------------------------------------------------------------------------------------
 # Modes.
 
 
 def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Samples from every checkpoint in range with the configured sampler; returns the rows."""
+  """Samples from every checkpoint in range with the configured sampler; returns the rows.
+
+  Checkpoints already evaluated with these settings (`entry_key`) in `eval_metrics.jsonl` are
+  not evaluated again; their stored rows are returned, tabulated and plotted with the new ones.
+  """
   ev = config.eval
   available = _checkpoint_steps(workdir)
-  if not available:
-    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                                     "train first (python main.py --workdir=...)")
   steps = [s for s in available if (ev.begin_step is None or s >= ev.begin_step) and
            (ev.end_step is None or s <= ev.end_step)]
   if not steps:
     raise ValueError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
-  rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
-  evaluator = make_evaluator(config, workdir, rng)
+  kind = feature_kind(config)
+  main_metric = MAIN_METRICS[kind]
   kwargs = sample.sampler_kwargs(config)
-  sampler = _checkpoint_sampler(config)
+  entries = [{"step": s, **kwargs, "num_samples": ev.num_samples, "features": kind,
+              "seed": config.seed}
+             for s in steps]
+  done, todo = _split_done(entries, os.path.join(workdir, "eval_metrics.jsonl"))
   main = parallel.is_main_process()
-  writer = MetricWriter(workdir, name="eval_metrics") if main else None
-  rows = []
-  try:
-    for step in steps:
-      state = _restore(config, workdir, step)
-      sample_fn = functools.partial(sampler, state.ema_params[0])
-      measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
-      row = {"step": step, **kwargs, "num_samples": ev.num_samples, **measured}
-      rows.append(row)
-      _write(writer, row, measured)
-      if main:
-        print(f"[eval] step {step}: {evaluator.main_metric}="
-              f"{row.get(evaluator.main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)",
-              flush=True)
-  finally:
-    if writer is not None:
-      writer.close()
   if main:
-    print(format_table(rows, ["step", "method", "step_lr"] +
-                       _metric_columns(rows, evaluator.main_metric)))
-    best = min(rows, key=_rank_key(evaluator.main_metric))
-    print(f"best checkpoint by {evaluator.main_metric}: step {best['step']} "
-          f"({evaluator.main_metric}={best.get(evaluator.main_metric, float('nan')):.4g}); "
-          f"rows in {os.path.join(os.path.abspath(workdir), 'eval_metrics.jsonl')}")
+    print(f"[eval] {len(done)} of {len(entries)} checkpoints reused from eval_metrics.jsonl; "
+          f"evaluating {len(todo)}", flush=True)
+  fresh = {}
+  if todo:
+    rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+    evaluator = make_evaluator(config, workdir, rng)
+    sampler = _checkpoint_sampler(config)
+    writer = MetricWriter(workdir, name="eval_metrics") if main else None
+    try:
+      for entry in todo:
+        state = _restore(config, workdir, entry["step"])
+        sample_fn = functools.partial(sampler, state.ema_params[0])
+        measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
+        row = {**entry, **measured}
+        fresh[entry_key(row)] = row
+        _write(writer, row, measured)
+        if main:
+          print(f"[eval] step {row['step']}: {main_metric}="
+                f"{row.get(main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)", flush=True)
+    finally:
+      if writer is not None:
+        writer.close()
+  rows = [fresh.get(entry_key(e)) or done[entry_key(e)] for e in entries]
+  if main:
+    paths = _write_outputs(rows, main_metric, workdir, "eval_metrics", plot_eval)
+    print(format_table(rows, ["step", "method", "step_lr"] + _metric_columns(rows, main_metric)))
+    best = min(rows, key=_rank_key(main_metric))
+    print(f"best checkpoint by {main_metric}: step {best['step']} "
+          f"({main_metric}={_as_float(best.get(main_metric)):.4g}); "
+          f"{len(done)} of {len(rows)} rows reused")
+    print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")
   return rows
 
 
@@ -425,48 +740,65 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
 
 
 def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Samples from the latest checkpoint with every sweep setting; returns the rows."""
+  """Samples from the latest checkpoint with every sweep setting; returns the rows.
+
+  Settings already in `sampler_sweep.jsonl` for this checkpoint (`entry_key`) are not evaluated
+  again; their stored rows join the table, the CSV and the plot.
+  """
   ev = config.eval
   settings = sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
                         tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise))
-  state = _restore(config, workdir, None)
-  step = int(jax.device_get(state.step))
-  rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
-  evaluator = make_evaluator(config, workdir, rng)
-  cas_ladder = samplers.cas_ladder(train.sigmas_from_config(config), config.sampling.n_sigma)
+  step = _checkpoint_steps(workdir)[-1]
+  kind = feature_kind(config)
+  main_metric = MAIN_METRICS[kind]
+  entries = [{"step": step, **sample.sampler_kwargs(config, s["method"]), **s,
+              "num_samples": ev.num_samples, "features": kind, "seed": config.seed}
+             for s in settings]
+  done, todo = _split_done(entries, os.path.join(workdir, "sampler_sweep.jsonl"))
   main = parallel.is_main_process()
-  writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
-  rows = []
-  try:
-    for i, setting in enumerate(settings):
-      row = {"step": step, **sample.sampler_kwargs(config, setting["method"]), **setting,
-             "num_samples": ev.num_samples}
-      if setting["method"] == "cas":
-        try:
-          noise.check_cas_step_lr(cas_ladder, setting["step_lr"])
-        except ValueError as e:
-          row["skipped"] = str(e)
-      measured = {}
-      if "skipped" not in row:
-        overrides = {k: v for k, v in setting.items() if v is not None}
-        sample_fn = sample.make_sampler(config, state, **overrides)
-        measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
-      row.update(measured)
-      rows.append(row)
-      _write(writer, row, measured)
-      if main:
-        result = (f"skipped: {row['skipped']}" if "skipped" in row else
-                  f"{evaluator.main_metric}={row.get(evaluator.main_metric, float('nan')):.4g}")
-        print(f"[sweep {i + 1}/{len(settings)}] {setting}: {result}", flush=True)
-  finally:
-    if writer is not None:
-      writer.close()
   if main:
-    ranked = sorted(rows, key=_rank_key(evaluator.main_metric))
+    print(f"[sweep] checkpoint step {step}: {len(done)} of {len(entries)} settings reused from "
+          f"sampler_sweep.jsonl; evaluating {len(todo)}", flush=True)
+  fresh = {}
+  if todo:
+    state = _restore(config, workdir, step)
+    rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+    evaluator = make_evaluator(config, workdir, rng)
+    cas_ladder = samplers.cas_ladder(train.sigmas_from_config(config), config.sampling.n_sigma)
+    writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
+    try:
+      for i, entry in enumerate(todo):
+        row = dict(entry)
+        if entry["method"] == "cas":
+          try:
+            noise.check_cas_step_lr(cas_ladder, entry["step_lr"])
+          except ValueError as e:
+            row["skipped"] = str(e)
+        measured = {}
+        if "skipped" not in row:
+          overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
+                       if entry[k] is not None}
+          sample_fn = sample.make_sampler(config, state, **overrides)
+          measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
+        row.update(measured)
+        fresh[entry_key(row)] = row
+        _write(writer, row, measured)
+        if main:
+          setting = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")}
+          result = (f"skipped: {row['skipped']}" if "skipped" in row else
+                    f"{main_metric}={row.get(main_metric, float('nan')):.4g}")
+          print(f"[sweep {i + 1}/{len(todo)}] {setting}: {result}", flush=True)
+    finally:
+      if writer is not None:
+        writer.close()
+  rows = [fresh.get(entry_key(e)) or done[entry_key(e)] for e in entries]
+  if main:
+    paths = _write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
+    ranked = sorted(rows, key=_rank_key(main_metric))
     print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "denoise"] +
-                       _metric_columns(rows, evaluator.main_metric) + ["skipped"]))
-    print(f"checkpoint step {step}; rows in "
-          f"{os.path.join(os.path.abspath(workdir), 'sampler_sweep.jsonl')}")
+                       _metric_columns(rows, main_metric) + ["skipped"]))
+    print(f"checkpoint step {step}; {len(done)} of {len(rows)} rows reused")
+    print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")
   return rows
 
 

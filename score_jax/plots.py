@@ -1,14 +1,12 @@
-"""PNG outputs: image grids, toy scatter comparisons and per-level sampler trajectories."""
+"""PNG outputs: image grids, toy scatters, per-level sampler trajectories, metric curves."""
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # pyplot-free: no global backend switch, notebooks keep theirs
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -59,7 +57,8 @@ def save_inpainting_grid(masked: np.ndarray, completed: np.ndarray, path: str, *
 def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], path: str) -> None:
   """Scatter (2-D) or histogram (1-D) panels: ground truth, then each sampler."""
   panels = {"ground truth": truth, **{k.upper(): v for k, v in samples.items()}}
-  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+  fig = Figure(figsize=(4 * len(panels), 4))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   finite = truth[np.isfinite(truth).all(axis=1)]
   lo, hi = finite.min(0) - 1.0, finite.max(0) + 1.0
   for ax, (name, x) in zip(axes[0], panels.items()):
@@ -74,7 +73,6 @@ def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], pa
     ax.set_title(name)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None], path: str) -> None:
@@ -84,7 +82,8 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
                  if k not in ("samples", "sigma") and np.ndim(v) == 1})
   if not keys:
     return
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+  fig = Figure(figsize=(4 * len(keys), 3.5))
+  axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for name, t in trajectories.items():
       if key in t:
@@ -100,12 +99,12 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, ylabel: str,
                logx: bool = False) -> None:
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   for name, ys in ys_by_name.items():
     ax.plot(xs, ys, marker="o", label=name)
   if logx:
@@ -116,4 +115,61 @@ def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, yl
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
+
+
+def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]], path: str, *,
+                       xlabel: str, errors: Mapping[str, Sequence[float]] | None = None) -> None:
+  """One panel per metric, in the given order (put the main metric first), each against `xs`.
+
+  Args:
+    xs: the x value of each point (e.g. checkpoint steps).
+    panels: metric name -> one y per x; NaN marks a missing value (a gap in the line).
+    path: the PNG to write.
+    xlabel: label of every panel's x axis.
+    errors: metric name -> one error-bar half-width per x (e.g. KID's std), optional.
+  """
+  errors = errors or {}
+  fig = Figure(figsize=(4 * max(len(panels), 1), 3.5))
+  axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
+  for ax, (name, ys) in zip(axes[0], panels.items()):
+    ax.errorbar(np.asarray(xs, np.float64), np.asarray(ys, np.float64),
+                yerr=None if name not in errors else np.asarray(errors[name], np.float64),
+                marker="o", capsize=3)
+    ax.set_title(name)
+    ax.set_xlabel(xlabel)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+
+
+def save_lines(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
+               xlabel: str, ylabel: str, logx: bool = False,
+               levels: Mapping[str, float] | None = None) -> None:
+  """One line per name, each with its own x values; `levels` are dashed horizontal lines.
+
+  Args:
+    curves: name -> `(xs, ys)`; NaN ys leave gaps.
+    path: the PNG to write.
+    xlabel: x axis label.
+    ylabel: y axis label.
+    logx: log-scale x axis.
+    levels: name -> y, for settings that have no x value (e.g. a sampler without step_lr).
+  """
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for i, (name, (xs, ys)) in enumerate(curves.items()):
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    order = np.argsort(xs)
+    ax.plot(xs[order], ys[order], marker="o", color=colors[i % len(colors)], label=name)
+  for i, (name, y) in enumerate((levels or {}).items(), start=len(curves)):
+    ax.axhline(y, linestyle="--", color=colors[i % len(colors)], label=name)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if curves or levels:
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)

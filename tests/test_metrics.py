@@ -135,7 +135,7 @@ def test_feature_kind_and_missing_weights_fail_with_clear_messages(tmp_path):
   config.eval.features = "auto"
   assert evaluate.feature_kind(config) == "inception"
   config.eval.features = "mnist_classifier"
-  with pytest.raises(ValueError, match="not available yet"):
+  with pytest.raises(ValueError, match="needs 28x28x1 images"):
     evaluate.feature_kind(config)
   config.eval.inception_weights = str(tmp_path / "absent.npz")
   with pytest.raises(ValueError, match="python -m score_jax.fetch_inception"):
@@ -204,7 +204,7 @@ def test_image_metrics_of_features_against_reference():
 
 def _main(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1200"
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("SCORE_JAX_DEBUG", None)
   return subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/test.py", *args],
@@ -228,23 +228,24 @@ def test_eval_and_sampler_sweep_modes_on_the_toy_config(tmp_path):
   proc = _main(f"--workdir={workdir}", "--mode=eval", *small)
   assert proc.returncode == 0, proc.stderr
   assert "best checkpoint by mmd_rbf" in proc.stdout
+  assert "eval_metrics.csv" in proc.stdout and "eval_metrics.png" in proc.stdout
   rows = _rows(workdir / "eval_metrics.jsonl")
   assert [r["step"] for r in rows] == [10, 20]
   for r in rows:
-    assert r["method"] == "als" and r["num_samples"] == 64
+    assert r["method"] == "als" and r["num_samples"] == 64 and r["features"] == "toy"
     assert _finite(r["mmd_rbf"]) and _finite(r["energy_distance"])
     assert r["finite_fraction"] == 1.0
 
-  # Same keys from the seed: evaluating step 20 again reproduces its row.
+  # Step 20 with the same settings is already in the JSON lines: reused, not evaluated again.
   proc = _main(f"--workdir={workdir}", "--mode=eval", *small, "--config.eval.begin_step=15")
   assert proc.returncode == 0, proc.stderr
-  again = _rows(workdir / "eval_metrics.jsonl")[2:]
-  assert [r["step"] for r in again] == [20]
-  assert again[0]["mmd_rbf"] == rows[1]["mmd_rbf"]
+  assert "1 of 1 checkpoints reused" in proc.stdout
+  assert _rows(workdir / "eval_metrics.jsonl") == rows  # (reproducibility: test_evaluate.py)
 
   proc = _main(f"--workdir={workdir}", "--mode=sampler_sweep", *small,
                "--config.eval.sweep_step_lrs=(0.5,1.0)", "--config.eval.sweep_steps_per_sigma=(5,)")
   assert proc.returncode == 0, proc.stderr
+  assert "sampler_sweep.csv" in proc.stdout and "sampler_sweep.png" in proc.stdout
   rows = _rows(workdir / "sampler_sweep.jsonl")
   # ALS: 2 step_lrs x 2 denoise; CAS: the same minus steps_per_sigma. With 4 levels 20 -> 1,
   # gamma = 20^(-1/3) and CAS needs step_lr in (1 - gamma, 1 + gamma) = (0.63, 1.37).

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from score_jax.models import conv
+
 NONLINEARITIES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu, "relu": nn.relu, "lrelu": lambda x: nn.leaky_relu(x, 0.2), "swish": nn.swish}
 
@@ -39,7 +41,11 @@ def _torch_bias_init(fan_in: int) -> Callable:
 
 
 class Conv(nn.Module):
-  """k x k convolution, stride 1, 'same' (dilated) padding, PyTorch default initialization."""
+  """k x k convolution, stride 1, 'same' (dilated) padding, PyTorch default initialization.
+
+  Runs through `conv.conv_general_dilated`, whose hand-written canonical gradients keep XLA:CPU
+  on its fast convolution kernels inside loops too (see score_jax/models/conv.py).
+  """
   features: int
   kernel_size: int = 3
   dilation: int = 1
@@ -52,7 +58,8 @@ class Conv(nn.Module):
     fan_in = x.shape[-1] * self.kernel_size ** 2
     return nn.Conv(self.features, (self.kernel_size,) * 2, padding=((pad, pad), (pad, pad)),
                    kernel_dilation=self.dilation, use_bias=self.use_bias, dtype=self.dtype,
-                   kernel_init=_TORCH_KERNEL_INIT, bias_init=_torch_bias_init(fan_in))(x)
+                   kernel_init=_TORCH_KERNEL_INIT, bias_init=_torch_bias_init(fan_in),
+                   conv_general_dilated=conv.conv_general_dilated)(x)
 
 
 def mean_pool_2x2(x: Float[Array, "b h w c"]) -> Float[Array, "b h/2 w/2 c"]:

@@ -1,0 +1,102 @@
+"""A stride-1 'same' convolution whose gradients XLA:CPU runs fast, also inside loops.
+
+Why (measured on the 2-core CPU, jax 0.10.2; bench/NOTES.md has the numbers): XLA:CPU hands a
+convolution to its fast Eigen kernels only in a canonical form (batch first, features last,
+kernel HWIO). Outside loops its `ConvCanonicalization` rewrites the weight gradient (a
+convolution whose "kernel" is the output gradient) into that form; inside a `while` body
+(`lax.scan`: fused training steps, samplers that differentiate) the rewrite does not happen and
+the weight gradient runs in XLA's generic loop emitter, about 30x slower, and the input gradient
+about 3x slower. This module writes both gradients as canonical convolutions itself
+(transposes are cheap next to the convolution), so they are fast everywhere; the values are
+the same as `jax.grad` of `lax.conv_general_dilated` up to float rounding.
+
+`conv_general_dilated` has the signature of `lax.conv_general_dilated` and is passed to
+`flax.linen.Conv(conv_general_dilated=...)`; configurations it does not cover (strides, input
+dilation, groups, asymmetric padding, other layouts) go to `lax.conv_general_dilated` unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: jax.Array, w: jax.Array, *, window: int, dilation: int, pad: int,
+          precision: Any = None) -> jax.Array:
+  return lax.conv_general_dilated(x, w, (window, window), [(pad, pad)] * 2,
+                                  rhs_dilation=(dilation, dilation), dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def same_conv(x: jax.Array, w: jax.Array, dilation: int = 1, precision: Any = None) -> jax.Array:
+  """Stride-1 NHWC/HWIO convolution, odd square kernel, padding dilation * (k - 1) / 2."""
+  k = w.shape[0]
+  return _conv(x, w, window=1, dilation=dilation, pad=dilation * (k // 2), precision=precision)
+
+
+def _same_conv_fwd(x, w, dilation, precision):
+  return same_conv(x, w, dilation, precision), (x, w)
+
+
+def _same_conv_bwd(dilation, precision, residuals, g):
+  x, w = residuals
+  k = w.shape[0]
+  pad = dilation * (k // 2)
+  # dL/dx: the output gradient convolved with the flipped kernel, in/out channels swapped.
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  dx = _conv(g.astype(x.dtype), w_t.astype(x.dtype), window=1, dilation=dilation, pad=pad,
+             precision=precision)
+  # dL/dw[i, j, c, o] = sum_{n,h,w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]: a convolution
+  # with x's channels as the batch, x's batch as the features, g as an [H, W, n, o] kernel and a
+  # window stride of d, giving [c, k, k, o].
+  x_t = x.transpose(3, 1, 2, 0)
+  g_t = g.astype(x.dtype).transpose(1, 2, 0, 3)
+  dw = lax.conv_general_dilated(x_t, g_t, (dilation, dilation), [(pad, pad)] * 2,
+                                dimension_numbers=_NHWC, precision=precision)
+  return dx, dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def _covered(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+             lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count: int) -> int | None:
+  """The dilation if `same_conv` computes this convolution, else None."""
+  if lhs.ndim != 4 or tuple(window_strides) != (1, 1) or feature_group_count != 1:
+    return None
+  if lhs_dilation is not None and tuple(lhs_dilation) != (1, 1):
+    return None
+  d = tuple(rhs_dilation) if rhs_dilation is not None else (1, 1)
+  k = rhs.shape[:2]
+  if d[0] != d[1] or k[0] != k[1] or k[0] % 2 == 0:
+    return None
+  pad = d[0] * (k[0] // 2)
+  if isinstance(padding, str) or [tuple(p) for p in padding] != [(pad, pad)] * 2:
+    return None
+  want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  got = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+         if dimension_numbers is not None else None)
+  return d[0] if got == want else None
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, with `same_conv` where it applies (see the module docstring)."""
+  d = (_covered(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count)
+       if batch_group_count == 1 and preferred_element_type is None else None)
+  if d is None:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  return same_conv(lhs, rhs, d, precision)

@@ -1,0 +1,61 @@
+"""The canonical-gradient convolution equals lax.conv_general_dilated and its gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from score_jax.models import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax(x, w, d, p, strides=(1, 1)):
+  return lax.conv_general_dilated(x, w, strides, [(p, p)] * 2, rhs_dilation=(d, d),
+                                  dimension_numbers=DN)
+
+
+def _ours(x, w, d, p, strides=(1, 1)):
+  return conv.conv_general_dilated(x, w, strides, [(p, p)] * 2, rhs_dilation=(d, d),
+                                   dimension_numbers=lax.conv_dimension_numbers(
+                                       x.shape, w.shape, DN))
+
+
+@pytest.mark.parametrize("k,d", [(1, 1), (3, 1), (3, 2), (3, 4), (5, 1)])
+def test_values_and_gradients_match_lax(k, d):
+  rs = np.random.RandomState(k * 10 + d)
+  x = jnp.asarray(rs.randn(3, 11, 9, 5), jnp.float32)
+  w = jnp.asarray(rs.randn(k, k, 5, 6), jnp.float32)
+  p = d * (k // 2)
+  assert conv._covered(x, w, (1, 1), [(p, p)] * 2, None, (d, d), DN, 1) == d
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w, d, p)) * jnp.arange(6.0)))
+  np.testing.assert_allclose(_ours(x, w, d, p), _lax(x, w, d, p), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.grad(loss(_lax), (0, 1))(x, w), jax.grad(loss(_ours), (0, 1))(x, w)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+
+
+def test_gradients_inside_scan_and_bfloat16():
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.randn(2, 8, 8, 4), jnp.float32)
+  w = jnp.asarray(rs.randn(3, 3, 4, 4), jnp.float32) * 0.2
+
+  def run(f, dtype):
+    g = jax.grad(lambda w: jnp.sum(f(x.astype(dtype), w.astype(dtype), 1, 1) ** 2))
+    return jax.lax.scan(lambda w, _: (w - 1e-2 * g(w), None), w, None, length=3)[0]
+
+  np.testing.assert_allclose(run(_ours, jnp.float32), run(_lax, jnp.float32), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(run(_ours, jnp.bfloat16), run(_lax, jnp.bfloat16), rtol=2e-2,
+                             atol=2e-2)
+
+
+def test_uncovered_configurations_fall_back_to_lax():
+  x = jnp.ones((1, 8, 8, 2))
+  w = jnp.ones((3, 3, 2, 2))
+  assert conv._covered(x, w, (2, 2), [(1, 1)] * 2, None, None, DN, 1) is None  # stride
+  assert conv._covered(x, w, (1, 1), "SAME", None, None, DN, 1) is None  # string padding
+  assert conv._covered(x, w, (1, 1), [(0, 0)] * 2, None, None, DN, 1) is None  # 'valid'
+  assert conv._covered(x, jnp.ones((4, 4, 2, 2)), (1, 1), [(2, 2)] * 2, None, None, DN,
+                       1) is None  # even kernel
+  y = conv.conv_general_dilated(x, w, (2, 2), [(1, 1)] * 2, dimension_numbers=DN)
+  np.testing.assert_allclose(y, _lax(x, w, 1, 1, strides=(2, 2)))
