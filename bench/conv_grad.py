@@ -4,8 +4,9 @@
     XLA_FLAGS=--xla_cpu_use_onednn=true .venv/bin/python bench/conv_grad.py
 
 Times one 3x3 convolution at the sizes that dominate NCSNv2 on CIFAR-10 (batch 16, 32x32 and
-16x16, 128 and 256 channels) in four forms: the forward conv, XLA's input gradient, XLA's
-weight gradient, and the weight gradient written by hand as shifted-slice matmuls. Prints
+16x16, 128 and 256 channels): the forward conv, XLA's input and weight gradients, the weight
+gradient written by hand as shifted-slice matmuls, the canonical gradients of
+score_jax/models/conv.py, and both weight gradients inside a 4-step lax.scan (per step). Prints
 GFLOP/s (2 * b * h * w * 9 * cin * cout per call) next to a float32 matmul of the same FLOPs.
 Results and what was tried are recorded in bench/NOTES.md.
 """
@@ -14,12 +15,16 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from score_jax.models.conv import same_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -48,6 +53,13 @@ def weight_grad_by_matmuls(x, g):
                     for i in range(3) for j in range(3)]).reshape(3, 3, c, g.shape[-1])
 
 
+def in_scan(grad_fn, steps=4):
+  """`grad_fn(x, w, g) -> dW` applied `steps` times inside one lax.scan (a while loop)."""
+  def run(x, w, g):
+    return lax.scan(lambda w, _: (w - 1e-6 * grad_fn(x, w, g), None), w, None, length=steps)[0]
+  return run
+
+
 def main():
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} jax {jax.__version__}")
   rs = np.random.RandomState(0)
@@ -64,6 +76,12 @@ def main():
         "input grad (XLA)": _time(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0], x, w, g),
         "weight grad (XLA)": _time(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1], x, w, g),
         "weight grad (9 matmuls)": _time(weight_grad_by_matmuls, x, g),
+        "input grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[0], x, w, g),
+        "weight grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[1], x, w, g),
+        "weight grad (XLA) in scan": _time(in_scan(
+            lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]), x, w, g, repeats=1) / 4,
+        "weight grad (conv.py) in scan": _time(in_scan(
+            lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[1]), x, w, g) / 4,
     }
     print(f"b={b} {hw}x{hw} {c}->{f}: {flops / 1e9:.2f} GFLOP per call")
     for name, t in rows.items():
