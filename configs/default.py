@@ -140,6 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: steps per level grid.
   ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds.
   ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
+  ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.
 
   config.lock()
   return config

@@ -408,13 +408,26 @@ def draw_features(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: E
   Every call draws a full batch, so the sampler and the feature network compile once; the
   surplus of the last batch is dropped.
   """
+  return draw_features_stacked(lambda r, n: sample_fn(r, n)[None], evaluator,
+                               num_samples=num_samples, batch_size=batch_size, rng=rng)[0]
+
+
+def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator,
+                          *, num_samples: int, batch_size: int, rng: jax.Array
+                          ) -> list[Features]:
+  """`draw_features` for a sampler returning `[k, n, ...]`: k settings drawn in one program.
+
+  Setting j's samples are those a sampler of setting j alone draws from the same keys.
+  """
   batch = min(batch_size, num_samples)
-  parts = []
+  parts: list[list[Features]] = []
   for i in range(-(-num_samples // batch)):
-    x = np.asarray(sample_fn(jax.random.fold_in(rng, i), batch))
+    xs = np.asarray(sample_fn(jax.random.fold_in(rng, i), batch))
     keep = min(batch, num_samples - i * batch)
-    parts.append({k: v[:keep] for k, v in evaluator.featurize(x).items()})
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    parts = parts or [[] for _ in range(len(xs))]
+    for j, x in enumerate(xs):
+      parts[j].append({k: v[:keep] for k, v in evaluator.featurize(x).items()})
+  return [{k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for ps in parts]
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
@@ -648,6 +661,42 @@ def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluato
   return {**evaluator.score(features), "seconds": time.time() - start}
 
 
+def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
+                       evaluator: Evaluator, rng: jax.Array) -> list[dict[str, Any]]:
+  """Evaluates settings that differ only in step_lr as one program vmapped over the step sizes.
+
+  Each setting sees the keys `_evaluate_sampler` would give it alone, so the numbers equal a
+  one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
+  """
+  e0 = entries[0]
+  kwargs = {**sample.sampler_kwargs(config, e0["method"]),
+            **{k: e0[k] for k in ("steps_per_sigma", "denoise") if e0[k] is not None},
+            "step_lr": e0["step_lr"]}
+  fn = sample.make_sample_fn(models.build(config), train.sigmas_from_config(config),
+                             train.example_shape(config), **kwargs)
+  lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
+  many = jax.jit(lambda p, r, n: jax.vmap(lambda lr: fn(p, r, n, step_lr=lr))(lrs),
+                 static_argnums=2)
+  params = state.ema_params[0]
+  start = time.time()
+  features = draw_features_stacked(lambda r, n: many(params, r, n), evaluator,
+                                   num_samples=config.eval.num_samples,
+                                   batch_size=config.eval.batch_size,
+                                   rng=jax.random.fold_in(rng, _SAMPLE_TAG))
+  seconds = (time.time() - start) / len(entries)
+  return [{**evaluator.score(f), "seconds": seconds, "vmapped_settings": len(entries)}
+          for f in features]
+
+
+def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
+  """`entries` grouped by everything but step_lr (ALS/CAS only), in first-appearance order."""
+  groups: dict[tuple, list[dict]] = {}
+  for e in entries:
+    key = (e["method"], e["steps_per_sigma"], e["denoise"]) if e["step_lr"] is not None else id(e)
+    groups.setdefault(key, []).append(e)
+  return list(groups.values())
+
+
 def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list[dict]]:
   """The stored rows of `entries` (by key) and the entries still to evaluate, in order."""
   stored = stored_rows(path)
@@ -739,11 +788,17 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
   return settings
 
 
+def _setting(entry: dict) -> dict:
+  return {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")}
+
+
 def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Samples from the latest checkpoint with every sweep setting; returns the rows.
 
   Settings already in `sampler_sweep.jsonl` for this checkpoint (`entry_key`) are not evaluated
-  again; their stored rows join the table, the CSV and the plot.
+  again; their stored rows join the table, the CSV and the plot. With `eval.sweep_vmap`, settings
+  that differ only in step_lr run as one compiled program vmapped over the step sizes (memory:
+  the group's size times `eval.batch_size` samples at once).
   """
   ev = config.eval
   settings = sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
@@ -767,27 +822,36 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
     cas_ladder = samplers.cas_ladder(train.sigmas_from_config(config), config.sampling.n_sigma)
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
     try:
-      for i, entry in enumerate(todo):
-        row = dict(entry)
+      feasible = []
+      for entry in todo:
         if entry["method"] == "cas":
           try:
             noise.check_cas_step_lr(cas_ladder, entry["step_lr"])
           except ValueError as e:
-            row["skipped"] = str(e)
-        measured = {}
-        if "skipped" not in row:
-          overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
-                       if entry[k] is not None}
-          sample_fn = sample.make_sampler(config, state, **overrides)
-          measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
-        row.update(measured)
-        fresh[entry_key(row)] = row
-        _write(writer, row, measured)
-        if main:
-          setting = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")}
-          result = (f"skipped: {row['skipped']}" if "skipped" in row else
-                    f"{main_metric}={row.get(main_metric, float('nan')):.4g}")
-          print(f"[sweep {i + 1}/{len(todo)}] {setting}: {result}", flush=True)
+            row = {**entry, "skipped": str(e)}
+            fresh[entry_key(row)] = row
+            _write(writer, row, {})
+            if main:
+              print(f"[sweep] {_setting(entry)}: skipped: {row['skipped']}", flush=True)
+            continue
+        feasible.append(entry)
+      for group in _step_lr_groups(feasible):
+        if len(group) > 1 and ev.sweep_vmap:
+          results = _evaluate_step_lrs(config, state, group, evaluator, rng)
+        else:
+          results = []
+          for entry in group:
+            overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
+                         if entry[k] is not None}
+            results.append(_evaluate_sampler(sample.make_sampler(config, state, **overrides),
+                                             evaluator, config, rng))
+        for entry, measured in zip(group, results):
+          row = {**entry, **measured}
+          fresh[entry_key(row)] = row
+          _write(writer, row, measured)
+          if main:
+            print(f"[sweep] {_setting(entry)}: "
+                  f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)
     finally:
       if writer is not None:
         writer.close()

@@ -88,7 +88,8 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
 
   `init`: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
-  N(0, sigma_1^2 I).
+  N(0, sigma_1^2 I). `sample(params, rng, n, step_lr=lr)` replaces the step size at call time
+  (it may be traced, e.g. vmapped over a grid; CAS feasibility is then the caller's to check).
   """
   if method == "cas":
     noise.check_cas_step_lr(_cas_ladder(np.asarray(sigmas), n_sigma), step_lr)
@@ -98,7 +99,7 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
   extra = dict(denoise=denoise, return_trajectory=return_trajectory, save_every=save_every)
 
-  def sample(params, rng, n):
+  def sample(params, rng, n, step_lr=step_lr):
     init_rng, rng = jax.random.split(rng)
     if init == "uniform":
       x0 = jax.random.uniform(init_rng, (n, *shape))

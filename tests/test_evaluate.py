@@ -211,7 +211,7 @@ def test_evaluation_is_reproducible_from_the_seed(workdir):
 
 def test_sweep_rerun_reuses_settings_and_plots_them(workdir, monkeypatch, capsys):
   config = _config(sweep_methods=("als", "cas"), sweep_step_lrs=(0.5, 1.0),
-                   sweep_steps_per_sigma=(5,), sweep_denoise=(True,))
+                   sweep_steps_per_sigma=(5,), sweep_denoise=(True,), sweep_vmap=False)
   calls = _count_evaluations(monkeypatch)
   rows = evaluate.sampler_sweep(config, workdir)
   # ALS at 0.5 and 1.0; CAS at 1.0 (0.5 is outside its feasibility interval: skipped unsampled).
@@ -229,6 +229,23 @@ def test_sweep_rerun_reuses_settings_and_plots_them(workdir, monkeypatch, capsys
       ("als", 0.5), ("als", 1.0), ("cas", 0.5), ("cas", 1.0)]
   assert table[2]["skipped"] and table[2]["mmd_rbf"] == ""
   assert os.path.getsize(os.path.join(workdir, "sampler_sweep.png")) > 1000
+
+
+def test_vmapped_sweep_equals_one_setting_at_a_time(workdir, tmp_path):
+  grid = dict(sweep_methods=("als", "cas", "pc"), sweep_step_lrs=(0.5, 0.7, 1.3),
+              sweep_steps_per_sigma=(3,), sweep_denoise=(True,))
+  copies = {}
+  for vmap in (True, False):
+    copies[vmap] = str(tmp_path / f"vmap{vmap}")
+    shutil.copytree(workdir, copies[vmap], ignore=shutil.ignore_patterns("sampler_sweep*"))
+  rows = {v: evaluate.sampler_sweep(_config(**grid, sweep_vmap=v), copies[v])
+          for v in (True, False)}
+  # ALS: three step sizes in one program; CAS: 0.7 and 1.3 in one (0.5 infeasible); PC alone.
+  assert [r.get("vmapped_settings") for r in rows[True]] == [3, 3, 3, None, 2, 2, None]
+  for a, b in zip(rows[True], rows[False]):
+    assert ("skipped" in a) == ("skipped" in b)
+    if "skipped" not in a:
+      np.testing.assert_allclose(a["mmd_rbf"], b["mmd_rbf"], rtol=1e-3, atol=1e-5)
 
 
 def test_plot_sweep_draws_samplers_without_step_lr_as_levels(tmp_path, monkeypatch):
