@@ -5,7 +5,7 @@
 
 Times one 3x3 convolution at the sizes that dominate NCSNv2 on CIFAR-10 (batch 16, 32x32 and
 16x16, 128 and 256 channels): the forward conv, XLA's input and weight gradients, the weight
-gradient written by hand as shifted-slice matmuls, the canonical gradients of
+gradient written by hand as shifted-slice matmuls and as one im2col GEMM, the canonical gradients of
 score_jax/models/conv.py, and both weight gradients inside a 4-step lax.scan (per step). Prints
 GFLOP/s (2 * b * h * w * 9 * cin * cout per call) next to a float32 matmul of the same FLOPs.
 Results and what was tried are recorded in bench/NOTES.md.
@@ -53,10 +53,24 @@ def weight_grad_by_matmuls(x, g):
                     for i in range(3) for j in range(3)]).reshape(3, 3, c, g.shape[-1])
 
 
+def weight_grad_im2col(x, g):
+  """dW as one GEMM: patches [b*h*w, 9c] from nine shifted slices, contracted with g."""
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
+                            axis=-1).reshape(-1, 9 * c)
+  return lax.dot_general(patches, g.reshape(-1, g.shape[-1]),
+                         (((0,), (0,)), ((), ()))).reshape(3, 3, c, g.shape[-1])
+
+
 def in_scan(grad_fn, steps=4):
-  """`grad_fn(x, w, g) -> dW` applied `steps` times inside one lax.scan (a while loop)."""
+  """`grad_fn(x, w, g) -> dW` applied `steps` times inside one lax.scan (a while loop).
+
+  The carry is x, which the weight gradient depends on, so XLA cannot hoist it out of the loop.
+  """
   def run(x, w, g):
-    return lax.scan(lambda w, _: (w - 1e-6 * grad_fn(x, w, g), None), w, None, length=steps)[0]
+    body = lambda x, _: (x + 1e-9 * jnp.sum(grad_fn(x, w, g)), None)
+    return lax.scan(body, x, None, length=steps)[0]
   return run
 
 
@@ -76,6 +90,7 @@ def main():
         "input grad (XLA)": _time(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0], x, w, g),
         "weight grad (XLA)": _time(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1], x, w, g),
         "weight grad (9 matmuls)": _time(weight_grad_by_matmuls, x, g),
+        "weight grad (im2col GEMM)": _time(weight_grad_im2col, x, g),
         "input grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[0], x, w, g),
         "weight grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[1], x, w, g),
         "weight grad (XLA) in scan": _time(in_scan(

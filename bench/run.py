@@ -128,9 +128,11 @@ def _format_row(r: dict, cpu_flops: float | None = None) -> str:
   fl = r.get("flops")
   frac = r.get("fraction_of_peak")
   mark = ""
-  if cpu_flops and r.get("machine", {}).get("backend", "cpu") != "cpu":
-    fl, mark = cpu_flops, "*"
-    frac = fl / r["median_s"] / r["peak_flops"]
+  if r.get("machine", {}).get("backend", "cpu") != "cpu":
+    # An accelerator's own count misses its library calls (cuDNN convolutions): use the CPU
+    # count of the same workload, or show none.
+    fl, mark = cpu_flops, "*" if cpu_flops else ""
+    frac = fl / r["median_s"] / r["peak_flops"] if fl else None
   compile_s = "-" if r.get("compile_s") is None else f"{r['compile_s']:.2f} s"
   return (f"| {r['name']} | {r['median_s'] * 1e3:.3g} ms ({r['min_s'] * 1e3:.3g}-"
           f"{r['max_s'] * 1e3:.3g}) | {_fmt(r.get('throughput'))} {r.get('throughput_unit', '')} | "
@@ -152,11 +154,11 @@ def _write_results_md() -> None:
                if r.get("machine", {}).get("backend") == "cpu" and r.get("flops")}
   out = ["# Benchmark results", "",
          "Written by `bench/run.py`: per machine kind, the latest measurement of each workload. "
-         "See bench/NOTES.md for what was tried and why. Loops (lax.scan, while) are counted "
-         "once by XLA's cost analysis, so FLOPs of sampler and fused-step workloads are per "
-         "iteration of the loop body, not per call. * = FLOPs counted by XLA's CPU cost analysis "
-         "for the same workload: on GPUs the cost analysis does not count the convolutions that "
-         "run as cuDNN calls.", ""]
+         "See bench/NOTES.md for what was tried and why. FLOPs are XLA's cost analysis of the "
+         "compiled call; it counts a loop body (lax.scan) once, so samplers and fused steps "
+         "report the body's FLOPs times the loop's iterations. On GPUs the cost analysis misses "
+         "the convolutions that run as cuDNN calls: their FLOPs (marked *) are the CPU count of "
+         "the same workload, and '-' where no CPU row exists.", ""]
   for kind, rows in sorted(latest.items()):
     first = min(r["time"] for r in rows.values())
     last = max(r["time"] for r in rows.values())
