@@ -503,6 +503,21 @@ def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
   return list(groups.values())
 
 
+def _record(writer: MetricWriter | None, fresh: dict[tuple, dict], entry: dict,
+            measured: dict) -> dict:
+  """The entry's row with its measurements, kept in `fresh` and written as one JSON line."""
+  row = {**entry, **measured}
+  fresh[entry_key(row)] = row
+  write_row(writer, row, {k: v for k, v in measured.items() if k != "skipped"})
+  return row
+
+
+def _in_order(entries: list[dict], fresh: dict[tuple, dict], done: dict[tuple, dict]
+              ) -> list[dict]:
+  """The row of every entry, fresh or stored, in the entries' order."""
+  return [fresh.get(entry_key(e)) or done[entry_key(e)] for e in entries]
+
+
 def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list[dict]]:
   """The stored rows of `entries` (by key) and the entries still to evaluate, in order."""
   stored = stored_rows(path)
@@ -548,17 +563,14 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
       for entry in todo:
         state = _restore(config, workdir, entry["step"])
         sample_fn = functools.partial(sampler, state.ema_params[0])
-        measured = _evaluate_sampler(sample_fn, evaluator, config, rng)
-        row = {**entry, **measured}
-        fresh[entry_key(row)] = row
-        write_row(writer, row, measured)
+        row = _record(writer, fresh, entry, _evaluate_sampler(sample_fn, evaluator, config, rng))
         if main:
           print(f"[eval] step {row['step']}: {main_metric}="
                 f"{row.get(main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)", flush=True)
     finally:
       if writer is not None:
         writer.close()
-  rows = [fresh.get(entry_key(e)) or done[entry_key(e)] for e in entries]
+  rows = _in_order(entries, fresh, done)
   if main:
     paths = write_outputs(rows, main_metric, workdir, "eval_metrics", plot_eval)
     print(format_table(rows, ["step", "method", "step_lr"] + table_metric_columns(rows, main_metric)))
@@ -634,9 +646,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
           try:
             noise.check_cas_step_lr(cas_ladder, entry["step_lr"])
           except ValueError as e:
-            row = {**entry, "skipped": str(e)}
-            fresh[entry_key(row)] = row
-            write_row(writer, row, {})
+            row = _record(writer, fresh, entry, {"skipped": str(e)})
             if main:
               print(f"[sweep] {_setting(entry)}: skipped: {row['skipped']}", flush=True)
             continue
@@ -652,16 +662,14 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
             results.append(_evaluate_sampler(sample.make_sampler(config, state, **overrides),
                                              evaluator, config, rng))
         for entry, measured in zip(group, results):
-          row = {**entry, **measured}
-          fresh[entry_key(row)] = row
-          write_row(writer, row, measured)
+          row = _record(writer, fresh, entry, measured)
           if main:
             print(f"[sweep] {_setting(entry)}: "
                   f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)
     finally:
       if writer is not None:
         writer.close()
-  rows = [fresh.get(entry_key(e)) or done[entry_key(e)] for e in entries]
+  rows = _in_order(entries, fresh, done)
   if main:
     paths = write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
     ranked = sorted(rows, key=rank_key(main_metric))

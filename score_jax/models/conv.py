@@ -47,17 +47,17 @@ def _same_conv_fwd(x, w, dilation, precision):
 
 def _same_conv_bwd(dilation, precision, residuals, g):
   x, w = residuals
+  g = g.astype(x.dtype)
   k = w.shape[0]
   pad = dilation * (k // 2)
   # dL/dx: the output gradient convolved with the flipped kernel, in/out channels swapped.
   w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = _conv(g.astype(x.dtype), w_t.astype(x.dtype), window=1, dilation=dilation, pad=pad,
-             precision=precision)
+  dx = _conv(g, w_t.astype(x.dtype), window=1, dilation=dilation, pad=pad, precision=precision)
   # dL/dw[i, j, c, o] = sum_{n,h,w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]: a convolution
   # with x's channels as the batch, x's batch as the features, g as an [H, W, n, o] kernel and a
   # window stride of d, giving [c, k, k, o].
   x_t = x.transpose(3, 1, 2, 0)
-  g_t = g.astype(x.dtype).transpose(1, 2, 0, 3)
+  g_t = g.transpose(1, 2, 0, 3)
   dw = lax.conv_general_dilated(x_t, g_t, (dilation, dilation), [(pad, pad)] * 2,
                                 dimension_numbers=_NHWC, precision=precision)
   return dx, dw.transpose(1, 2, 0, 3).astype(w.dtype)
