@@ -12,7 +12,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-ACTIVATIONS = {"softplus": nn.softplus, "elu": nn.elu, "swish": nn.swish, "relu": nn.relu}
+from score_jax.models import activations
+
+# softplus: same values as nn.softplus (within a few ulp), ~2x cheaper on XLA:CPU (activations.py).
+ACTIVATIONS = {"softplus": activations.softplus, "elu": nn.elu, "swish": nn.swish, "relu": nn.relu}
 
 
 class NoiseConditionalMLP(nn.Module):
