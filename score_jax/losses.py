@@ -137,10 +137,13 @@ def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
              rng: jax.Array, *, projection: str = "gaussian", num_projections: int = 1,
              weight_power: float = 2.0,
              sigma_idx: Int[Array, "b"] | None = None) -> tuple[jax.Array, Metrics]:
-  """Sliced score matching (variance-reduced form) on perturbed data, with jvp.
+  """Sliced score matching (variance-reduced form) on perturbed data.
 
-  Per example: sigma^power * [0.5 ||s||^2 + mean_v v^T d/dt s(x~ + t v)|_{t=0}], where the
-  directional derivative is one forward-mode jvp per projection v (Gaussian or Rademacher).
+  Per example: sigma^power * [0.5 ||s||^2 + mean_v v^T (ds/dx~) v], projections v Gaussian or
+  Rademacher. v^T J v is computed in reverse mode as v . (J^T v), one vjp per projection after
+  a single forward pass, as the reference implementation does (autograd.grad of v . s w.r.t.
+  x~). Reverse mode also works through the custom-VJP convolutions of the image models
+  (models/conv.py), which have no forward-mode rule.
   """
   if projection not in ("gaussian", "rademacher"):
     raise ValueError(f"projection={projection!r} must be 'gaussian' or 'rademacher'")
@@ -155,11 +158,10 @@ def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
   sigma = sigmas[levels]
   x_tilde = noise_lib.perturb(x, sigma, z)
   f = lambda y: score_fn(y, sigma)
-  score, first_jvp = jax.jvp(f, (x_tilde,), (v[:, 0],))
-  jvps = [first_jvp] + [jax.jvp(f, (x_tilde,), (v[:, k],))[1] for k in range(1, num_projections)]
+  score, vjp_fn = jax.vjp(f, x_tilde)
   b = x.shape[0]
-  trace_est = sum(jnp.sum((v[:, k] * jv).reshape(b, -1), axis=1)
-                  for k, jv in enumerate(jvps)) / num_projections
+  trace_est = sum(jnp.sum((v[:, k] * vjp_fn(v[:, k])[0]).reshape(b, -1), axis=1)
+                  for k in range(num_projections)) / num_projections
   per_example = (0.5 * jnp.sum((score ** 2).reshape(b, -1), axis=1) + trace_est) * \
       sigma ** weight_power
   loss = jnp.mean(per_example)
