@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from score_jax.models import pool
 from score_jax.models.layers import (NONLINEARITIES, Conv, InstanceNormPlus, mean_pool_2x2,
                                      resize_bilinear_align_corners)
 
@@ -110,14 +111,13 @@ class CRPBlock(nn.Module):
   def __call__(self, x: Float[Array, "b h w c"], level: Level) -> Float[Array, "b h w c"]:
     x = NONLINEARITIES[self.nonlinearity](x)
     path = x
-    pad = ((2, 2), (2, 2))
     for i in range(self.n_stages):
       if self.conditional_norms:
         path = InstanceNormPlus(self.num_classes, name=f"norm_{i}")(path, level)
       if self.pool == "max":
-        path = nn.max_pool(path, (5, 5), strides=(1, 1), padding=pad)
+        path = pool.max_pool_same(path, 5)
       else:
-        path = nn.avg_pool(path, (5, 5), strides=(1, 1), padding=pad, count_include_pad=True)
+        path = pool.avg_pool_same(path, 5)
       path = Conv(x.shape[-1], use_bias=False, dtype=self.dtype, name=f"conv_{i}")(path)
       x = path + x
     return x
