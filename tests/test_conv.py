@@ -59,3 +59,17 @@ def test_uncovered_configurations_fall_back_to_lax():
                        1) is None  # even kernel
   y = conv.conv_general_dilated(x, w, (2, 2), [(1, 1)] * 2, dimension_numbers=DN)
   np.testing.assert_allclose(y, _lax(x, w, 1, 1, strides=(2, 2)))
+
+
+@pytest.mark.parametrize("k,d", [(3, 1), (3, 2), (3, 4), (5, 1), (1, 1)])
+def test_inflated_weight_gradient_equals_the_plain_form(k, d):
+  # The CPU branch (input and kernel dilation 2, window stride 2d) and the other platforms'
+  # branch compute the same [c, k, k, o] weight gradient.
+  rs = np.random.RandomState(k + 7 * d)
+  x_t = jnp.asarray(rs.randn(5, 11, 9, 3), jnp.float32)   # [c, h, w, n]
+  g_t = jnp.asarray(rs.randn(11, 9, 3, 6), jnp.float32)   # [h, w, n, o]
+  kw = dict(dilation=d, pad=d * (k // 2), precision=None)
+  plain = conv._weight_grad_plain(x_t, g_t, **kw)
+  inflated = conv._weight_grad_inflated(x_t, g_t, **kw)
+  assert plain.shape == inflated.shape == (5, k, k, 6)
+  np.testing.assert_allclose(inflated, plain, rtol=1e-5, atol=1e-5)
