@@ -6,7 +6,9 @@
 Times one 3x3 convolution at the sizes that dominate NCSNv2 on CIFAR-10 (batch 16, 32x32 and
 16x16, 128 and 256 channels): the forward conv, XLA's input and weight gradients, the weight
 gradient written by hand as shifted-slice matmuls and as one im2col GEMM, the canonical gradients of
-score_jax/models/conv.py, and both weight gradients inside a 4-step lax.scan (per step). Prints
+score_jax/models/conv.py (whose CPU weight gradient runs in Eigen, see its docstring) next to the
+same weight gradient in its plain form (which XLA gives to YNNPACK), and both weight gradients
+inside a 4-step lax.scan (per step). Prints
 GFLOP/s (2 * b * h * w * 9 * cin * cout per call) next to a float32 matmul of the same FLOPs.
 Results and what was tried are recorded in bench/NOTES.md.
 """
@@ -24,6 +26,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from score_jax.models.conv import _weight_grad_plain as weight_grad_plain  # noqa: E402
 from score_jax.models.conv import same_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -63,6 +66,12 @@ def weight_grad_im2col(x, g):
                          (((0,), (0,)), ((), ()))).reshape(3, 3, c, g.shape[-1])
 
 
+def _plain_weight_grad(x, g):
+  """conv.py's weight gradient without its CPU input/kernel-dilation trick: YNNPACK runs it."""
+  return weight_grad_plain(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation=1, pad=1,
+                           precision=None)
+
+
 def in_scan(grad_fn, steps=4):
   """`grad_fn(x, w, g) -> dW` applied `steps` times inside one lax.scan (a while loop).
 
@@ -93,6 +102,7 @@ def main():
         "weight grad (im2col GEMM)": _time(weight_grad_im2col, x, g),
         "input grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[0], x, w, g),
         "weight grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[1], x, w, g),
+        "weight grad (plain form)": _time(_plain_weight_grad, x, g),
         "weight grad (XLA) in scan": _time(in_scan(
             lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]), x, w, g, repeats=1) / 4,
         "weight grad (conv.py) in scan": _time(in_scan(

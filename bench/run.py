@@ -169,7 +169,8 @@ def _write_results_md() -> None:
             f"peak at the start of the latest run {r0['peak_flops'] / 1e9:.1f} GFLOP/s "
             f"({r0.get('peak_note', '4096^2')}). '% of peak' is against the 'matmul peak' "
             "column: the same matmul timed in the workload's own process right after it (rows "
-            "measured before 2026-11-26T05:00Z have none and use the run's peak).", "",
+            "measured before 2026-11-26T04:20Z, the GPU's included, have none and use the run's "
+            "peak).", "",
             HEADER]
     out += [_format_row(r, cpu_flops.get(n)) for n, r in rows.items()]
     out.append("")
