@@ -1,14 +1,17 @@
 """A stride-1 'same' convolution whose gradients XLA:CPU runs fast, also inside loops.
 
 Why (measured on the 2-core CPU, jax 0.10.2; bench/NOTES.md has the numbers): XLA:CPU hands a
-convolution to its fast Eigen kernels only in a canonical form (batch first, features last,
-kernel HWIO). Outside loops its `ConvCanonicalization` rewrites the weight gradient (a
-convolution whose "kernel" is the output gradient) into that form; inside a `while` body
+convolution to a library (YNNPACK for plain float32 2-D convolutions, Eigen otherwise) only in a
+canonical form (batch first, features last, kernel HWIO). Outside loops its
+`ConvCanonicalization` rewrites the weight gradient (a convolution whose "kernel" is the output
+gradient) into that form; inside a `while` body
 (`lax.scan`: fused training steps, samplers that differentiate) the rewrite does not happen and
 the weight gradient runs in XLA's generic loop emitter, about 30x slower, and the input gradient
 about 3x slower. This module writes both gradients as canonical convolutions itself
 (transposes are cheap next to the convolution), so they are fast everywhere; the values are
-the same as `jax.grad` of `lax.conv_general_dilated` up to float rounding.
+the same as `jax.grad` of `lax.conv_general_dilated` up to float rounding. On CPU the weight
+gradient is further written so that Eigen rather than YNNPACK runs it (`_weight_grad_inflated`).
+Being a custom VJP, `same_conv` has reverse mode only (no `jax.jvp`).
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is passed to
 `flax.linen.Conv(conv_general_dilated=...)`; configurations it does not cover (strides, input
