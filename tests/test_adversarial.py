@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from configs import adversarial_toy
 from configs import test as test_config
@@ -120,7 +121,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_toy_config_trains_and_samples_through_the_cli(tmp_path):
   assert adversarial_toy.get_config().adversarial.enabled
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1200", "JAX_PLATFORMS": "cpu",
+  env = {"XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
   args = ["--config.training.num_train_steps=40", "--config.training.log_every_steps=20",
           "--config.training.ckpt_every_steps=20", "--config.training.eval_every_steps=20",

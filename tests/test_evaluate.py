@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from PIL import Image
 
 from configs import test as test_config
@@ -83,7 +84,7 @@ def trained(tmp_path_factory) -> pathlib.Path:
   """A test-config workdir with checkpoints at steps 10 and 20 (trained once per module)."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = xla_flags(8)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("SCORE_JAX_DEBUG", None)
   proc = subprocess.run(

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from PIL import Image
 
 from score_jax import image_data
@@ -23,7 +24,7 @@ def mnist_data_dir(tmp_path_factory):
 
 
 def _run(*args, timeout=600):
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1200", "JAX_PLATFORMS": "cpu",
+  env = {"XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
   proc = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)

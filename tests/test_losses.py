@@ -76,7 +76,8 @@ def test_losses_have_gradients_through_a_network():
   params = model.init(jax.random.key(0), x, jnp.ones(4))["params"]
   sigmas = noise.geometric_sigmas(1.0, 0.1, 3)
   for fn in (losses.dsm_loss, losses.ssm_loss, losses.explicit_score_matching_loss):
-    grads = jax.grad(lambda p: fn(make_score_fn(model, p), x, sigmas, jax.random.key(1))[0])(params)
+    grads = jax.jit(jax.grad(
+        lambda p: fn(make_score_fn(model, p), x, sigmas, jax.random.key(1))[0]))(params)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert any(np.abs(g).sum() > 0 for g in jax.tree.leaves(grads))
 

@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env(devices: int = 8) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("SCORE_JAX_DEBUG", None)
   return env

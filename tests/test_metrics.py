@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from PIL import Image
 
 from configs import test as test_config
@@ -204,7 +205,7 @@ def test_image_metrics_of_features_against_reference():
 
 def _main(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+  env["XLA_FLAGS"] = xla_flags(8)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("SCORE_JAX_DEBUG", None)
   return subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/test.py", *args],

@@ -152,9 +152,9 @@ def test_bfloat16_compute_and_remat_keep_the_function():
   # Two encoder stages (one pooling): the same blocks as NCSNv2 at half the compile time.
   small = dict(ngf=8, encoder=((1, False, 1), (2, True, 1)), decoder=(2, 1))
   base = ncsn.NCSNv2(**small)
-  params = jax.jit(base.init)(jax.random.key(1), x, sigma)["params"]
-  ref = jax.jit(base.apply)({"params": params}, x, sigma)
-  bf16 = jax.jit(ncsn.NCSNv2(**small, dtype=jnp.bfloat16).apply)({"params": params}, x, sigma)
+  params = base.init(jax.random.key(1), x, sigma)["params"]
+  ref = base.apply({"params": params}, x, sigma)
+  bf16 = ncsn.NCSNv2(**small, dtype=jnp.bfloat16).apply({"params": params}, x, sigma)
   assert bf16.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(bf16 - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
   loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, x, sigma) ** 2)

@@ -15,6 +15,7 @@ import sys
 
 import nbformat
 import pytest
+from conftest import xla_flags
 from nbclient import NotebookClient
 
 from score_jax import image_data
@@ -23,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "tour.ipynb"
 # One CPU device for the run and the kernel: conftest's 8 simulated devices would replicate the
 # notebook's computations 8 times on the machine's cores.
-ONE_DEVICE = "--xla_force_host_platform_device_count=1"
+ONE_DEVICE = xla_flags(1)
 
 TINY = ["--config.model.ngf=4", "--config.noise.num_scales=4", "--config.training.batch_size=16",
         "--config.training.num_train_steps=10", "--config.training.log_every_steps=5",
