@@ -3,11 +3,7 @@ import os
 
 # The collective timeout: on a busy 2-core machine, 8 simulated devices can take longer than
 # XLA:CPU's default 40 s to meet in an all-reduce, which aborts the process.
-# The backend optimization level: the tests' tiny models spend most of their time compiling;
-# LLVM at -O0 halves that (HLO passes and fusion still run; library convolutions and matmuls are
-# unaffected).
-TEST_XLA_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200"
-                  " --xla_backend_optimization_level=0")
+TEST_XLA_FLAGS = "--xla_cpu_collective_call_terminate_timeout_seconds=1200"
 
 
 def xla_flags(devices: int) -> str:
