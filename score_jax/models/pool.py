@@ -81,15 +81,14 @@ def _max_1d_bwd(axis, k, first, g):
 _max_1d.defvjp(_max_1d_fwd, _max_1d_bwd)
 
 
-# jit: called outside a jit (model.apply in a notebook), the ~20 small ops compile once per shape.
-@functools.partial(jax.jit, static_argnums=1)
+# Not wrapped in jax.jit: with a nested jit around the custom VJP, 8-device CPU training
+# (shard_map) hung in tests/test_image_train.py on 2026-11-26, all threads waiting.
 def max_pool_same(x: Float[Array, "b h w c"], window: int = 5) -> Float[Array, "b h w c"]:
   """k x k max pooling, stride 1, -inf padding of k // 2 (output the size of the input)."""
   _check(x, window)
   return _max_1d(_max_1d(x, 1, window), 2, window)
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def avg_pool_same(x: Float[Array, "b h w c"], window: int = 5) -> Float[Array, "b h w c"]:
   """k x k average pooling, stride 1, zero padding of k // 2 counted in the mean (torch default)."""
   _check(x, window)
