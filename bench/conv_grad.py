@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from score_jax.models.conv import _weight_grad_plain as weight_grad_plain  # noqa: E402
+from score_jax.models.conv import _weight_grad as conv_weight_grad  # noqa: E402
 from score_jax.models.conv import same_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -68,8 +68,8 @@ def weight_grad_im2col(x, g):
 
 def _plain_weight_grad(x, g):
   """conv.py's weight gradient without its CPU input/kernel-dilation trick: YNNPACK runs it."""
-  return weight_grad_plain(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation=1, pad=1,
-                           precision=None)
+  return conv_weight_grad(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation=1, pad=1,
+                          precision=None, inflate=1)
 
 
 def in_scan(grad_fn, steps=4):

@@ -69,7 +69,7 @@ def test_inflated_weight_gradient_equals_the_plain_form(k, d):
   x_t = jnp.asarray(rs.randn(5, 11, 9, 3), jnp.float32)   # [c, h, w, n]
   g_t = jnp.asarray(rs.randn(11, 9, 3, 6), jnp.float32)   # [h, w, n, o]
   kw = dict(dilation=d, pad=d * (k // 2), precision=None)
-  plain = conv._weight_grad_plain(x_t, g_t, **kw)
-  inflated = conv._weight_grad_inflated(x_t, g_t, **kw)
+  plain = conv._weight_grad(x_t, g_t, inflate=1, **kw)
+  inflated = conv._weight_grad(x_t, g_t, inflate=2, **kw)
   assert plain.shape == inflated.shape == (5, k, k, 6)
   np.testing.assert_allclose(inflated, plain, rtol=1e-5, atol=1e-5)

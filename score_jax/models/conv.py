@@ -10,7 +10,7 @@ the weight gradient runs in XLA's generic loop emitter, about 30x slower, and th
 about 3x slower. This module writes both gradients as canonical convolutions itself
 (transposes are cheap next to the convolution), so they are fast everywhere; the values are
 the same as `jax.grad` of `lax.conv_general_dilated` up to float rounding. On CPU the weight
-gradient is further written so that Eigen rather than YNNPACK runs it (`_weight_grad_inflated`).
+gradient is further written so that Eigen rather than YNNPACK runs it (`_weight_grad`).
 Being a custom VJP, `same_conv` has reverse mode only (no `jax.jvp`).
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is passed to
@@ -61,31 +61,27 @@ def _same_conv_bwd(dilation, precision, residuals, g):
   # window stride of d, giving [c, k, k, o].
   x_t = x.transpose(3, 1, 2, 0)
   g_t = g.transpose(1, 2, 0, 3)
-  dw = lax.platform_dependent(
-      x_t, g_t, cpu=functools.partial(_weight_grad_inflated, dilation=dilation, pad=pad,
-                                      precision=precision),
-      default=functools.partial(_weight_grad_plain, dilation=dilation, pad=pad,
-                                precision=precision))
+  weight_grad = functools.partial(_weight_grad, dilation=dilation, pad=pad, precision=precision)
+  dw = lax.platform_dependent(x_t, g_t, cpu=functools.partial(weight_grad, inflate=2),
+                              default=functools.partial(weight_grad, inflate=1))
   return dx, dw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
-def _weight_grad_plain(x_t, g_t, *, dilation, pad, precision):
-  return lax.conv_general_dilated(x_t, g_t, (dilation, dilation), [(pad, pad)] * 2,
-                                  dimension_numbers=_NHWC, precision=precision)
+def _weight_grad(x_t, g_t, *, dilation, pad, precision, inflate):
+  """dL/dw as `[c, k, k, o]` from x_t `[c, h, w, n]` and g_t `[h, w, n, o]`.
 
-
-def _weight_grad_inflated(x_t, g_t, *, dilation, pad, precision):
-  """`_weight_grad_plain` computed as XLA:CPU's Eigen convolution rather than YNNPACK's.
-
-  Input dilation 2, kernel dilation 2 and window stride 2d read exactly the elements the plain
-  form reads (input' position 2d i + 2h is input position d i + h), so the value is the same.
-  YNNPACK, which XLA:CPU gives every plain 2-D float32 convolution, takes no input dilation, so
-  this one goes to Eigen, whose weight-gradient-shaped convolution (a kernel as large as the
-  image) runs ~1.6x faster: 367 vs 229 GFLOP/s at [16, 32, 32, 128] (bench/NOTES.md).
+  `inflate=1` is the plain convolution (window stride d). `inflate=2` (used on CPU) reads exactly
+  the same elements through input dilation 2, kernel dilation 2 and window stride 2d (input'
+  position 2d i + 2h is input position d i + h), so the value is the same. YNNPACK, which XLA:CPU
+  gives every plain 2-D float32 convolution, takes no input dilation, so the inflated form goes
+  to Eigen, whose weight-gradient-shaped convolution (a kernel as large as the image) runs ~1.6x
+  faster: 367 vs 229 GFLOP/s at [16, 32, 32, 128] (bench/NOTES.md).
   """
-  return lax.conv_general_dilated(x_t, g_t, (2 * dilation, 2 * dilation), [(2 * pad, 2 * pad)] * 2,
-                                  lhs_dilation=(2, 2), rhs_dilation=(2, 2),
-                                  dimension_numbers=_NHWC, precision=precision)
+  s = inflate * dilation
+  return lax.conv_general_dilated(x_t, g_t, (s, s), [(inflate * pad, inflate * pad)] * 2,
+                                  lhs_dilation=(inflate, inflate),
+                                  rhs_dilation=(inflate, inflate), dimension_numbers=_NHWC,
+                                  precision=precision)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
