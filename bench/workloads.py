@@ -337,7 +337,7 @@ def run(name: str, repeats: int) -> dict:
   result = WORKLOADS[name](repeats)
   if name != "matmul_peak" and result.get("flops"):
     # The peak measured in the same process right after the workload: the machine's speed drifts
-    # by 10-20% between minutes (333-403 GFLOP/s for the same matmul on 2026-11-26), so a peak
+    # by 10-20% between minutes (333-428 GFLOP/s for the same matmul on 2026-11-26), so a peak
     # measured once at the start of a long run would skew the later rows' fractions.
     peak = _matmul_peak(repeats)
     result["local_peak_flops"] = peak["flops"] / peak["median_s"]
