@@ -14,6 +14,7 @@ keys: the same config then draws the same noise on 1, 2 or 8 devices.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable
 
@@ -149,6 +150,30 @@ def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding
 
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), batch_spec, P()), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
+
+
+# Dispatched but unfinished steps the host may queue. Unbounded run-ahead deadlocks XLA:CPU
+# (jax 0.10.2) when a step has an all-reduce and the devices are simulated (the test setup):
+# queued executions block the runtime's worker threads until the all-reduce waits for devices
+# that no thread is left to run. Reproduced on 2026-11-26: a tiny pmean step dispatched 1000
+# times without syncing hung at once; with this bound, 20,000 steps ran (bench/NOTES.md).
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class DispatchWindow:
+  """Bounds run-ahead: `add(outputs)` after each dispatch blocks until at most `limit` steps
+  are unfinished. Pass small outputs (metrics), not donated state."""
+
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+    if limit < 1:
+      raise ValueError(f"limit={limit}: at least one step must be allowed in flight")
+    self.limit = limit
+    self._pending: collections.deque = collections.deque()
+
+  def add(self, outputs: PyTree) -> None:
+    self._pending.append(outputs)
+    while len(self._pending) > self.limit:
+      jax.block_until_ready(self._pending.popleft())
 
 
 def gather_to_host(x: jax.Array) -> np.ndarray:

@@ -370,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = _Progress(t.progress_bar, t.num_train_steps, step)
   history: list[dict] = []
   eval_batch = None
+  window = parallel.DispatchWindow()
   last_log_time, last_log_step = time.time(), step
 
   def next_batch():
@@ -380,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                 fused_steps=k)
 
   def raise_if_nonfinite():
-    if history and float(sum(jnp.sum(h["nonfinite"]) for h in history)) > 0:
+    # On the host: `device_get` only waits, where jnp.sum would queue more device programs.
+    if history and float(np.sum(jax.device_get([h["nonfinite"] for h in history]))) > 0:
       good = checkpoint.latest_step(manager)
       raise TrainingError(
           f"non-finite loss or gradient between steps {last_log_step} and {step}; training "
@@ -390,6 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     while step < t.num_train_steps:
       state, metrics = p_train_step(state, next_batch(), run_rng)
+      window.add(metrics)
       step += k
       history.append(metrics)
       progress.update(k)
@@ -416,7 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            seed=config.seed + 1, batch_size=local_batch,
                                            shuffle=False)
           eval_batch = parallel.shard_batch(next(eval_iter), mesh)
-        _, eval_metrics = p_eval_step(state.ema_params[0], eval_batch, eval_rng)
+        # Finished before the next step is launched (see parallel.MAX_STEPS_IN_FLIGHT).
+        _, eval_metrics = jax.block_until_ready(
+            p_eval_step(state.ema_params[0], eval_batch, eval_rng))
         if writer:
           writer.write(step, {"eval_loss_ema": eval_metrics["loss"]})
 

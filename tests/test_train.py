@@ -161,3 +161,48 @@ def test_optimizer_warmup_and_clip():
   np.testing.assert_allclose(updates["w"], 0.0)
   with pytest.raises(ValueError, match="optim.optimizer"):
     train.make_optimizer(optimizer="sgd", lr=1.0, beta1=0.9, beta2=0.9, eps=1e-8)
+
+
+_RUN_AHEAD = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from score_jax import parallel
+mesh = jax.make_mesh((8,), (parallel.BATCH_AXIS,))
+def body(w, batch, rng):
+  g = jax.grad(lambda w: jnp.mean(jnp.tanh(batch @ w) ** 2))(parallel.per_device(w))
+  return w - 0.01 * jax.lax.pmean(g, parallel.BATCH_AXIS), {"g": jax.lax.pmean(jnp.sum(g), parallel.BATCH_AXIS)}
+step = parallel.data_parallel(body, mesh)
+x = jax.device_put(np.ones((2048, 256), np.float32), NamedSharding(mesh, P(parallel.BATCH_AXIS)))
+w, rng, window = jnp.zeros((256, 256)), jax.random.key(0), parallel.DispatchWindow()
+for i in range(1500):
+  w, metrics = step(w, x, rng)
+  window.add(metrics)
+print("finished", float(np.asarray(jax.device_get(metrics["g"]))))
+"""
+
+
+def test_dispatch_window_prevents_the_run_ahead_deadlock():
+  """1500 pmean steps dispatched back to back on 8 simulated devices. Without the window XLA:CPU
+  deadlocked in the all-reduce within the first ~1000 steps in every try (2026-11-26)."""
+  import os
+  import subprocess
+  import sys
+
+  from conftest import REPO, xla_flags
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
+  try:
+    out = subprocess.run([sys.executable, "-c", _RUN_AHEAD], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)
+  except subprocess.TimeoutExpired:
+    pytest.fail("the 8-device step loop hung despite parallel.DispatchWindow")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "finished" in out.stdout
+
+
+def test_dispatch_window_bounds_pending_steps():
+  window = parallel.DispatchWindow(limit=2)
+  for i in range(5):
+    window.add(jnp.asarray(i))
+    assert len(window._pending) <= 2
+  with pytest.raises(ValueError, match="at least one step"):
+    parallel.DispatchWindow(limit=0)
