@@ -1,6 +1,6 @@
 # Two entry points; each creates .venv (Python 3.11) and installs the pins when needed.
 #   make run    train + sample the embedded default (configs/default.py) into runs/default
-#   make test   the whole test suite on 8 simulated CPU devices
+#   make test   the whole test suite on 8 simulated CPU devices, in up to 4 pytest-xdist workers
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
@@ -19,4 +19,4 @@ run: $(STAMP)
 	$(VENV)/bin/python main.py $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 tests $(ARGS)

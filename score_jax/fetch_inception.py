@@ -127,7 +127,8 @@ def _check_and_write(state_dict: dict[str, np.ndarray], out_path: Path) -> Path:
   except ValueError as e:
     raise FetchError(str(e)) from e
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.with_suffix(".tmp.npz")
+  # Per-process name: parallel test workers (or jobs) may convert at once; the rename is atomic.
+  tmp = out_path.with_name(f"{out_path.stem}.{os.getpid()}.tmp.npz")
   np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in state_dict.items()
                    if not k.endswith("num_batches_tracked")})
   tmp.replace(out_path)

