@@ -27,11 +27,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from score_jax.models import onednn
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _conv(x: jax.Array, w: jax.Array, *, window: int, dilation: int, pad: int,
           precision: Any = None) -> jax.Array:
+  if (window == 1 and pad == dilation * (w.shape[0] // 2) and x.dtype == w.dtype == jnp.float32
+      and onednn.available()):
+    return onednn.conv_same(x, w, dilation)  # oneDNN on CPU, the lax convolution elsewhere
   return lax.conv_general_dilated(x, w, (window, window), [(pad, pad)] * 2,
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_NHWC,
                                   precision=precision)

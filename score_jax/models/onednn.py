@@ -1,0 +1,160 @@
+"""oneDNN convolutions on CPU: a stride-1 'same' NHWC/HWIO float32 convolution as one primitive.
+
+Why (bench/NOTES.md, section 2): XLA:CPU in jax 0.10.2 runs float32 2-D convolutions in YNNPACK
+(or Eigen), ~10-20% below oneDNN, the library PyTorch uses, on the 2-core CI machine. jaxlib's
+x86 build carries oneDNN and XLA:CPU's runtime executes a `__onednn$convolution` custom call
+(a `OneDnnConvolutionConfig` in the backend config, NHWC in and out) with it, but no pass in
+the default pipeline emits that call for JAX programs. `conv_same` emits it directly.
+
+The primitive lowers to the custom call on CPU when `available()` (a one-time probe that compiles,
+runs and checks a small convolution; False where jaxlib lacks oneDNN, e.g. on ARM), and to
+`lax.conv_general_dilated` everywhere else (GPU, TPU, float16/bfloat16, or with
+`SCORE_JAX_ONEDNN=0` in the environment, the switch for A/B comparisons). It has no
+use of its own differentiation rules in training: `conv.same_conv`'s custom VJP writes both
+gradients. Differentiating those gradients again (sliced score matching) and `vmap` fall back to
+the lax convolution.
+
+Cost analysis: XLA counts no FLOPs for custom calls; `bench/workloads.py` adds them back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import dispatch
+from jax._src.interpreters import mlir
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching
+
+TARGET = "__onednn$convolution"
+
+conv_same_p = Primitive("onednn_conv_same")
+
+
+def _lax_conv_same(x, w, *, dilation: int):
+  pad = dilation * (w.shape[0] // 2)
+  return lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2,
+                                  rhs_dilation=(dilation, dilation),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_same(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
+  """Stride-1 NHWC/HWIO convolution with padding dilation * (k // 2) (odd square kernel)."""
+  # Inside shard_map both operands must vary over the same mesh axes (lax primitives arrange
+  # this themselves): e.g. per-device activations and replicated weights.
+  vx, vw = jax.typeof(x).mat.varying, jax.typeof(w).mat.varying
+  if vw - vx:
+    x = lax.pcast(x, tuple(vw - vx), to="varying")
+  if vx - vw:
+    w = lax.pcast(w, tuple(vx - vw), to="varying")
+  return conv_same_p.bind(x, w, dilation=dilation)
+
+
+def _abstract_eval(x, w, *, dilation):
+  del dilation
+  return x.update(shape=x.shape[:3] + (w.shape[3],))  # x's sharding and varying axes
+
+
+def backend_config(kernel_shape: tuple[int, ...], dilation: int) -> str:
+  """The `BackendConfig` JSON for NHWC input/output and an HWIO kernel of `kernel_shape`.
+
+  Convention of XLA's `ExecuteOneDnnConvolution` (jaxlib 0.10.2): dimension indices as they
+  are, padding and strides as they are, `window_dilations` = dilation (oneDNN's is one less).
+  The runtime reads the kernel's shape from its buffer; `filter.shape` and `window.size` are
+  recorded for `flops` only (the runtime reads them only for prepacked weights, not used here).
+  """
+  k = kernel_shape[0]
+  pad = dilation * (k // 2)
+  return json.dumps({"onednn_conv_config": {
+      "dims": 4,
+      "input": {"data": {"batch_dim": 0, "feature_dim": 3, "spatial_dims": [1, 2]}},
+      "kernel": {"filter": {"input_feature_dim": 2, "output_feature_dim": 3,
+                            "spatial_dims": [0, 1], "shape": list(kernel_shape)}},
+      "output": {"data": {"batch_dim": 0, "feature_dim": 3, "spatial_dims": [1, 2]}},
+      "window": {"size": [k, k], "pad_left": [pad, pad], "pad_right": [pad, pad],
+                 "strides": [1, 1], "window_dilations": [dilation, dilation]},
+      "feature_groups": 1}})
+
+
+def flops(hlo_text: str) -> float:
+  """FLOPs of the oneDNN convolutions in a compiled module's text, counted as XLA's cost
+  analysis counts a convolution (2 per multiply-add, taps that read padding excluded), which
+  gives custom calls none. Like XLA's, a loop body counts once."""
+  total = 0.0
+  for line in hlo_text.splitlines():
+    if f'custom_call_target="{TARGET}"' not in line:
+      continue
+    out = re.search(r"= f32\[(\d+),(\d+),(\d+),(\d+)\]", line)
+    cfg = json.loads(re.search(r"backend_config=(\{.*\})\s*$", line).group(1))
+    conv = cfg["onednn_conv_config"]
+    k, _, cin, cout = (int(v) for v in conv["kernel"]["filter"]["shape"])
+    d = int(conv["window"]["window_dilations"][0])
+    pad = int(conv["window"]["pad_left"][0])
+    b, h, w = (int(v) for v in out.groups()[:3])
+    taps = [sum(1 for i in range(n) for t in range(k) if 0 <= i - pad + t * d < n) for n in (h, w)]
+    total += 2.0 * b * cin * cout * taps[0] * taps[1]
+  return total
+
+
+def _custom_call_lowering(ctx, x, w, *, dilation):
+  aval_x, aval_w = ctx.avals_in
+  if not (_use_onednn() and aval_x.dtype == jnp.float32 and aval_w.dtype == jnp.float32):
+    return mlir.lower_fun(functools.partial(_lax_conv_same, dilation=dilation),
+                          multiple_results=False)(ctx, x, w)
+  out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
+  op = mlir.custom_call(TARGET, result_types=[out_type], operands=[x, w],
+                        backend_config=backend_config(aval_w.shape, dilation), api_version=1)
+  return op.results
+
+
+def _jvp(primals, tangents, *, dilation):
+  # Bilinear: the tangent is the lax convolution's (transposable, so higher orders work too).
+  f = functools.partial(_lax_conv_same, dilation=dilation)
+  _, tangent = jax.jvp(f, primals, tuple(ad.instantiate_zeros(t) for t in tangents))
+  return conv_same_p.bind(*primals, dilation=dilation), tangent
+
+
+def _batch(args, dims, *, dilation):
+  out = jax.vmap(functools.partial(_lax_conv_same, dilation=dilation), in_axes=dims)(*args)
+  return out, 0
+
+
+conv_same_p.def_abstract_eval(_abstract_eval)
+conv_same_p.def_impl(functools.partial(dispatch.apply_primitive, conv_same_p))
+mlir.register_lowering(conv_same_p, mlir.lower_fun(_lax_conv_same, multiple_results=False))
+mlir.register_lowering(conv_same_p, _custom_call_lowering, platform="cpu")
+batching.primitive_batchers[conv_same_p] = _batch
+ad.primitive_jvps[conv_same_p] = _jvp
+
+_PROBE: dict[str, bool] = {}
+
+
+def _use_onednn() -> bool:
+  return os.environ.get("SCORE_JAX_ONEDNN", "1") != "0" and _PROBE.get("ok", False)
+
+
+def available() -> bool:
+  """Whether this jaxlib runs the oneDNN custom call correctly on CPU (probed once, cached)."""
+  if "ok" not in _PROBE:
+    _PROBE["ok"] = False  # lowered as lax while probing
+    try:
+      cpu = jax.devices("cpu")[0]
+      rng = np.random.default_rng(0)
+      x = jax.device_put(rng.standard_normal((2, 6, 6, 3), np.float32), cpu)
+      w = jax.device_put(rng.standard_normal((3, 3, 3, 4), np.float32), cpu)
+      want = np.asarray(jax.jit(functools.partial(_lax_conv_same, dilation=2))(x, w))
+      _PROBE["ok"] = True
+      got = np.asarray(jax.jit(functools.partial(conv_same, dilation=2))(x, w))
+      _PROBE["ok"] = bool(np.allclose(got, want, rtol=1e-4, atol=1e-4))
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+      logging.getLogger(__name__).info("oneDNN convolutions unavailable, using XLA's: %r", e)
+      _PROBE["ok"] = False
+  return _PROBE["ok"]
