@@ -91,3 +91,11 @@ def test_the_switch_and_non_float32_use_xla():
   x, w = _arrays((1, 5, 5, 2), (3, 3, 2, 2))
   text = jax.jit(conv.same_conv).lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   assert onednn.TARGET not in text.compile().as_text()
+
+
+def test_other_platforms_lower_to_the_lax_convolution():
+  # No GPU here: lower (not compile) for CUDA and TPU, as jax.export does for any platform.
+  x, w = _arrays((1, 5, 5, 2), (3, 3, 2, 2))
+  exported = jax.export.export(jax.jit(conv.same_conv), platforms=["cuda", "tpu"])(x, w)
+  text = exported.mlir_module()
+  assert "stablehlo.convolution" in text and onednn.TARGET not in text
