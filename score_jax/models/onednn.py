@@ -9,8 +9,8 @@ the default pipeline emits that call for JAX programs. `conv_same` emits it dire
 The primitive lowers to the custom call on CPU when `available()` (a one-time probe that compiles,
 runs and checks a small convolution; False where jaxlib lacks oneDNN, e.g. on ARM), and to
 `lax.conv_general_dilated` everywhere else (GPU, TPU, float16/bfloat16, or with
-`SCORE_JAX_ONEDNN=0` in the environment, the switch for A/B comparisons). It has no
-use of its own differentiation rules in training: `conv.same_conv`'s custom VJP writes both
+`SCORE_JAX_ONEDNN=0` in the environment at compile time, the switch for A/B comparisons).
+Training does not use its differentiation rules: `conv.same_conv`'s custom VJP writes both
 gradients. Differentiating those gradients again (sliced score matching) and `vmap` fall back to
 the lax convolution.
 

@@ -80,8 +80,9 @@ def _max_1d_bwd(axis, k, first, g):
 _max_1d.defvjp(_max_1d_fwd, _max_1d_bwd)
 
 
-# Not wrapped in jax.jit: with a nested jit around the custom VJP, 8-device CPU training
-# (shard_map) hung in tests/test_image_train.py on 2026-11-26, all threads waiting.
+# Not wrapped in jax.jit. A version with a nested jit hung once in 8-device CPU training
+# (tests/test_image_train.py, 2026-11-26); that was most likely the run-ahead deadlock that
+# parallel.DispatchWindow fixed later, but the jit bought nothing measurable and is not back.
 def max_pool_same(x: Float[Array, "b h w c"], window: int = 5) -> Float[Array, "b h w c"]:
   """k x k max pooling, stride 1, -inf padding of k // 2 (output the size of the input)."""
   _check(x, window)
