@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import REPO
 from score_jax.models import conv, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
@@ -85,7 +86,7 @@ def test_the_switch_and_non_float32_use_xla():
           "print(onednn.TARGET in jax.jit(conv.same_conv).lower(x, w).compile().as_text())")
   env = dict(os.environ, SCORE_JAX_ONEDNN="0", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       timeout=120, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False"
   x, w = _arrays((1, 5, 5, 2), (3, 3, 2, 2))

@@ -164,10 +164,10 @@ def test_optimizer_warmup_and_clip():
 
 
 _RUN_AHEAD = """
-import sys, jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from score_jax import parallel
-mesh = jax.make_mesh((8,), (parallel.BATCH_AXIS,))
+mesh = parallel.make_mesh(8)
 def body(w, batch, rng):
   g = jax.grad(lambda w: jnp.mean(jnp.tanh(batch @ w) ** 2))(parallel.per_device(w))
   return w - 0.01 * jax.lax.pmean(g, parallel.BATCH_AXIS), {"g": jax.lax.pmean(jnp.sum(g), parallel.BATCH_AXIS)}
