@@ -44,7 +44,7 @@ def machine() -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--only", default="", help="comma-separated workload names")
+  p.add_argument("--only", default="", help="comma-separated workload names, run in this order")
   p.add_argument("--list", action="store_true")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -68,7 +68,11 @@ def main() -> None:
   if args.list:
     print("\n".join(names))
     return
-  selected = [n for n in names if not args.only or n in args.only.split(",")]
+  wanted = [n for n in args.only.split(",") if n]
+  unknown = [n for n in wanted if n not in names]
+  if unknown:
+    p.error(f"unknown workload(s) {', '.join(unknown)} in --only; --list shows the names")
+  selected = wanted or names  # in the order given, so the important ones can go first
   info = machine()
   peak = _child("matmul_peak", args.repeats, devices=1, timeout=args.timeout)
   peak_flops = peak["flops"] / peak["median_s"]
@@ -169,7 +173,7 @@ def _write_results_md() -> None:
             f"peak at the start of the latest run {r0['peak_flops'] / 1e9:.1f} GFLOP/s "
             f"({r0.get('peak_note', '4096^2')}). '% of peak' is against the 'matmul peak' "
             "column: the same matmul timed in the workload's own process right after it (rows "
-            "measured before 2026-11-26T04:20Z, the GPU's included, have none and use the run's "
+            "measured before 2026-11-26T04:20Z have none and use the run's "
             "peak).", "",
             HEADER]
     out += [_format_row(r, cpu_flops.get(n)) for n, r in rows.items()]
