@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from score_jax.models import conv
+from score_jax.models import activations, conv
 
+# "elu": same values as nn.elu (within ~1.5 ulp of exact), ~2x cheaper on XLA:CPU (activations.py).
 NONLINEARITIES: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "elu": nn.elu, "relu": nn.relu, "lrelu": lambda x: nn.leaky_relu(x, 0.2), "swish": nn.swish}
+    "elu": activations.elu, "relu": nn.relu, "lrelu": lambda x: nn.leaky_relu(x, 0.2),
+    "swish": nn.swish}
 
 _TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
