@@ -52,6 +52,17 @@ def _run(config, num_devices, batches, step=None):
   return jax.device_get(state), jax.device_get(metrics)
 
 
+def test_nonfinite_step_keeps_both_networks():
+  config = _config(d_steps=2)
+  good, _ = _batches(config)
+  bad = dict(good, x=np.full_like(good["x"], np.nan))
+  state, metrics = _run(config, 8, [good, bad])
+  reference, _ = _run(config, 8, [good])
+  assert float(metrics[0]["nonfinite"]) == 0.0 and float(metrics[1]["nonfinite"]) == 1.0
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):  # score, disc, steps
+    np.testing.assert_array_equal(a, b)
+
+
 def test_lambda_g_zero_gives_the_plain_dsm_update():
   config = _config(lambda_g=0.0, d_steps=2)
   batches = _batches(config)

@@ -81,7 +81,7 @@ def test_nonfinite_step_keeps_state():
   state, metrics = _run_steps(config, 8, [good, bad])
   reference, _ = _run_steps(config, 8, [good])
   assert float(metrics[0]["nonfinite"]) == 0.0 and float(metrics[1]["nonfinite"]) == 1.0
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference)):  # params, EMA, Adam, step
     np.testing.assert_array_equal(a, b)
 
 
