@@ -80,18 +80,47 @@ def test_vmap_and_second_order_fall_back_to_lax():
   np.testing.assert_allclose(hvp(f), hvp(g), rtol=1e-4, atol=1e-5)
 
 
-def test_the_switch_and_non_float32_use_xla():
+@pytest.mark.skipif(not onednn.available(jnp.bfloat16),
+                    reason="no oneDNN bf16 here (needs avx512_bf16 or amx_bf16 and x86-64 jaxlib)")
+@pytest.mark.parametrize("d", [1, 2])
+def test_bfloat16_custom_call_matches_float32_lax_within_bf16_rounding(d):
+  x, w = _arrays((2, 10, 9, 16), (3, 3, 16, 8), seed=d)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  ours = jax.jit(functools.partial(onednn.conv_same, dilation=d)).lower(xb, wb).compile()
+  assert onednn.TARGET in ours.as_text()
+  # The convolution's FLOPs do not depend on the dtype (XLA's bf16 count adds its f32 converts).
+  ref = jax.jit(functools.partial(onednn._lax_conv_same, dilation=d)).lower(x, w).compile()
+  cost = ref.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert onednn.flops(ours.as_text()) == cost["flops"]
+  got = ours(xb, wb)
+  assert got.dtype == jnp.bfloat16
+  want = onednn._lax_conv_same(xb.astype(jnp.float32), wb.astype(jnp.float32), dilation=d)
+  # float32 accumulation, one bf16 rounding of the output: within 2^-8 relative.
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=1e-6)
+  # And through the model's convolution with its custom VJP (both gradients in bf16).
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2)
+  gx, gw = jax.grad(loss(lambda x, w: conv.same_conv(x, w, d)), (0, 1))(xb, wb)
+  rx, rw = jax.grad(loss(lambda x, w: onednn._lax_conv_same(x, w, dilation=d)), (0, 1))(
+      xb.astype(jnp.float32), wb.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(gx, np.float32), rx, rtol=3e-2, atol=3e-2 * abs(rx).max())
+  np.testing.assert_allclose(np.asarray(gw, np.float32), rw, rtol=3e-2, atol=3e-2 * abs(rw).max())
+
+
+def test_the_switch_and_other_dtypes_use_xla():
   code = ("import jax, jax.numpy as jnp; from score_jax.models import onednn, conv; "
           "x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2)); "
-          "print(onednn.TARGET in jax.jit(conv.same_conv).lower(x, w).compile().as_text())")
+          "f = lambda x, w: jax.jit(conv.same_conv).lower(x, w).compile().as_text(); "
+          "print(onednn.TARGET in f(x, w) + f(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))")
   env = dict(os.environ, SCORE_JAX_ONEDNN="0", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False"
   x, w = _arrays((1, 5, 5, 2), (3, 3, 2, 2))
-  text = jax.jit(conv.same_conv).lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  text = jax.jit(conv.same_conv).lower(x.astype(jnp.float16), w.astype(jnp.float16))
   assert onednn.TARGET not in text.compile().as_text()
+  assert not onednn.available(jnp.float16)
 
 
 def test_other_platforms_lower_to_the_lax_convolution():
