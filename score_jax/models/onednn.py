@@ -12,7 +12,7 @@ oneDNN, e.g. on ARM), for bfloat16 operands when `available(jnp.bfloat16)` (the 
 a CPU with native bf16 dot products, `avx512_bf16` or `amx_bf16`: there oneDNN's bf16
 convolution runs ~2x its float32 one, 830-900 vs 405-450 GFLOP/s on the CI machine, accumulating
 in float32 and rounding the output to bf16), and to `lax.conv_general_dilated` everywhere else
-(GPU, TPU, float16, mixed dtypes, or with `SCORE_JAX_ONEDNN=0` in the environment at compile
+(GPU, TPU, float16, or with `SCORE_JAX_ONEDNN=0` in the environment at compile
 time, the switch for A/B comparisons).
 Training does not use its differentiation rules: `conv.same_conv`'s custom VJP writes both
 gradients. Differentiating those gradients again (sliced score matching) and `vmap` fall back to
