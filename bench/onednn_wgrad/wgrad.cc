@@ -1,0 +1,90 @@
+// Prototype (bench only, not used by score_jax): the weight gradient of a stride-1 'same'
+// convolution in oneDNN's backward-weights primitive, as an XLA FFI handler.
+//
+//   dw[i, j, c, o] = sum_{n, h, w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]
+//
+// x: [N, H, W, C] and g: [N, H, W, O] float32 (NHWC, read in place: no transposes), dw: HWIO.
+// oneDNN picks its own weight layout (format `any`, its fast `jit:avx512_core` kernels); the
+// result is reordered into HWIO. Asking for HWIO directly selects a gemm-based kernel that was
+// slower and crashed inside the training step (bench/NOTES.md, section 2). Build: see build.sh.
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+struct Key {
+  int64_t n, h, w, c, o, k, d;
+  bool operator<(const Key& b) const {
+    return std::tie(n, h, w, c, o, k, d) < std::tie(b.n, b.h, b.w, b.c, b.o, b.k, b.d);
+  }
+};
+
+struct Plan {
+  dnnl::convolution_backward_weights primitive;
+  memory::desc src, diff_dst, diff_weights, hwio;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One primitive per shape, built on first use.
+Plan& GetPlan(const Key& k) {
+  static std::mutex mu;
+  static std::map<Key, Plan> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(k);
+  if (it != plans.end()) return it->second;
+  const int64_t pad = k.d * (k.k / 2);
+  memory::desc src({k.n, k.c, k.h, k.w}, memory::data_type::f32, memory::format_tag::nhwc);
+  memory::desc dst({k.n, k.o, k.h, k.w}, memory::data_type::f32, memory::format_tag::nhwc);
+  memory::desc any({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::any);
+  memory::desc hwio({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::hwio);
+  const memory::dims strides{1, 1}, dilation{k.d - 1, k.d - 1}, padding{pad, pad};
+  auto forward_hint = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any,
+      dst, strides, dilation, padding, padding);
+  auto pd = dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, src, any, dst, strides, dilation, padding,
+      padding, forward_hint);
+  Plan plan{dnnl::convolution_backward_weights(pd), src, dst, pd.diff_weights_desc(), hwio};
+  return plans.emplace(k, std::move(plan)).first->second;
+}
+
+ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation) {
+  auto xd = x.dimensions();
+  auto wd = dw->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || wd[0] != wd[1]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "expected NHWC x and a square HWIO dw");
+  }
+  Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation});
+  dnnl::stream stream(Engine());
+  memory src(plan.src, Engine(), x.typed_data());
+  memory diff_dst(plan.diff_dst, Engine(), g.typed_data());
+  memory out(plan.hwio, Engine(), dw->typed_data());
+  memory blocked(plan.diff_weights, Engine());
+  plan.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                  {DNNL_ARG_DIFF_WEIGHTS, blocked}});
+  dnnl::reorder(blocked, out).execute(stream, blocked, out);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OneDnnWeightGrad, WeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dilation"));
