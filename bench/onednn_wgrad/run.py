@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import workloads  # noqa: E402
+from conv_grad import _time  # noqa: E402
 from score_jax.models import conv  # noqa: E402
 
 
@@ -49,16 +50,6 @@ def _bwd_with_onednn(dilation, precision, residuals, g):
   return dx, (lax.pcast(dw, missing, to="varying") if missing else dw)
 
 
-def _median_time(f, *args, n=15):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def per_convolution():
   rs = np.random.RandomState(0)
   for b, h, c, o, d in [(16, 32, 128, 128, 1), (16, 16, 256, 256, 1), (16, 16, 256, 256, 2),
@@ -69,7 +60,7 @@ def per_convolution():
     eigen = jax.jit(functools.partial(eigen_weight_grad, kernel_shape=(3, 3, c, o), dilation=d))
     want = np.asarray(eigen(x, g))
     err = np.abs(np.asarray(ours(x, g)) - want).max() / np.abs(want).max()
-    t_ours, t_eigen = _median_time(ours, x, g), _median_time(eigen, x, g)
+    t_ours, t_eigen = _time(ours, x, g, repeats=15), _time(eigen, x, g, repeats=15)
     print(f"x {(b, h, h, c)} -> {o}, dilation {d}: oneDNN {t_ours * 1e3:.2f} ms, Eigen with "
           f"transposes {t_eigen * 1e3:.2f} ms, max relative difference {err:.1e}", flush=True)
 
@@ -85,9 +76,9 @@ def training_step(repeats=5):
   times = {name: [] for name in steps}
   for _ in range(repeats):  # interleaved, so both see the same machine
     for name, entry in steps.items():
+      state, step, batch = entry
       t0 = time.perf_counter()
-      entry[0], _ = step_out = entry[1](entry[0], entry[2], rng)
-      jax.block_until_ready(step_out)
+      entry[0] = jax.block_until_ready(step(state, batch, rng)[0])
       times[name].append(time.perf_counter() - t0)
   for name, ts in times.items():
     print(f"training step, weight gradient in {name}: median {statistics.median(ts):.3f} s "
