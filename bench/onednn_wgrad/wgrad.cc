@@ -6,7 +6,10 @@
 // x: [N, H, W, C] and g: [N, H, W, O] float32 (NHWC, read in place: no transposes), dw: HWIO.
 // oneDNN picks its own weight layout (format `any`, its fast `jit:avx512_core` kernels); the
 // result is reordered into HWIO. Asking for HWIO directly selects a gemm-based kernel that was
-// slower and crashed inside the training step (bench/NOTES.md, section 2). Build: see build.sh.
+// slower and crashed inside the training step (bench/NOTES.md, section 2). XLA may run two
+// weight gradients of the same shape at once (one per thread, or per simulated device), so each
+// call brings its own scratchpad (user scratchpad mode): oneDNN's default library-owned one is
+// shared by all executions of a primitive. Build: see build.sh.
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -29,7 +32,7 @@ struct Key {
 
 struct Plan {
   dnnl::convolution_backward_weights primitive;
-  memory::desc src, diff_dst, diff_weights, hwio;
+  memory::desc src, diff_dst, diff_weights, hwio, scratchpad;
 };
 
 dnnl::engine& Engine() {
@@ -50,13 +53,16 @@ Plan& GetPlan(const Key& k) {
   memory::desc any({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::any);
   memory::desc hwio({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::hwio);
   const memory::dims strides{1, 1}, dilation{k.d - 1, k.d - 1}, padding{pad, pad};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto forward_hint = dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any,
       dst, strides, dilation, padding, padding);
   auto pd = dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, src, any, dst, strides, dilation, padding,
-      padding, forward_hint);
-  Plan plan{dnnl::convolution_backward_weights(pd), src, dst, pd.diff_weights_desc(), hwio};
+      padding, forward_hint, attr);
+  Plan plan{dnnl::convolution_backward_weights(pd), src, dst, pd.diff_weights_desc(), hwio,
+            pd.scratchpad_desc()};
   return plans.emplace(k, std::move(plan)).first->second;
 }
 
@@ -73,8 +79,10 @@ ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   memory diff_dst(plan.diff_dst, Engine(), g.typed_data());
   memory out(plan.hwio, Engine(), dw->typed_data());
   memory blocked(plan.diff_weights, Engine());
+  memory scratchpad(plan.scratchpad, Engine());  // this call's own
   plan.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                  {DNNL_ARG_DIFF_WEIGHTS, blocked}});
+                                  {DNNL_ARG_DIFF_WEIGHTS, blocked},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
   dnnl::reorder(blocked, out).execute(stream, blocked, out);
   stream.wait();
   return ffi::Error::Success();
