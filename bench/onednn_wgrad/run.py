@@ -27,9 +27,8 @@ from score_jax.models import conv  # noqa: E402
 
 
 def onednn_weight_grad(x, g, kernel_shape, dilation):
-  dw = jax.ffi.ffi_call("onednn_wgrad", jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(
+  return jax.ffi.ffi_call("onednn_wgrad", jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(
       x, g, dilation=np.int64(dilation))
-  return dw
 
 
 def eigen_weight_grad(x, g, kernel_shape, dilation):
@@ -40,11 +39,10 @@ def eigen_weight_grad(x, g, kernel_shape, dilation):
 
 
 def _bwd_with_onednn(dilation, precision, residuals, g):
-  """conv.same_conv's backward with the weight gradient swapped (float32 only)."""
+  """conv.same_conv's backward with the weight gradient swapped (float32 only); XLA drops the
+  unused Eigen weight gradient of the original rule."""
+  dx, _ = conv._same_conv_bwd(dilation, precision, residuals, g)
   x, w = residuals
-  pad = dilation * (w.shape[0] // 2)
-  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = conv._conv(g, w_t, window=1, dilation=dilation, pad=pad, precision=precision)
   dw = onednn_weight_grad(x, g, w.shape, dilation)
   missing = tuple(jax.typeof(w).mat.varying - jax.typeof(dw).mat.varying)
   return dx, (lax.pcast(dw, missing, to="varying") if missing else dw)
