@@ -15,6 +15,7 @@ Results and what was tried are recorded in bench/NOTES.md.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -66,10 +67,10 @@ def weight_grad_im2col(x, g):
                          (((0,), (0,)), ((), ()))).reshape(3, 3, c, g.shape[-1])
 
 
-def _plain_weight_grad(x, g):
-  """conv.py's weight gradient without its CPU input/kernel-dilation trick: YNNPACK runs it."""
-  return conv_weight_grad(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation=1, pad=1,
-                          precision=None, inflate=1)
+def _plain_weight_grad(x, g, inflate=1):
+  """conv.py's weight gradient as a convolution: plain (YNNPACK runs it) or, with inflate=2,
+  with its input/kernel-dilation trick (Eigen runs it; conv.py's CPU form without oneDNN)."""
+  return conv_weight_grad(x, g, dilation=1, pad=1, precision=None, inflate=inflate)
 
 
 def in_scan(grad_fn, steps=4):
@@ -103,6 +104,7 @@ def main():
         "input grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[0], x, w, g),
         "weight grad (conv.py)": _time(lambda x, w, g: jax.vjp(same_conv, x, w)[1](g)[1], x, w, g),
         "weight grad (plain form)": _time(_plain_weight_grad, x, g),
+        "weight grad (Eigen form)": _time(functools.partial(_plain_weight_grad, inflate=2), x, g),
         "weight grad (XLA) in scan": _time(in_scan(
             lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]), x, w, g, repeats=1) / 4,
         "weight grad (conv.py) in scan": _time(in_scan(

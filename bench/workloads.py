@@ -24,12 +24,15 @@ def _block(x):
 
 
 def _flops(compiled) -> float | None:
-  """XLA's cost analysis, plus the oneDNN convolution custom calls, which it counts as 0."""
-  from score_jax.models import onednn
+  """XLA's cost analysis, plus the oneDNN convolution custom calls (forward, input and weight
+  gradients), which it counts as 0."""
+  from score_jax.models import onednn, onednn_wgrad
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  f = (float(cost.get("flops") or 0.0) if cost else 0.0) + onednn.flops(compiled.as_text())
+  text = compiled.as_text()
+  f = ((float(cost.get("flops") or 0.0) if cost else 0.0) + onednn.flops(text)
+       + onednn_wgrad.flops(text))
   return f if f > 0 else None
 
 

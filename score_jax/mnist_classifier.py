@@ -44,6 +44,7 @@ import optax
 from flax import traverse_util
 from jaxtyping import Array, Float, Int
 
+import score_jax
 from score_jax import image_data
 
 CACHE_NAME = "mnist_classifier_v1.npz"
@@ -227,8 +228,7 @@ def accuracy(params: Params, images_uint8: np.ndarray, labels: np.ndarray) -> fl
 
 def default_cache_dir() -> pathlib.Path:
   """`$SCORE_JAX_CACHE`, else `~/.cache/score_jax`."""
-  return pathlib.Path(os.environ.get("SCORE_JAX_CACHE")
-                      or os.path.expanduser("~/.cache/score_jax"))
+  return score_jax.cache_dir()
 
 
 def default_params_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:

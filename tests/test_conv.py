@@ -63,13 +63,16 @@ def test_uncovered_configurations_fall_back_to_lax():
 
 @pytest.mark.parametrize("k,d", [(3, 1), (3, 2), (3, 4), (5, 1), (1, 1)])
 def test_inflated_weight_gradient_equals_the_plain_form(k, d):
-  # The CPU branch (input and kernel dilation 2, window stride 2d) and the other platforms'
-  # branch compute the same [c, k, k, o] weight gradient.
+  # The CPU branch without oneDNN (input and kernel dilation 2, window stride 2d) and the other
+  # platforms' branch compute the weight gradient of the lax convolution.
   rs = np.random.RandomState(k + 7 * d)
-  x_t = jnp.asarray(rs.randn(5, 11, 9, 3), jnp.float32)   # [c, h, w, n]
-  g_t = jnp.asarray(rs.randn(11, 9, 3, 6), jnp.float32)   # [h, w, n, o]
+  x = jnp.asarray(rs.randn(3, 11, 9, 5), jnp.float32)
+  g = jnp.asarray(rs.randn(3, 11, 9, 6), jnp.float32)
   kw = dict(dilation=d, pad=d * (k // 2), precision=None)
-  plain = conv._weight_grad(x_t, g_t, inflate=1, **kw)
-  inflated = conv._weight_grad(x_t, g_t, inflate=2, **kw)
-  assert plain.shape == inflated.shape == (5, k, k, 6)
+  plain = conv._weight_grad(x, g, inflate=1, **kw)
+  inflated = conv._weight_grad(x, g, inflate=2, **kw)
+  assert plain.shape == inflated.shape == (k, k, 5, 6)
   np.testing.assert_allclose(inflated, plain, rtol=1e-5, atol=1e-5)
+  w = jnp.zeros((k, k, 5, 6))
+  want = jax.vjp(lambda w: _lax(x, w, d, d * (k // 2)), w)[1](g)[0]
+  np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-5)

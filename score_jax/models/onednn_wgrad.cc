@@ -1,18 +1,20 @@
-// Prototype (bench only, not used by score_jax): the weight gradient of a stride-1 'same'
-// convolution in oneDNN's backward-weights primitive, as an XLA FFI handler.
+// The weight gradient of a stride-1 'same' convolution in oneDNN's backward-weights primitive,
+// as an XLA FFI handler (score_jax/models/onednn_wgrad.py builds, loads and probes it).
 //
 //   dw[i, j, c, o] = sum_{n, h, w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]
 //
-// x: [N, H, W, C] and g: [N, H, W, O] float32 (NHWC, read in place: no transposes), dw: HWIO.
-// oneDNN picks its own weight layout (format `any`, its fast `jit:avx512_core` kernels); the
-// result is reordered into HWIO. Asking for HWIO directly selects a gemm-based kernel that was
-// slower and crashed inside the training step (bench/NOTES.md, section 2). XLA may run two
-// weight gradients of the same shape at once (one per thread, or per simulated device), so each
-// call brings its own scratchpad (user scratchpad mode): oneDNN's default library-owned one is
-// shared by all executions of a primitive. Build: see build.sh.
+// x: [N, H, W, C] and g: [N, H, W, O] float32, NHWC, read in place (no transposes); dw: HWIO,
+// padding d * (k / 2) on each side. oneDNN picks its own weight layout (format `any`: its
+// `jit:avx512_core` kernels on AVX-512 machines) and the result is reordered into HWIO; asking
+// for HWIO directly selects a slower gemm kernel. XLA may run two weight gradients of one shape
+// at once (two threads, or two simulated devices), so each call brings its own scratchpad (user
+// scratchpad mode): the default library-owned one is shared by all executions of a primitive.
+// Errors, oneDNN's exceptions included, come back as FFI errors: none may cross into XLA.
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -40,7 +42,7 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// One primitive per shape, built on first use.
+// One primitive per shape, built on first use and kept for the life of the process.
 Plan& GetPlan(const Key& k) {
   static std::mutex mu;
   static std::map<Key, Plan> plans;
@@ -52,6 +54,7 @@ Plan& GetPlan(const Key& k) {
   memory::desc dst({k.n, k.o, k.h, k.w}, memory::data_type::f32, memory::format_tag::nhwc);
   memory::desc any({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::any);
   memory::desc hwio({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::hwio);
+  // oneDNN counts dilation from 0 (an undilated kernel has dilation 0).
   const memory::dims strides{1, 1}, dilation{k.d - 1, k.d - 1}, padding{pad, pad};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -69,28 +72,38 @@ Plan& GetPlan(const Key& k) {
 ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t dilation) {
   auto xd = x.dimensions();
+  auto gd = g.dimensions();
   auto wd = dw->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || wd[0] != wd[1]) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "expected NHWC x and a square HWIO dw");
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] || gd[1] != xd[1] ||
+      gd[2] != xd[2] || wd[0] != wd[1] || wd[0] % 2 != 1 || wd[2] != xd[3] || wd[3] != gd[3] ||
+      dilation < 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn weight gradient: expected x [N,H,W,C], g [N,H,W,O], dw [k,k,C,O] "
+                      "with odd k, and dilation >= 1");
   }
-  Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation});
-  dnnl::stream stream(Engine());
-  memory src(plan.src, Engine(), x.typed_data());
-  memory diff_dst(plan.diff_dst, Engine(), g.typed_data());
-  memory out(plan.hwio, Engine(), dw->typed_data());
-  memory blocked(plan.diff_weights, Engine());
-  memory scratchpad(plan.scratchpad, Engine());  // this call's own
-  plan.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                  {DNNL_ARG_DIFF_WEIGHTS, blocked},
-                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
-  dnnl::reorder(blocked, out).execute(stream, blocked, out);
-  stream.wait();
+  try {
+    Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation});
+    dnnl::stream stream(Engine());
+    memory src(plan.src, Engine(), x.typed_data());
+    memory diff_dst(plan.diff_dst, Engine(), g.typed_data());
+    memory out(plan.hwio, Engine(), dw->typed_data());
+    memory blocked(plan.diff_weights, Engine());
+    memory scratchpad(plan.scratchpad, Engine());  // this call's own
+    plan.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                    {DNNL_ARG_DIFF_WEIGHTS, blocked},
+                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    dnnl::reorder(blocked, out).execute(stream, blocked, out);
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("onednn weight gradient failed: ") + e.what());
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OneDnnWeightGrad, WeightGradImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScoreJaxOneDnnWeightGrad, WeightGradImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
