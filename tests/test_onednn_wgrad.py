@@ -139,6 +139,19 @@ def test_other_platforms_lower_to_the_lax_convolution():
   assert onednn_wgrad.TARGET not in text
 
 
+def test_first_asked_inside_a_traced_gradient():
+  # The probes run their own small programs; asked while a step is being traced (the usual
+  # first use) they must still run eagerly and switch both custom calls on.
+  code = ("import jax, jax.numpy as jnp; from score_jax.models import conv, onednn, "
+          "onednn_wgrad; x = jnp.ones((2, 6, 6, 3)); w = jnp.ones((3, 3, 3, 4)); "
+          "t = jax.jit(jax.grad(lambda w: jnp.sum(conv.same_conv(x, w) ** 2))).lower(w)"
+          ".compile().as_text(); print(onednn.TARGET in t, onednn_wgrad.TARGET in t)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["True", str(onednn_wgrad.available())]
+
+
 @pytest.mark.parametrize("env", [{"SCORE_JAX_ONEDNN": "0"}, {"CXX": "/bin/false"}],
                          ids=["switch", "failed-build"])
 def test_the_switch_and_a_failed_build_fall_back_to_xla(env, tmp_path):

@@ -168,17 +168,19 @@ def available(dtype=jnp.float32) -> bool:
     try:
       if name == "bfloat16" and not _cpu_has_native_bf16():
         raise RuntimeError("no native bf16 dot products (avx512_bf16/amx_bf16) on this CPU")
-      cpu = jax.devices("cpu")[0]
-      rng = np.random.default_rng(0)
-      x = jax.device_put(rng.standard_normal((2, 6, 6, 3)).astype(dtype), cpu)
-      w = jax.device_put(rng.standard_normal((3, 3, 3, 4)).astype(dtype), cpu)
-      want = np.asarray(jax.jit(functools.partial(_lax_conv_same, dilation=2))(
-          x.astype(jnp.float32), w.astype(jnp.float32)))
-      _PROBE[name] = True
-      got = jax.jit(functools.partial(conv_same, dilation=2))(x, w)
-      tol = _PROBE_TOL[name]
-      _PROBE[name] = bool(got.dtype == x.dtype and np.allclose(
-          np.asarray(got, np.float32), want, rtol=tol, atol=tol * np.abs(want).max()))
+      # Usually first asked while a jitted function is being traced: run the probe eagerly.
+      with jax.ensure_compile_time_eval():
+        cpu = jax.devices("cpu")[0]
+        rng = np.random.default_rng(0)
+        x = jax.device_put(rng.standard_normal((2, 6, 6, 3)).astype(dtype), cpu)
+        w = jax.device_put(rng.standard_normal((3, 3, 3, 4)).astype(dtype), cpu)
+        want = np.asarray(jax.jit(functools.partial(_lax_conv_same, dilation=2))(
+            x.astype(jnp.float32), w.astype(jnp.float32)))
+        _PROBE[name] = True
+        got = jax.jit(functools.partial(conv_same, dilation=2))(x, w)
+        tol = _PROBE_TOL[name]
+        _PROBE[name] = bool(got.dtype == x.dtype and np.allclose(
+            np.asarray(got, np.float32), want, rtol=tol, atol=tol * np.abs(want).max()))
     except Exception as e:  # noqa: BLE001 - any failure means: not usable here
       logging.getLogger(__name__).info("oneDNN %s convolutions unavailable, using XLA's: %r",
                                        name, e)

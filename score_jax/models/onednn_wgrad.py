@@ -203,18 +203,20 @@ def available() -> bool:
     _PROBE["float32"] = False  # lowered as lax while probing, and if anything fails
     try:
       _register(build())
-      cpu = jax.devices("cpu")[0]
-      rng = np.random.default_rng(0)
-      x = jax.device_put(rng.standard_normal((2, 6, 5, 3), np.float32), cpu)
-      g = jax.device_put(rng.standard_normal((2, 6, 5, 4), np.float32), cpu)
-      f = functools.partial(weight_grad, kernel_size=3, dilation=2)
-      want = np.asarray(jax.jit(functools.partial(_lax_weight_grad, kernel_size=3,
-                                                  dilation=2))(x, g))
-      _PROBE["float32"] = True
-      text = jax.jit(f).lower(x, g).compile().as_text()
-      got = np.asarray(jax.jit(f)(x, g))
-      _PROBE["float32"] = bool(TARGET in text and np.allclose(
-          got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()))
+      # Usually first asked while a gradient is being traced: run the probe eagerly.
+      with jax.ensure_compile_time_eval():
+        cpu = jax.devices("cpu")[0]
+        rng = np.random.default_rng(0)
+        x = jax.device_put(rng.standard_normal((2, 6, 5, 3), np.float32), cpu)
+        g = jax.device_put(rng.standard_normal((2, 6, 5, 4), np.float32), cpu)
+        f = functools.partial(weight_grad, kernel_size=3, dilation=2)
+        want = np.asarray(jax.jit(functools.partial(_lax_weight_grad, kernel_size=3,
+                                                    dilation=2))(x, g))
+        _PROBE["float32"] = True
+        text = jax.jit(f).lower(x, g).compile().as_text()
+        got = np.asarray(jax.jit(f)(x, g))
+        _PROBE["float32"] = bool(TARGET in text and np.allclose(
+            got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()))
       if not _PROBE["float32"]:
         _log.info("oneDNN weight gradient gave wrong values; using XLA's")
     except Exception as e:  # noqa: BLE001 - any failure means: not usable here
