@@ -99,13 +99,33 @@ def test_per_device_gradients_on_all_devices_at_once():
   xs = jax.device_put(x, NamedSharding(mesh, P(parallel.BATCH_AXIS)))
   step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(parallel.BATCH_AXIS)),
                                out_specs=(P(), P(parallel.BATCH_AXIS))))
-  assert onednn_wgrad.TARGET in step.lower(w, xs).compile().as_text()
+  text = step.lower(w, xs).compile().as_text()
+  assert onednn_wgrad.TARGET in text
+  # The simulated devices share the cores: each call gets its share of OpenMP threads.
+  cores = len(os.sched_getaffinity(0))
+  assert f"threads = {max(1, cores // mesh.size)} : i64" in text
   want_gw, want_gx = jax.grad(loss(lambda x, w: _lax_conv(x, w, 2)), (0, 1))(w, x)
   for _ in range(3):
     gw, gx = step(w, xs)
     np.testing.assert_allclose(gw, want_gw / mesh.size, rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(want_gw).max()) / mesh.size)
     np.testing.assert_allclose(gx, want_gx, rtol=1e-4, atol=1e-5 * float(jnp.abs(want_gx).max()))
+
+
+def test_threads_per_call_share_the_cores_or_omp_num_threads(monkeypatch):
+  from score_jax import parallel
+  x = jnp.ones((8, 4, 4, 2))
+  cores = len(os.sched_getaffinity(0))
+  monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+  assert onednn_wgrad._threads(x) == cores
+  mesh = parallel.make_mesh(len(jax.devices()))
+  seen = []
+  body = lambda x: (seen.append(onednn_wgrad._threads(x)), x)[1]
+  jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(parallel.BATCH_AXIS),
+                        out_specs=P(parallel.BATCH_AXIS))).lower(x)
+  assert seen == [max(1, cores // mesh.size)]
+  monkeypatch.setenv("OMP_NUM_THREADS", "12,2")
+  assert onednn_wgrad._threads(x) == 12
 
 
 def test_derivatives_and_vmap_use_the_lax_form():

@@ -10,6 +10,12 @@
 // at once (two threads, or two simulated devices), so each call brings its own scratchpad (user
 // scratchpad mode): the default library-owned one is shared by all executions of a primitive.
 // Errors, oneDNN's exceptions included, come back as FFI errors: none may cross into XLA.
+//
+// Threads: oneDNN's OpenMP build runs each call in an OpenMP team on the calling XLA thread.
+// `threads` (from Python: the cores divided by the devices that run this call at once) sets
+// the team's size, so that simulated devices sharing the cores do not oversubscribe them.
+#include <omp.h>
+
 #include <cstdint>
 #include <exception>
 #include <map>
@@ -26,9 +32,10 @@ using dnnl::memory;
 namespace {
 
 struct Key {
-  int64_t n, h, w, c, o, k, d;
+  int64_t n, h, w, c, o, k, d, threads;  // oneDNN partitions its work when it builds a primitive
   bool operator<(const Key& b) const {
-    return std::tie(n, h, w, c, o, k, d) < std::tie(b.n, b.h, b.w, b.c, b.o, b.k, b.d);
+    return std::tie(n, h, w, c, o, k, d, threads) <
+           std::tie(b.n, b.h, b.w, b.c, b.o, b.k, b.d, b.threads);
   }
 };
 
@@ -70,19 +77,20 @@ Plan& GetPlan(const Key& k) {
 }
 
 ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation) {
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation, int64_t threads) {
   auto xd = x.dimensions();
   auto gd = g.dimensions();
   auto wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] || gd[1] != xd[1] ||
       gd[2] != xd[2] || wd[0] != wd[1] || wd[0] % 2 != 1 || wd[2] != xd[3] || wd[3] != gd[3] ||
-      dilation < 1) {
+      dilation < 1 || threads < 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "onednn weight gradient: expected x [N,H,W,C], g [N,H,W,O], dw [k,k,C,O] "
-                      "with odd k, and dilation >= 1");
+                      "with odd k, dilation >= 1 and threads >= 1");
   }
+  omp_set_num_threads(static_cast<int>(threads));  // this XLA thread's teams, from now on
   try {
-    Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation});
+    Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation, threads});
     dnnl::stream stream(Engine());
     memory src(plan.src, Engine(), x.typed_data());
     memory diff_dst(plan.diff_dst, Engine(), g.typed_data());
@@ -108,4 +116,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScoreJaxOneDnnWeightGrad, WeightGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("dilation"));
+                                  .Attr<int64_t>("dilation")
+                                  .Attr<int64_t>("threads"));
