@@ -33,10 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import dispatch
-from jax._src.interpreters import mlir
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching
+from jax.interpreters import ad, batching, mlir
 
 TARGET = "__onednn$convolution"
 
@@ -113,10 +111,9 @@ def _custom_call_lowering(ctx, x, w, *, dilation):
   if not (aval_x.dtype == aval_w.dtype and _use_onednn(aval_x.dtype)):
     return mlir.lower_fun(functools.partial(_lax_conv_same, dilation=dilation),
                           multiple_results=False)(ctx, x, w)
-  out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
-  op = mlir.custom_call(TARGET, result_types=[out_type], operands=[x, w],
-                        backend_config=backend_config(aval_w.shape, dilation), api_version=1)
-  return op.results
+  # XLA's runtime reads the legacy (api_version 1) form: a JSON backend config, no attributes.
+  return jax.ffi.ffi_lowering(TARGET, api_version=1,
+                              backend_config=backend_config(aval_w.shape, dilation))(ctx, x, w)
 
 
 def _jvp(primals, tangents, *, dilation):
@@ -131,8 +128,15 @@ def _batch(args, dims, *, dilation):
   return out, 0
 
 
+def jit_impl(primitive: Primitive):
+  """An eager implementation of `primitive`: bind it inside `jax.jit` (so its lowering runs)."""
+  def impl(*args, **params):
+    return jax.jit(functools.partial(primitive.bind, **params))(*args)
+  return impl
+
+
 conv_same_p.def_abstract_eval(_abstract_eval)
-conv_same_p.def_impl(functools.partial(dispatch.apply_primitive, conv_same_p))
+conv_same_p.def_impl(jit_impl(conv_same_p))
 mlir.register_lowering(conv_same_p, mlir.lower_fun(_lax_conv_same, multiple_results=False))
 mlir.register_lowering(conv_same_p, _custom_call_lowering, platform="cpu")
 batching.primitive_batchers[conv_same_p] = _batch

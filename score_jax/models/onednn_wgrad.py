@@ -51,6 +51,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 import score_jax
+from score_jax.models import onednn
 
 TARGET = "score_jax_onednn_weight_grad"
 SOURCE = pathlib.Path(__file__).with_name("onednn_wgrad.cc")
@@ -133,12 +134,8 @@ def _batch(args, dims, *, kernel_size, dilation, threads):
   return jax.vmap(f, in_axes=dims)(*args), 0
 
 
-def _impl(*args, **params):
-  return jax.jit(functools.partial(weight_grad_p.bind, **params))(*args)
-
-
 weight_grad_p.def_abstract_eval(_abstract_eval)
-weight_grad_p.def_impl(_impl)
+weight_grad_p.def_impl(onednn.jit_impl(weight_grad_p))
 mlir.register_lowering(weight_grad_p, _lax_lowering)
 mlir.register_lowering(weight_grad_p, _cpu_lowering, platform="cpu")
 batching.primitive_batchers[weight_grad_p] = _batch
