@@ -14,7 +14,8 @@ forward and input-gradient convolutions run in oneDNN (`onednn.conv_same`, ~15-2
 YNNPACK here; bfloat16 ones too where the CPU has native bf16, at ~2x the float32 rate), and the
 float32 weight gradient in oneDNN's backward-weights primitive (`onednn_wgrad`, ~20% faster than
 Eigen here) where it is built; otherwise the weight gradient is written so that Eigen runs it
-(`_weight_grad`; oneDNN's forward convolution is slower for that shape). Being a custom VJP, `same_conv` has reverse mode only (no `jax.jvp`).
+(`_weight_grad`; oneDNN's forward convolution is slower for that shape). Being a custom VJP,
+`same_conv` has reverse mode only (no `jax.jvp`).
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is passed to
 `flax.linen.Conv(conv_general_dilated=...)`; configurations it does not cover (strides, input

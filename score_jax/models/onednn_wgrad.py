@@ -9,9 +9,9 @@ machine 13-16 ms against oneDNN's 10-13 ms per 4.8 GFLOP NCSNv2 convolution.
 How: `onednn_wgrad.cc`, an XLA FFI handler, is compiled on first use with the system's C++
 compiler against the oneDNN 3.2 wheels pinned in requirements.txt (`onednn-cpu-gomp` and
 `onednn-devel-cpu-gomp`, x86-64 Linux) and jaxlib's FFI headers, into `score_jax.cache_dir()`
-(`$SCORE_JAX_CACHE`, else `~/.cache/score_jax`), named by a
-hash of everything that goes into it; a file lock lets concurrent processes share one build.
-`make venv` builds it once and says whether it works (`available()`).
+(`$SCORE_JAX_CACHE`, else `~/.cache/score_jax`), named by a hash of everything that goes into
+it; a file lock lets concurrent processes share one build. `make venv` builds it once and says
+whether it works (`available()`).
 
 `weight_grad_p` lowers to the FFI call on CPU when `available()` (a one-time build, load and
 probe against the lax form), and to `lax.conv_general_dilated` everywhere else: GPU, TPU, no
