@@ -3,7 +3,9 @@
 per convolution and in the NCSNv2 CIFAR-10 training step at batch 16, interleaved so that both
 see the same machine. bench/NOTES.md section 2 has the findings.
 
-    .venv/bin/python bench/wgrad_ab.py
+    .venv/bin/python bench/wgrad_ab.py [--step-only]
+
+The bfloat16 step (`model.dtype='bfloat16'`) is compared too where the CPU has native bf16.
 """
 
 import functools
@@ -40,11 +42,12 @@ def per_convolution():
           f"transposes {t_eigen * 1e3:.2f} ms, max relative difference {err:.1e}", flush=True)
 
 
-def training_step(repeats=7):
+def training_step(dtype="float32", repeats=7):
   rng, steps = jax.random.key(0), {}
+  config = workloads._ncsnv2_cifar_config(dtype)
   for name, use in [("eigen", False), ("onednn", True)]:
-    onednn_wgrad._PROBE["float32"] = use  # read when the step is traced
-    _, _, state, step, batch = workloads._state_and_step(workloads._ncsnv2_cifar_config(), 16)
+    onednn_wgrad._PROBE[dtype] = use  # read when the step is traced
+    _, _, state, step, batch = workloads._state_and_step(config, 16)
     state, _ = step(state, batch, rng)
     steps[name] = [jax.block_until_ready(state), step, batch]
   times = {name: [] for name in steps}
@@ -55,12 +58,15 @@ def training_step(repeats=7):
       entry[0] = jax.block_until_ready(step(state, batch, rng)[0])
       times[name].append(time.perf_counter() - t0)
   for name, ts in times.items():
-    print(f"training step, weight gradient in {name}: median {statistics.median(ts):.3f} s "
+    print(f"{dtype} training step, weight gradient in {name}: median {statistics.median(ts):.3f} s "
           f"({' '.join(f'{t:.3f}' for t in ts)})")
 
 
 if __name__ == "__main__":
   if not onednn_wgrad.available():
     sys.exit("the oneDNN weight gradient is unavailable here (see the log; `make venv`)")
-  per_convolution()
+  if "--step-only" not in sys.argv:
+    per_convolution()
   training_step()
+  if onednn_wgrad.available(jnp.bfloat16):
+    training_step("bfloat16")

@@ -69,6 +69,30 @@ def test_matches_the_lax_gradient_and_counts_xlas_flops(k, d, shape):
   assert onednn_wgrad.flops(compiled.as_text()) == cost["flops"]
 
 
+@pytest.mark.skipif(not onednn_wgrad.available(jnp.bfloat16),
+                    reason="no oneDNN bf16 weight gradient here (needs it built and avx512_bf16 "
+                    "or amx_bf16)")
+@pytest.mark.parametrize("d", [1, 2])
+def test_bfloat16_matches_float32_within_one_rounding(d):
+  x, g = _arrays((4, 10, 9, 32), 16, seed=d)
+  xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  f = jax.jit(functools.partial(onednn_wgrad.weight_grad, kernel_size=3, dilation=d))
+  compiled = f.lower(xb, gb).compile()
+  assert onednn_wgrad.TARGET in compiled.as_text()
+  got = compiled(xb, gb)
+  assert got.dtype == jnp.bfloat16
+  want = _want(xb.astype(jnp.float32), gb.astype(jnp.float32), 3, d)
+  # float32 accumulation, one bf16 rounding: within 2^-8 relative (plus summation order).
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+  assert onednn_wgrad.flops(compiled.as_text()) == onednn_wgrad.flops(
+      f.lower(x, g).compile().as_text()) > 0
+  # And the model's bf16 convolution takes it for its weight gradient.
+  w = jnp.zeros((3, 3, 32, 16), jnp.bfloat16)
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(conv.same_conv(xb, w, d).astype(jnp.float32) ** 2)))
+  assert onednn_wgrad.TARGET in grad.lower(w).compile().as_text()
+
+
 @needs_wgrad
 def test_model_gradients_use_it_also_inside_scan():
   x, _ = _arrays((2, 8, 8, 4), 4)

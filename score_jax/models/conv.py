@@ -12,10 +12,10 @@ about 3x slower. This module writes both gradients as canonical convolutions its
 the same as `jax.grad` of `lax.conv_general_dilated` up to float rounding. On CPU, float32
 forward and input-gradient convolutions run in oneDNN (`onednn.conv_same`, ~15-20% faster than
 YNNPACK here; bfloat16 ones too where the CPU has native bf16, at ~2x the float32 rate), and the
-float32 weight gradient in oneDNN's backward-weights primitive (`onednn_wgrad`, ~20% faster than
-Eigen here) where it is built; otherwise the weight gradient is written so that Eigen runs it
-(`_weight_grad`; oneDNN's forward convolution is slower for that shape). Being a custom VJP,
-`same_conv` has reverse mode only (no `jax.jvp`).
+weight gradient in oneDNN's backward-weights primitive (`onednn_wgrad`, float32 ~20% faster than
+Eigen here, bfloat16 where the CPU has native bf16) where it is built; otherwise the weight
+gradient is written so that Eigen runs it (`_weight_grad`; oneDNN's forward convolution is slower
+for that shape). Being a custom VJP, `same_conv` has reverse mode only (no `jax.jvp`).
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is passed to
 `flax.linen.Conv(conv_general_dilated=...)`; configurations it does not cover (strides, input
@@ -66,10 +66,10 @@ def _same_conv_bwd(dilation, precision, residuals, g):
   w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
   dx = _conv(g, w_t.astype(x.dtype), window=1, dilation=dilation, pad=pad, precision=precision)
   # dL/dw[i, j, c, o] = sum_{n,h,w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]: on CPU in
-  # oneDNN's backward-weights primitive where it is available (float32), else as a convolution
-  # that Eigen runs; elsewhere the plain convolution.
+  # oneDNN's backward-weights primitive where it is available (float32; bfloat16 with native
+  # bf16), else as a convolution that Eigen runs; elsewhere the plain convolution.
   weight_grad = functools.partial(_weight_grad, dilation=dilation, pad=pad, precision=precision)
-  if x.dtype == jnp.float32 and onednn_wgrad.available():
+  if onednn_wgrad.available(x.dtype):
     cpu = functools.partial(onednn_wgrad.weight_grad, kernel_size=k, dilation=dilation)
   else:
     cpu = functools.partial(weight_grad, inflate=2)

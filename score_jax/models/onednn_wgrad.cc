@@ -3,8 +3,9 @@
 //
 //   dw[i, j, c, o] = sum_{n, h, w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]
 //
-// x: [N, H, W, C] and g: [N, H, W, O] float32, NHWC, read in place (no transposes); dw: HWIO,
-// padding d * (k / 2) on each side. oneDNN picks its own weight layout (format `any`: its
+// x: [N, H, W, C] and g: [N, H, W, O], NHWC, read in place (no transposes); dw: HWIO, padding
+// d * (k / 2) on each side. All three float32, or all three bfloat16 (oneDNN accumulates in
+// float32 and rounds dw once). oneDNN picks its own weight layout (format `any`: its
 // `jit:avx512_core` kernels on AVX-512 machines) and the result is reordered into HWIO; asking
 // for HWIO directly selects a slower gemm kernel. XLA may run two weight gradients of one shape
 // at once (two threads, or two simulated devices), so each call brings its own scratchpad (user
@@ -33,9 +34,10 @@ namespace {
 
 struct Key {
   int64_t n, h, w, c, o, k, d, threads;  // oneDNN partitions its work when it builds a primitive
+  memory::data_type type;
   bool operator<(const Key& b) const {
-    return std::tie(n, h, w, c, o, k, d, threads) <
-           std::tie(b.n, b.h, b.w, b.c, b.o, b.k, b.d, b.threads);
+    return std::tie(n, h, w, c, o, k, d, threads, type) <
+           std::tie(b.n, b.h, b.w, b.c, b.o, b.k, b.d, b.threads, b.type);
   }
 };
 
@@ -57,10 +59,10 @@ Plan& GetPlan(const Key& k) {
   auto it = plans.find(k);
   if (it != plans.end()) return it->second;
   const int64_t pad = k.d * (k.k / 2);
-  memory::desc src({k.n, k.c, k.h, k.w}, memory::data_type::f32, memory::format_tag::nhwc);
-  memory::desc dst({k.n, k.o, k.h, k.w}, memory::data_type::f32, memory::format_tag::nhwc);
-  memory::desc any({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::any);
-  memory::desc hwio({k.o, k.c, k.k, k.k}, memory::data_type::f32, memory::format_tag::hwio);
+  memory::desc src({k.n, k.c, k.h, k.w}, k.type, memory::format_tag::nhwc);
+  memory::desc dst({k.n, k.o, k.h, k.w}, k.type, memory::format_tag::nhwc);
+  memory::desc any({k.o, k.c, k.k, k.k}, k.type, memory::format_tag::any);
+  memory::desc hwio({k.o, k.c, k.k, k.k}, k.type, memory::format_tag::hwio);
   // oneDNN counts dilation from 0 (an undilated kernel has dilation 0).
   const memory::dims strides{1, 1}, dilation{k.d - 1, k.d - 1}, padding{pad, pad};
   dnnl::primitive_attr attr;
@@ -76,25 +78,28 @@ Plan& GetPlan(const Key& k) {
   return plans.emplace(k, std::move(plan)).first->second;
 }
 
-ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation, int64_t threads) {
+ffi::Error WeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dw,
+                          int64_t dilation, int64_t threads) {
   auto xd = x.dimensions();
   auto gd = g.dimensions();
   auto wd = dw->dimensions();
+  const ffi::DataType t = x.element_type();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || gd[0] != xd[0] || gd[1] != xd[1] ||
       gd[2] != xd[2] || wd[0] != wd[1] || wd[0] % 2 != 1 || wd[2] != xd[3] || wd[3] != gd[3] ||
-      dilation < 1 || threads < 1) {
+      dilation < 1 || threads < 1 || g.element_type() != t || dw->element_type() != t ||
+      (t != ffi::DataType::F32 && t != ffi::DataType::BF16)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "onednn weight gradient: expected x [N,H,W,C], g [N,H,W,O], dw [k,k,C,O] "
-                      "with odd k, dilation >= 1 and threads >= 1");
+                      "with odd k, all float32 or all bfloat16, dilation >= 1 and threads >= 1");
   }
+  const auto type = t == ffi::DataType::F32 ? memory::data_type::f32 : memory::data_type::bf16;
   omp_set_num_threads(static_cast<int>(threads));  // this XLA thread's teams, from now on
   try {
-    Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation, threads});
+    Plan& plan = GetPlan(Key{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], dilation, threads, type});
     dnnl::stream stream(Engine());
-    memory src(plan.src, Engine(), x.typed_data());
-    memory diff_dst(plan.diff_dst, Engine(), g.typed_data());
-    memory out(plan.hwio, Engine(), dw->typed_data());
+    memory src(plan.src, Engine(), x.untyped_data());
+    memory diff_dst(plan.diff_dst, Engine(), g.untyped_data());
+    memory out(plan.hwio, Engine(), dw->untyped_data());
     memory blocked(plan.diff_weights, Engine());
     memory scratchpad(plan.scratchpad, Engine());  // this call's own
     plan.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
@@ -113,8 +118,8 @@ ffi::Error WeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ScoreJaxOneDnnWeightGrad, WeightGradImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("dilation")
                                   .Attr<int64_t>("threads"));

@@ -16,8 +16,10 @@ whether it works (`available()`).
 `weight_grad_p` lowers to the FFI call on CPU when `available()` (a one-time build, load and
 probe against the lax form), and to `lax.conv_general_dilated` everywhere else: GPU, TPU, no
 wheels (ARM, macOS), no compiler, a failed build or probe (logged at INFO with the reason), or
-`SCORE_JAX_ONEDNN=0` at compile time, the switch shared with `onednn.py`. float32 only. Its
-derivatives and `vmap` use the lax form (the map is bilinear in x and g).
+`SCORE_JAX_ONEDNN=0` at compile time, the switch shared with `onednn.py`. float32, and bfloat16
+where `available(jnp.bfloat16)` (the probe and a CPU with native bf16, as for `onednn.py`:
+oneDNN accumulates in float32 and rounds the gradient to bf16 once). Its derivatives and `vmap`
+use the lax form (the map is bilinear in x and g).
 
 Threads: the wheels are oneDNN's GNU OpenMP build; each call runs an OpenMP team on the XLA
 thread that reaches it, of the cores (or `OMP_NUM_THREADS`) divided by the devices that run the
@@ -115,7 +117,7 @@ def _lax_lowering(ctx, x, g, *, kernel_size, dilation, threads):
 
 def _cpu_lowering(ctx, x, g, *, kernel_size, dilation, threads):
   aval_x, aval_g = ctx.avals_in
-  if not (aval_x.dtype == aval_g.dtype == jnp.float32 and _use()):
+  if not (aval_x.dtype == aval_g.dtype and _use(aval_x.dtype)):
     return _lax_lowering(ctx, x, g, kernel_size=kernel_size, dilation=dilation, threads=threads)
   return jax.ffi.ffi_lowering(TARGET)(ctx, x, g, dilation=np.int64(dilation),
                                       threads=np.int64(threads))
@@ -150,9 +152,10 @@ def flops(hlo_text: str) -> float:
   for line in hlo_text.splitlines():
     if f'custom_call_target="{TARGET}"' not in line:
       continue
-    k, _, c, o = (int(v) for v in re.search(r"= f32\[(\d+),(\d+),(\d+),(\d+)\]", line).groups())
+    k, _, c, o = (int(v) for v in re.search(
+        r"= (?:f32|bf16)\[(\d+),(\d+),(\d+),(\d+)\]", line).groups())
     b, h, w, _ = (int(v) for v in re.search(
-        r"operand_layout_constraints=\{f32\[(\d+),(\d+),(\d+),(\d+)\]", line).groups())
+        r"operand_layout_constraints=\{(?:f32|bf16)\[(\d+),(\d+),(\d+),(\d+)\]", line).groups())
     d = int(re.search(r"dilation = (\d+)", line).group(1))
     pad = d * (k // 2)
     taps = [sum(1 for i in range(n) for t in range(k) if 0 <= i - pad + t * d < n) for n in (h, w)]
@@ -208,44 +211,57 @@ def build() -> pathlib.Path:
   return target
 
 
-_PROBE: dict[str, bool] = {}
+_PROBE: dict[str, bool] = {}  # dtype name -> the call works for it here
+_PROBE_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # against lax in float32 of the same inputs
+_LIBRARY: list[pathlib.Path] = []  # built and registered, once per process
 
 
-def _use() -> bool:
-  return os.environ.get("SCORE_JAX_ONEDNN", "1") != "0" and _PROBE.get("float32", False)
+def _use(dtype) -> bool:
+  return (os.environ.get("SCORE_JAX_ONEDNN", "1") != "0"
+          and _PROBE.get(jnp.dtype(dtype).name, False))
 
 
-def _register(path: pathlib.Path) -> None:
-  library = ctypes.CDLL(str(path))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoreJaxOneDnnWeightGrad),
-                              platform="cpu")
+def _register() -> None:
+  if not _LIBRARY:
+    path = build()
+    library = ctypes.CDLL(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoreJaxOneDnnWeightGrad),
+                                platform="cpu")
+    _LIBRARY.append(path)
 
 
-def available() -> bool:
-  """Whether the oneDNN weight gradient is built, loaded and correct here (float32, CPU);
-  tried once per process, cached."""
-  if "float32" not in _PROBE:
-    _PROBE["float32"] = False  # lowered as lax while probing, and if anything fails
+def available(dtype=jnp.float32) -> bool:
+  """Whether the oneDNN weight gradient is built, loaded and correct here for `dtype` (CPU;
+  bfloat16 also needs native bf16 dot products); tried once per dtype and process, cached.
+  False for other dtypes."""
+  name = jnp.dtype(dtype).name
+  if name not in _PROBE_TOL:
+    return False
+  if name not in _PROBE:
+    _PROBE[name] = False  # lowered as lax while probing, and if anything fails
     try:
-      _register(build())
+      if name == "bfloat16" and not onednn._cpu_has_native_bf16():
+        raise RuntimeError("no native bf16 dot products (avx512_bf16/amx_bf16) on this CPU")
+      _register()
       # Usually first asked while a gradient is being traced: run the probe eagerly.
       with jax.ensure_compile_time_eval():
         cpu = jax.devices("cpu")[0]
         rng = np.random.default_rng(0)
-        x = jax.device_put(rng.standard_normal((2, 6, 5, 3), np.float32), cpu)
-        g = jax.device_put(rng.standard_normal((2, 6, 5, 4), np.float32), cpu)
+        x = jax.device_put(rng.standard_normal((2, 6, 5, 3)).astype(dtype), cpu)
+        g = jax.device_put(rng.standard_normal((2, 6, 5, 4)).astype(dtype), cpu)
         f = functools.partial(weight_grad, kernel_size=3, dilation=2)
         want = np.asarray(jax.jit(functools.partial(_lax_weight_grad, kernel_size=3,
-                                                    dilation=2))(x, g))
-        _PROBE["float32"] = True
+                                                    dilation=2))(
+            x.astype(jnp.float32), g.astype(jnp.float32)))
+        _PROBE[name] = True
         text = jax.jit(f).lower(x, g).compile().as_text()
-        got = np.asarray(jax.jit(f)(x, g))
-        _PROBE["float32"] = bool(TARGET in text and np.allclose(
-            got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()))
-      if not _PROBE["float32"]:
-        _log.info("oneDNN weight gradient gave wrong values; using XLA's")
+        got = jax.jit(f)(x, g)
+        tol = _PROBE_TOL[name]
+        _PROBE[name] = bool(TARGET in text and got.dtype == x.dtype and np.allclose(
+            np.asarray(got, np.float32), want, rtol=tol, atol=tol * np.abs(want).max()))
+      if not _PROBE[name]:
+        _log.info("oneDNN %s weight gradient gave wrong values; using XLA's", name)
     except Exception as e:  # noqa: BLE001 - any failure means: not usable here
-      _log.info("oneDNN weight gradient unavailable, using XLA's: %s", e)
-      _PROBE["float32"] = False
-  return _PROBE["float32"]
-
+      _log.info("oneDNN %s weight gradient unavailable, using XLA's: %s", name, e)
+      _PROBE[name] = False
+  return _PROBE[name]
