@@ -129,3 +129,23 @@ def test_other_platforms_lower_to_the_lax_convolution():
   exported = jax.export.export(jax.jit(conv.same_conv), platforms=["cuda", "tpu"])(x, w)
   text = exported.mlir_module()
   assert "stablehlo.convolution" in text and onednn.TARGET not in text
+
+
+def test_eager_calls_compile_once():
+  # Outside jit the primitives run through a cached jitted function: the second eager call of
+  # the same shape must not compile again (a model applied eagerly calls them many times).
+  from score_jax.models import onednn_wgrad
+  x, w = _arrays((1, 6, 6, 2), (3, 3, 2, 3))
+  g = jnp.ones((1, 6, 6, 3))
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event \
+      else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(2):
+      compiles.clear()
+      onednn.conv_same(x, w, 2)
+      onednn_wgrad.weight_grad(x, g, 3, 2)
+    assert compiles == []
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -129,9 +129,14 @@ def _batch(args, dims, *, dilation):
 
 
 def jit_impl(primitive: Primitive):
-  """An eager implementation of `primitive`: bind it inside `jax.jit` (so its lowering runs)."""
+  """An eager implementation of `primitive`: bind it inside `jax.jit` (so its lowering runs),
+  one jitted function per set of parameters, so that eager calls reuse their compilation."""
+  @functools.cache
+  def jitted(params: tuple):
+    return jax.jit(functools.partial(primitive.bind, **dict(params)))
+
   def impl(*args, **params):
-    return jax.jit(functools.partial(primitive.bind, **params))(*args)
+    return jitted(tuple(sorted(params.items())))(*args)
   return impl
 
 
