@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,32 +167,50 @@ def _cpu_has_native_bf16() -> bool:
   return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def available(dtype=jnp.float32) -> bool:
-  """Whether the oneDNN custom call runs `dtype` convolutions correctly (and, for bfloat16,
-  natively) on this CPU; probed once per dtype, cached. False for other dtypes."""
+def probe(flags: dict[str, bool], dtype, ours: Callable, reference: Callable,
+          shapes: Sequence[tuple[int, ...]], what: str, prepare: Callable | None = None) -> bool:
+  """Whether a oneDNN custom call works here for `dtype`, tried once and recorded in `flags`
+  (dtype name -> bool), which the call's lowering reads. Shared by this module and
+  `onednn_wgrad`.
+
+  `ours` (lowered with the custom call while the probe runs) must match `reference` run in
+  float32 on the same random inputs of `shapes`, rounded to `dtype`, within `_PROBE_TOL`;
+  bfloat16 also needs native bf16 dot products. `prepare` runs first (e.g. a build). Any failure
+  means False, logged at INFO with the reason; float16 and other dtypes are always False.
+  """
   name = jnp.dtype(dtype).name
   if name not in _PROBE_TOL:
     return False
-  if name not in _PROBE:
-    _PROBE[name] = False  # lowered as lax while probing
+  if name not in flags:
+    flags[name] = False  # lowered as lax while probing, and if anything fails
+    log = logging.getLogger(__name__)
     try:
       if name == "bfloat16" and not _cpu_has_native_bf16():
         raise RuntimeError("no native bf16 dot products (avx512_bf16/amx_bf16) on this CPU")
+      if prepare is not None:
+        prepare()
       # Usually first asked while a jitted function is being traced: run the probe eagerly.
       with jax.ensure_compile_time_eval():
         cpu = jax.devices("cpu")[0]
         rng = np.random.default_rng(0)
-        x = jax.device_put(rng.standard_normal((2, 6, 6, 3)).astype(dtype), cpu)
-        w = jax.device_put(rng.standard_normal((3, 3, 3, 4)).astype(dtype), cpu)
-        want = np.asarray(jax.jit(functools.partial(_lax_conv_same, dilation=2))(
-            x.astype(jnp.float32), w.astype(jnp.float32)))
-        _PROBE[name] = True
-        got = jax.jit(functools.partial(conv_same, dilation=2))(x, w)
+        args = [jax.device_put(rng.standard_normal(shape).astype(dtype), cpu) for shape in shapes]
+        want = np.asarray(jax.jit(reference)(*(a.astype(jnp.float32) for a in args)))
+        flags[name] = True
+        got = jax.jit(ours)(*args)
         tol = _PROBE_TOL[name]
-        _PROBE[name] = bool(got.dtype == x.dtype and np.allclose(
+        flags[name] = bool(got.dtype == args[0].dtype and np.allclose(
             np.asarray(got, np.float32), want, rtol=tol, atol=tol * np.abs(want).max()))
+      if not flags[name]:
+        log.info("oneDNN %s %s gave wrong values; using XLA's", name, what)
     except Exception as e:  # noqa: BLE001 - any failure means: not usable here
-      logging.getLogger(__name__).info("oneDNN %s convolutions unavailable, using XLA's: %r",
-                                       name, e)
-      _PROBE[name] = False
-  return _PROBE[name]
+      log.info("oneDNN %s %s unavailable, using XLA's: %r", name, what, e)
+      flags[name] = False
+  return flags[name]
+
+
+def available(dtype=jnp.float32) -> bool:
+  """Whether the oneDNN custom call runs `dtype` convolutions correctly (and, for bfloat16,
+  natively) on this CPU; probed once per dtype, cached. False for other dtypes."""
+  return probe(_PROBE, dtype, functools.partial(conv_same, dilation=2),
+               functools.partial(_lax_conv_same, dilation=2), [(2, 6, 6, 3), (3, 3, 3, 4)],
+               "convolutions")

@@ -36,7 +36,6 @@ import fcntl
 import functools
 import hashlib
 import importlib.metadata
-import logging
 import os
 import pathlib
 import re
@@ -59,9 +58,6 @@ TARGET = "score_jax_onednn_weight_grad"
 SOURCE = pathlib.Path(__file__).with_name("onednn_wgrad.cc")
 
 weight_grad_p = Primitive("onednn_weight_grad")
-
-_log = logging.getLogger(__name__)
-
 
 def _lax_weight_grad(x, g, *, kernel_size: int, dilation: int):
   """dL/dw[i, j, c, o] = sum_{n,h,w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o] as one lax
@@ -212,7 +208,6 @@ def build() -> pathlib.Path:
 
 
 _PROBE: dict[str, bool] = {}  # dtype name -> the call works for it here
-_PROBE_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # against lax in float32 of the same inputs
 _LIBRARY: list[pathlib.Path] = []  # built and registered, once per process
 
 
@@ -232,36 +227,8 @@ def _register() -> None:
 
 def available(dtype=jnp.float32) -> bool:
   """Whether the oneDNN weight gradient is built, loaded and correct here for `dtype` (CPU;
-  bfloat16 also needs native bf16 dot products); tried once per dtype and process, cached.
-  False for other dtypes."""
-  name = jnp.dtype(dtype).name
-  if name not in _PROBE_TOL:
-    return False
-  if name not in _PROBE:
-    _PROBE[name] = False  # lowered as lax while probing, and if anything fails
-    try:
-      if name == "bfloat16" and not onednn._cpu_has_native_bf16():
-        raise RuntimeError("no native bf16 dot products (avx512_bf16/amx_bf16) on this CPU")
-      _register()
-      # Usually first asked while a gradient is being traced: run the probe eagerly.
-      with jax.ensure_compile_time_eval():
-        cpu = jax.devices("cpu")[0]
-        rng = np.random.default_rng(0)
-        x = jax.device_put(rng.standard_normal((2, 6, 5, 3)).astype(dtype), cpu)
-        g = jax.device_put(rng.standard_normal((2, 6, 5, 4)).astype(dtype), cpu)
-        f = functools.partial(weight_grad, kernel_size=3, dilation=2)
-        want = np.asarray(jax.jit(functools.partial(_lax_weight_grad, kernel_size=3,
-                                                    dilation=2))(
-            x.astype(jnp.float32), g.astype(jnp.float32)))
-        _PROBE[name] = True
-        text = jax.jit(f).lower(x, g).compile().as_text()
-        got = jax.jit(f)(x, g)
-        tol = _PROBE_TOL[name]
-        _PROBE[name] = bool(TARGET in text and got.dtype == x.dtype and np.allclose(
-            np.asarray(got, np.float32), want, rtol=tol, atol=tol * np.abs(want).max()))
-      if not _PROBE[name]:
-        _log.info("oneDNN %s weight gradient gave wrong values; using XLA's", name)
-    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
-      _log.info("oneDNN %s weight gradient unavailable, using XLA's: %s", name, e)
-      _PROBE[name] = False
-  return _PROBE[name]
+  bfloat16 also needs native bf16 dot products); tried once per dtype and process, cached
+  (`onednn.probe`). False for other dtypes."""
+  return onednn.probe(_PROBE, dtype, functools.partial(weight_grad, kernel_size=3, dilation=2),
+                      functools.partial(_lax_weight_grad, kernel_size=3, dilation=2),
+                      [(2, 6, 5, 3), (2, 6, 5, 4)], "weight gradient", prepare=_register)
