@@ -49,16 +49,21 @@ def _lax_conv_same(x, w, *, dilation: int):
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def same_varying(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`a` and `b` cast to vary over the union of their mesh axes: inside `shard_map` the operands
+  of a custom primitive must (lax primitives arrange this themselves), e.g. per-device
+  activations and replicated weights."""
+  va, vb = jax.typeof(a).mat.varying, jax.typeof(b).mat.varying
+  if vb - va:
+    a = lax.pcast(a, tuple(vb - va), to="varying")
+  if va - vb:
+    b = lax.pcast(b, tuple(va - vb), to="varying")
+  return a, b
+
+
 def conv_same(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
   """Stride-1 NHWC/HWIO convolution with padding dilation * (k // 2) (odd square kernel)."""
-  # Inside shard_map both operands must vary over the same mesh axes (lax primitives arrange
-  # this themselves): e.g. per-device activations and replicated weights.
-  vx, vw = jax.typeof(x).mat.varying, jax.typeof(w).mat.varying
-  if vw - vx:
-    x = lax.pcast(x, tuple(vw - vx), to="varying")
-  if vx - vw:
-    w = lax.pcast(w, tuple(vx - vw), to="varying")
-  return conv_same_p.bind(x, w, dilation=dilation)
+  return conv_same_p.bind(*same_varying(x, w), dilation=dilation)
 
 
 def _abstract_eval(x, w, *, dilation):
@@ -109,7 +114,7 @@ def flops(hlo_text: str) -> float:
 
 def _custom_call_lowering(ctx, x, w, *, dilation):
   aval_x, aval_w = ctx.avals_in
-  if not (aval_x.dtype == aval_w.dtype and _use_onednn(aval_x.dtype)):
+  if not (aval_x.dtype == aval_w.dtype and enabled(_PROBE, aval_x.dtype)):
     return mlir.lower_fun(functools.partial(_lax_conv_same, dilation=dilation),
                           multiple_results=False)(ctx, x, w)
   # XLA's runtime reads the legacy (api_version 1) form: a JSON backend config, no attributes.
@@ -153,9 +158,11 @@ _PROBE: dict[str, bool] = {}  # dtype name -> the custom call works for it here
 _PROBE_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
-def _use_onednn(dtype) -> bool:
+def enabled(flags: dict[str, bool], dtype) -> bool:
+  """Whether a custom call probed into `flags` (see `probe`) lowers for `dtype` now: it passed
+  its probe and `SCORE_JAX_ONEDNN` is not "0"."""
   return (os.environ.get("SCORE_JAX_ONEDNN", "1") != "0"
-          and _PROBE.get(jnp.dtype(dtype).name, False))
+          and flags.get(jnp.dtype(dtype).name, False))
 
 
 def _cpu_has_native_bf16() -> bool:

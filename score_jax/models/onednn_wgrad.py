@@ -74,11 +74,7 @@ def weight_grad(x: jax.Array, g: jax.Array, kernel_size: int, dilation: int = 1)
   if kernel_size % 2 != 1 or x.ndim != 4 or g.shape[:3] != x.shape[:3]:
     raise ValueError(f"weight_grad needs an odd kernel_size and x [b, h, w, c], g [b, h, w, o] "
                      f"with the same b, h, w; got {kernel_size}, {x.shape}, {g.shape}")
-  vx, vg = jax.typeof(x).mat.varying, jax.typeof(g).mat.varying
-  if vg - vx:
-    x = lax.pcast(x, tuple(vg - vx), to="varying")
-  if vx - vg:
-    g = lax.pcast(g, tuple(vx - vg), to="varying")
+  x, g = onednn.same_varying(x, g)
   return weight_grad_p.bind(x, g, kernel_size=kernel_size, dilation=dilation,
                             threads=_threads(x))
 
@@ -113,7 +109,7 @@ def _lax_lowering(ctx, x, g, *, kernel_size, dilation, threads):
 
 def _cpu_lowering(ctx, x, g, *, kernel_size, dilation, threads):
   aval_x, aval_g = ctx.avals_in
-  if not (aval_x.dtype == aval_g.dtype and _use(aval_x.dtype)):
+  if not (aval_x.dtype == aval_g.dtype and onednn.enabled(_PROBE, aval_x.dtype)):
     return _lax_lowering(ctx, x, g, kernel_size=kernel_size, dilation=dilation, threads=threads)
   return jax.ffi.ffi_lowering(TARGET)(ctx, x, g, dilation=np.int64(dilation),
                                       threads=np.int64(threads))
@@ -207,22 +203,17 @@ def build() -> pathlib.Path:
   return target
 
 
-_PROBE: dict[str, bool] = {}  # dtype name -> the call works for it here
-_LIBRARY: list[pathlib.Path] = []  # built and registered, once per process
+_PROBE: dict[str, bool] = {}  # dtype name -> the call works for it here (`onednn.probe`)
 
 
-def _use(dtype) -> bool:
-  return (os.environ.get("SCORE_JAX_ONEDNN", "1") != "0"
-          and _PROBE.get(jnp.dtype(dtype).name, False))
-
-
-def _register() -> None:
-  if not _LIBRARY:
-    path = build()
-    library = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoreJaxOneDnnWeightGrad),
-                                platform="cpu")
-    _LIBRARY.append(path)
+@functools.cache
+def _register() -> pathlib.Path:
+  """Builds and registers the handler, once per process (a failure is retried next time)."""
+  path = build()
+  library = ctypes.CDLL(str(path))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoreJaxOneDnnWeightGrad),
+                              platform="cpu")
+  return path
 
 
 def available(dtype=jnp.float32) -> bool:
