@@ -64,9 +64,10 @@ _EVAL_TAG = 0xE7A1
 _SAMPLE_TAG, _REFERENCE_TAG, _KID_TAG = 0, 1, 2
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
 _METHODS = ("als", "cas", "pc")
-# Knobs of `make_sampler` that each sampler reads (others are recorded as None and not swept).
+# Sampler arguments the sweep grid sets per sampler (others are recorded as None and not swept);
+# `eval.sweep_steps_per_sigma` gives ALS's steps and PC's corrector steps per level.
 _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
-                 "pc": ("steps_per_sigma",)}
+                 "pc": ("corrector_steps",)}
 FETCH_COMMAND = "python -m score_jax.fetch_inception"
 CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
@@ -455,6 +456,7 @@ def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.
   """
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config),
+                                 method=config.sampling.method, init=config.sampling.init,
                                  **experiment.sampler_kwargs(config))
   return jax.jit(fn, static_argnums=2)
 
@@ -476,11 +478,10 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
   """
   e0 = entries[0]
-  kwargs = {**experiment.sampler_kwargs(config, e0["method"]),
-            **{k: e0[k] for k in ("steps_per_sigma", "denoise") if e0[k] is not None},
-            "step_lr": e0["step_lr"]}
+  kwargs = {**experiment.sampler_kwargs(config, e0["method"]), **_sampler_args(e0)}
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
-                                 experiment.example_shape(config), **kwargs)
+                                 experiment.example_shape(config), method=e0["method"],
+                                 init=config.sampling.init, **kwargs)
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
   many = jax.jit(lambda p, r, n: jax.vmap(lambda lr: fn(p, r, n, step_lr=lr))(lrs),
                  static_argnums=2)
@@ -499,7 +500,8 @@ def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
   """`entries` grouped by everything but step_lr (ALS/CAS only), in first-appearance order."""
   groups: dict[tuple, list[dict]] = {}
   for e in entries:
-    key = (e["method"], e["steps_per_sigma"], e["denoise"]) if e["step_lr"] is not None else id(e)
+    key = ((e["method"], e.get("steps_per_sigma"), e["denoise"]) if e.get("step_lr") is not None
+           else id(e))
     groups.setdefault(key, []).append(e)
   return list(groups.values())
 
@@ -545,8 +547,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  kwargs = experiment.sampler_kwargs(config)
-  entries = [{"step": s, **kwargs, "num_samples": ev.num_samples, "features": kind,
+  settings = experiment.sampler_settings(config)
+  entries = [{"step": s, **settings, "num_samples": ev.num_samples, "features": kind,
               "seed": config.seed}
              for s in steps]
   done, todo = _split_done(entries, os.path.join(workdir, "eval_metrics.jsonl"))
@@ -601,6 +603,7 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
         for den in denoise:
           s = {"method": method, "step_lr": float(lr) if "step_lr" in knobs else None,
                "steps_per_sigma": int(spp) if "steps_per_sigma" in knobs else None,
+               "corrector_steps": int(spp) if "corrector_steps" in knobs else None,
                "denoise": bool(den)}
           if s not in settings:
             settings.append(s)
@@ -608,7 +611,13 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
 
 
 def _setting(entry: dict) -> dict:
-  return {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")}
+  return {"method": entry["method"], **_sampler_args(entry)}
+
+
+def _sampler_args(entry: dict) -> dict:
+  """The sampler arguments a sweep entry sets (its method's knobs and `denoise`)."""
+  return {k: entry[k] for k in (*_METHOD_KNOBS[entry["method"]], "denoise")
+          if entry.get(k) is not None}
 
 
 def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -625,7 +634,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   step = _checkpoint_steps(workdir)[-1]
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  entries = [{"step": step, **experiment.sampler_kwargs(config, s["method"]), **s,
+  entries = [{"step": step, **experiment.sampler_settings(config, s["method"]), **s,
               "num_samples": ev.num_samples, "features": kind, "seed": config.seed}
              for s in settings]
   done, todo = _split_done(entries, os.path.join(workdir, "sampler_sweep.jsonl"))
@@ -638,7 +647,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
     state = _restore(config, workdir, step)
     rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
     evaluator = make_evaluator(config, workdir, rng)
-    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config), config.sampling.n_sigma)
+    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config), config.sampling.cas.n_sigma)
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
     try:
       feasible = []
@@ -658,10 +667,9 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
         else:
           results = []
           for entry in group:
-            overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
-                         if entry[k] is not None}
-            results.append(_evaluate_sampler(experiment.make_sampler(config, state, **overrides),
-                                             evaluator, config, rng))
+            sample_fn = experiment.make_sampler(config, state, method=entry["method"],
+                                                **_sampler_args(entry))
+            results.append(_evaluate_sampler(sample_fn, evaluator, config, rng))
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)
           if main:
@@ -674,7 +682,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   if main:
     paths = write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
     ranked = sorted(rows, key=rank_key(main_metric))
-    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "denoise"] +
+    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "corrector_steps",
+                                "denoise"] +
                        table_metric_columns(rows, main_metric) + ["skipped"]))
     print(f"checkpoint step {step}; {len(done)} of {len(rows)} rows reused")
     print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")

@@ -167,67 +167,114 @@ def _default_config() -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def _migrate_sampling(stored: dict) -> dict:
+  """A stored config's `sampling` group in the per-sampler layout.
+
+  Configs stored before the per-sampler sub-groups had one `step_lr` whose meaning depended on
+  `method`, `also_cas` and `cas_step_lr`, and one `steps_per_sigma` shared by ALS and PC.
+  """
+  s = dict(stored.get("sampling") or {})
+  if not any(k in s for k in ("step_lr", "steps_per_sigma", "n_sigma", "snr", "also_cas",
+                              "cas_step_lr")):
+    return stored
+  method = s.get("method", "als")
+  step_lr, steps = s.pop("step_lr", None), s.pop("steps_per_sigma", None)
+  also_cas, cas_step_lr = s.pop("also_cas", None), s.pop("cas_step_lr", None)
+  n_sigma, snr = s.pop("n_sigma", None), s.pop("snr", None)
+  als = {k: v for k, v in (("step_lr", step_lr), ("steps_per_sigma", steps)) if v is not None}
+  cas_lr = step_lr if method == "cas" else (cas_step_lr if cas_step_lr is not None else step_lr)
+  cas = {k: v for k, v in (("step_lr", cas_lr), ("n_sigma", n_sigma)) if v is not None}
+  pc = {k: v for k, v in (("snr", snr), ("corrector_steps", steps)) if v is not None}
+  s.update(als=als, cas=cas, pc=pc)
+  if also_cas is not None:
+    s["methods"] = [method] + (["cas"] if also_cas and method != "cas" else [])
+  return {**stored, "sampling": s}
+
+
 def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
-  """The schema of configs/default.py with the stored values written over it (locked, typed)."""
+  """The schema of configs/default.py with the stored values written over it (locked, typed).
+
+  Fields the schema no longer has are ignored; configs stored with the single-`step_lr`
+  sampling group are read into the per-sampler sub-groups.
+  """
   config = _default_config()
 
-  def assign(node: ml_collections.ConfigDict, values: dict, prefix: str):
+  def assign(node: ml_collections.ConfigDict, values: dict):
     for key, value in values.items():
       if key not in node:
         continue
       if isinstance(value, dict):
-        assign(node[key], value, f"{prefix}{key}.")
+        assign(node[key], value)
       else:
         if isinstance(node[key], tuple) and isinstance(value, list):
           value = tuple(value)
         node[key] = value
 
-  assign(config, stored, "")
+  assign(config, _migrate_sampling(stored))
   return config
 
 
+# The samplers a config can name, and the keyword arguments each takes from its sub-group of
+# `config.sampling` (besides `denoise`, which all share).
+SAMPLERS = {"als": samplers.annealed_langevin, "cas": samplers.consistent_annealed,
+            "pc": samplers.predictor_corrector}
+
+
 def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
+  """The plain keyword arguments of sampler `method` (default `sampling.method`).
+
+  Returns:
+    Its sub-group `sampling.<method>` as a dict, plus the shared `denoise`.
+  """
   s = config.sampling
   method = method or s.method
-  step_lr = s.cas_step_lr if (method == "cas" and method != s.method) else s.step_lr
-  return dict(method=method, step_lr=step_lr, steps_per_sigma=s.steps_per_sigma,
-              n_sigma=s.n_sigma, snr=s.snr, denoise=s.denoise, init=s.init)
+  if method not in SAMPLERS:
+    raise ValueError(f"sampler {method!r} is unknown; use one of {', '.join(SAMPLERS)}")
+  return {**s[method].to_dict(), "denoise": s.denoise}
+
+
+def sampler_settings(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
+  """What identifies a sampling run in records: method, init and the sampler's arguments."""
+  method = method or config.sampling.method
+  return {"method": method, "init": config.sampling.init, **sampler_kwargs(config, method)}
 
 
 def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
-                   step_lr: float, steps_per_sigma: int = 1, n_sigma: int = 1, snr: float = 0.16,
-                   denoise: bool = True, init: str = "gaussian",
-                   return_trajectory: bool = False, save_every: int | None = None,
-                   ) -> Callable[..., Any]:
+                   init: str = "gaussian", return_trajectory: bool = False,
+                   save_every: int | None = None, **kwargs) -> Callable[..., Any]:
   """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
 
-  `init`: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
-  N(0, sigma_1^2 I). `sample(params, rng, n, step_lr=lr)` replaces the step size at call time
-  (it may be traced, e.g. vmapped over a grid; CAS feasibility is then the caller's to check).
+  Args:
+    model: the score network.
+    sigmas: `[L]` descending noise ladder the network was trained on.
+    shape: shape of one sample.
+    method: a key of `SAMPLERS`.
+    init: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
+      N(0, sigma_1^2 I).
+    return_trajectory, save_every: passed to the sampler.
+    **kwargs: the sampler's own keyword arguments (`sampler_kwargs`).
+
+  `sample(params, rng, n, **changes)` replaces sampler arguments at call time (they may be traced,
+  e.g. a vmapped `step_lr` grid; CAS feasibility is then the caller's to check).
   """
-  if method == "cas":
-    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, n_sigma)), step_lr)
-  if method not in ("als", "cas", "pc"):
-    raise ValueError(f"sampling.method={method!r} is unknown; use 'als', 'cas' or 'pc'")
+  if method not in SAMPLERS:
+    raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(SAMPLERS)}")
   if init not in ("uniform", "gaussian"):
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
-  extra = dict(denoise=denoise, return_trajectory=return_trajectory, save_every=save_every)
+  if method == "cas":
+    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
+                            kwargs["step_lr"])
+  sampler = SAMPLERS[method]
 
-  def sample(params, rng, n, step_lr=step_lr):
+  def sample(params, rng, n, **changes):
     init_rng, rng = jax.random.split(rng)
     if init == "uniform":
       x0 = jax.random.uniform(init_rng, (n, *shape))
     else:
       x0 = sigmas[0] * jax.random.normal(init_rng, (n, *shape))
-    score_fn = make_score_fn(model, params)
-    if method == "als":
-      return samplers.annealed_langevin(score_fn, x0, sigmas, rng, step_lr=step_lr,
-                                        steps_per_sigma=steps_per_sigma, **extra)
-    if method == "cas":
-      return samplers.consistent_annealed(score_fn, x0, sigmas, rng, step_lr=step_lr,
-                                          n_sigma=n_sigma, **extra)
-    return samplers.predictor_corrector(score_fn, x0, sigmas, rng, snr=snr,
-                                        corrector_steps=steps_per_sigma, **extra)
+    return sampler(make_score_fn(model, params), x0, sigmas, rng,
+                   return_trajectory=return_trajectory, save_every=save_every,
+                   **{**kwargs, **changes})
 
   return sample
 
@@ -255,16 +302,25 @@ def load_checkpoint(workdir: str, step: int | None = None
 
 
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
-                 method: str | None = None, **overrides) -> Callable[[jax.Array, int], jax.Array]:
+                 method: str | None = None, init: str | None = None,
+                 return_trajectory: bool = False, save_every: int | None = None,
+                 **overrides) -> Callable[[jax.Array, int], jax.Array]:
   """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
 
-  `method` ("als", "cas", "pc") and keyword overrides (step_lr, denoise, ...) replace the config's
-  sampling settings; `return_trajectory=True` makes it return `(samples, trajectory)`.
+  `method` ("als", "cas", "pc") and `init` replace the config's; keyword overrides replace the
+  sampler's own arguments (`sampler_kwargs`: step_lr, steps_per_sigma, n_sigma, snr,
+  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`.
   """
-  model = models.build(config)
+  method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
+  unknown = sorted(set(overrides) - set(kwargs))
+  if unknown:
+    raise ValueError(f"make_sampler: {', '.join(unknown)} is not an argument of the {method} "
+                     f"sampler; it takes {', '.join(kwargs)}")
   kwargs.update(overrides)
-  fn = make_sample_fn(model, sigmas_from_config(config), example_shape(config), **kwargs)
+  fn = make_sample_fn(models.build(config), sigmas_from_config(config), example_shape(config),
+                      method=method, init=init or config.sampling.init,
+                      return_trajectory=return_trajectory, save_every=save_every, **kwargs)
   jitted = jax.jit(fn, static_argnums=2)
   params = state.ema_params[0]
   return lambda rng, n: jitted(params, rng, n)
