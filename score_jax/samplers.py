@@ -289,46 +289,85 @@ def cas_ladder(sigmas, n_sigma: int = 1) -> jax.Array:
   return jnp.exp(jnp.linspace(jnp.log(sigmas[0]), jnp.log(sigmas[-1]), n))
 
 
+_BETA2_FLOOR = 1e-6
+
+
+def _check_cas_eta(ladder: np.ndarray, eta: np.ndarray, source: str) -> None:
+  """Host check: beta_i is real at every level followed by noise: 1 - gamma_i <= eta_i <= 1 + gamma_i."""
+  if eta.ndim not in (0, 1) or (eta.ndim == 1 and eta.shape[0] != ladder.shape[0]):
+    raise ValueError(f"CAS eta must be a scalar or have one value per level ({ladder.shape[0]}); "
+                     f"got shape {eta.shape}")
+  eta = np.broadcast_to(eta, ladder.shape)[:-1].astype(np.float64)
+  gamma = ladder[1:].astype(np.float64) / ladder[:-1]
+  slack = 1e-6 * np.maximum(1.0, np.abs(eta))
+  bad = np.flatnonzero((eta < 1.0 - gamma - slack) | (eta > 1.0 + gamma + slack))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"CAS {source} is infeasible at level {i}: eta={eta[i]:.4g} must lie in "
+                     f"[1 - gamma, 1 + gamma] = [{1 - gamma[i]:.4g}, {1 + gamma[i]:.4g}] "
+                     f"(gamma = sigma_{{i+1}} / sigma_i); eta = 1 - gamma is the ODE's Euler step")
+
+
 def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
                         sigmas: Float[Array, "L"], rng: jax.Array, *,
-                        step_lr: float | jax.Array, denoise: bool = False, n_sigma: int = 1,
-                        mask: jax.Array | None = None, x_known: jax.Array | None = None,
-                        return_info: bool = False, return_trajectory: bool = False,
-                        save_every: int | None = None) -> Any:
+                        step_lr: float | jax.Array | None = None,
+                        eta: float | Float[Array, "L"] | None = None, denoise: bool = False,
+                        n_sigma: int = 1, mask: jax.Array | None = None,
+                        x_known: jax.Array | None = None, return_info: bool = False,
+                        return_trajectory: bool = False, save_every: int | None = None) -> Any:
   """Consistent annealed sampling (Jolicoeur-Martineau et al. 2020, Algorithm 2; AC code).
 
-  eta = step_lr / sigma_L^2. At level i: x <- x + eta sigma_i^2 s(x, sigma_i); then, except after
-  the last level, x <- x + beta_i sigma_{i+1} z with gamma_i = sigma_{i+1} / sigma_i and
-  beta_i = sqrt(1 - ((1 - eta) / gamma_i)^2), so that x carries noise of std exactly sigma_{i+1}
-  when the score is exact. `n_sigma > 1` samples a finer geometric ladder ((L-1) n_sigma + 1
+  At level i: x <- x + eta_i sigma_i^2 s(x, sigma_i); then, except after the last level,
+  x <- x + beta_i sigma_{i+1} z with gamma_i = sigma_{i+1} / sigma_i and
+  beta_i = sqrt(1 - ((1 - eta_i) / gamma_i)^2), so that x carries noise of std exactly
+  sigma_{i+1} when the score is exact. Give either `step_lr` (the paper's epsilon:
+  eta = step_lr / sigma_L^2 at every level) or `eta` directly, a scalar or one value per level of
+  the sampling ladder `[L']`. `n_sigma > 1` samples a finer geometric ladder ((L-1) n_sigma + 1
   levels) for score functions that accept any sigma. With `denoise`, the output is the last
   level's expected denoised sample x + sigma_L^2 s(x, sigma_L) from the same score evaluation
-  (no extra network call, as in the AC code). Feasibility (checked when concrete):
-  sigma_L^2 (1 - gamma) < step_lr < sigma_L^2 (1 + gamma) with gamma = sigma_L / sigma_{L-1}.
+  (no extra network call, as in the AC code). Feasibility (checked when concrete): beta_i real,
+  1 - gamma_i <= eta_i <= 1 + gamma_i at every level but the last; for a geometric ladder and
+  step_lr, sigma_L^2 (1 - gamma) <= step_lr <= sigma_L^2 (1 + gamma).
+
+  eta is a stochasticity knob (like the churn of Karras et al. 2022) that contains two known
+  samplers: eta_i = 1 - gamma_i gives beta_i = 0 and x' = x + sigma_i (sigma_i - sigma_{i+1}) s,
+  one Euler step of the probability-flow ODE dx/dsigma = -sigma s (with `denoise`, the whole run
+  equals `euler` on the same ladder); eta_i = 1 - gamma_i^2 gives
+  x' = x + (sigma_i^2 - sigma_{i+1}^2) s + sigma_{i+1} sqrt(1 - gamma_i^2) z, the VE ancestral
+  step (Song et al. 2021, Appendix F).
   NFE = L' (the ladder's length), with or without `denoise`.
   """
+  if (step_lr is None) == (eta is None):
+    raise ValueError("consistent_annealed needs exactly one of step_lr and eta")
   _check_common(x_init, sigmas, step_lr, "step_lr", mask, x_known)
   ladder = cas_ladder(sigmas, n_sigma)
-  lr = _concrete(step_lr)
-  if lr is not None and _concrete_array(ladder) is not None:
-    noise_lib.check_cas_step_lr(np.asarray(ladder), lr)
   num_levels, b = ladder.shape[0], x_init.shape[0]
-  rng = _as_keys(rng, b)
   sigma_min = ladder[-1]
-  eta = step_lr / sigma_min ** 2
+  if eta is None:
+    eta, source = step_lr / sigma_min ** 2, f"step_lr={_concrete(step_lr)}"
+  else:
+    source = "eta"
+  eta_host, ladder_host = _concrete_array(eta), _concrete_array(ladder)
+  if eta_host is not None and ladder_host is not None and num_levels > 1:
+    _check_cas_eta(ladder_host, eta_host, source)
+  eta = jnp.broadcast_to(jnp.asarray(eta, jnp.float32), (num_levels,))
+  rng = _as_keys(rng, b)
   next_sigmas = jnp.concatenate([ladder[1:], ladder[-1:]])
   is_last = jnp.arange(num_levels) == num_levels - 1
 
   def level_fn(carry_x, inp):
     x = carry_x
-    sigma, next_sigma, last, step_in = inp
+    sigma, next_sigma, eta_i, last, step_in = inp
     x = _impose(x, mask, x_known, sigma, rng, step_in)
     s = score_fn(x, jnp.full((b,), sigma))
     z = _normal(rng, step_in, x)
     gamma = next_sigma / sigma
-    beta = jnp.sqrt(jnp.clip(1.0 - ((1.0 - eta) / gamma) ** 2, 0.0))
-    stats = _level_stats(x, s, sigma, eta * sigma ** 2, z) if return_trajectory else None
-    moved = x + eta * sigma ** 2 * s
+    beta2 = 1.0 - ((1.0 - eta_i) / gamma) ** 2
+    # eta within rounding of the Euler end 1 - gamma leaves beta^2 of the order of float32's
+    # epsilon, whose square root would add noise of relative size 1e-3 to an ODE step.
+    beta = jnp.sqrt(jnp.where(beta2 > _BETA2_FLOOR, beta2, 0.0))
+    stats = _level_stats(x, s, sigma, eta_i * sigma ** 2, z) if return_trajectory else None
+    moved = x + eta_i * sigma ** 2 * s
     if denoise:
       final = x + sigma ** 2 * s
     else:
@@ -337,7 +376,7 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
     return x_new, stats
 
   x, aux = _run_levels(level_fn, x_init,
-                       (ladder, next_sigmas, is_last, _step_inputs(rng, num_levels)),
+                       (ladder, next_sigmas, eta, is_last, _step_inputs(rng, num_levels)),
                        num_levels, return_trajectory=return_trajectory, save_every=save_every)
   return _output(_finish(x, mask, x_known), aux, num_levels, return_info=return_info,
                  return_trajectory=return_trajectory, save_every=save_every)

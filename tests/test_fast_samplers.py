@@ -156,3 +156,44 @@ def test_adaptive_per_example_keys_nfe_and_inputs():
     samplers.adaptive(MIX.score, x0, keys, sigma_max=20.0, sigma_min=0.01, rel_tol=-1.0)
   with pytest.raises(ValueError, match="sigma_max"):
     samplers.adaptive(MIX.score, x0, keys, sigma_max=0.001, sigma_min=0.01)
+
+
+def test_cas_at_eta_one_minus_gamma_is_euler_on_the_probability_flow_ode():
+  sigmas = noise.karras_sigmas(20.0, 0.05, 12)  # ratios vary per level
+  gamma = np.asarray(sigmas[1:] / sigmas[:-1])
+  eta = np.append(1.0 - gamma, 0.5)  # the last level's eta is unused with denoise
+  x0 = _marginal_samples(MIX, 64, 20.0, seed=4)
+  cas = samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=eta,
+                                     denoise=True)
+  np.testing.assert_allclose(cas, samplers.euler(MIX.score, x0, sigmas), rtol=1e-5, atol=1e-5)
+
+
+def test_cas_at_eta_one_minus_gamma_squared_is_the_ancestral_step():
+  sigmas = noise.karras_sigmas(20.0, 0.5, 6)
+  x = _marginal_samples(MIX, 64, 20.0, seed=5)
+  run = jax.jit(lambda x, ladder, eta, r: samplers.consistent_annealed(MIX.score, x, ladder, r,
+                                                                      eta=eta))
+  for i in range(5):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    rng = jax.random.key(i)
+    # A two-level ladder whose last level has eta = 0 (x left as it is): one CAS step.
+    cas = run(x, sigmas[i:i + 2], jnp.array([1.0 - (s_next / s) ** 2, 0.0]), rng)
+    z = samplers._normal(rng, samplers._step_inputs(rng, 2)[0], x)
+    x = (x + (s ** 2 - s_next ** 2) * MIX.score(x, jnp.full((64,), s))
+         + s_next * jnp.sqrt(1.0 - (s_next / s) ** 2) * z)
+    np.testing.assert_allclose(cas, x, rtol=1e-5, atol=1e-5)
+
+
+def test_cas_eta_feasibility_is_inclusive_of_the_euler_end():
+  sigmas = noise.geometric_sigmas(20.0, 1.0, 5)
+  gamma = float(sigmas[1] / sigmas[0])
+  x0 = jnp.zeros((2, 2))
+  samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=1.0 - gamma)
+  step_lr = float(sigmas[-1]) ** 2 * (1.0 - gamma)
+  samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), step_lr=step_lr)
+  with pytest.raises(ValueError, match="infeasible at level 0"):
+    samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=0.9 - gamma)
+  with pytest.raises(ValueError, match="one value per level"):
+    samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=np.ones(3))
+  with pytest.raises(ValueError, match="exactly one of step_lr and eta"):
+    samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), step_lr=0.5, eta=0.5)
