@@ -197,3 +197,18 @@ def test_cas_eta_feasibility_is_inclusive_of_the_euler_end():
     samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=np.ones(3))
   with pytest.raises(ValueError, match="exactly one of step_lr and eta"):
     samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), step_lr=0.5, eta=0.5)
+
+
+def test_deterministic_sampler_carries_the_prior_mismatch_into_the_mode_weights():
+  # From N(0, sigma_max^2 I) instead of the true marginal, the ODE maps the mismatch straight
+  # into the weights: sigma_max = 20 leaves too much mass in the small mode, sigma_max = 200
+  # (where the prior is close to the marginal) does not. ALS from sigma_max = 20 corrects it
+  # (tests/test_samplers.py).
+  def small_mode_weight(sigma_max):
+    x0 = sigma_max * jax.random.normal(jax.random.key(2), (2000, 2))
+    sigmas = noise.karras_sigmas(sigma_max, 0.01, 25)
+    x = jax.jit(lambda x: samplers.heun(MIX.score, x, sigmas))(x0)
+    return toy.mode_weights(x, MIX.means)[0]
+
+  assert small_mode_weight(20.0) > 0.24
+  assert abs(small_mode_weight(200.0) - 0.2) < 0.02
