@@ -163,9 +163,10 @@ def test_cas_at_eta_one_minus_gamma_is_euler_on_the_probability_flow_ode():
   gamma = np.asarray(sigmas[1:] / sigmas[:-1])
   eta = np.append(1.0 - gamma, 0.5)  # the last level's eta is unused with denoise
   x0 = _marginal_samples(MIX, 64, 20.0, seed=4)
-  cas = samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=eta,
-                                     denoise=True)
-  np.testing.assert_allclose(cas, samplers.euler(MIX.score, x0, sigmas), rtol=1e-5, atol=1e-5)
+  cas = jax.jit(lambda x: samplers.consistent_annealed(MIX.score, x, sigmas, jax.random.key(0),
+                                                       eta=eta, denoise=True))(x0)
+  euler = jax.jit(lambda x: samplers.euler(MIX.score, x, sigmas))(x0)
+  np.testing.assert_allclose(cas, euler, rtol=1e-5, atol=1e-5)
 
 
 def test_cas_at_eta_one_minus_gamma_squared_is_the_ancestral_step():
