@@ -293,7 +293,7 @@ _BETA2_FLOOR = 1e-6
 
 
 def _check_cas_eta(ladder: np.ndarray, eta: np.ndarray, source: str) -> None:
-  """Host check: beta_i is real at every level followed by noise: 1 - gamma_i <= eta_i <= 1 + gamma_i."""
+  """Host check that beta_i is real wherever noise follows: 1 - gamma_i <= eta_i <= 1 + gamma_i."""
   if eta.ndim not in (0, 1) or (eta.ndim == 1 and eta.shape[0] != ladder.shape[0]):
     raise ValueError(f"CAS eta must be a scalar or have one value per level ({ladder.shape[0]}); "
                      f"got shape {eta.shape}")
@@ -580,7 +580,7 @@ def adaptive(score_fn: ScoreFn, x_init: Float[Array, "b ..."], rng: jax.Array, *
              h_init: float = 0.01, safety: float = 0.9, exponent: float = 0.9,
              h_max_factor: float = math.inf, max_iters: int = 10_000, denoise: bool = True,
              return_info: bool = False) -> Any:
-  """"Gotta Go Fast" adaptive solver of the reverse VE SDE (Jolicoeur-Martineau et al. 2021, Alg. 1).
+  """The "Gotta Go Fast" reverse VE SDE solver (Jolicoeur-Martineau et al. 2021, Algorithm 1).
 
   Time t in [0, 1] with sigma(t) = sigma_min (sigma_max / sigma_min)^t and
   g(t)^2 = d sigma^2 / dt = 2 sigma(t)^2 log(sigma_max / sigma_min); every sample runs from t = 1
@@ -622,17 +622,17 @@ def adaptive(score_fn: ScoreFn, x_init: Float[Array, "b ..."], rng: jax.Array, *
   Returns:
     `[b, ...]` samples, or `(samples, info)` with `return_info`.
   """
-  checks = {"sigma_min": (sigma_min, sigma_min > 0), "sigma_max": (sigma_max, sigma_max > sigma_min),
-            "abs_tol": (abs_tol, abs_tol > 0), "rel_tol": (rel_tol, rel_tol >= 0),
-            "h_init": (h_init, 0 < h_init <= 1), "safety": (safety, 0 < safety <= 1),
-            "exponent": (exponent, exponent > 0), "h_max_factor": (h_max_factor, h_max_factor > 1),
-            "max_iters": (max_iters, int(max_iters) >= 1)}
-  rules = {"sigma_min": "> 0", "sigma_max": f"> sigma_min={sigma_min}", "abs_tol": "> 0",
-           "rel_tol": ">= 0", "h_init": "in (0, 1]", "safety": "in (0, 1]", "exponent": "> 0",
-           "h_max_factor": "> 1", "max_iters": ">= 1"}
-  for name, (value, ok) in checks.items():
+  checks = (("sigma_min", sigma_min, sigma_min > 0, "> 0"),
+            ("sigma_max", sigma_max, sigma_max > sigma_min, f"> sigma_min={sigma_min}"),
+            ("abs_tol", abs_tol, abs_tol > 0, "> 0"), ("rel_tol", rel_tol, rel_tol >= 0, ">= 0"),
+            ("h_init", h_init, 0 < h_init <= 1, "in (0, 1]"),
+            ("safety", safety, 0 < safety <= 1, "in (0, 1]"),
+            ("exponent", exponent, exponent > 0, "> 0"),
+            ("h_max_factor", h_max_factor, h_max_factor > 1, "> 1"),
+            ("max_iters", max_iters, int(max_iters) >= 1, ">= 1"))
+  for name, value, ok, rule in checks:
     if not ok:
-      raise ValueError(f"adaptive: {name}={value} must be {rules[name]}")
+      raise ValueError(f"adaptive: {name}={value} must be {rule}")
   b = x_init.shape[0]
   rng = _as_keys(rng, b)
   log_ratio = math.log(sigma_max / sigma_min)
