@@ -1,4 +1,6 @@
-"""Samplers as pure `lax` programs: Langevin, ALS, CAS, the VE predictor-corrector.
+"""Samplers as pure `lax` programs: Langevin, ALS, CAS, the VE predictor-corrector, the
+probability-flow ODE samplers Euler, Heun (EDM) and DPM-Solver++(2M), and the adaptive reverse-SDE
+solver of "Gotta Go Fast".
 
 All take a score function and an explicit `rng`, are jit- and vmap-able (step sizes may be traced,
 e.g. vmapped over a grid), and compile into one XLA program whose size does not depend on the
@@ -17,8 +19,10 @@ Options shared by the annealed samplers:
 * `mask`, `x_known`: inpainting. `mask` is 1 on known entries. Before every update the known
   entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention; any mask, not
   only a half image); the output carries `x_known` exactly on known entries.
-* `return_info`: also return an info dict with "nfe", the number of score (network) evaluations
-  per sample: a Python int for the fixed-step samplers.
+* `return_info` (every sampler): also return an info dict with "nfe", the number of score
+  (network) evaluations per sample: an int for the fixed-step samplers (a 0-d array when
+  returned from a jitted function), `[b]` for
+  `adaptive`.
 * `return_trajectory`: the info dict also holds per-level statistics `[L']` of the state entering
   each level: "sigma", "x_mean", "x_std", "score_norm" (batch mean of ||s||), "snr"
   (sqrt(alpha/2)||s||/||z||, as logged by NCSNv2), and "noise_std" = rms(sigma_i^2 s(x, sigma_i))
