@@ -38,6 +38,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -267,6 +268,12 @@ def _unet_modules(ch_mult: tuple[int, ...]) -> dict[str, tuple[str, str]]:
 _UNET_RES = {"norm1": "normalize0", "conv1": "conv0", "norm2": "normalize1", "conv2": "conv1",
              "shortcut": "nin"}
 _UNET_ATTN = {"q": "Q", "k": "K", "v": "V", "proj_out": "OUT", "norm": "normalize"}
+# score_jax's UNet downsamples with TF "SAME" padding (DDPM's, pad 0 before and 1 after), the AC
+# UNet with torch `padding=1` (1 on both sides): names and shapes agree, outputs do not.
+UNET_PADDING_NOTE = (
+    "score_jax's UNet pads its stride-2 downsampling convolutions as TF 'SAME' (0 before, 1 "
+    "after) where the AC UNet pads 1 on both sides, so the converted network's outputs differ "
+    "from the reference's until score_jax/models/unet.py pads (1, 1)")
 # Reference tensors that an unconditional UNet never uses (the time embedding MLP).
 _UNET_UNUSED = re.compile(r"temb_dense\.\d+\.(weight|bias)")
 
@@ -406,6 +413,8 @@ def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
   check_config(source, config)
   model, shapes = _param_shapes(config)
   ckpt = read_checkpoint(checkpoint_path)
+  if source == "ac_unet" and len(config.model.ch_mult) > 1:
+    warnings.warn(UNET_PADDING_NOTE, stacklevel=2)
   return _convert_loaded(source, ckpt, config, model, shapes, ema=ema)
 
 
@@ -519,14 +528,14 @@ def main(argv: list[str]) -> int:
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  argv = ["--noema" if a == "--no-ema" else a for a in argv]
   config_flags.DEFINE_config_file("config", None, "score_jax config describing the network.",
-                                  flag_values=fv, lock_config=True)
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("source", None, f"Reference network: {' | '.join(SOURCES)}.", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth) to convert.", flag_values=fv)
   flags.DEFINE_string("workdir", None, "New score_jax workdir to write.", flag_values=fv)
   flags.DEFINE_boolean("ema", True, "Use the EMA weights where present (--no-ema: raw weights).",
                        flag_values=fv)
-  argv = ["--noema" if a == "--no-ema" else a for a in argv]
   try:
     fv(argv)
     config = fv.config
@@ -550,6 +559,8 @@ def main(argv: list[str]) -> int:
     model, shapes = _param_shapes(config)
     ckpt = read_checkpoint(fv.checkpoint)
     params = _convert_loaded(fv.source, ckpt, config, model, shapes, ema=fv.ema)
+    if fv.source == "ac_unet" and len(config.model.ch_mult) > 1:
+      print(f"warning: {UNET_PADDING_NOTE}", file=sys.stderr)
     used = "EMA" if fv.ema and ckpt.ema is not None else "raw"
     write_workdir(config, params, workdir, metadata=dict(
         source=fv.source, checkpoint=os.path.abspath(fv.checkpoint), weights=used))
