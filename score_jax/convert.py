@@ -489,25 +489,26 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
 def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dict) -> None:
   """Writes `params` (as the params and every EMA slot) into a new score_jax workdir at step 0.
 
-  The state is `train.init_state(config, ...)` with its parameters replaced, saved with the
+  The state has the structure `train.init_state(config, ...)` gives (a `TrainState` with a fresh
+  optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
   checkpoint writer training uses, so `score_jax.load_checkpoint(workdir)` and `main.py --mode=
-  sample|eval` read it. The optimizer state is fresh; an adversarial config gets a freshly
-  initialized discriminator. `metadata` is stored as the data-pipeline state (JSON).
+  sample|eval` read it. `metadata` is stored as the data-pipeline state (JSON).
   """
   import jax
   import jax.numpy as jnp
   from score_jax import checkpoint, models
-  from score_jax.train import init_state
+  from score_jax.train import init_state, optimizer_from_config
+  from score_jax.train_state import TrainState
 
-  state = init_state(config, models.build(config))
-  score_state = state.score if hasattr(state, "score") else state
-  new_params = jax.tree.map(jnp.asarray, params)
-  jax.tree.map(lambda a, b: None, score_state.params, new_params)  # same tree or raises
-  score_state = score_state.replace(
-      params=new_params,
-      ema_params=tuple(jax.tree.map(jnp.copy, new_params) for _ in score_state.ema_params),
-      opt_state=score_state.tx.init(new_params))
-  state = state.replace(score=score_state) if hasattr(state, "score") else score_state
+  model = models.build(config)
+  new_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  ema = tuple(jax.tree.map(jnp.copy, new_params) for _ in config.training.ema_decays)
+  # TrainState.create as train_state.create_train_state does, without initializing the network.
+  score_state = TrainState.create(apply_fn=model.apply, params=new_params,
+                                  tx=optimizer_from_config(config), ema_params=ema)
+  state = score_state
+  if config.adversarial.enabled:
+    state = init_state(config, model).replace(score=score_state)
   manager = checkpoint.create_manager(workdir, async_save=False)
   try:
     checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
@@ -556,8 +557,8 @@ def main(argv: list[str]) -> int:
     if _has_checkpoints(workdir):
       raise ConversionError(f"--workdir={workdir} already holds checkpoints; give a new workdir")
     check_config(fv.source, config)
-    model, shapes = _param_shapes(config)
     ckpt = read_checkpoint(fv.checkpoint)
+    model, shapes = _param_shapes(config)
     params = _convert_loaded(fv.source, ckpt, config, model, shapes, ema=fv.ema)
     if fv.source == "ac_unet" and len(config.model.ch_mult) > 1:
       print(f"warning: {UNET_PADDING_NOTE}", file=sys.stderr)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from score_jax import convert, models, sample
+from score_jax import checkpoint, convert, models, sample
+from score_jax.train import init_state
 from score_jax.score import make_score_fn
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "convert"
@@ -147,17 +148,36 @@ def test_deepest_maps_every_parameter_once():
                                  "ncsnv2_deepest")[0] == "refine31.crp.convs.0.weight"
 
 
-def test_cli_writes_a_workdir_that_load_checkpoint_reads(tmp_path, capsys):
+def restore_workdir(workdir) -> tuple:
+  """`(config, state)` of a workdir's latest checkpoint, restored as `sample.load_checkpoint`
+  does (stored config over the schema, `train.init_state`'s structure as the target), with the
+  target built abstractly: initializing a RefineNet eagerly takes minutes on a loaded CPU."""
+  manager = checkpoint.create_manager(str(workdir), async_save=False)
+  try:
+    step = checkpoint.latest_step(manager)
+    config = sample.config_from_dict(checkpoint.restore_config(manager, step))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        jax.eval_shape(lambda: init_state(config, models.build(config))))
+    state, _ = checkpoint.restore(manager, step, target)
+  finally:
+    manager.close()
+  return config, state
+
+
+def test_cli_writes_a_workdir_that_restores_as_training_writes_it(tmp_path, capsys):
   workdir = tmp_path / "out"
   assert convert.main(cli_args("ncsnv2", workdir)) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert report["weights"] == "EMA"
-  config, state = sample.load_checkpoint(str(workdir))
+  config, state = restore_workdir(workdir)
   assert config.model.name == "ncsnv2" and config.model.ngf == 4
   want = convert.convert("ncsnv2", FIXTURES / "ncsnv2.pth", fixture_config("ncsnv2"))
   for tree in (state.params, state.ema_params[0]):
     got = jax.tree.map(np.asarray, flax.core.unfreeze(tree))
     jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert int(state.step) == 0
 
 
 def _forbidden_pickle(path: pathlib.Path) -> None:
