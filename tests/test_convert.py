@@ -180,6 +180,12 @@ def test_cli_writes_a_workdir_that_restores_as_training_writes_it(tmp_path, caps
   assert int(state.step) == 0
 
 
+def test_cli_no_ema_takes_the_raw_weights(tmp_path, capsys):
+  workdir = tmp_path / "out"
+  assert convert.main(cli_args("ncsnv2", workdir) + ["--no-ema"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weights"] == "raw"
+
+
 def _forbidden_pickle(path: pathlib.Path) -> None:
   """A zip checkpoint whose data.pkl calls `os.system` (never executed: the reader refuses it)."""
   payload = b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
