@@ -411,8 +411,8 @@ def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
       missing or unexpected keys, shape mismatches, or sigmas that differ from the config's.
   """
   check_config(source, config)
-  model, shapes = _param_shapes(config)
   ckpt = read_checkpoint(checkpoint_path)
+  model, shapes = _param_shapes(config)
   if source == "ac_unet" and len(config.model.ch_mult) > 1:
     warnings.warn(UNET_PADDING_NOTE, stacklevel=2)
   return _convert_loaded(source, ckpt, config, model, shapes, ema=ema)
@@ -447,39 +447,38 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
     rule = lambda p: _refinenet_rule(p, model, source)
     unused = set()
 
-  out: dict[tuple[str, ...], np.ndarray] = {}
-  used: set[str] = set()
-  missing: list[str] = []
-  for p, shape in shapes.items():
+  keys: dict[tuple[str, ...], Rule] = {}
+  for p in shapes:
     try:
-      key, fn = rule(p)
+      keys[p] = rule(p)
     except KeyError:
       raise ConversionError(
           f"score_jax parameter {'/'.join(p)} has no counterpart in the --source={source} "
           "layout: the score_jax network's parameter tree changed; update score_jax/convert.py"
       ) from None
-    if key in used:
-      raise ConversionError(f"reference tensor {key} would fill two score_jax parameters "
-                            f"(second: {'/'.join(p)}); update score_jax/convert.py")
-    if key not in weights:
-      missing.append(key)
-      continue
-    used.add(key)
-    value = fn(np.asarray(weights[key]))
-    if tuple(value.shape) != shape:
-      raise ConversionError(
-          f"--checkpoint={path}: {key} has shape {tuple(weights[key].shape)}, which is "
-          f"{tuple(value.shape)} in score_jax layout, but {'/'.join(p)} needs {shape}; "
-          f"{_source_hint(source, weights)}")
-    if not np.issubdtype(value.dtype, np.floating):
-      raise ConversionError(f"--checkpoint={path}: {key} has dtype {value.dtype}, not floating")
-    out[p] = np.asarray(value, np.float32)
-  unexpected = set(weights) - used - unused
+  wanted = [key for key, _ in keys.values()]
+  if len(set(wanted)) != len(wanted):
+    twice = sorted({k for k in wanted if wanted.count(k) > 1})
+    raise ConversionError(f"reference tensors {_examples(twice)} would each fill two score_jax "
+                          "parameters; update score_jax/convert.py")
+  missing = [k for k in wanted if k not in weights]
+  unexpected = set(weights) - set(wanted) - unused
   if missing or unexpected:
     raise ConversionError(
         f"--checkpoint={path} does not fit --source={source} with this config: "
         f"{len(missing)} missing ({_examples(missing) or 'none'}), {len(unexpected)} unexpected "
         f"({_examples(unexpected) or 'none'}); {_source_hint(source, weights)}")
+  out: dict[tuple[str, ...], np.ndarray] = {}
+  for p, (key, fn) in keys.items():
+    value = fn(np.asarray(weights[key]))
+    if tuple(value.shape) != shapes[p]:
+      raise ConversionError(
+          f"--checkpoint={path}: {key} has shape {tuple(weights[key].shape)}, which is "
+          f"{tuple(value.shape)} in score_jax layout, but {'/'.join(p)} needs {shapes[p]}; "
+          f"{_source_hint(source, weights)}")
+    if not np.issubdtype(value.dtype, np.floating):
+      raise ConversionError(f"--checkpoint={path}: {key} has dtype {value.dtype}, not floating")
+    out[p] = np.asarray(value, np.float32)
   return flax.traverse_util.unflatten_dict(out)
 
 
