@@ -8,7 +8,8 @@ DDPM UNet (AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`), with t
 weights and non-trivial norm parameters. Each network is wrapped in `torch.nn.DataParallel` and
 saved in its runner's checkpoint layout:
 
-- NCSN (`runners/anneal_runner.py`): `[model.state_dict(), optimizer.state_dict()]`.
+- NCSN (`runners/anneal_runner.py`): `[model.state_dict(), optimizer.state_dict()]`, in the
+  legacy (pre-1.6) `torch.save` format of its PyTorch 1.0 era; the others in the zip format.
 - NCSNv2 and the UNet (`runners/ncsn_runner.py`, AC `runners/train_runner.py`):
   `[model.state_dict(), optimizer.state_dict(), epoch, step, ema_helper.state_dict()]`, where the
   EMA shadow is keyed by parameter name without the `module.` prefix. NCSNv2's state_dict holds
@@ -427,12 +428,20 @@ def deflate(path: str) -> None:
     members = [(info.filename, z.read(info.filename)) for info in z.infolist()]
   with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
     for filename, data in members:
-      z.writestr(filename, data)
+      # A fixed date, so regenerating gives the same bytes.
+      info = zipfile.ZipInfo(filename, date_time=(1980, 1, 1, 0, 0, 0))
+      info.compress_type = zipfile.ZIP_DEFLATED
+      z.writestr(info, data, compresslevel=9)
   torch.load(path, weights_only=True)  # still a checkpoint torch reads
 
 
 def write(out: str, name: str, net: nn.Module, *, sigmas, levels, ema: bool, seed: int,
-          meta: dict) -> None:
+          meta: dict, legacy: bool = False) -> None:
+  """Saves `net` (random weights) in its runner's layout and its outputs on fixed inputs.
+
+  `legacy`: the pre-1.6 `torch.save` format, as checkpoints of the PyTorch 1.0 era (NCSN v1)
+  were written; otherwise the zip format, with deflated members.
+  """
   gen = torch.Generator().manual_seed(seed)
   randomize(net, gen)
   model = nn.DataParallel(net)
@@ -455,8 +464,12 @@ def write(out: str, name: str, net: nn.Module, *, sigmas, levels, ema: bool, see
         p.copy_(raw[n])
       states += [3, 1000, shadow]
   path = os.path.join(out, f"{name}.pth")
-  torch.save(states, path)
-  deflate(path)
+  if legacy:
+    torch.save(states, path, _use_new_zipfile_serialization=False)
+    torch.load(path, weights_only=True)
+  else:
+    torch.save(states, path)
+    deflate(path)
   nhwc = lambda a: np.ascontiguousarray(np.transpose(a, (0, 2, 3, 1)))
   np.savez(os.path.join(out, f"{name}.npz"), x=nhwc(x.numpy()),
            sigma=np.asarray(sigmas, np.float32)[levels], level=np.asarray(levels, np.int32),
@@ -475,7 +488,7 @@ def main():
   meta = dict(image_size=IMAGE_SIZE, num_channels=CHANNELS, sigma_max=1.0, sigma_min=0.01,
               num_scales=4)
   write(args.out, "ncsn", ncsn(4, sigmas), sigmas=sigmas, levels=[0, 2, 3], ema=False,
-        seed=1, meta=dict(meta, source="ncsn", ngf=4))
+        seed=1, meta=dict(meta, source="ncsn", ngf=4), legacy=True)
   write(args.out, "ncsnv2", ncsnv2(4, sigmas), sigmas=sigmas, levels=[0, 1, 3], ema=True,
         seed=2, meta=dict(meta, source="ncsnv2", ngf=4))
   write(args.out, "ncsnv2_deeper", ncsnv2_deeper(2, sigmas), sigmas=sigmas, levels=[1, 3],
