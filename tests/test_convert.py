@@ -83,7 +83,7 @@ def assert_parity(got: np.ndarray, want: np.ndarray) -> None:
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("name", ["ncsn", "ncsnv2", "ncsnv2_deeper"])
+@pytest.mark.parametrize("name", ["ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest"])
 def test_scores_match_the_reference(name):
   """EMA weights (the default) and raw weights (--no-ema), from the runner's checkpoint list."""
   config = fixture_config(name)
@@ -118,17 +118,6 @@ def test_unet_names_and_shapes_convert_strictly():
   assert ("down1_attn0", "q", "kernel") in flat and ("down0_pool", "kernel") in flat
   # The reference Nin shortcut `(out, in)` becomes a 1x1 HWIO kernel.
   assert flat[("up1_res0", "shortcut", "kernel")].shape == (1, 1, 64, 32)
-
-
-def test_deepest_maps_every_parameter_once():
-  """NCSNv2Deepest's extra stage is the reference's res31/refine31, in the reference's order."""
-  config = fixture_config("ncsnv2", **{"model.name": "ncsnv2_deepest", "data.image_size": 32})
-  model, shapes = convert._param_shapes(config)
-  keys = [convert._refinenet_rule(p, model, "ncsnv2_deepest")[0] for p in shapes]
-  assert len(set(keys)) == len(keys)
-  assert "res31.0.conv2.conv.weight" in keys and "res4.0.shortcut.weight" in keys
-  assert convert._refinenet_rule(("refine3", "crp", "conv_0", "Conv_0", "kernel"), model,
-                                 "ncsnv2_deepest")[0] == "refine31.crp.convs.0.weight"
 
 
 def restore_workdir(workdir) -> tuple:

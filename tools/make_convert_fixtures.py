@@ -2,7 +2,7 @@
 
 Implements, in PyTorch, the reference architectures with the reference module names (so their
 `state_dict` keys are those of released checkpoints): NCSN's `CondRefineNetDilated` (ermongroup/ncsn
-`models/cond_refinenet_dilated.py`), NCSNv2's `NCSNv2` / `NCSNv2Deeper` (ermongroup/ncsnv2
+`models/cond_refinenet_dilated.py`), NCSNv2's `NCSNv2` / `NCSNv2Deeper` / `NCSNv2Deepest` (ermongroup/ncsnv2
 `models/ncsnv2.py`, `models/layers.py`, `models/normalization.py`) and the adversarial/CAS paper's
 DDPM UNet (AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`), with tiny widths, random
 weights and non-trivial norm parameters. Each network is wrapped in `torch.nn.DataParallel` and
@@ -279,6 +279,15 @@ def ncsnv2_deeper(ngf, sigmas):
   return RefineNet(ngf, stages, refines, False, sigmas)
 
 
+def ncsnv2_deepest(ngf, sigmas):
+  """The reference's extra stage `res31` / `refine31` runs after `res3` / before `refine3`."""
+  stages = [("res1", 1, False, None), ("res2", 2, True, None), ("res3", 2, True, None),
+            ("res31", 2, True, None), ("res4", 4, True, 2), ("res5", 4, True, 4)]
+  refines = [("refine1", 4), ("refine2", 2), ("refine31", 2), ("refine3", 2), ("refine4", 1),
+             ("refine5", 1)]
+  return RefineNet(ngf, stages, refines, False, sigmas)
+
+
 # ------------------------------------------------------------------------------------------------
 # The AC UNet (DDPM layout, unconditional).
 
@@ -493,6 +502,8 @@ def main():
         seed=2, meta=dict(meta, source="ncsnv2", ngf=4))
   write(args.out, "ncsnv2_deeper", ncsnv2_deeper(2, sigmas), sigmas=sigmas, levels=[1, 3],
         ema=True, seed=3, meta=dict(meta, source="ncsnv2_deeper", ngf=2))
+  write(args.out, "ncsnv2_deepest", ncsnv2_deepest(2, sigmas), sigmas=sigmas, levels=[0, 2],
+        ema=True, seed=5, meta=dict(meta, source="ncsnv2_deepest", ngf=2))
   write(args.out, "ac_unet", UNet(32, (1, 1)), sigmas=sigmas, levels=[0, 3], ema=True, seed=4,
         meta=dict(meta, source="ac_unet", ngf=32, ch_mult=[1, 1], attn_resolutions=[8]))
 
