@@ -342,7 +342,8 @@ def check_config(source: str, config) -> None:
   want = MODEL_OF_SOURCE[source]
   if config.model.name != want:
     raise ConversionError(f"--source={source} converts to model.name={want!r} but the config has "
-                          f"{config.model.name!r}; use a {want} config or --config.model.name={want}")
+                          f"{config.model.name!r}; use a {want} config or "
+                          f"--config.model.name={want}")
   if source == "ac_unet":
     m = config.model
     if m.conditional:
@@ -435,7 +436,8 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
       raise ConversionError(
           f"--checkpoint={path}: the EMA shadow's keys differ from the model's parameters "
           f"(only in EMA: {_examples(set(ckpt.ema) - params_in_model) or 'none'}; only in model: "
-          f"{_examples(params_in_model - set(ckpt.ema)) or 'none'}); use --no-ema for the raw weights")
+          f"{_examples(params_in_model - set(ckpt.ema)) or 'none'}); use --no-ema for the raw "
+          "weights")
     weights = ckpt.ema
   weights = {k: v for k, v in weights.items() if k not in buffers}
 
