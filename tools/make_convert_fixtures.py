@@ -4,8 +4,8 @@ Implements, in PyTorch, the reference architectures with the reference module na
 `state_dict` keys are those of released checkpoints): NCSN's `CondRefineNetDilated` (ermongroup/ncsn
 `models/cond_refinenet_dilated.py`), NCSNv2's `NCSNv2` / `NCSNv2Deeper` / `NCSNv2Deepest`
 (ermongroup/ncsnv2 `models/ncsnv2.py`, `models/layers.py`, `models/normalization.py`) and the
-adversarial/CAS paper's DDPM UNet (AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`), with tiny widths, random
-weights and non-trivial norm parameters. Each network is wrapped in `torch.nn.DataParallel` and
+adversarial/CAS paper's DDPM UNet (AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`),
+with tiny widths, random weights and non-trivial norm parameters. Each network is wrapped in `torch.nn.DataParallel` and
 saved in its runner's checkpoint layout:
 
 - NCSN (`runners/anneal_runner.py`): `[model.state_dict(), optimizer.state_dict()]`, in the
