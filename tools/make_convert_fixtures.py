@@ -5,8 +5,8 @@ Implements, in PyTorch, the reference architectures with the reference module na
 `models/cond_refinenet_dilated.py`), NCSNv2's `NCSNv2` / `NCSNv2Deeper` / `NCSNv2Deepest`
 (ermongroup/ncsnv2 `models/ncsnv2.py`, `models/layers.py`, `models/normalization.py`) and the
 adversarial/CAS paper's DDPM UNet (AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`),
-with tiny widths, random weights and non-trivial norm parameters. Each network is wrapped in `torch.nn.DataParallel` and
-saved in its runner's checkpoint layout:
+with tiny widths, random weights and non-trivial norm parameters. Each network is wrapped in
+`torch.nn.DataParallel` and saved in its runner's checkpoint layout:
 
 - NCSN (`runners/anneal_runner.py`): `[model.state_dict(), optimizer.state_dict()]`, in the
   legacy (pre-1.6) `torch.save` format of its PyTorch 1.0 era; the others in the zip format.
