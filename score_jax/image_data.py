@@ -403,6 +403,12 @@ def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: in
   return ImageIterator(ds, batch_size, prefetch, num_workers)
 
 
+def num_records(*, dataset: str, split: str, data_dir: str | None = None,
+                path: str | None = None) -> int:
+  """The number of records in `dataset`/`split` (a folder is checked as for training)."""
+  return len(_source(dataset, split, data_dir, path))
+
+
 def load_array(*, dataset: str, split: str, image_size: int, num_channels: int,
                data_dir: str | None = None, path: str | None = None,
                max_examples: int | None = None, centered: bool = False) -> np.ndarray:
