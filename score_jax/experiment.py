@@ -232,6 +232,16 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   return sample
 
 
+class NonFiniteSamplesError(RuntimeError):
+  """Every sample drawn is non-finite (NaN or infinite): no metric can be computed on them."""
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+  """`[b]` bool: whether each sample of `x` `[b, ...]` is finite everywhere."""
+  x = np.asarray(x)
+  return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+
+
 def load_checkpoint(workdir: str, step: int | None = None
                     ) -> tuple[ml_collections.ConfigDict, TrainState]:
   """Returns `(config, state)` of the checkpoint at `step` in `workdir`.

@@ -42,6 +42,19 @@ def _read_holder(fd: int) -> dict:
     return {}
 
 
+def raise_if_held(workdir: str) -> None:
+  """Raises `WorkdirLockedError` if a writer holds `workdir` now; creates nothing.
+
+  An early check (a command line can refuse before it makes anything); the writer still takes the
+  lock itself.
+  """
+  lock = WorkdirLock(workdir)
+  if os.path.exists(lock.path):
+    lock._created_workdir = False
+    lock.acquire(quiet=True)
+    lock.release(clear=False)
+
+
 class WorkdirLock:
   """The exclusive writer lock of one workdir; a context manager.
 
@@ -57,8 +70,12 @@ class WorkdirLock:
     self._fd: int | None = None
     self._created_workdir = False
 
-  def acquire(self) -> "WorkdirLock":
-    """Takes the lock or raises `WorkdirLockedError` having changed nothing on disk."""
+  def acquire(self, *, quiet: bool = False) -> "WorkdirLock":
+    """Takes the lock or raises `WorkdirLockedError` having changed nothing on disk.
+
+    Args:
+      quiet: take it without recording this process as the holder (a probe).
+    """
     if os.path.exists(self.path):
       # Probe the existing file without O_CREAT: a refused writer must not create anything.
       fd = os.open(self.path, os.O_RDWR)
@@ -74,6 +91,9 @@ class WorkdirLock:
       if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise
       raise WorkdirLockedError(self._refusal(info)) from None
+    self._fd = fd
+    if quiet:
+      return self
     previous = _read_holder(fd)
     if previous.get("pid"):
       print(f"note: the previous writer of {self.workdir} (pid {previous['pid']} on "
@@ -84,7 +104,6 @@ class WorkdirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     os.fsync(fd)
-    self._fd = fd
     return self
 
   def _refusal(self, info: dict) -> str:
@@ -98,12 +117,14 @@ class WorkdirLock:
     return (f"--workdir={self.workdir} is in use by {who}; wait for it to finish, stop it, or "
             "use another --workdir (sampling and evaluation may read it meanwhile)")
 
-  def release(self) -> None:
-    """Clears the holder info and unlocks; a workdir this lock created and left empty goes."""
+  def release(self, *, clear: bool = True) -> None:
+    """Clears the holder info (unless not `clear`) and unlocks; a workdir this lock created and
+    left empty goes."""
     if self._fd is None:
       return
     fd, self._fd = self._fd, None
-    os.ftruncate(fd, 0)
+    if clear:
+      os.ftruncate(fd, 0)
     if self._created_workdir and os.listdir(self.workdir) == [LOCK_NAME]:
       os.remove(self.path)
       os.rmdir(self.workdir)
