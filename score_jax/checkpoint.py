@@ -100,13 +100,6 @@ def open_reader(workdir: str) -> ocp.CheckpointManager:
   return manager
 
 
-def create_manager(workdir: str, *, keep: int = 3, keep_every_steps: int | None = None,
-                   async_save: bool = True) -> ocp.CheckpointManager:
-  """Alias of `create_writer`, kept for callers of the earlier name."""
-  return create_writer(workdir, keep=keep, keep_every_steps=keep_every_steps,
-                       async_save=async_save)
-
-
 # ------------------------------------------------------------------------------------ digests
 
 
@@ -173,7 +166,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *, data_state
   bad = nonfinite_leaves(state)
   if bad:
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    raise NonFiniteStateError(f"the state at step {step} is not finite ({shown}); it was not "
+    raise NonFiniteStateError(f"the state at step {step} is non-finite ({shown}); it was not "
                               "saved")
   config = json.loads(config_json)
   digest = make_digest(state, data_state, config)
