@@ -197,7 +197,8 @@ def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def _damaged(manager, step: int, what: str, e: BaseException | None = None) -> DamagedCheckpointError:
+def _damaged(manager, step: int, what: str,
+             e: BaseException | None = None) -> DamagedCheckpointError:
   why = "" if e is None else f" ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
   return DamagedCheckpointError(f"checkpoint {step} in {manager.directory} is damaged: {what}{why}")
 

@@ -60,7 +60,8 @@ def test_reading_modes_on_a_missing_or_empty_workdir_create_nothing(tmp_path):
   cases = {("sample", "missing"): "does not exist", ("eval", "missing"): "does not exist",
            ("sample", "empty"): "no checkpoint in"}
   procs = {case: subprocess.Popen(
-      [sys.executable, str(REPO / "main.py"), f"--mode={case[0]}", f"--workdir={tmp_path / case[1]}"],
+      [sys.executable, str(REPO / "main.py"), f"--mode={case[0]}",
+       f"--workdir={tmp_path / case[1]}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for case in cases}
   for case, proc in procs.items():

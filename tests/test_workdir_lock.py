@@ -26,7 +26,8 @@ def test_second_writer_is_refused_and_changes_nothing(tmp_path):
     assert info["pid"] == os.getpid() and info["holder"] == "train"
     (workdir / "checkpoints").mkdir()
     before = _tree(tmp_path)
-    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"in use by train \\(pid {os.getpid()}"):
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=f"in use by train \\(pid {os.getpid()}"):
       workdir_lock.WorkdirLock(str(workdir)).acquire()
     assert _tree(tmp_path) == before
   # Released: the next writer gets it.
