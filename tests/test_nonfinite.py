@@ -44,3 +44,17 @@ def test_all_nonfinite_samples_are_an_error_and_nothing_is_written(tmp_path):
     sample.sample_and_write(config, state, workdir)
   assert "\n" not in str(e.value)
   assert not list(tmp_path.glob("samples/*"))
+
+
+def test_metrics_use_the_finite_samples_only():
+  from score_jax import evaluate
+  seen = []
+  evaluator = evaluate.Evaluator(main_metric="m", featurize=lambda x: {"x": x},
+                                 score=lambda f: seen.append(f["x"]) or {"m": f["x"].mean()})
+  x = np.arange(8, dtype=np.float32).reshape(4, 2)
+  x[1, 0] = np.nan
+  row = evaluate.score_finite(evaluator, {"x": x})
+  assert row == {"m": np.delete(x, 1, axis=0).mean(), "finite_fraction": 0.75}
+  none = evaluate.score_finite(evaluator, {"x": np.full_like(x, np.inf)})
+  assert none == {"finite_fraction": 0.0}
+  assert len(seen) == 1  # no metric computed on all-non-finite samples
