@@ -45,6 +45,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -52,8 +53,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, data, experiment, fetch_inception, inception, metrics,
-                       mnist_classifier, models, noise, parallel, samplers, toy)
+from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
+                       metrics, mnist_classifier, models, noise, parallel, samplers, toy)
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
@@ -293,6 +294,12 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     with np.load(path) as f:
       if "meta" in f.files and str(f["meta"]) == meta:
         return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"]}
+  available = image_data.num_records(dataset=d.dataset, split=d.eval_split,
+                                     data_dir=d.data_dir, path=d.path)
+  if ev.num_samples > available:
+    raise ValueError(f"eval.num_samples={ev.num_samples} exceeds the {available} images of "
+                     f"{d.dataset}/{d.eval_split} (the reference statistics would repeat images); "
+                     "lower eval.num_samples or give eval.reference_stats")
   ref_config = config.copy_and_resolve_references()
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
@@ -429,16 +436,43 @@ def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], eval
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  """The checkpoint steps in `workdir`, ascending; CheckpointError when there are none."""
-  manager = checkpoint.create_manager(workdir, async_save=False)
+  """The checkpoint steps in `workdir`, ascending (read-only); CheckpointError when none."""
+  manager = checkpoint.open_reader(workdir)
   try:
-    steps = checkpoint.all_steps(manager)
+    return checkpoint.all_steps(manager)
   finally:
     manager.close()
-  if not steps:
-    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                                     "train first (python main.py --workdir=...)")
-  return steps
+
+
+def score_finite(evaluator: Evaluator, features: Features) -> dict[str, Any]:
+  """The evaluator's metrics of the finite samples only, plus `finite_fraction`.
+
+  Non-finite samples would make FID, KID and the toy distances NaN or meaningless, so they are
+  dropped; when none is finite only `finite_fraction` (0) is returned.
+  """
+  finite = features.get("finite")
+  if finite is None:
+    finite = experiment.finite_rows(next(iter(features.values())))
+  finite = np.asarray(finite, bool)
+  if not finite.any():
+    return {"finite_fraction": 0.0}
+  if not finite.all():
+    features = {k: np.asarray(v)[finite] for k, v in features.items()}
+  return {**evaluator.score(features), "finite_fraction": float(finite.mean())}
+
+
+def _check_finite(row: dict, *, fatal: bool) -> None:
+  """Warns about a row with non-finite samples; with `fatal`, all non-finite is an error."""
+  fraction = row.get("finite_fraction", 1.0)
+  if fraction == 0.0 and fatal:
+    raise experiment.NonFiniteSamplesError(
+        f"all {row['num_samples']} samples at step {row['step']} are non-finite "
+        f"({row['method']}, step_lr={row['step_lr']}); no metrics computed. Lower "
+        "sampling.step_lr or check the checkpoint")
+  if fraction < 1.0 and parallel.is_main_process():
+    print(f"warning: {1 - fraction:.1%} of the samples at step {row['step']} ({row['method']}, "
+          f"step_lr={row['step_lr']}) are non-finite; metrics use the finite ones",
+          file=sys.stderr)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
@@ -467,7 +501,7 @@ def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluato
   features = draw_features(sample_fn, evaluator, num_samples=config.eval.num_samples,
                            batch_size=config.eval.batch_size,
                            rng=jax.random.fold_in(rng, _SAMPLE_TAG))
-  return {**evaluator.score(features), "seconds": time.time() - start}
+  return {**score_finite(evaluator, features), "seconds": time.time() - start}
 
 
 def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
@@ -492,7 +526,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
                                    batch_size=config.eval.batch_size,
                                    rng=jax.random.fold_in(rng, _SAMPLE_TAG))
   seconds = (time.time() - start) / len(entries)
-  return [{**evaluator.score(f), "seconds": seconds, "vmapped_settings": len(entries)}
+  return [{**score_finite(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
           for f in features]
 
 
@@ -567,6 +601,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
         state = _restore(config, workdir, entry["step"])
         sample_fn = functools.partial(sampler, state.ema_params[0])
         row = _record(writer, fresh, entry, _evaluate_sampler(sample_fn, evaluator, config, rng))
+        _check_finite(row, fatal=True)
         if main:
           print(f"[eval] step {row['step']}: {main_metric}="
                 f"{row.get(main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)", flush=True)
@@ -672,6 +707,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
             results.append(_evaluate_sampler(sample_fn, evaluator, config, rng))
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)
+          _check_finite(row, fatal=False)  # a sweep maps where samplers diverge
           if main:
             print(f"[sweep] {_setting(entry)}: "
                   f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)
