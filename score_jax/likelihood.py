@@ -31,6 +31,7 @@ computed with batched JVPs/VJPs that rely on it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -108,6 +109,7 @@ def _drift(score_fn: ScoreFn, t, x):
   return -broadcast_sigma(sigma, x) ** 2 * score_fn(x, sigma)
 
 
+@functools.partial(jax.jit, static_argnames=("score_fn", "max_steps"))
 def _solve_x(score_fn, x, t0, t1, rtol, atol, max_steps):
   return ode.dopri5(lambda t, y: _drift(score_fn, t, y), x, t0, t1, rtol=rtol, atol=atol,
                     max_steps=max_steps)
@@ -241,6 +243,14 @@ def log_prob(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray | No
     if rng is None:
       raise ValueError(f"trace={trace!r} draws random probes: pass rng (or use trace='exact')")
     probes = _draw_probes(example_keys(rng, b), x.shape[1:], trace, int(num_probes), x.dtype)
+  return _log_prob(score_fn, x, probes, sigma_min, sigma_max, rtol, atol, max_steps=max_steps,
+                   prior_logp=prior_logp)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "max_steps", "prior_logp"))
+def _log_prob(score_fn, x, probes, sigma_min, sigma_max, rtol, atol, *, max_steps, prior_logp):
+  b = x.shape[0]
+  num_probes = 1 if probes is None else probes.shape[0]
 
   def field(t, state):
     y, _ = state
@@ -258,7 +268,7 @@ def log_prob(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray | No
   prior = (gaussian_prior_logp(z, sigma_max) if prior_logp is None else prior_logp(z))
   logp_probes = prior[:, None] - integral
   logp = jnp.mean(logp_probes, axis=1)
-  if trace == "exact":
+  if probes is None:
     se = jnp.zeros((b,), jnp.float32)
   elif num_probes == 1:
     se = jnp.full((b,), jnp.nan, jnp.float32)
@@ -340,9 +350,21 @@ def bits_per_dim(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray,
   _check_images(x)
   if int(num_repeats) < 1:
     raise ValueError(f"num_repeats={num_repeats} must be >= 1")
-  b = x.shape[0]
+  if trace not in TRACES:
+    raise ValueError(f"trace={trace!r} is unknown; use one of {TRACES}")
+  _check_sigmas(sigma_min, sigma_max)
+  _check_tols(rtol, atol)
+  keys = example_keys(rng, x.shape[0])
+  return _bits_per_dim(score_fn, x, keys, sigma_min, sigma_max, rtol, atol,
+                       num_repeats=int(num_repeats), centered=bool(centered), trace=trace,
+                       num_probes=int(num_probes), max_steps=int(max_steps))
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "num_repeats", "centered", "trace",
+                                             "num_probes", "max_steps"))
+def _bits_per_dim(score_fn, x, keys, sigma_min, sigma_max, rtol, atol, *, num_repeats, centered,
+                  trace, num_probes, max_steps):
   d = math.prod(x.shape[1:])
-  keys = example_keys(rng, b)
 
   def one_repeat(r):
     rep_keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
@@ -357,7 +379,7 @@ def bits_per_dim(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray,
     bpd = (-logp / d + math.log(256.0)) / math.log(2.0)
     return bpd, logp, info["logp_se"], info["nfe"], info["success"]
 
-  bpd_r, logp_r, se_r, nfe_r, ok_r = jax.lax.map(one_repeat, jnp.arange(int(num_repeats)))
+  bpd_r, logp_r, se_r, nfe_r, ok_r = jax.lax.map(one_repeat, jnp.arange(num_repeats))
   info = {"bpd_repeats": bpd_r, "logp": logp_r, "logp_se": se_r, "nfe": nfe_r,
           "success": ok_r}
   return jnp.mean(bpd_r, axis=0), info

@@ -64,15 +64,12 @@ def _bcast(v: jax.Array, leaf: jax.Array) -> jax.Array:
   return v.reshape(v.shape + (1,) * (leaf.ndim - v.ndim))
 
 
-def _combine(y, h, ks, weights):
-  """y + h * sum_i w_i k_i with per-example h `[b]` (zero weights skipped)."""
-  def leaf_sum(y_leaf, *k_leaves):
-    acc = jnp.zeros_like(y_leaf)
-    for w, k in zip(weights, k_leaves):
-      if w != 0.0:
-        acc = acc + w * k
+def _combine_stacked(y, h, k_stack, weights):
+  """y + h * sum_i w_i k_i with the slopes stacked `[n, b, ...]` and weights `[n]`."""
+  def leaf_sum(y_leaf, k_leaf):
+    acc = jnp.tensordot(weights.astype(k_leaf.dtype), k_leaf, axes=1)
     return y_leaf + _bcast(h, y_leaf) * acc
-  return jax.tree.map(leaf_sum, y, *ks)
+  return jax.tree.map(leaf_sum, y, k_stack)
 
 
 def _error_norm(err, y0, y1, rtol, atol) -> Float[Array, "b"]:
@@ -95,7 +92,7 @@ def _initial_step(fun, t0, y0, f0, direction, span, rtol, atol) -> Float[Array, 
   d1 = _rms_norm(f0, y0, rtol, atol)
   h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-30))
   h0 = jnp.minimum(h0, span)
-  y1 = _combine(y0, direction * h0, (f0,), (1.0,))
+  y1 = jax.tree.map(lambda y, f: y + _bcast(direction * h0, y) * f, y0, f0)
   f1 = fun(t0 + direction * h0, y1)
   diff = jax.tree.map(lambda a, b: a - b, f1, f0)
   d2 = _rms_norm(diff, y0, rtol, atol) / h0
@@ -143,6 +140,11 @@ def dopri5(fun: VectorField, y0: Any, t0: Float[Array, "b"] | float,
   direction = jnp.where(t1 >= t0, 1.0, -1.0).astype(dtype)
   span = jnp.abs(t1 - t0)
 
+  a_rows = jnp.asarray([list(row) + [0.0] * (7 - len(row)) for row in _A], dtype)  # [6, 7]
+  c_nodes = jnp.asarray(_C, dtype)
+  b_weights = jnp.asarray(_B, dtype)
+  e_weights = jnp.asarray(_E, dtype)
+
   f0 = fun(t0, y0)
   h = _initial_step(fun, t0, y0, f0, direction, jnp.maximum(span, 1e-30), rtol, atol)
   zeros = jnp.zeros((b,), jnp.int32)
@@ -162,12 +164,19 @@ def dopri5(fun: VectorField, y0: Any, t0: Float[Array, "b"] | float,
     remaining = jnp.abs(t1 - t)
     last = h_mag >= remaining
     step = jnp.where(active, direction * jnp.where(last, remaining, h_mag), 0.0)
-    ks = [f]
-    for i in range(1, 7):
-      y_stage = _combine(y, step, ks, _A[i - 1])
-      ks.append(fun(t + _C[i] * step, y_stage))
-    y_new = _combine(y, step, ks[:6], _A[5])
-    err = _combine(jax.tree.map(jnp.zeros_like, y), step, ks, _E)
+    # The six new stages run in a loop (one copy of the vector field in the program, not six);
+    # the slopes are stacked [7, b, ...], and a row of the stage matrix is zero past its stage.
+    k_stack = jax.tree.map(lambda leaf: jnp.zeros((7,) + leaf.shape, leaf.dtype).at[0].set(leaf),
+                           f)
+
+    def stage(i, k_stack):
+      y_stage = _combine_stacked(y, step, k_stack, a_rows[i - 1])
+      k_i = fun(t + c_nodes[i] * step, y_stage)
+      return jax.tree.map(lambda st, leaf: st.at[i].set(leaf), k_stack, k_i)
+
+    k_stack = jax.lax.fori_loop(1, 7, stage, k_stack)
+    y_new = _combine_stacked(y, step, k_stack, b_weights)
+    err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), step, k_stack, e_weights)
     norm = _error_norm(err, y, y_new, rtol, atol)
     accept = active & (norm <= 1.0)
     factor = jnp.where(norm == 0.0, max_factor,
@@ -178,7 +187,7 @@ def dopri5(fun: VectorField, y0: Any, t0: Float[Array, "b"] | float,
     t_new = jnp.where(accept, jnp.where(last, t1, t + step), t)
     pick = lambda new, old: jnp.where(_bcast(accept, new), new, old)
     y_out = jax.tree.map(pick, y_new, y)
-    f_out = jax.tree.map(pick, ks[6], f)
+    f_out = jax.tree.map(pick, jax.tree.map(lambda st: st[6], k_stack), f)
     done_new = done | (accept & last)
     return (t_new, y_out, f_out, h_new, done_new, nfe + 6 * active,
             n_acc + accept, n_rej + (active & ~accept))
