@@ -19,6 +19,7 @@ tightly as a large one. Reverse-mode differentiation through the solve is not su
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -86,20 +87,35 @@ def _rms_norm(y, scale_like, rtol, atol) -> Float[Array, "b"]:
   return _error_norm(y, scale_like, zero, rtol, atol)
 
 
-def _initial_step(fun, t0, y0, f0, direction, span, rtol, atol) -> Float[Array, "b"]:
-  """Starting step size magnitude per example (Hairer, Norsett & Wanner, Section II.4)."""
+def _first_guess(y0, f0, span, rtol, atol) -> Float[Array, "b"]:
   d0 = _rms_norm(y0, y0, rtol, atol)
   d1 = _rms_norm(f0, y0, rtol, atol)
   h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-30))
-  h0 = jnp.minimum(h0, span)
-  y1 = jax.tree.map(lambda y, f: y + _bcast(direction * h0, y) * f, y0, f0)
-  f1 = fun(t0 + direction * h0, y1)
+  return jnp.minimum(h0, span)
+
+
+def _start(fun, t0, y0, direction, span, rtol, atol):
+  """The slope at t0 and the starting step size magnitude per example (Hairer, Norsett &
+  Wanner, Section II.4): a first guess from |y0| and |f0|, refined with a second slope f1 taken
+  an Euler step away. The two evaluations run in a two-pass loop, so the vector field appears
+  once in the program."""
+  def evaluate(i, carry):
+    f0, _, h0 = carry
+    h = jnp.where(i == 0, 0.0, direction * h0)
+    f = fun(t0 + h, jax.tree.map(lambda y, g: y + _bcast(h, y) * g, y0, f0))
+    f0 = jax.tree.map(lambda new, old: jnp.where(i == 0, new, old), f, f0)
+    h0 = jnp.where(i == 0, _first_guess(y0, f, span, rtol, atol), h0)
+    return f0, f, h0
+
+  zeros = jax.tree.map(jnp.zeros_like, y0)
+  f0, f1, h0 = jax.lax.fori_loop(0, 2, evaluate, (zeros, zeros, jnp.ones_like(span)))
+  d1 = _rms_norm(f0, y0, rtol, atol)
   diff = jax.tree.map(lambda a, b: a - b, f1, f0)
   d2 = _rms_norm(diff, y0, rtol, atol) / h0
   dmax = jnp.maximum(d1, d2)
   h1 = jnp.where(dmax <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
                  (0.01 / jnp.maximum(dmax, 1e-30)) ** (1.0 / _ORDER))
-  return jnp.minimum(jnp.minimum(100.0 * h0, h1), span)
+  return f0, jnp.minimum(jnp.minimum(100.0 * h0, h1), span)
 
 
 def dopri5(fun: VectorField, y0: Any, t0: Float[Array, "b"] | float,
@@ -134,6 +150,15 @@ def dopri5(fun: VectorField, y0: Any, t0: Float[Array, "b"] | float,
                      f"got shapes {[tuple(leaf.shape) for leaf in leaves]}")
   if int(max_steps) < 1:
     raise ValueError(f"dopri5: max_steps={max_steps} must be >= 1")
+  return _dopri5(fun, y0, t0, t1, rtol, atol, max_steps=int(max_steps), safety=float(safety),
+                 min_factor=float(min_factor), max_factor=float(max_factor))
+
+
+@functools.partial(jax.jit, static_argnames=("fun", "max_steps", "safety", "min_factor",
+                                             "max_factor"))
+def _dopri5(fun, y0, t0, t1, rtol, atol, *, max_steps, safety, min_factor, max_factor):
+  leaves = jax.tree.leaves(y0)
+  b = leaves[0].shape[0]
   dtype = jnp.result_type(leaves[0].dtype, jnp.float32)
   t0 = jnp.broadcast_to(jnp.asarray(t0, dtype), (b,))
   t1 = jnp.broadcast_to(jnp.asarray(t1, dtype), (b,))
@@ -145,8 +170,7 @@ def dopri5(fun: VectorField, y0: Any, t0: Float[Array, "b"] | float,
   b_weights = jnp.asarray(_B, dtype)
   e_weights = jnp.asarray(_E, dtype)
 
-  f0 = fun(t0, y0)
-  h = _initial_step(fun, t0, y0, f0, direction, jnp.maximum(span, 1e-30), rtol, atol)
+  f0, h = _start(fun, t0, y0, direction, jnp.maximum(span, 1e-30), rtol, atol)
   zeros = jnp.zeros((b,), jnp.int32)
   done0 = span == 0
   carry = (t0, y0, f0, h, done0, jnp.full((b,), 2, jnp.int32) * (~done0), zeros, zeros)
