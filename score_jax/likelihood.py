@@ -324,7 +324,8 @@ def bits_per_dim(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray,
   and log p(y) = log p(2y - 1) + D log 2.
 
   Pure and per example: jit- and vmap-able, and with per-example keys a caller may shard the
-  batch axis over devices without changing any value.
+  batch axis over devices without changing any value (`jax.shard_map` with `check_vma=False`,
+  as `parallel.sample_parallel` runs samplers: the solver's loop carries start from constants).
 
   Args:
     score_fn: `(x [b, ...], sigma [b]) -> score` of the model's data space.
