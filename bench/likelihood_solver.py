@@ -11,8 +11,9 @@ Solvers: score_jax `ode.dopri5` (per-example step control); diffrax `Dopri5` wit
 `PIDController` (I-controller, its defaults) solving the batch as one ODE (one step size for the
 batch), and diffrax vmapped over examples (per-example step control). Time is log sigma for all.
 Reported per solver: the largest |logp error| per dimension, mean and max NFE per example
-(diffrax: 6 per step + 2 for the starting step, like ours), and the process CPU time of a compiled call
-(median of repeats) with its ratio against score_jax's.
+(diffrax: 6 per step + 2 for the starting step, like ours), and the process CPU time of a
+compiled call (median of repeats, the solvers interleaved; CPU time, not wall time, because the
+machine is shared) with its ratio against score_jax's.
 
     /tmp/venv-i21/bin/python bench/likelihood_solver.py   # a venv with diffrax (not a dependency)
 """

@@ -2,7 +2,7 @@
 
 For the variance-exploding perturbation x_sigma = x + sigma z the probability-flow ODE in sigma is
 dx/dsigma = -sigma s(x, sigma) (Song et al. 2021, "Score-Based Generative Modeling through
-Stochastic Differential Equations", Eq. 13 with g^2 = d sigma^2 / dt; Karras et al. 2022, Eq. 4),
+Stochastic Differential Equations", Eq. 13 with g^2 = d sigma^2 / dt; Karras et al. 2022, Eq. 1),
 and along a solution d log p_sigma(x(sigma)) / dsigma = -div(dx/dsigma) = sigma div s (the
 instantaneous change of variables, Chen et al. 2018, Theorem 1), so
 
@@ -169,7 +169,7 @@ def decode(score_fn: ScoreFn, z: Float[Array, "b ..."], *, sigma_min: float, sig
 
 
 def _exact_divergence(score_fn, x, sigma):
-  """Score and its exact divergence `[b]`: one JVP per data dimension, batched over examples."""
+  """Score and its exact divergence `[b, 1]`: one JVP per data dimension, batched over examples."""
   score, jvp_fn = jax.linearize(lambda y: score_fn(y, sigma), x)
   d = math.prod(x.shape[1:])
   basis = jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:])
