@@ -202,6 +202,7 @@ def _dopri5(fun, y0, t0, t1, rtol, atol, *, max_steps, safety, min_factor, max_f
     y_new = _combine_stacked(y, step, k_stack, b_weights)
     err = _combine_stacked(jax.tree.map(jnp.zeros_like, y), step, k_stack, e_weights)
     norm = _error_norm(err, y, y_new, rtol, atol)
+    norm = jnp.where(jnp.isnan(norm), jnp.inf, norm)  # a non-finite step shrinks, never accepts
     accept = active & (norm <= 1.0)
     factor = jnp.where(norm == 0.0, max_factor,
                        safety * jnp.maximum(norm, 1e-30) ** (-1.0 / _ORDER))
