@@ -1,0 +1,111 @@
+"""Paths for every file the project reads or writes: local folders and cloud-storage URLs alike.
+
+Everything goes through `etils.epath`, the path type of the JAX ecosystem (Orbax, TFDS and
+TensorBoard take the same URLs). A URL such as `gs://bucket/run` is kept as it is; only local
+paths are made absolute, so a URL never turns into a local folder named `gs:`. Without
+TensorFlow, epath serves `gs://` through fsspec's `gcs` filesystem (the `gcsfs` package).
+
+Objects on cloud storage are written whole, so a write there is already all-or-nothing; local
+writes go to a temporary file in the same folder first and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import IO, Any
+
+import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_url(path: PathLike) -> bool:
+  """True for a `scheme://...` path (cloud storage), False for a local path."""
+  return "://" in os.fspath(path)
+
+
+def is_local(path: PathLike) -> bool:
+  """True for a path on the local file system."""
+  return not is_url(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """`path` as an `epath.Path`: URLs untouched, local paths expanded (`~`) and made absolute."""
+  if isinstance(path, epath.Path) and not is_local(path):
+    return path
+  s = os.fspath(path)
+  if is_url(s):
+    return epath.Path(s)
+  return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def as_str(path: PathLike) -> str:
+  """`as_path(path)` as a string (`gs://bucket/run` or an absolute local path)."""
+  return os.fspath(as_path(path))
+
+
+def join(path: PathLike, *parts: str) -> str:
+  """`path / parts...` as a string, the URL kept a URL."""
+  return os.fspath(as_path(path).joinpath(*parts))
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates the folder `path` and its parents if absent (a no-op prefix on object storage)."""
+  as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def exists(path: PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def isdir(path: PathLike) -> bool:
+  return as_path(path).is_dir()
+
+
+def isfile(path: PathLike) -> bool:
+  p = as_path(path)
+  return p.exists() and not p.is_dir()
+
+
+def open_file(path: PathLike, mode: str = "r") -> IO[Any]:
+  """Opens `path` (local or URL) with mode r, w, a, rb, wb or ab."""
+  return as_path(path).open(mode)
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` all-or-nothing, creating the parent folder."""
+  p = as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if not is_local(p):
+    p.write_bytes(data)
+    return
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(p.parent), prefix=f".{p.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, os.fspath(p))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path: PathLike, text: str) -> None:
+  """Writes UTF-8 `text` to `path` all-or-nothing."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def save_npz(path: PathLike, *, compressed: bool = False, **arrays: np.ndarray) -> None:
+  """`np.savez` (or `np.savez_compressed`) of `arrays` to `path`, local or URL."""
+  buf = io.BytesIO()
+  (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+  write_bytes(path, buf.getvalue())
+
+
+def load_npz(path: PathLike) -> dict[str, np.ndarray]:
+  """All arrays of the `.npz` file at `path`, read into memory."""
+  with open_file(path, "rb") as f:
+    with np.load(io.BytesIO(f.read()), allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
