@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from score_jax import paths
 
 PyTree = Any
 T = TypeVar("T")
@@ -58,7 +59,7 @@ class NonFiniteStateError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(workdir, "checkpoints")
 
 
 def create_writer(workdir: str, *, keep: int = 3, keep_every_steps: int | None = None,
@@ -86,7 +87,7 @@ def open_reader(workdir: str) -> ocp.CheckpointManager:
     CheckpointError: the directory does not exist or holds no finalized step.
   """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise CheckpointError(f"no checkpoint in {directory} (the directory does not exist); train "
                           "first (python main.py --workdir=...) or pass the run's --workdir")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -194,7 +195,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(manager.directory), str(step))
+  return paths.join(manager.directory, str(step))
 
 
 def _damaged(manager, step: int, what: str,
@@ -204,7 +205,7 @@ def _damaged(manager, step: int, what: str,
 
 
 def _restore_json(manager, step: int, item: str):
-  if not os.path.isdir(os.path.join(_step_path(manager, step), item)):
+  if not paths.isdir(paths.join(_step_path(manager, step), item)):
     return None
   try:
     return manager.restore(step, args=ocp.args.Composite(
@@ -215,8 +216,8 @@ def _restore_json(manager, step: int, item: str):
 
 def _digest(manager, step: int) -> dict | None:
   """The verified digest of `step`, or None for a step saved before digests existed."""
-  if not os.path.isdir(os.path.join(_step_path(manager, step), "digest")):
-    if os.path.isdir(os.path.join(_step_path(manager, step), "state")):
+  if not paths.isdir(paths.join(_step_path(manager, step), "digest")):
+    if paths.isdir(paths.join(_step_path(manager, step), "state")):
       return None
     raise _damaged(manager, step, "it has no state")
   d = _restore_json(manager, step, "digest")
@@ -279,12 +280,12 @@ def restore(manager: ocp.CheckpointManager, step: int, target: PyTree) -> tuple[
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Renames a damaged step into `checkpoints/damaged/` (a free name) and returns the new path."""
-  root = os.path.join(str(manager.directory), DAMAGED_DIR)
-  os.makedirs(root, exist_ok=True)
-  dest, n = os.path.join(root, str(step)), 1
-  while os.path.exists(dest):
-    dest, n = os.path.join(root, f"{step}.{n}"), n + 1
-  os.rename(_step_path(manager, step), dest)
+  root = paths.join(manager.directory, DAMAGED_DIR)
+  paths.makedirs(root)
+  dest, n = paths.join(root, str(step)), 1
+  while paths.exists(dest):
+    dest, n = paths.join(root, f"{step}.{n}"), n + 1
+  paths.as_path(_step_path(manager, step)).rename(dest)
   manager.reload()
   return dest
 
@@ -318,7 +319,7 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
     try:
       return s, restore_fn(s)
     except DamagedCheckpointError as e:
-      if not os.path.isdir(_step_path(manager, s)):
+      if not paths.isdir(_step_path(manager, s)):
         continue  # rotated away by the writer while this reader read it
       damaged.append(s)
       if move_damaged:

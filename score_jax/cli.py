@@ -19,12 +19,11 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from score_jax import workdir_lock
+from score_jax import paths, workdir_lock
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _MODES = ("train", "sample", "eval", "sampler_sweep", "sweep")
@@ -82,19 +81,21 @@ def _check_workdir(workdir: str, mode: str) -> None:
   writer holds the workdir, and reading modes need an existing workdir: a refused run creates
   nothing.
   """
-  path = pathlib.Path(workdir).resolve()
+  path = paths.as_path(workdir)
   if mode in ("train", "sweep"):
-    workdir_lock.raise_if_held(str(path))
+    workdir_lock.raise_if_held(os.fspath(path))
   elif not path.is_dir():
     raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
                      "train first or pass the run's --workdir")
   try:
     path.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_") as probe:
-      probe.write(b"ok")
+    probe = path / f".write_probe_{os.getpid()}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: {path} is not a writable directory "
-                     f"({e.strerror or e}); pick a directory you can write to") from None
+                     f"({getattr(e, 'strerror', None) or e}); pick a directory you can write "
+                     "to") from None
 
 
 def _default_workdir() -> str:
@@ -171,7 +172,7 @@ def run(config, workdir: str, mode: str) -> None:
     results = sample.sample_and_write(config, state, workdir)
     if parallel.is_main_process():
       print(_summary_table(results))
-      print(f"results in {os.path.abspath(workdir)}")
+      print(f"results in {paths.as_str(workdir)}")
   elif mode == "sample":
     loaded_config, state = experiment.load_checkpoint(workdir)
     if FLAGS["config"].present:
@@ -189,7 +190,7 @@ def run(config, workdir: str, mode: str) -> None:
   elif mode == "sweep":
     sweep = _load_sweep(config_flags.get_config_filename(FLAGS["config"]))
     for i, overrides in enumerate(sweep):
-      sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
+      sub = paths.join(workdir, f"sweep_{i:03d}_" + "_".join(
           f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
       sub_config = _apply_overrides(config, overrides)
       validate_config(sub_config)

@@ -5,6 +5,13 @@ killed included; the file's content (holder, host, pid, start time, JSON) only s
 A second writer fails with `WorkdirLockedError` before it creates, deletes or renames anything.
 The file is never deleted while the workdir holds anything else, since a process that opened the
 old file would then lock a different one than a later process.
+
+On cloud storage (`gs://...` workdirs) there are no OS locks: the lock is an object written with
+its holder's info, checked before the run and deleted when the holder exits cleanly. It stops a
+second writer started while the first runs, but the check and the write are two requests, so two
+writers started at the same moment can both pass; and a holder that dies without cleaning up
+leaves the object, which a later run on the same host takes over when the recorded pid is gone,
+while a run on another host (after a preemption, say) is refused until the object is deleted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import json
 import os
 import socket
 import sys
+
+from score_jax import paths
 
 LOCK_NAME = "train.lock"
 
@@ -49,7 +58,7 @@ def raise_if_held(workdir: str) -> None:
   lock itself.
   """
   lock = WorkdirLock(workdir)
-  if os.path.exists(lock.path):
+  if paths.exists(lock.path):
     lock._created_workdir = False
     lock.acquire(quiet=True)
     lock.release(clear=False)
@@ -64,8 +73,9 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str, holder: str = "train"):
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_NAME)
+    self.workdir = paths.as_str(workdir)
+    self.path = paths.join(self.workdir, LOCK_NAME)
+    self._object = paths.is_url(self.workdir)
     self.holder = holder
     self._fd: int | None = None
     self._created_workdir = False
@@ -76,6 +86,8 @@ class WorkdirLock:
     Args:
       quiet: take it without recording this process as the holder (a probe).
     """
+    if self._object:
+      return self._acquire_object(quiet=quiet)
     if os.path.exists(self.path):
       # Probe the existing file without O_CREAT: a refused writer must not create anything.
       fd = os.open(self.path, os.O_RDWR)
@@ -99,11 +111,39 @@ class WorkdirLock:
       print(f"note: the previous writer of {self.workdir} (pid {previous['pid']} on "
             f"{previous.get('host')}, started {previous.get('start')}) did not exit cleanly; "
             "taking over", file=sys.stderr)
-    info = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-            "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = self._info()
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     os.fsync(fd)
+    return self
+
+  def _info(self) -> dict:
+    return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+            "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+  def _acquire_object(self, *, quiet: bool) -> "WorkdirLock":
+    """`acquire` for a workdir on object storage: a lock object holding the holder's info."""
+    lock = paths.as_path(self.path)
+    info = {}
+    if lock.exists():
+      try:
+        info = json.loads(lock.read_text() or "{}")
+      except ValueError:
+        info = {}
+    pid = info.get("pid")
+    if pid:
+      same_host_dead = (info.get("host") == socket.gethostname() and isinstance(pid, int)
+                        and not _pid_alive(pid))
+      if not same_host_dead:
+        raise WorkdirLockedError(
+            self._refusal(info) + f"; if that writer is gone, delete {self.path} and rerun")
+      if not quiet:
+        print(f"note: the previous writer of {self.workdir} (pid {pid} on {info.get('host')}, "
+              f"started {info.get('start')}) did not exit cleanly; taking over", file=sys.stderr)
+    if quiet:
+      return self
+    paths.write_text(self.path, json.dumps(self._info()))
+    self._fd = -1
     return self
 
   def _refusal(self, info: dict) -> str:
@@ -123,6 +163,10 @@ class WorkdirLock:
     if self._fd is None:
       return
     fd, self._fd = self._fd, None
+    if self._object:
+      if clear:
+        paths.as_path(self.path).unlink(missing_ok=True)
+      return
     if clear:
       os.ftruncate(fd, 0)
     if self._created_workdir and os.listdir(self.workdir) == [LOCK_NAME]:
