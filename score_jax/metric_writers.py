@@ -7,19 +7,25 @@ A run resumed from step k continues its logs from k: rows past k are dropped fro
 file, and the new event file (in the same TensorBoard run directory) starts with a
 `SessionLog.START` event at step k + 1, which makes TensorBoard's event accumulator purge the
 earlier run's events at steps > k (its restart handling, `_CheckForRestartAndMaybePurge`).
+
+A workdir on cloud storage (`gs://...`) works too: the JSON lines file goes through
+`score_jax.paths`, and TensorBoard's event writer opens URLs through its own `gfile`, which
+hands non-local paths to fsspec. Objects cannot be appended to, so there each row rewrites the
+whole JSON lines object.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Mapping
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from score_jax import paths
 
 
 def _to_float(v) -> float | None:
@@ -44,12 +50,16 @@ class MetricWriter:
 
   def __init__(self, workdir: str, name: str = "metrics", *, tensorboard: bool = True,
                start_step: int | None = None):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, f"{name}.jsonl")
+    paths.makedirs(workdir)
+    self.path = paths.join(workdir, f"{name}.jsonl")
     if start_step is not None:
       _drop_rows_after(self.path, start_step)
-    self._jsonl = open(self.path, "a", encoding="utf-8")
-    self._tb = EventFileWriter(os.path.join(workdir, "tb", name)) if tensorboard else None
+    if paths.is_local(self.path):
+      self._jsonl, self._rows = open(self.path, "a", encoding="utf-8"), None
+    else:
+      self._jsonl = None
+      self._rows = paths.as_path(self.path).read_text() if paths.exists(self.path) else ""
+    self._tb = EventFileWriter(paths.join(workdir, "tb", name)) if tensorboard else None
     if self._tb is not None and start_step is not None:
       self._tb.add_event(event_pb2.Event(
           wall_time=time.time(), step=int(start_step) + 1,
@@ -68,24 +78,29 @@ class MetricWriter:
       record[k] = f if math.isfinite(f) else str(f)
       values.append(summary_pb2.Summary.Value(tag=k, simple_value=f))
     record.update(extra)
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    else:
+      self._rows += json.dumps(record) + "\n"
+      paths.write_text(self.path, self._rows)
     if self._tb is not None and values:
       self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                          summary=summary_pb2.Summary(value=values)))
       self._tb.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
 
 def _drop_rows_after(path: str, step: int) -> None:
   """Rewrites `path` (atomically) without rows whose step is past `step`; unparsable rows go."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return
-  with open(path, encoding="utf-8") as f:
+  with paths.open_file(path) as f:
     lines = f.readlines()
   keep = []
   for line in lines:
@@ -97,12 +112,9 @@ def _drop_rows_after(path: str, step: int) -> None:
       keep.append(line if line.endswith("\n") else line + "\n")
   if keep == lines:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  paths.write_text(path, "".join(keep))
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
+  with paths.open_file(path) as f:
     return [json.loads(line) for line in f if line.strip()]
