@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Mapping, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure  # pyplot-free: no global backend switch, notebooks keep theirs
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from score_jax import paths
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+  """Writes `image` as PNG to `path` (local or URL), creating the folder."""
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())
+
+
+def _savefig(fig: Figure, path: str) -> None:
+  """Writes `fig` as PNG to `path` (local or URL), creating the folder."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  paths.write_bytes(path, buf.getvalue())
 
 
 def to_uint8(x: np.ndarray, *, centered: bool = False) -> np.ndarray:
@@ -36,7 +52,7 @@ def image_grid(x: np.ndarray, *, ncol: int | None = None, pad: int = 2,
 def save_image_grid(x: np.ndarray, path: str, *, ncol: int | None = None,
                     centered: bool = False) -> None:
   grid = image_grid(x, ncol=ncol, centered=centered)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  _save_png(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid), path)
 
 
 def save_intermediates(saved: np.ndarray, path: str, *, centered: bool = False) -> None:
@@ -72,7 +88,7 @@ def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], pa
       ax.set_aspect("equal")
     ax.set_title(name)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
 
 
 def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None], path: str) -> None:
@@ -98,7 +114,7 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
     ax.set_xlabel("level")
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
 
 
 def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, ylabel: str,
@@ -113,8 +129,7 @@ def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, yl
   ax.set_ylabel(ylabel)
   ax.legend()
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
 
 
 def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]], path: str, *,
@@ -138,8 +153,7 @@ def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]
     ax.set_title(name)
     ax.set_xlabel(xlabel)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
 
 
 def save_lines(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
@@ -171,8 +185,7 @@ def save_lines(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
   if curves or levels:
     ax.legend(fontsize="small")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
 
 
 def density_grid(lo: Sequence[float], hi: Sequence[float], n: int) -> np.ndarray:
@@ -232,5 +245,4 @@ def save_log_density(panels: Mapping[str, np.ndarray], path: str, *, lo: Sequenc
                          cmap="coolwarm", aspect="equal")
     axes[-1].set_title(f"{names[0]} - {names[1]} (nats)", fontsize="small")
     fig.colorbar(im, ax=axes[-1], shrink=0.8)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)

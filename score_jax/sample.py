@@ -10,7 +10,6 @@ training) runs: it samples with the configured sampler using the first EMA param
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, models, parallel, plots, toy
+from score_jax import data, experiment, models, parallel, paths, plots, toy
 from score_jax.experiment import sampler_kwargs, sigmas_from_config
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
@@ -44,10 +43,10 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
   """Samples with each method, writes npz/PNGs/metrics under `workdir`, returns the metrics."""
   s = config.sampling
   methods = tuple(s.methods) if methods is None else methods
-  out_dir = os.path.join(workdir, "samples")
+  out_dir = paths.join(workdir, "samples")
   main = parallel.is_main_process()
   if main:
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
   step = int(jax.device_get(state.step))
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x5A3)
   is_toy = data.is_toy(config.data.dataset)
@@ -85,22 +84,22 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     metrics["finite_fraction"] = float(finite.mean())
     results[method] = metrics
     if main:
-      np.savez_compressed(os.path.join(out_dir, f"{tag}.npz"), x=samples,
-                          sigmas=np.asarray(sigmas_from_config(config)),
-                          **({"x_before_denoising": raw} if raw is not None else {}))
+      paths.save_npz(paths.join(out_dir, f"{tag}.npz"), compressed=True, x=samples,
+                     sigmas=np.asarray(sigmas_from_config(config)),
+                     **({"x_before_denoising": raw} if raw is not None else {}))
       if not is_toy:
         if raw is not None:
-          plots.save_image_grid(raw[:64], os.path.join(out_dir, f"{tag}_grid.png"),
+          plots.save_image_grid(raw[:64], paths.join(out_dir, f"{tag}_grid.png"),
                                 centered=config.data.centered)
-          plots.save_image_grid(samples[:64], os.path.join(out_dir, f"{tag}_denoised_grid.png"),
+          plots.save_image_grid(samples[:64], paths.join(out_dir, f"{tag}_denoised_grid.png"),
                                 centered=config.data.centered)
         else:
-          plots.save_image_grid(samples[:64], os.path.join(out_dir, f"{tag}_grid.png"),
+          plots.save_image_grid(samples[:64], paths.join(out_dir, f"{tag}_grid.png"),
                                 centered=config.data.centered)
         saved = (trajectory or {}).get("samples")
         if saved is not None:
           plots.save_intermediates(np.asarray(saved)[:, :8],
-                                   os.path.join(out_dir, f"{tag}_intermediates.png"),
+                                   paths.join(out_dir, f"{tag}_intermediates.png"),
                                    centered=config.data.centered)
   if not is_toy and s.inpaint_examples:
     x_known = _test_images(config, s.inpaint_examples)
@@ -110,14 +109,14 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
       truth = np.asarray(distribution.sample(jax.random.fold_in(rng, 11), s.num_samples))
       plots.save_toy_comparison(truth, all_samples,
-                                os.path.join(out_dir, f"comparison_step{step}.png"))
-    plots.save_trajectories(trajectories, os.path.join(out_dir, f"trajectory_step{step}.png"))
+                                paths.join(out_dir, f"comparison_step{step}.png"))
+    plots.save_trajectories(trajectories, paths.join(out_dir, f"trajectory_step{step}.png"))
     writer = MetricWriter(workdir, name="sample_metrics", tensorboard=False)
     for method, m in results.items():
       writer.write(step, {}, **{k: v for k, v in m.items() if k != "step"})
     writer.close()
-    with open(os.path.join(out_dir, f"metrics_step{step}.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    paths.write_text(paths.join(out_dir, f"metrics_step{step}.json"),
+                     json.dumps(results, indent=2))
   return results
 
 
@@ -163,9 +162,9 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
   completed = np.asarray(run(x0, jax.random.fold_in(rng, 1)))
   if parallel.is_main_process():
     step = int(jax.device_get(state.step))
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = paths.join(workdir, "samples")
+    paths.makedirs(out_dir)
     plots.save_inpainting_grid(x_known * mask, completed,
-                               os.path.join(out_dir, f"inpainting_step{step}.png"),
+                               paths.join(out_dir, f"inpainting_step{step}.png"),
                                centered=config.data.centered)
   return completed
