@@ -23,6 +23,10 @@ a reader only skips it. A state with a non-finite float leaf is never saved
 
 Restoring takes the shardings of a target state built on the current mesh, so a checkpoint
 written on 8 devices restores onto 1 and vice versa.
+
+A workdir may be a `gs://` URL. Orbax then needs `google-cloud-storage` (it asks the bucket's
+layout) and writes arrays through TensorStore's own GCS driver, not through fsspec, so checkpoints
+there need real Cloud Storage; a missing package is reported before anything is written.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def create_writer(workdir: str, *, keep: int = 3, keep_every_steps: int | None =
   """
   if keep < 1:
     raise ValueError(f"training.keep_checkpoints={keep} would delete every checkpoint; use >= 1")
+  paths.check_url_support(workdir, checkpoints=True)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every_steps, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -85,7 +90,9 @@ def open_reader(workdir: str) -> ocp.CheckpointManager:
 
   Raises:
     CheckpointError: the directory does not exist or holds no finalized step.
+    paths.CloudStorageError: a `gs://` workdir without the packages Orbax needs there.
   """
+  paths.check_url_support(workdir, checkpoints=True)
   directory = checkpoint_dir(workdir)
   if not paths.isdir(directory):
     raise CheckpointError(f"no checkpoint in {directory} (the directory does not exist); train "

@@ -81,6 +81,10 @@ def _check_workdir(workdir: str, mode: str) -> None:
   writer holds the workdir, and reading modes need an existing workdir: a refused run creates
   nothing.
   """
+  try:
+    paths.check_url_support(workdir, checkpoints=True)
+  except paths.CloudStorageError as e:
+    raise UsageError(f"--workdir={e}") from None
   path = paths.as_path(workdir)
   if mode in ("train", "sweep"):
     workdir_lock.raise_if_held(os.fspath(path))

@@ -32,6 +32,50 @@ def is_local(path: PathLike) -> bool:
   return not is_url(path)
 
 
+class CloudStorageError(ValueError):
+  """A cloud-storage URL this installation cannot read or write."""
+
+
+_FSSPEC_PROTOCOL = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs"), "az": ("az", "adlfs"),
+                    "hf": ("hf", "huggingface_hub")}
+
+
+def check_url_support(path: PathLike, *, checkpoints: bool = False) -> None:
+  """Raises `CloudStorageError` (one line, naming the package to install) when `path` is a URL
+  this installation cannot serve; local paths always pass.
+
+  Args:
+    path: the path to check.
+    checkpoints: the path will also hold Orbax checkpoints. On `gs://`, Orbax asks the bucket's
+      layout through `google-cloud-storage` and writes arrays with TensorStore's own GCS driver,
+      neither of which goes through fsspec; other schemes have no Orbax support here.
+  """
+  s = os.fspath(path)
+  if not is_url(s):
+    return
+  scheme = s.split("://", 1)[0]
+  if scheme not in _FSSPEC_PROTOCOL:
+    raise CloudStorageError(f"{s}: unsupported URL scheme {scheme}://; use a local path or one "
+                            f"of {', '.join(k + '://' for k in _FSSPEC_PROTOCOL)}")
+  protocol, package = _FSSPEC_PROTOCOL[scheme]
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fsspec.get_filesystem_class(protocol)
+  except (ImportError, ValueError):
+    raise CloudStorageError(f"{s}: reading and writing {scheme}:// needs the `{package}` package; "
+                            f"pip install {package}") from None
+  if not checkpoints:
+    return
+  if scheme != "gs":
+    raise CloudStorageError(f"{s}: checkpoints on {scheme}:// are not supported; use a local "
+                            "path or gs://")
+  try:
+    from google.cloud import storage  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise CloudStorageError(f"{s}: Orbax checkpoints on gs:// need the `google-cloud-storage` "
+                            "package; pip install google-cloud-storage") from None
+
+
 def as_path(path: PathLike) -> epath.Path:
   """`path` as an `epath.Path`: URLs untouched, local paths expanded (`~`) and made absolute."""
   if isinstance(path, epath.Path) and not is_local(path):
