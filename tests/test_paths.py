@@ -1,0 +1,147 @@
+"""Cloud-storage paths: `gs://` workdirs on a non-local file system, never a local `gs:` folder.
+
+fsspec's in-memory file system stands in for Cloud Storage under the `gs` and `gcs` protocols:
+without TensorFlow, `etils.epath` serves `gs://` paths with `fsspec.filesystem("gcs")`, and
+TensorBoard's event writer opens them through fsspec too, so both meet this backend.
+"""
+
+import io
+import json
+import os
+
+import fsspec
+import jax
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from configs import test as test_config
+from score_jax import checkpoint, cli, experiment, models, paths, sample, workdir_lock
+from score_jax.metric_writers import MetricWriter, read_jsonl
+
+RUN = "gs://bucket/run"
+
+
+class _FakeCloudStorage(MemoryFileSystem):
+  """An in-memory file system answering to gs:// and gcs:// with a store of its own."""
+  protocol = ("gs", "gcs")
+  store: dict = {}
+  pseudo_dirs = [""]
+
+
+@pytest.fixture
+def gs(tmp_path, monkeypatch):
+  """A fresh fake bucket store; the test runs in an empty local folder that must stay empty."""
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, _FakeCloudStorage, clobber=True)
+  _FakeCloudStorage.store.clear()
+  _FakeCloudStorage.pseudo_dirs[:] = [""]
+  monkeypatch.chdir(tmp_path)
+  yield _FakeCloudStorage.store
+  assert not os.listdir(tmp_path), f"a URL became local files: {os.listdir(tmp_path)}"
+
+
+def _objects(store) -> list[str]:
+  return sorted(k.removeprefix("gs://").removeprefix("/") for k in store)
+
+
+def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert paths.as_str(RUN) == RUN and paths.join(RUN, "checkpoints", "7") == RUN + "/checkpoints/7"
+  assert paths.as_str("runs/a") == str(tmp_path / "runs" / "a")
+  assert paths.is_url(RUN) and paths.is_local("runs/a")
+  assert checkpoint.checkpoint_dir(RUN) == RUN + "/checkpoints"
+  with pytest.raises(paths.CloudStorageError, match="unsupported URL scheme ftp://"):
+    paths.check_url_support("ftp://host/run")
+
+
+def test_files_round_trip_through_the_bucket(gs):
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  paths.save_npz(RUN + "/a/x.npz", compressed=True, x=x)
+  paths.write_text(RUN + "/a/m.json", json.dumps({"k": 1}))
+  np.testing.assert_array_equal(paths.load_npz(RUN + "/a/x.npz")["x"], x)
+  assert json.loads(paths.as_path(RUN + "/a/m.json").read_text()) == {"k": 1}
+  assert paths.isdir(RUN + "/a") and paths.isfile(RUN + "/a/x.npz")
+  assert _objects(gs) == ["bucket/run/a/m.json", "bucket/run/a/x.npz"]
+
+
+def test_workdir_check_probes_the_bucket_and_creates_nothing_locally(gs, monkeypatch):
+  # Only the file layer is checked here (Orbax's own needs are the last test's).
+  check = paths.check_url_support
+  monkeypatch.setattr(paths, "check_url_support", lambda path, checkpoints=False: check(path))
+  cli._check_workdir(RUN, "train")
+  assert _objects(gs) == []  # the write probe is removed
+  with pytest.raises(cli.UsageError, match="gs://bucket/other .*does not exist"):
+    cli._check_workdir("gs://bucket/other", "sample")
+
+
+def test_lock_object_refuses_a_second_writer_and_goes_on_release(gs):
+  lock = workdir_lock.WorkdirLock(RUN).acquire()
+  holder = json.loads(paths.as_path(RUN + "/train.lock").read_text())
+  assert holder["pid"] == os.getpid() and holder["holder"] == "train"
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="delete gs://bucket/run/train.lock"):
+    workdir_lock.raise_if_held(RUN)
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="in use by train"):
+    workdir_lock.WorkdirLock(RUN).acquire()
+  lock.release()
+  assert _objects(gs) == []
+  workdir_lock.raise_if_held(RUN)
+  # A holder on this host whose process is gone left its object: the next writer takes over.
+  paths.write_text(RUN + "/train.lock", json.dumps(
+      {"holder": "train", "host": holder["host"], "pid": 2**22 + 1, "start": "then"}))
+  with workdir_lock.WorkdirLock(RUN):
+    assert json.loads(paths.as_path(RUN + "/train.lock").read_text())["pid"] == os.getpid()
+
+
+def test_metrics_and_tensorboard_events_go_to_the_bucket(gs):
+  from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+  writer = MetricWriter(RUN, start_step=0)
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 1.0 / step})
+  writer.close()
+  writer = MetricWriter(RUN, start_step=2)  # resumed from step 2: row 3 goes
+  writer.write(3, {"loss": 0.25})
+  writer.close()
+  assert [(r["step"], r["loss"]) for r in read_jsonl(RUN + "/metrics.jsonl")] == [
+      (1, 1.0), (2, 0.5), (3, 0.25)]
+  events = [k for k in _objects(gs) if k.startswith("bucket/run/tb/metrics/events.out.tfevents")]
+  assert len(events) == 2
+  steps = []
+  for name in events:
+    for event in LegacyEventFileLoader("gs://" + name).Load():
+      steps += [(event.step, v.simple_value) for v in event.summary.value]
+  assert sorted(steps) == [(1, 1.0), (2, 0.5), (3, 0.25), (3, pytest.approx(1 / 3))]
+
+
+def test_samples_are_written_to_the_bucket(gs):
+  config = test_config.get_config()
+  config.sampling.num_samples = config.sampling.batch_size = 16
+  state = experiment.init_state(config, models.build(config))
+  state = jax.device_get(state)
+  results = sample.sample_and_write(config, state, RUN, methods=("als",))
+  names = [k.removeprefix("bucket/run/") for k in _objects(gs)]
+  assert "samples/als_step0.npz" in names and "samples/metrics_step0.json" in names
+  assert "sample_metrics.jsonl" in names
+  x = paths.load_npz(RUN + "/samples/als_step0.npz")["x"]
+  assert x.shape == (16, config.data.toy_dim)
+  saved = json.loads(paths.as_path(RUN + "/samples/metrics_step0.json").read_text())
+  assert saved["als"]["finite_fraction"] == results["als"]["finite_fraction"]
+  for png in [n for n in names if n.endswith(".png")]:
+    with paths.open_file(RUN + "/" + png.removeprefix("bucket/run/"), "rb") as f:
+      assert Image.open(io.BytesIO(f.read())).format == "PNG"
+
+
+def test_checkpoints_on_gs_need_real_cloud_storage_and_say_so(gs):
+  """Orbax reaches Cloud Storage through google-cloud-storage and TensorStore's own GCS driver,
+  not fsspec, so the fake bucket cannot hold checkpoints; the missing layer is named up front."""
+  try:
+    from google.cloud import storage  # noqa: F401
+    pytest.skip("google-cloud-storage is installed: Orbax would call the real Cloud Storage")
+  except ImportError:
+    pass
+  with pytest.raises(paths.CloudStorageError, match="pip install google-cloud-storage"):
+    checkpoint.create_writer(RUN)
+  with pytest.raises(cli.UsageError, match="--workdir=gs://bucket/run: Orbax"):
+    cli._check_workdir(RUN, "train")
+  assert _objects(gs) == []
