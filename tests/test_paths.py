@@ -116,6 +116,8 @@ def test_metrics_and_tensorboard_events_go_to_the_bucket(gs):
 
 def test_samples_are_written_to_the_bucket(gs):
   config = test_config.get_config()
+  config.noise.num_scales = 2
+  config.sampling.als.steps_per_sigma = 1
   config.sampling.num_samples = config.sampling.batch_size = 16
   state = experiment.init_state(config, models.build(config))
   state = jax.device_get(state)
