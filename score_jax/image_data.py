@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
-import pathlib
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
+
+from score_jax import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,7 @@ def _info(dataset: str) -> DatasetInfo:
 
 
 def default_data_dir() -> str:
-  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+  return paths.as_str(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
 def prepare_command(dataset: str, data_dir: str | None) -> str:
@@ -81,9 +83,10 @@ def prepare_command(dataset: str, data_dir: str | None) -> str:
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an idx file (optionally .gz): the MNIST format, big-endian dims then uint8 data."""
-  opener = gzip.open if str(path).endswith(".gz") else open
-  with opener(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     raw = f.read()
+  if str(path).endswith(".gz"):
+    raw = gzip.decompress(raw)
   if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
     raise ValueError(f"{path} is not an unsigned-byte idx file")
   ndim = raw[3]
@@ -97,7 +100,7 @@ def load_mnist_raw(manual_dir: str | os.PathLike, split: str = "train"
   prefix = {"train": "train", "test": "t10k"}.get(split)
   if prefix is None:
     raise ValueError(f"split={split!r} must be 'train' or 'test'")
-  d = pathlib.Path(manual_dir)
+  d = paths.as_path(manual_dir)
   images = read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
   labels = read_idx(d / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
   return images, labels
@@ -122,10 +125,10 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> No
     if importlib.util.find_spec("tensorflow") is None:
       raise ValueError(f"preparing {dataset} uses TFDS's own builder, which needs TensorFlow: "
                        "pip install -r requirements-prepare.txt")
-  if manual_dir is None or not pathlib.Path(manual_dir).is_dir():
+  if manual_dir is None or not paths.isdir(manual_dir):
     raise ValueError(f"--manual_dir={manual_dir} must be a folder with the original files of "
                      f"{dataset}" + (f": {', '.join(info.manual_files)}" if info.manual_files else ""))
-  missing = [f for f in info.manual_files if not (pathlib.Path(manual_dir) / f).is_file()]
+  missing = [f for f in info.manual_files if not paths.isfile(paths.join(manual_dir, f))]
   if missing:
     raise ValueError(f"--manual_dir={manual_dir} lacks {', '.join(missing)} (needed for {dataset})")
   import tensorflow_datasets as tfds
@@ -148,7 +151,7 @@ def _tfds_source(dataset: str, split: str, data_dir: str | None):
   info = _info(dataset)
   data_dir = data_dir or default_data_dir()
   # Checked before TFDS looks (and logs warnings about the folder it does not find).
-  prepared = list(pathlib.Path(data_dir, info.tfds_name).glob("*/dataset_info.json"))
+  prepared = list(paths.as_path(data_dir).joinpath(info.tfds_name).glob("*/dataset_info.json"))
   builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record") \
       if prepared else None
   if builder is None or not builder.is_prepared():
@@ -160,6 +163,12 @@ def _tfds_source(dataset: str, split: str, data_dir: str | None):
   return builder.as_data_source(split=split)
 
 
+def _open_image(path) -> Image.Image:
+  """A PIL image read whole from `path` (local or URL)."""
+  with paths.open_file(path, "rb") as f:
+    return Image.open(io.BytesIO(f.read()))
+
+
 class _FolderSource:
   """Random access over a folder of PNG/JPEG images (sorted by name), decoded with PIL.
 
@@ -169,12 +178,13 @@ class _FolderSource:
 
   def __init__(self, path: str):
     exts = {".png", ".jpg", ".jpeg"}
-    self.files = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in exts)
+    self.files = sorted(root / name for root, _, names in paths.as_path(path).walk()
+                        for name in names if os.path.splitext(name)[1].lower() in exts)
     if not self.files:
       raise ValueError(f"data.path={path} holds no .png/.jpg/.jpeg images")
     for f in self.files:
       try:
-        with Image.open(f) as im:
+        with _open_image(f) as im:
           im.verify()
       except Exception as e:  # PIL raises many types for one damaged file.
         raise ValueError(f"data.path: {f} is not a readable image ({type(e).__name__}: "
@@ -185,7 +195,7 @@ class _FolderSource:
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     try:
-      with Image.open(self.files[i]) as im:
+      with _open_image(self.files[i]) as im:
         return {"image": np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)}
     except Exception as e:  # PIL raises many types for one damaged file.
       raise ValueError(f"data.path: {self.files[i]} is not a readable image "
@@ -197,10 +207,10 @@ class _ArraySource:
   """Random access over an array `x` [n, h, w(, c)] of an .npz file."""
 
   def __init__(self, path: str):
-    with np.load(path) as f:
-      if "x" not in f:
-        raise ValueError(f"data.path={path} has no array named 'x' (keys: {list(f.keys())})")
-      self.x = f["x"]
+    f = paths.load_npz(path)
+    if "x" not in f:
+      raise ValueError(f"data.path={path} has no array named 'x' (keys: {list(f)})")
+    self.x = f["x"]
     if self.x.ndim not in (3, 4):
       raise ValueError(f"{path}: x must be [n, h, w] or [n, h, w, c], got shape {self.x.shape}")
 
@@ -216,10 +226,10 @@ def _source(dataset: str, split: str, data_dir: str | None, path: str | None):
     if not path:
       raise ValueError(f"dataset={dataset!r} needs data.path (a folder of images or an .npz)")
     if dataset == "folder":
-      if not os.path.isdir(path):
+      if not paths.isdir(path):
         raise ValueError(f"data.path={path} is not a folder")
       return _FolderSource(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise ValueError(f"data.path={path} is not an .npz file")
     return _ArraySource(path)
   return _tfds_source(dataset, split, data_dir)
