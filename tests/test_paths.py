@@ -147,3 +147,26 @@ def test_checkpoints_on_gs_need_real_cloud_storage_and_say_so(gs):
   with pytest.raises(cli.UsageError, match="--workdir=gs://bucket/run: Orbax"):
     cli._check_workdir(RUN, "train")
   assert _objects(gs) == []
+
+
+def test_data_from_the_bucket(gs, monkeypatch):
+  import gzip
+
+  from score_jax import image_data
+  x = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+  paths.save_npz("gs://bucket/data/x.npz", x=x)
+  np.testing.assert_array_equal(image_data._source("npz", "train", None,
+                                                   "gs://bucket/data/x.npz")[1]["image"], x[1])
+  for i in range(2):
+    buf = io.BytesIO()
+    Image.fromarray(x[i]).save(buf, format="PNG")
+    paths.write_bytes(f"gs://bucket/data/images/sub/{i}.png", buf.getvalue())
+  folder = image_data._source("folder", "train", None, "gs://bucket/data/images")
+  assert len(folder) == 2 and np.array_equal(folder[1]["image"], x[1])
+  idx = b"\x00\x00\x08\x03" + np.array([2, 4, 4], ">u4").tobytes() + x.tobytes()
+  paths.write_bytes("gs://bucket/mnist/t.gz", gzip.compress(idx))
+  np.testing.assert_array_equal(image_data.read_idx("gs://bucket/mnist/t.gz"), x)
+  monkeypatch.setenv("TFDS_DATA_DIR", "gs://bucket/tfds")
+  assert image_data.default_data_dir() == "gs://bucket/tfds"
+  with pytest.raises(ValueError, match="data_dir=gs://bucket/tfds holds no prepared mnist"):
+    image_data._source("mnist", "train", None, None)
