@@ -9,12 +9,14 @@ entry, so interrupted evaluations resume. Pure functions of rows, plus the write
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from typing import Any, Callable
 
 
+from score_jax import paths as storage
 from score_jax import plots
 from score_jax.metric_writers import MetricWriter
 
@@ -59,10 +61,10 @@ def stored_rows(path: str) -> dict[tuple, dict]:
   Lines that do not parse (a write cut off by a kill) and rows without a step or a sample count
   are ignored: their entries are evaluated again.
   """
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return {}
   rows: dict[tuple, dict] = {}
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path) as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -144,13 +146,12 @@ def csv_cell(v: Any) -> str:
 
 def write_csv(rows: list[dict], columns: list[str], path: str) -> None:
   """One CSV line per row (a header of `columns` first), written atomically."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(columns)
-    for r in rows:
-      writer.writerow([csv_cell(r.get(c)) for c in columns])
-  os.replace(tmp, path)
+  f = io.StringIO(newline="")
+  writer = csv.writer(f)
+  writer.writerow(columns)
+  for r in rows:
+    writer.writerow([csv_cell(r.get(c)) for c in columns])
+  storage.write_text(path, f.getvalue())
 
 
 def plot_eval(rows: list[dict], main: str, path: str) -> None:
@@ -201,7 +202,7 @@ def plot_sweep(rows: list[dict], main: str, path: str) -> None:
 def write_outputs(rows: list[dict], main: str, workdir: str, name: str,
                    plot: Callable[[list[dict], str, str], None]) -> dict[str, str]:
   """`<name>.csv` and `<name>.png` of the rows; returns all three output paths."""
-  base = os.path.join(os.path.abspath(workdir), name)
+  base = storage.join(workdir, name)
   paths = {"jsonl": base + ".jsonl", "csv": base + ".csv", "png": base + ".png"}
   write_csv(rows, csv_columns(rows, main), paths["csv"])
   plot(rows, main, paths["png"])

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from score_jax import paths
+
 FID_SIZE = 299
 POOL_FEATURES = 2048
 NUM_LOGITS = 1008
@@ -318,8 +320,7 @@ def load_params(npz_path: str | os.PathLike) -> Variables:
     `{"params", "batch_stats"}` for `InceptionV3FID`; "params" holds `fc` when the file has
     logits (see `has_logits`).
   """
-  with np.load(os.fspath(npz_path)) as data:
-    return variables_from_state_dict({k: data[k] for k in data.files})
+  return variables_from_state_dict(paths.load_npz(npz_path))
 
 
 def has_logits(variables: Variables) -> bool:

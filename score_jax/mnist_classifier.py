@@ -33,7 +33,6 @@ import hashlib
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Callable
 
 import flax.linen as nn
@@ -45,7 +44,7 @@ from flax import traverse_util
 from jaxtyping import Array, Float, Int
 
 import score_jax
-from score_jax import image_data
+from score_jax import image_data, paths
 
 CACHE_NAME = "mnist_classifier_v1.npz"
 NUM_FEATURES = 128
@@ -236,9 +235,9 @@ def default_params_path(cache_dir: str | os.PathLike | None = None) -> pathlib.P
   return pathlib.Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_NAME
 
 
-def _file_sha256(path: pathlib.Path) -> str:
+def _file_sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -246,25 +245,16 @@ def _file_sha256(path: pathlib.Path) -> str:
 
 def save_params(path: str | os.PathLike, params: Params, train_images_sha256: str) -> None:
   """Writes params to a flat `.npz` ('/'-joined keys) with the data's sha256, atomically."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
   flat[_SHA_KEY] = np.array(train_images_sha256)
-  # Written next to the target, then renamed: a concurrent reader never sees half a file.
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  # All-or-nothing (a local temporary file renamed into place): a concurrent reader never sees
+  # half a file.
+  paths.save_npz(path, **flat)
 
 
 def load_params(path: str | os.PathLike) -> tuple[Params, str]:
   """Reads `save_params`'s file: `(params, train_images_sha256)`."""
-  with np.load(path) as f:
-    flat = {k: f[k] for k in f.files}
+  flat = paths.load_npz(path)
   sha = str(flat.pop(_SHA_KEY, ""))
   params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
   return params, sha
@@ -307,7 +297,7 @@ def load_or_train(manual_dir: str | os.PathLike, cache_dir: str | os.PathLike | 
   Returns:
     The classifier's parameters.
   """
-  train_file = pathlib.Path(manual_dir) / _TRAIN_IMAGES_FILE
+  train_file = paths.as_path(manual_dir) / _TRAIN_IMAGES_FILE
   if not train_file.is_file():
     raise ValueError(f"manual_dir={manual_dir} lacks {_TRAIN_IMAGES_FILE} (the official MNIST "
                      "files train the classifier)")
