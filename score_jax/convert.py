@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from score_jax import paths
+
 SOURCES = ("ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "ac_unet")
 # The score_jax `model.name` each source converts to.
 MODEL_OF_SOURCE = {"ncsn": "ncsn", "ncsnv2": "ncsnv2", "ncsnv2_deeper": "ncsnv2_deeper",
@@ -80,7 +82,7 @@ def read_checkpoint(path: str | os.PathLike) -> RunnerCheckpoint:
   """
   from score_jax import torch_weights
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise ConversionError(f"--checkpoint={path}: no such file")
   try:
     flat = torch_weights.load_state_dict(path)
@@ -520,8 +522,8 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and bool(os.listdir(d))
+  d = paths.as_path(workdir) / "checkpoints"
+  return d.is_dir() and any(d.iterdir())
 
 
 def main(argv: list[str]) -> int:
@@ -565,7 +567,7 @@ def main(argv: list[str]) -> int:
       print(f"warning: {UNET_PADDING_NOTE}", file=sys.stderr)
     used = "EMA" if fv.ema and ckpt.ema is not None else "raw"
     write_workdir(config, params, workdir, metadata=dict(
-        source=fv.source, checkpoint=os.path.abspath(fv.checkpoint), weights=used))
+        source=fv.source, checkpoint=paths.as_str(fv.checkpoint), weights=used))
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -27,6 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 from flax import serialization, traverse_util
+
+from score_jax import paths
 
 FORMAT = "score_jax.export"
 VERSION = 1
@@ -68,18 +69,7 @@ def write(path: str | os.PathLike, config: ml_collections.ConfigDict, state_or_p
   payload = {"format": FORMAT, "version": VERSION, "config": config.to_json(),
              "step": int(step or 0), "params": _plain(params)}
   data = serialization.msgpack_serialize(payload)
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  paths.write_bytes(path, data)
 
 
 def write_workdir(workdir: str, path: str | os.PathLike, *, step: int | None = None) -> None:
@@ -105,14 +95,14 @@ def _read_bytes(path_or_url: str | os.PathLike) -> bytes:
         return response.read()
     except OSError as e:
       raise ExportError(f"cannot read {source}: {' '.join(str(e).split())}") from None
-  if not os.path.isfile(source):
+  if not paths.isfile(source):
     raise ExportError(f"{source}: no such export file")
-  with open(source, "rb") as f:
+  with paths.open_file(source, "rb") as f:
     return f.read()
 
 
 def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, ExportedState]:
-  """Reads an export file (a path, or an http(s)/file URL) written by `write`.
+  """Reads an export file (a path, a gs:// URL, or an http(s)/file URL) written by `write`.
 
   Returns:
     `(config, state)`: the stored config over the schema of configs/default.py, and an

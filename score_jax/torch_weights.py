@@ -39,6 +39,8 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from score_jax import paths
+
 # Legacy `torch.save` header (torch/serialization.py).
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -253,8 +255,8 @@ def _read_member(zf: zipfile.ZipFile, name: str, archive_size: int,
 
 
 def _load_zip(path: str) -> dict[str, np.ndarray]:
-  archive_size = os.path.getsize(path)
-  with zipfile.ZipFile(path) as zf:
+  archive_size = paths.as_path(path).stat().length
+  with paths.open_file(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
@@ -301,7 +303,7 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
 
 def _load_legacy(path: str) -> dict[str, np.ndarray]:
   # Read whole: a stated length then never makes a buffered read allocate more than the file.
-  with open(path, "rb") as fh:
+  with paths.open_file(path, "rb") as fh:
     content = fh.read()
   f = io.BytesIO(content)
   try:
@@ -358,7 +360,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   try:
-    if zipfile.is_zipfile(path):
+    with paths.open_file(path, "rb") as fh:
+      is_zip = zipfile.is_zipfile(fh)
+    if is_zip:
       return _load_zip(path)
     return _load_legacy(path)
   except ForbiddenGlobalError as e:
@@ -366,7 +370,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except MalformedWeightsError as e:
     raise MalformedWeightsError(f"{path}: {e}") from None
   except OSError:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise
     raise MalformedWeightsError(f"{path}: not a readable PyTorch weight file (damaged or "
                                 "truncated)") from None
