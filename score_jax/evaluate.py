@@ -54,7 +54,8 @@ import ml_collections
 import numpy as np
 
 from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
-                       metrics, mnist_classifier, models, noise, parallel, paths, samplers, toy)
+                       metrics, mnist_classifier, models, noise, parallel, samplers, toy)
+from score_jax import paths as storage
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
@@ -165,7 +166,7 @@ def image_features(net: Callable[[np.ndarray], Features], x: np.ndarray, *,
 def inception_weights_path(config: ml_collections.ConfigDict) -> str:
   """`eval.inception_weights`, else the fetch CLI's default file; ValueError if it is missing."""
   path = config.eval.inception_weights or os.fspath(fetch_inception.default_npz_path())
-  if not paths.isfile(path):
+  if not storage.isfile(path):
     raise ValueError(f"FID Inception weights not found at {path}: run `{FETCH_COMMAND}` first "
                      "(or set --config.eval.inception_weights to a converted .npz)")
   return path
@@ -179,7 +180,7 @@ def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
   """`eval.mnist_classifier_weights`, else the classifier's cache file; ValueError if missing."""
   path = (config.eval.mnist_classifier_weights
           or os.fspath(mnist_classifier.default_params_path()))
-  if not paths.isfile(path):
+  if not storage.isfile(path):
     command = CLASSIFIER_COMMAND.format(
         manual_dir=config.data.manual_dir or "<folder with the official MNIST .gz files>")
     raise ValueError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
@@ -253,7 +254,7 @@ def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) 
   d, n = config.data, config.eval.num_samples
   prefix = "ref_stats" if kind == "inception" else f"ref_stats_{kind}"
   name = f"{prefix}_{d.dataset.replace('/', '-')}_{d.eval_split}_{n}.npz"
-  return paths.join(workdir, "eval_cache", name)
+  return storage.join(workdir, "eval_cache", name)
 
 
 def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
@@ -277,7 +278,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   """
   ev = config.eval
   if ev.reference_stats:
-    f = paths.load_npz(ev.reference_stats)
+    f = storage.load_npz(ev.reference_stats)
     if "mu" not in f or "sigma" not in f:
       raise ValueError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
                        f"'sigma' (found {list(f)})")
@@ -289,8 +290,8 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     description = {"kind": kind, **description}
   meta = json.dumps(description)
   path = _reference_path(config, workdir, kind)
-  if paths.isfile(path):
-    f = paths.load_npz(path)
+  if storage.isfile(path):
+    f = storage.load_npz(path)
     if "meta" in f and str(f["meta"]) == meta:
       return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"]}
   available = image_data.num_records(dataset=d.dataset, split=d.eval_split,
@@ -312,7 +313,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   features = np.concatenate([p["pool"] for p in parts])[:ev.num_samples]
   mu, sigma = metrics.feature_stats(features)
   if parallel.is_main_process():
-    paths.save_npz(path, mu=mu, sigma=sigma, features=features.astype(np.float32),
+    storage.save_npz(path, mu=mu, sigma=sigma, features=features.astype(np.float32),
                    meta=np.array(meta))
   return {"mu": mu, "sigma": sigma, "features": features}
 
@@ -582,7 +583,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   entries = [{"step": s, **settings, "num_samples": ev.num_samples, "features": kind,
               "seed": config.seed}
              for s in steps]
-  done, todo = _split_done(entries, paths.join(workdir, "eval_metrics.jsonl"))
+  done, todo = _split_done(entries, storage.join(workdir, "eval_metrics.jsonl"))
   main = parallel.is_main_process()
   if main:
     print(f"[eval] {len(done)} of {len(entries)} checkpoints reused from eval_metrics.jsonl; "
@@ -669,7 +670,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   entries = [{"step": step, **experiment.sampler_settings(config, s["method"]), **s,
               "num_samples": ev.num_samples, "features": kind, "seed": config.seed}
              for s in settings]
-  done, todo = _split_done(entries, paths.join(workdir, "sampler_sweep.jsonl"))
+  done, todo = _split_done(entries, storage.join(workdir, "sampler_sweep.jsonl"))
   main = parallel.is_main_process()
   if main:
     print(f"[sweep] checkpoint step {step}: {len(done)} of {len(entries)} settings reused from "
