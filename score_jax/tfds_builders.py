@@ -15,6 +15,8 @@ import tarfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from score_jax import paths
+
 
 def _features(shape):
   return tfds.features.FeaturesDict({
@@ -34,7 +36,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder):
                                  supervised_keys=("image", "label"))
 
   def _split_generators(self, dl_manager):
-    d = pathlib.Path(dl_manager.manual_dir)
+    d = paths.as_path(dl_manager.manual_dir)
     return {"train": self._generate_examples(d, "train"), "test": self._generate_examples(d, "t10k")}
 
   def _generate_examples(self, d, prefix):
@@ -63,13 +65,13 @@ class ScoreJaxCifar10(tfds.core.GeneratorBasedBuilder):
                                  supervised_keys=("image", "label"))
 
   def _split_generators(self, dl_manager):
-    archive = pathlib.Path(dl_manager.manual_dir) / "cifar-10-binary.tar.gz"
+    archive = paths.as_path(dl_manager.manual_dir) / "cifar-10-binary.tar.gz"
     train = [f"data_batch_{i}.bin" for i in range(1, 6)]
     return {"train": self._generate_examples(archive, train),
             "test": self._generate_examples(archive, ["test_batch.bin"])}
 
   def _generate_examples(self, archive, names):
-    with tarfile.open(archive, "r:gz") as tar:
+    with paths.open_file(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:gz") as tar:
       members = {pathlib.Path(m.name).name: m for m in tar.getmembers()}
       for name in names:
         raw = np.frombuffer(tar.extractfile(members[name]).read(), np.uint8).reshape(-1, 3073)

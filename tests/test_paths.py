@@ -170,3 +170,22 @@ def test_data_from_the_bucket(gs, monkeypatch):
   assert image_data.default_data_dir() == "gs://bucket/tfds"
   with pytest.raises(ValueError, match="data_dir=gs://bucket/tfds holds no prepared mnist"):
     image_data._source("mnist", "train", None, None)
+
+
+def test_tfds_builders_read_manual_files_from_the_bucket(gs):
+  import tarfile
+
+  from score_jax import tfds_builders
+  rows = np.arange(2 * 3073, dtype=np.uint8).reshape(2, 3073) % 251
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    info = tarfile.TarInfo("cifar-10-batches-bin/test_batch.bin")
+    info.size = rows.nbytes
+    tar.addfile(info, io.BytesIO(rows.tobytes()))
+  paths.write_bytes("gs://bucket/manual/cifar-10-binary.tar.gz", buf.getvalue())
+  archive = paths.as_path("gs://bucket/manual") / "cifar-10-binary.tar.gz"
+  examples = dict(tfds_builders.ScoreJaxCifar10._generate_examples(None, archive,
+                                                                   ["test_batch.bin"]))
+  assert examples["test_batch.bin_1"]["label"] == int(rows[1, 0])
+  np.testing.assert_array_equal(examples["test_batch.bin_1"]["image"],
+                                rows[1, 1:].reshape(3, 32, 32).transpose(1, 2, 0))
