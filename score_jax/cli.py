@@ -43,10 +43,16 @@ flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default
 _READER_MODES = ("sample", "eval", "sampler_sweep")
 
 
-def validate(config, mode: str) -> None:
-  """The schema's checks for a run of `mode` (one-line UsageError naming the field and the fix)."""
+def validate(config, mode: str, num_devices: int | None = None) -> None:
+  """The schema's checks for a run of `mode` (one-line UsageError naming the field and the fix).
+
+  Args:
+    config: the run's config.
+    mode: a CLI mode (`sweep` validates each run as `train`).
+    num_devices: the `--num_devices` flag; None: all local devices.
+  """
   config_schema.validate(config, modes=("train",) if mode == "sweep" else (mode,),
-                         num_devices=FLAGS.num_devices)
+                         num_devices=num_devices)
   if mode in ("train", "sweep"):
     config_schema.check_data_source(config)
   if mode in ("eval", "sampler_sweep"):
@@ -163,7 +169,7 @@ def run(config, workdir: str, mode: str) -> None:
       experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
     else:
       config = _with_cli_overrides(loaded_config, config)
-      validate(config, mode)
+      validate(config, mode, FLAGS.num_devices)
     results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
       print(_summary_table(results))
@@ -171,7 +177,7 @@ def run(config, workdir: str, mode: str) -> None:
     from score_jax import evaluate
     if not FLAGS["config"].present:
       config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
-      validate(config, mode)
+      validate(config, mode, FLAGS.num_devices)
     evaluate.run(config, workdir, mode=mode)
   elif mode == "sweep":
     runs = _sweep_runs(config, workdir)
@@ -187,7 +193,7 @@ def _sweep_runs(config, workdir: str) -> list[tuple[dict, object, str]]:
     sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
         f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
     sub_config = _apply_overrides(config, overrides)
-    validate(sub_config, "sweep")
+    validate(sub_config, "sweep", FLAGS.num_devices)
     runs.append((overrides, sub_config, sub))
   return runs
 
@@ -220,7 +226,7 @@ def main(argv: list[str]) -> int:
     if mode == "sweep":
       _sweep_runs(config, workdir)
     elif mode == "train" or FLAGS["config"].present:
-      validate(config, mode)
+      validate(config, mode, FLAGS.num_devices)
     if mode in _READER_MODES:
       _check_run_dir(workdir)
     else:

@@ -23,7 +23,6 @@ crop; other sizes: bilinear resize (PIL) when image_size differs from the native
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import pathlib
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import grain
 import numpy as np
 from PIL import Image
+
+from score_jax.idx import read_idx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +78,6 @@ def prepare_command(dataset: str, data_dir: str | None) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Raw MNIST files.
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-  """Reads an idx file (optionally .gz): the MNIST format, big-endian dims then uint8 data."""
-  opener = gzip.open if str(path).endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
-  if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-    raise ValueError(f"{path} is not an unsigned-byte idx file")
-  ndim = raw[3]
-  dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
-  return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
 
 
 def load_mnist_raw(manual_dir: str | os.PathLike, split: str = "train"
