@@ -14,7 +14,7 @@ records, a global shuffle per epoch with the seed, per-record preprocessing whos
 state is a small JSON dict, saved in checkpoints, and a restored pipeline yields exactly the
 batches of an uninterrupted one.
 
-Preprocessing conventions (REFERENCE B1): values in [0, 1] (or [-1, 1] when `centered`);
+Preprocessing conventions (ermongroup/ncsnv2 `datasets/__init__.py`): values in [0, 1] (or [-1, 1] when `centered`);
 uniform dequantization (x * 255 + U[0, 1)) / 256 as NCSN v1; Gaussian dequantization N(0, 0.01^2)
 as NCSNv2; CelebA: center crop 140 then resize (NCSN); LSUN: resize the shorter side, then center
 crop; other sizes: bilinear resize (PIL) when image_size differs from the native size.

@@ -8,8 +8,8 @@ concrete.
 Options shared by the annealed samplers:
 * `denoise`: finish with the expected denoised sample x + sigma_L^2 s(x, sigma_L) (Tweedie).
 * `mask`, `x_known`: inpainting. `mask` is 1 on known entries. Before every update the known
-  entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention, REFERENCE B10;
-  any mask, not only a half image); the output carries `x_known` exactly on known entries.
+  entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention, ermongroup/ncsnv2
+  `models/__init__.py`, `anneal_Langevin_dynamics_inpainting`; any mask, not only a half image); the output carries `x_known` exactly on known entries.
 * `return_trajectory`: also return per-level statistics `[L']` of the state entering each level:
   "sigma", "x_mean", "x_std", "score_norm" (batch mean of ||s||), "snr" (sqrt(alpha/2)||s||/||z||,
   as logged by NCSNv2), and "noise_std" = rms(sigma_i^2 s(x, sigma_i)) = rms(x - denoised(x)), the
