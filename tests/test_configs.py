@@ -67,3 +67,19 @@ def test_config_loads_validates_and_builds(name):
   score = getattr(state, "score", state)
   assert jax.tree.leaves(score.params) and len(score.ema_params) == len(
       config.training.ema_decays)
+
+
+def test_make_sampler_runs_each_sampler_and_names_a_wrong_argument():
+  import jax
+  import numpy as np
+
+  from configs import test as test_config
+  from score_jax import models
+  config = test_config.get_config()
+  state = experiment.init_state(config, models.build(config))
+  small = {"als": {"steps_per_sigma": 2}, "cas": {"n_sigma": 1}, "pc": {"corrector_steps": 1}}
+  for method, overrides in small.items():
+    x = experiment.make_sampler(config, state, method=method, **overrides)(jax.random.key(0), 4)
+    assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all(), method
+  with pytest.raises(ValueError, match="steps_per_sigma is not an argument of the cas sampler"):
+    experiment.make_sampler(config, state, method="cas", steps_per_sigma=3)
