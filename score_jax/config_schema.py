@@ -3,11 +3,12 @@
 `FIELDS` maps each dotted field of `configs/default.py` to a `Field` (its type, range or choices);
 a test checks the two hold the same fields, so a new field cannot go unchecked. `validate(config,
 modes=...)` checks every value, then the rules that join fields (the noise ladder, the batch
-split over devices, the network and the image size, the CAS feasibility interval of Jolicoeur-
-Martineau et al. 2020, Proposition 1, for every sampler the run's modes will reach), and raises
-`UsageError` naming the field, the value and the fix before any work starts. The cross-field
-rules call the library's own argument checks (`noise`, `data`, `samplers`), so the CLI's one-line
-errors and a library user's errors come from the same code.
+split over devices, the network and the image size, and for every sampler the run's modes will
+reach its own rules, e.g. the CAS step interval in which beta of Jolicoeur-Martineau et al. 2020,
+Algorithm 2, is real), and raises `UsageError` naming the field, the value and the fix before any
+work starts. The cross-field rules call the library's own argument checks (`noise`, `data`,
+`image_data`, `models`), so the CLI's one-line errors and a library user's errors come from the
+same code.
 """
 
 from __future__ import annotations
