@@ -154,8 +154,12 @@ def _summary_table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def run(config, workdir: str, mode: str) -> None:
-  """Runs one mode on a validated config (the importable body of the CLI)."""
+def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> None:
+  """Runs one mode on a validated config (the importable body of the CLI).
+
+  `sweep_runs`: the validated runs of `--mode=sweep` (`_sweep_runs`), so the config file's
+  `get_sweep()` is not executed again.
+  """
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
     state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
@@ -180,7 +184,7 @@ def run(config, workdir: str, mode: str) -> None:
       validate(config, mode, FLAGS.num_devices)
     evaluate.run(config, workdir, mode=mode)
   elif mode == "sweep":
-    runs = _sweep_runs(config, workdir)
+    runs = sweep_runs if sweep_runs is not None else _sweep_runs(config, workdir)
     for i, (overrides, sub_config, sub) in enumerate(runs):
       print(f"[sweep {i + 1}/{len(runs)}] {overrides} -> {sub}")
       run(sub_config, sub, "train")
@@ -223,15 +227,16 @@ def main(argv: list[str]) -> int:
     if config.training.distributed:
       from score_jax import parallel
       parallel.initialize_distributed(True)
+    sweep_runs = None
     if mode == "sweep":
-      _sweep_runs(config, workdir)
+      sweep_runs = _sweep_runs(config, workdir)
     elif mode == "train" or FLAGS["config"].present:
       validate(config, mode, FLAGS.num_devices)
     if mode in _READER_MODES:
       _check_run_dir(workdir)
     else:
       _check_workdir(workdir)
-    run(config, workdir, mode)
+    run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
