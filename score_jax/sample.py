@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import checkpoint, data, models, noise, parallel, plots, samplers, toy
+from score_jax import checkpoint, configs_dir, data, models, noise, parallel, plots, samplers, toy
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
 from score_jax.train import example_shape, init_state, sigmas_from_config
 from score_jax.train_state import TrainState
 
 _METHOD_IDS = {"als": 1, "cas": 2, "pc": 3}
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+_DEFAULT_CONFIG = configs_dir() / "default.py"
 
 
 def _default_config() -> ml_collections.ConfigDict:
