@@ -1,0 +1,72 @@
+"""score_jax: score-based generative modeling (NCSN, NCSNv2, CAS, adversarial SM) in JAX/Flax.
+
+Notebook entry points (imported lazily so `import score_jax` stays cheap):
+  `load_checkpoint(workdir, step=None) -> (config, state)`
+  `make_sampler(config, state, method=None, **overrides) -> (rng, n) -> samples`
+"""
+
+import importlib.metadata
+import os
+import pathlib
+import re
+import sys
+
+# The supported range: requires-python and the jax lower bound of pyproject.toml.
+PYTHON_RANGE = ((3, 11), (3, 13))
+MIN_JAX = (0, 7, 2)
+
+
+def _check_versions() -> None:
+  """Raises ImportError naming the supported range when Python or JAX is outside it."""
+  if not PYTHON_RANGE[0] <= sys.version_info[:2] <= PYTHON_RANGE[1]:
+    raise ImportError(f"score_jax supports Python 3.11 to 3.13, not {sys.version.split()[0]}; "
+                      "create the environment with one of those")
+  for dist in ("jax", "jaxlib"):
+    try:
+      version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      raise ImportError(f"score_jax needs {dist} >= 0.7.2, which is not installed; "
+                        "pip install score_jax (or score_jax[cuda12], score_jax[tpu])") from None
+    release = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+    if release < MIN_JAX:
+      raise ImportError(f"score_jax supports {dist} 0.7.2 and newer, not {version}; "
+                        f'pip install -U "jax>=0.7.2" (with its CUDA plugin or libtpu of the same '
+                        "version)")
+
+
+_check_versions()
+
+__all__ = ["cache_dir", "configs_dir", "load_checkpoint", "make_sampler"]
+
+
+def cache_dir() -> pathlib.Path:
+  """Where downloaded and built assets are kept: `$SCORE_JAX_CACHE`, else
+  `~/.cache/score_jax`."""
+  return pathlib.Path(os.environ.get("SCORE_JAX_CACHE")
+                      or os.path.expanduser("~/.cache/score_jax"))
+
+
+def configs_dir() -> pathlib.Path:
+  """The folder of the shipped configs (`default.py` is the schema): `score_jax/configs` of an
+  installed package, else `configs/` of the source checkout that holds this package."""
+  try:
+    from score_jax import configs  # installed (also in editable mode): maps configs/ in
+  except ImportError:
+    return pathlib.Path(__file__).resolve().parent.parent / "configs"
+  return pathlib.Path(configs.__file__).resolve().parent
+
+
+def load_checkpoint(workdir, step=None):
+  """Returns `(config, state)` restored from `workdir` (latest step if `step` is None)."""
+  from score_jax import sample
+  return sample.load_checkpoint(workdir, step=step)
+
+
+def make_sampler(config, state, method=None, **overrides):
+  """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
+
+  `method` ("als", "cas", "pc") and keyword overrides (step_lr, steps_per_sigma, n_sigma,
+  denoise, return_trajectory, ...) replace the config's sampling settings.
+  """
+  from score_jax import sample
+  return sample.make_sampler(config, state, method=method, **overrides)

@@ -1,0 +1,147 @@
+"""Adversarial score matching (Jolicoeur-Martineau et al. 2020, Sec. 4): the per-device step.
+
+A discriminator D compares real data x with the network's denoised samples
+x_hat = x_tilde + sigma^2 s(x_tilde, sigma) (the expected denoised sample), optionally clamped
+to the data range. One call of `adversarial_train_step` does, in this order:
+
+1. `d_steps` discriminator updates, each on the batch's real data and on denoised samples from
+   fresh noise draws (the score network frozen): minimize lambda_D * L_D(D(x), D(x_hat')).
+2. One score-network update on lambda_DSM * L_DSM + lambda_G * L_G(D(x), D(x_hat)), where x_hat
+   comes from the same forward pass as the DSM term (D frozen and in eval mode), then the EMA.
+
+The DSM term draws its levels and noise exactly as the plain step (`train.train_step`) does, so
+with lambda_G = 0 the score network's update is the plain DSM update. The discriminator draws from
+its own keys. Deviation from the reference (`train_runner.py`): there, each D update consumes its
+own data batch and the score network steps every `D_steps` batches; here the `d_steps` D updates
+share the batch's real images (with independent noise), so every step has the same structure and
+`state.step` counts score-network updates.
+
+Spectral-norm power iterations run in each D forward pass during D updates (twice per update:
+real, then fake); they depend on the weights only, so every device computes the same vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from score_jax import gan, parallel
+from score_jax.models.discriminator import SPECTRAL_STATS
+from score_jax.score import broadcast_sigma
+from score_jax.train import reduce_metrics, score_loss
+from score_jax.train_state import AdversarialState
+
+_D_KEY = 0xD15C
+
+
+def denoised_from(metrics: dict[str, jax.Array], clamp: tuple[float, float] | None) -> jax.Array:
+  """x_tilde + sigma^2 * score from a DSM pass's internals, clamped to `clamp` if given."""
+  x_tilde, score, sigma = metrics["x_tilde"], metrics["score"], metrics["sigma"]
+  x_hat = x_tilde + broadcast_sigma(sigma, x_tilde) ** 2 * score
+  return x_hat if clamp is None else jnp.clip(x_hat, *clamp)
+
+
+def _whole_batch(logits: jax.Array) -> jax.Array:
+  """This device's logits gathered with every other device's, in global batch order.
+
+  Relativistic-average losses compare each logit with the mean over the batch; on a slice that
+  mean would depend on the device count. Every device evaluates the GAN loss on the whole batch
+  (identical values). The gather's transpose sums every device's cotangent for this slice, i.e.
+  N times its share of the gradient, which the `pmean` of the gradients divides by N again
+  (tests check that 1 and 8 devices give the same update).
+  """
+  return jax.lax.all_gather(logits, parallel.BATCH_AXIS, tiled=True)
+
+
+def _d_update(state: AdversarialState, batch: dict, rng: jax.Array, *, d_model: nn.Module,
+              gan_loss: str, lambda_d: float, clamp, loss_kwargs: dict):
+  num_scales = loss_kwargs["sigmas"].shape[0]
+  _, internals = score_loss(jax.lax.stop_gradient(state.score.params), batch, rng,
+                            internals=True, **loss_kwargs)
+  fake = jax.lax.stop_gradient(denoised_from(internals, clamp))
+  disc = state.disc
+
+  def loss_fn(params):
+    variables = {"params": params, SPECTRAL_STATS: disc.spectral_stats}
+    real_logits, upd = d_model.apply(variables, batch["x"], train=True, mutable=[SPECTRAL_STATS])
+    variables = {"params": params, **upd}
+    fake_logits, upd = d_model.apply(variables, fake, train=True, mutable=[SPECTRAL_STATS])
+    loss = lambda_d * gan.discriminator_loss(_whole_batch(real_logits), _whole_batch(fake_logits),
+                                             kind=gan_loss)
+    return loss, (loss, upd[SPECTRAL_STATS], real_logits, fake_logits)
+
+  (_, (loss, stats, real_logits, fake_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      parallel.per_device(disc.params))
+  grads = jax.lax.pmean(grads, parallel.BATCH_AXIS)
+  # The power iteration saw the per-device copy of the weights: its result is equal on every
+  # device, and averaging makes it replicated state again.
+  stats = jax.lax.pmean(stats, parallel.BATCH_AXIS)
+  disc = disc.apply_gradients(grads=grads).replace(spectral_stats=stats)
+  fake_correct = (fake_logits <= 0).astype(jnp.float32)
+  metrics = {
+      "d_loss": loss,
+      "d_acc_real": jnp.mean((real_logits > 0).astype(jnp.float32)),
+      "d_acc_fake": jnp.mean(fake_correct),
+      "level_d_acc_fake_sum": jax.ops.segment_sum(fake_correct, internals["sigma_idx"],
+                                                  num_segments=num_scales),
+      "level_d_count": jax.ops.segment_sum(jnp.ones_like(fake_correct), internals["sigma_idx"],
+                                           num_segments=num_scales),
+      "d_grad_norm": optax.tree.norm(grads),
+  }
+  return state.replace(disc=disc), metrics
+
+
+def adversarial_train_step(state: AdversarialState, batch: dict[str, jax.Array], rng: jax.Array,
+                           *, ema_decays: tuple[float, ...], d_model: nn.Module, gan_loss: str,
+                           lambda_dsm: float, lambda_g: float, lambda_d: float, d_steps: int,
+                           clamp: tuple[float, float] | None, **loss_kwargs: Any
+                           ) -> tuple[AdversarialState, dict[str, jax.Array]]:
+  """One adversarial step on this device's slice (see the module docstring for the order).
+
+  Returns the new state and device-reduced metrics: the DSM `loss` (and per-level sums), `d_loss`,
+  `g_loss`, `d_acc_real`, `d_acc_fake` (averages over the `d_steps` updates), per-level
+  discriminator accuracy on denoised samples (`level_d_acc_fake_sum` / `level_d_count`),
+  gradient norms and `nonfinite`.
+  """
+  old = state
+  rng = jax.random.fold_in(rng, state.step)
+  d_rng = jax.random.fold_in(rng, _D_KEY)
+  d_metrics = []
+  for k in range(d_steps):
+    state, m = _d_update(state, batch, jax.random.fold_in(d_rng, k), d_model=d_model,
+                         gan_loss=gan_loss, lambda_d=lambda_d, clamp=clamp,
+                         loss_kwargs=loss_kwargs)
+    d_metrics.append(m)
+  d_metrics = jax.tree.map(lambda *xs: sum(xs) / (1 if xs[0].ndim else len(xs)), *d_metrics)
+
+  disc_variables = {"params": state.disc.params, SPECTRAL_STATS: state.disc.spectral_stats}
+
+  def loss_fn(params):
+    dsm, internals = score_loss(params, batch, rng, internals=True, **loss_kwargs)
+    fake_logits = d_model.apply(disc_variables, denoised_from(internals, clamp), train=False)
+    real_logits = d_model.apply(disc_variables, batch["x"], train=False)
+    g_loss = gan.generator_loss(_whole_batch(real_logits), _whole_batch(fake_logits),
+                                kind=gan_loss)
+    public = {k: internals[k] for k in ("level_loss_sum", "level_count")}
+    objective = lambda_dsm * dsm + lambda_g * g_loss
+    return objective, dict(public, loss=dsm, g_loss=g_loss)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      parallel.per_device(state.score.params))
+  grads = jax.lax.pmean(grads, parallel.BATCH_AXIS)
+  grad_norm = optax.tree.norm(grads)
+  metrics = reduce_metrics({**metrics, **d_metrics})
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            & jnp.isfinite(metrics["d_loss"]) & jnp.isfinite(metrics["d_grad_norm"]))
+  # A non-finite step leaves both networks as they were (`lax.cond`, cheaper than a `where` per
+  # leaf, as in train.train_step).
+  state = jax.lax.cond(
+      finite, lambda s: s[0].replace(score=s[0].score.apply_gradients(grads=grads)
+                                     .update_ema(ema_decays)),
+      lambda s: s[1], (state, old))
+  metrics.update(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+  return state, metrics

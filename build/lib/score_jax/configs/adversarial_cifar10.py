@@ -1,0 +1,29 @@
+"""Adversarial score matching on CIFAR-10 (Jolicoeur-Martineau et al. 2020; AC README command).
+
+NCSNv2 (ngf 128) on sigma 50 -> 0.01 over 232 levels, EMA 0.9999, Adam lr 1e-4 with beta =
+(0, 0.9); BigGAN discriminator (ch 64, spectral norm) trained with Adamp lr 1e-4, beta =
+(-0.5, 0.9); LSGAN losses, lambda_DSM = lambda_G = lambda_D = 1, one D step per score step,
+denoised samples clamped to [0, 1]. Sampling: CAS, step_lr 5.6e-6, final denoising.
+
+    python main.py --config=configs/adversarial_cifar10.py --workdir=runs/adversarial_cifar10
+"""
+
+from configs import cas_cifar10
+
+
+def get_config():
+  config = cas_cifar10.get_config()
+  config.name = "adversarial_cifar10"
+  config.optim.lr = 1e-4
+  config.optim.beta1 = 0.0
+  config.optim.beta2 = 0.9
+  config.adversarial.enabled = True
+  config.adversarial.gan_loss = "lsgan"
+  config.adversarial.d_arch = "biggan"
+  config.adversarial.d_ch = 64
+  config.adversarial.d_lr = 1e-4
+  config.adversarial.d_beta1 = -0.5
+  config.adversarial.d_beta2 = 0.9
+  config.adversarial.d_steps = 1
+  config.adversarial.clamp = True
+  return config

@@ -1,0 +1,24 @@
+"""Adversarial score matching with the DDPM UNet on CIFAR-10 (Jolicoeur-Martineau et al. 2020).
+
+The AC UNet (ch 128, ch_mult (1, 2, 2, 2), 2 residual blocks, attention at 16 px, no noise-level
+input, output sigma * score) with the adversarial recipe of configs/adversarial_cifar10.py and two
+discriminator steps per score step (the AC README's `--D_steps 2` for this model).
+
+    python main.py --config=configs/adversarial_cifar10_unet.py --workdir=runs/adv_cifar10_unet
+"""
+
+from configs import adversarial_cifar10
+
+
+def get_config():
+  config = adversarial_cifar10.get_config()
+  config.name = "adversarial_cifar10_unet"
+  config.model.name = "unet"
+  config.model.ngf = 128
+  config.model.ch_mult = (1, 2, 2, 2)
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (16,)
+  config.model.conditional = False
+  config.adversarial.d_steps = 2
+  config.sampling.n_sigma = 5
+  return config

@@ -1,0 +1,146 @@
+"""The schema: every field score_jax reads, with its default and one comment each.
+
+The embedded default is the two-mode Gaussian mixture of the NCSN paper (Song & Ermon 2019,
+Section 3: 1/5 N((-5,-5), I) + 4/5 N((5,5), I)) learned by a noise-conditional MLP over a
+geometric ladder sigma 20 -> 1, then sampled with ALS and CAS.
+
+    python main.py                                   # this config, workdir runs/default
+    python main.py --config=configs/mnist_cpu.py     # an experiment config (overrides this one)
+
+Experiment configs call `get_config()` here and override fields; they never add fields.
+Configs are locked: setting an unknown key fails with a message naming it. Unset optional
+values are `None` (typed placeholders), never sentinel strings or -1.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = "default"  # run name; the default workdir is runs/<name>.
+  config.seed = 0  # root seed of the run; every key is folded from it.
+
+  # --- data -------------------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "ncsn_mixture"  # toy name (score_jax.toy.DATASETS) or image name (mnist, cifar10, ..., folder, npz).
+  data.toy_dim = 2  # dimension of toy Gaussian data sets (gaussian, point_mass); 2-D toys ignore it.
+  data.image_size = 32  # image side in pixels after preprocessing (images only).
+  data.num_channels = 3  # channels of the images (1 for MNIST); toys: ignored.
+  data.data_dir = placeholder(str)  # TFDS data dir with prepared datasets; None = TFDS default (~/tensorflow_datasets).
+  data.manual_dir = placeholder(str)  # folder with a dataset's original files for offline preparation (TFDS manual_dir).
+  data.path = placeholder(str)  # folder of PNG/JPEG images or an .npz file (dataset 'folder' / 'npz').
+  data.split = "train"  # split to train on.
+  data.eval_split = "test"  # split for the test loss and reference statistics.
+  data.random_flip = False  # random horizontal flips (images).
+  data.uniform_dequantization = False  # add U[0,1)/256 noise to 8-bit pixels (NCSN v1 convention x*255/256 + u/256).
+  data.gaussian_dequantization = False  # add N(0, 0.01^2) noise (NCSNv2 option).
+  data.centered = False  # True: data in [-1, 1]; False: [0, 1] (the NCSN/NCSNv2 convention; nets map 2x-1 inside).
+  data.num_workers = 0  # grain worker processes; 0 reads in the main process.
+  data.prefetch = 2  # batches prepared ahead of the training step.
+
+  # --- model ------------------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "mlp"  # mlp | ncsn | ncsnv2 | ncsnv2_deeper | ncsnv2_deepest | unet.
+  model.hidden = 128  # mlp: width of each hidden layer.
+  model.num_layers = 3  # mlp: number of hidden layers.
+  model.activation = "softplus"  # mlp: softplus | elu | swish | relu. Image nets: see nonlinearity.
+  model.ngf = 128  # image nets: base number of feature maps (64 for MNIST NCSN).
+  model.nonlinearity = "elu"  # ncsn/ncsnv2: elu | relu | lrelu | swish.
+  model.ch_mult = (1, 2, 2, 2)  # unet: channel multiplier per resolution.
+  model.num_res_blocks = 2  # unet: residual blocks per resolution (down path; up path has one more).
+  model.attn_resolutions = (16,)  # unet: resolutions (pixels) with self-attention.
+  model.dropout = 0.0  # unet: dropout rate.
+  model.conditional = False  # unet: whether the net receives the noise level.
+  model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and loss stay float32).
+  model.remat = False  # rematerialize residual blocks to save memory (large variants).
+
+  # --- noise ------------------------------------------------------------------------------------
+  config.noise = noise = ml_collections.ConfigDict()
+  noise.schedule = "geometric"  # geometric | linear spacing of the ladder.
+  noise.sigma_max = 20.0  # sigma_1, largest noise std (data units).
+  noise.sigma_min = 1.0  # sigma_L, smallest noise std (data units).
+  noise.num_scales = 10  # L, number of noise levels.
+  noise.level_sampling = "uniform"  # uniform | stratified | antithetic draw of each example's level.
+  noise.weight_power = 2.0  # lambda(sigma) = sigma^power; 2 is the DSM convention of NCSN.
+
+  # --- optim ------------------------------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = "adam"  # adam | adamw.
+  optim.lr = 1e-3  # peak learning rate.
+  optim.beta1 = 0.9  # Adam beta1 (may be negative for the adversarial discriminator's Adamp).
+  optim.beta2 = 0.999  # Adam beta2.
+  optim.eps = 1e-8  # Adam epsilon.
+  optim.weight_decay = 0.0  # decoupled weight decay (adamw only).
+  optim.warmup_steps = 0  # linear warm-up steps; 0 disables.
+  optim.grad_clip = placeholder(float)  # clip gradients to this global norm; None disables.
+
+  # --- training ---------------------------------------------------------------------------------
+  config.training = training = ml_collections.ConfigDict()
+  training.loss = "dsm"  # dsm | ssm (sliced score matching).
+  training.ssm_projection = "gaussian"  # ssm: gaussian | rademacher projections.
+  training.ssm_num_projections = 1  # ssm: projections per example.
+  training.batch_size = 512  # global batch size (all devices, all hosts).
+  training.num_train_steps = 3000  # total optimizer steps.
+  training.steps_per_dispatch = 1  # optimizer steps fused into one compiled call (lax.scan).
+  training.log_every_steps = 250  # metrics averaging/logging interval (steps).
+  training.eval_every_steps = 1000  # test-loss interval (steps); None disables.
+  training.ckpt_every_steps = 1000  # checkpoint interval (steps).
+  training.keep_checkpoints = 3  # keep the last N checkpoints...
+  training.keep_every_steps = placeholder(int)  # ...plus every checkpoint at a multiple of K steps; None: none.
+  training.ema_decays = (0.999,)  # EMA rates kept in the state; sampling uses ema_decays[0].
+  training.distributed = False  # call jax.distributed.initialize() (multi-host).
+  training.async_checkpoint = True  # save checkpoints asynchronously.
+  training.progress_bar = True  # live progress bar on the terminal.
+
+  # --- sampling ---------------------------------------------------------------------------------
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "als"  # als | cas | pc (reverse diffusion + Langevin corrector).
+  sampling.step_lr = 0.1  # epsilon of ALS/CAS (reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2).
+  sampling.steps_per_sigma = 100  # ALS/PC: Langevin steps per level.
+  sampling.n_sigma = 1  # CAS: levels per trained interval (>1 samples a finer geometric ladder).
+  sampling.snr = 0.16  # pc: corrector signal-to-noise ratio.
+  sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
+  sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
+  sampling.num_samples = 2000  # samples written per sampling run.
+  sampling.batch_size = 2000  # samples per compiled call.
+  sampling.save_every_levels = placeholder(int)  # keep intermediate samples every k levels; None keeps none.
+  sampling.inpaint_examples = 8  # images: test images whose right half is inpainted after sampling; 0: none.
+  sampling.also_cas = True  # after training, sample with both ALS and CAS (the default job compares them).
+  sampling.cas_step_lr = 0.3  # epsilon for the CAS run when also_cas (must satisfy the CAS feasibility interval).
+
+  # --- adversarial (Jolicoeur-Martineau et al. 2020) -----------------------------------------------
+  config.adversarial = adversarial = ml_collections.ConfigDict()
+  adversarial.enabled = False  # train with a discriminator on denoised samples.
+  adversarial.gan_loss = "lsgan"  # lsgan | lsgan_sat | gan | wgan | hinge | rpgan | rplsgan | ragan | ralsgan | rahinge.
+  adversarial.lambda_dsm = 1.0  # weight of the DSM term in the score network's loss.
+  adversarial.lambda_g = 1.0  # weight of the generator loss in the score network's loss.
+  adversarial.lambda_d = 1.0  # weight of the discriminator loss.
+  adversarial.d_steps = 1  # discriminator updates per score-network update.
+  adversarial.d_arch = "biggan"  # biggan | dcgan | mlp (toys).
+  adversarial.d_ch = 64  # discriminator base width.
+  adversarial.d_lr = 1e-4  # discriminator Adam learning rate.
+  adversarial.d_beta1 = -0.5  # discriminator Adam beta1 (Adamp allows [-1, 1)).
+  adversarial.d_beta2 = 0.9  # discriminator Adam beta2.
+  adversarial.clamp = True  # clamp denoised samples to the data range before D sees them.
+
+  # --- eval -------------------------------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 1000  # samples per evaluated checkpoint.
+  ev.batch_size = 500  # samples/images per compiled evaluation call.
+  ev.begin_step = placeholder(int)  # first checkpoint step to evaluate; None: the earliest.
+  ev.end_step = placeholder(int)  # last checkpoint step to evaluate; None: the latest.
+  ev.features = "auto"  # auto | inception | mnist_classifier | toy: the feature space of FID/KID.
+  ev.inception_weights = placeholder(str)  # .npz of converted Inception weights; None: the cache dir.
+  ev.mnist_classifier_weights = placeholder(str)  # .npz of the MNIST classifier (features=mnist_classifier); None: the cache dir (python -m score_jax.mnist_classifier writes it).
+  ev.reference_stats = placeholder(str)  # .npz of reference statistics; None: computed and cached.
+  ev.sweep_step_lrs = (0.05, 0.1, 0.2)  # sampler_sweep: step_lr grid.
+  ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: steps per level grid.
+  ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds.
+  ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
+  ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.
+
+  config.lock()
+  return config

@@ -1,0 +1,105 @@
+"""Input pipelines: one entry point for toy distributions and image datasets.
+
+Toy data are drawn on the fly from `score_jax.toy`; batch `n` of process `p` uses the key
+`fold_in(fold_in(key(seed), n), p)`, so a pipeline is fully described by its step counter and a
+resumed run sees exactly the batches of an uninterrupted one. Image data (TFDS ArrayRecord read with
+grain, or local files) come from `score_jax.image_data`, whose iterator state is likewise saved in
+checkpoints. Every iterator yields `{"x": float32 [b, ...]}` and has `get_state()`/`set_state()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import jax
+import numpy as np
+
+from score_jax import toy
+
+
+class DataIterator(Protocol):
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    ...
+
+  def get_state(self) -> dict:
+    ...
+
+  def set_state(self, state: dict) -> None:
+    ...
+
+
+def is_toy(dataset: str) -> bool:
+  return dataset in toy.DATASETS
+
+
+def check_dataset(dataset: str) -> None:
+  """ValueError unless `dataset` names a toy or an image dataset."""
+  if is_toy(dataset):
+    return
+  from score_jax import image_data
+  if dataset not in image_data.DATASETS:
+    raise ValueError(
+        f"data.dataset={dataset!r} is unknown; toys: {sorted(toy.DATASETS)}, "
+        f"images: {sorted(image_data.DATASETS)}")
+
+
+class ToyIterator:
+  """Stateless-by-construction toy batches `[batch_size, dim]` keyed by (seed, batch, shard)."""
+
+  def __init__(self, dataset: str, *, batch_size: int, seed: int, shard_index: int = 0,
+               dim: int = 2):
+    self.distribution = toy.get_toy(dataset, dim=dim)
+    self._sample = jax.jit(self.distribution.sample, static_argnums=1)
+    self._root = jax.random.key(seed)
+    self._batch_size = batch_size
+    self._shard_index = shard_index
+    self._step = 0
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rng = jax.random.fold_in(jax.random.fold_in(self._root, self._step), self._shard_index)
+    self._step += 1
+    return {"x": np.asarray(self._sample(rng, self._batch_size), np.float32)}
+
+  def get_state(self) -> dict:
+    return {"kind": "toy", "step": self._step}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("kind") != "toy":
+      raise ValueError(f"data state {state!r} is not a toy pipeline's state")
+    self._step = int(state["step"])
+
+
+def create_iterator(*, dataset: str, batch_size: int, seed: int, shard_index: int = 0,
+                    shard_count: int = 1, toy_dim: int = 2, split: str = "train",
+                    **image_kwargs: Any) -> DataIterator:
+  """Returns the training iterator of `dataset` for this process (`batch_size` rows per process).
+
+  Args:
+    dataset: a toy name (`score_jax.toy.DATASETS`) or an image dataset (`image_data.DATASETS`).
+    batch_size: rows per call on this process.
+    seed: run seed (shuffling, augmentation and toy draws).
+    shard_index, shard_count: this process's shard of the data.
+    toy_dim: dimension of the toy Gaussians.
+    split: image split.
+    **image_kwargs: forwarded to `image_data.create_iterator` (image_size, num_channels, ...).
+  """
+  if is_toy(dataset):
+    return ToyIterator(dataset, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                       dim=toy_dim)
+  check_dataset(dataset)
+  from score_jax import image_data
+  return image_data.create_iterator(dataset=dataset, split=split, batch_size=batch_size, seed=seed,
+                                    shard_index=shard_index, shard_count=shard_count,
+                                    **image_kwargs)
+
+
+def example_batch_shape(dataset: str, *, toy_dim: int, image_size: int,
+                        num_channels: int) -> tuple[int, ...]:
+  """Shape of one example (without the batch dimension)."""
+  if is_toy(dataset):
+    return (toy.get_toy(dataset, dim=toy_dim).dim,)
+  return (image_size, image_size, num_channels)

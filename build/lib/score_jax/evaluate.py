@@ -1,0 +1,693 @@
+"""Sample quality of checkpoints and of sampler settings (`main.py --mode=eval|sampler_sweep`).
+
+* `eval`: every checkpoint in the workdir (between `eval.begin_step` and `eval.end_step`) draws
+  `eval.num_samples` samples with the configured sampler from its first EMA parameters; one JSON
+  line per checkpoint goes to `<workdir>/eval_metrics.jsonl` (and TensorBoard `tb/eval_metrics`),
+  then a table and the best checkpoint are printed, the table is written to
+  `<workdir>/eval_metrics.csv` and the metrics against the step are plotted in `eval_metrics.png`.
+* `sampler_sweep`: the latest checkpoint samples with every combination of `eval.sweep_methods` x
+  `sweep_step_lrs` x `sweep_steps_per_sigma` x `sweep_denoise` (knobs a method does not use are
+  dropped, and CAS step sizes outside its feasibility interval sigma_L^2 (1 -/+ gamma) are
+  recorded as skipped with the reason); rows go to `<workdir>/sampler_sweep.jsonl`, a table
+  sorted by the main metric is printed and written to `sampler_sweep.csv`, and the main metric
+  against step_lr (one line per method, steps per level and denoising) to `sampler_sweep.png`.
+
+Both modes resume: an entry whose `eval_records.entry_key` (checkpoint step, sampler settings,
+number of samples, feature space, seed) already has a row in the JSON lines is not evaluated
+again; its stored row joins the table, the CSV, the plot and the ranking. An interrupted run,
+rerun, evaluates only the missing entries.
+
+Metrics (`score_jax.metrics`, `score_jax.toy`):
+* toys: unbiased RBF-kernel MMD^2 (main metric) and energy distance against samples of the true
+  distribution, plus mode weights for mixtures (`sample.toy_metrics`);
+* images: FID (main metric; Heusel et al. 2017, the pytorch-fid computation), KID (Binkowski et al.
+  2018) and, when the Inception weights carry the 1008-way logits, the Inception Score, on the
+  pool3 features of the FID Inception network. Samples are mapped to [0, 1], clipped and
+  quantized to 8 bits (as images saved to PNG, the protocol of the NCSN/NCSNv2 FID numbers);
+  grayscale is repeated to three channels. Reference statistics come from `eval.reference_stats`
+  or from the first `eval.num_samples` images of `data.eval_split` (unshuffled, not dequantized),
+  cached with their features under `<workdir>/eval_cache/`;
+* MNIST (`eval.features="mnist_classifier"`, 28x28x1 images only): the same FID formula and KID
+  (`fid_mnist`, the main metric, and `kid_mnist`) on the 128-d penultimate features of the
+  project's digit classifier (`score_jax.mnist_classifier`), with samples mapped and quantized as
+  above (one channel). The weights come from `eval.mnist_classifier_weights` or the classifier's
+  cache file; reference statistics are made as for Inception and cached keyed by a digest of the
+  weights.
+
+Every draw uses keys folded from `config.seed`, the same for every checkpoint and every sweep
+setting (common random numbers), so evaluations are reproducible and comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from score_jax import (checkpoint, data, fetch_inception, inception, metrics, mnist_classifier,
+                       models, noise, parallel, sample, samplers, toy, train)
+from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
+                                    rank_key, stored_rows, table_metric_columns, write_outputs,
+                                    write_row)
+from score_jax.metric_writers import MetricWriter
+from score_jax.train_state import TrainState
+
+_EVAL_TAG = 0xE7A1
+_SAMPLE_TAG, _REFERENCE_TAG, _KID_TAG = 0, 1, 2
+_FEATURES = ("auto", "inception", "mnist_classifier", "toy")
+_METHODS = ("als", "cas", "pc")
+# Knobs of `make_sampler` that each sampler reads (others are recorded as None and not swept).
+_METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
+                 "pc": ("steps_per_sigma",)}
+FETCH_COMMAND = "python -m score_jax.fetch_inception"
+CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
+# The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
+MAIN_METRICS = {"toy": "mmd_rbf", "inception": "fid", "mnist_classifier": "fid_mnist"}
+# `image_metrics` names -> names in the classifier's feature space (not comparable to Inception's).
+_CLASSIFIER_NAMES = {"fid": "fid_mnist", "fid_error": "fid_mnist_error", "kid": "kid_mnist",
+                     "kid_std": "kid_mnist_std"}
+
+Features = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """Turns sample batches into features, and features of all samples into metrics.
+
+  Attributes:
+    main_metric: the metric that ranks checkpoints and sampler settings (lower is better).
+    featurize: `[b, ...]` samples -> dict of per-example arrays `[b, ...]`.
+    score: the concatenated features of all samples -> flat dict of metrics.
+  """
+  main_metric: str
+  featurize: Callable[[np.ndarray], Features]
+  score: Callable[[Features], dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------
+# Images -> Inception features.
+
+
+def to_unit_images(x: np.ndarray, *, centered: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Images as if saved to PNG: in [0, 1], 8-bit levels, channels kept.
+
+  Args:
+    x: images `[b, h, w, c]` in [0, 1] (or [-1, 1] when `centered`).
+    centered: whether `x` is in [-1, 1].
+
+  Returns:
+    `(images [b, h, w, c] float32, finite [b])`: non-finite pixels become 0 (and the example is
+    flagged), values are clipped to [0, 1] and rounded to multiples of 1/255.
+  """
+  x = np.asarray(x, np.float32)
+  if x.ndim != 4:
+    raise ValueError(f"image features need images [b, h, w, c], got shape {x.shape}")
+  finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if centered:
+    x = (x + 1.0) / 2.0
+  x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+  return (np.round(x * 255.0) / 255.0).astype(np.float32), finite
+
+
+def to_inception_input(x: np.ndarray, *, centered: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Images as the FID network takes them: RGB in [0, 1], 8-bit levels (see `to_unit_images`).
+
+  Args:
+    x: images `[b, h, w, c]`, c in (1, 3), in [0, 1] (or [-1, 1] when `centered`).
+    centered: whether `x` is in [-1, 1].
+
+  Returns:
+    `(images [b, h, w, 3], finite [b])`; grayscale is repeated to three channels.
+  """
+  x = np.asarray(x, np.float32)
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f"Inception features need images [b, h, w, 1 or 3], got shape {x.shape}")
+  x, finite = to_unit_images(x, centered=centered)
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  return x, finite
+
+
+def make_inception_fn(variables: inception.Variables) -> Callable[[np.ndarray], Features]:
+  """A map from images `[b, h, w, 3]` in [0, 1] to `{"pool": [b, 2048]}` (+ `"logits"` `[b, 1008]`).
+
+  Logits are returned when the weights hold the `fc` layer (`inception.has_logits`).
+  """
+  if inception.has_logits(variables):
+    model = inception.InceptionV3FID(with_logits=True)
+    apply = jax.jit(model.apply)
+    return lambda x: {k: np.asarray(v) for k, v in apply(variables, x).items()}
+  pool_fn = inception.features_fn(variables)
+  return lambda x: {"pool": np.asarray(pool_fn(x))}
+
+
+def image_features(net: Callable[[np.ndarray], Features], x: np.ndarray, *,
+                   centered: bool) -> Features:
+  """Inception features of one batch of images (see `to_inception_input`).
+
+  Returns:
+    `{"pool": [b, 2048], "finite": [b]}`, plus `"logits"` `[b, 1008]` when `net` gives them.
+  """
+  images, finite = to_inception_input(x, centered=centered)
+  return {**net(images), "finite": finite}
+
+
+def inception_weights_path(config: ml_collections.ConfigDict) -> str:
+  """`eval.inception_weights`, else the fetch CLI's default file; ValueError if it is missing."""
+  path = config.eval.inception_weights or os.fspath(fetch_inception.default_npz_path())
+  if not os.path.isfile(path):
+    raise ValueError(f"FID Inception weights not found at {path}: run `{FETCH_COMMAND}` first "
+                     "(or set --config.eval.inception_weights to a converted .npz)")
+  return path
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST digits -> classifier features.
+
+
+def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
+  """`eval.mnist_classifier_weights`, else the classifier's cache file; ValueError if missing."""
+  path = (config.eval.mnist_classifier_weights
+          or os.fspath(mnist_classifier.default_params_path()))
+  if not os.path.isfile(path):
+    command = CLASSIFIER_COMMAND.format(
+        manual_dir=config.data.manual_dir or "<folder with the official MNIST .gz files>")
+    raise ValueError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
+                     "set --config.eval.mnist_classifier_weights to a saved classifier .npz)")
+  return path
+
+
+def params_digest(params: Any) -> str:
+  """sha256 of a parameter tree's paths, dtypes, shapes and values: names one feature space."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()
+
+
+def classifier_features(net: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *,
+                        centered: bool) -> Features:
+  """Classifier features of one batch of digits (mapped as in `to_unit_images`).
+
+  Args:
+    net: `mnist_classifier.features_fn(params)`: `[b, 28, 28, 1]` in [0, 1] -> `[b, 128]`.
+    x: digits `[b, 28, 28, 1]` in the data's range.
+    centered: whether `x` is in [-1, 1].
+
+  Returns:
+    `{"pool": [b, 128], "finite": [b]}` (`pool` names the penultimate features, as for Inception).
+  """
+  images, finite = to_unit_images(x, centered=centered)
+  return {"pool": np.asarray(net(images)), "finite": finite}
+
+
+def classifier_metrics(features: Features, reference: dict[str, np.ndarray | None],
+                       rng: jax.Array) -> dict[str, Any]:
+  """`image_metrics` in the classifier's feature space, named `fid_mnist`, `kid_mnist`, ..."""
+  out = image_metrics(features, reference, rng)
+  return {_CLASSIFIER_NAMES.get(k, k): v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Features -> metrics, reference statistics.
+
+
+def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
+                  rng: jax.Array) -> dict[str, Any]:
+  """FID, KID (when reference features exist) and IS (when logits exist) of sample features.
+
+  Args:
+    features: `{"pool": [n, 2048], "finite": [n]}` (+ `"logits"` `[n, 1008]`).
+    reference: `{"mu": [2048], "sigma": [2048, 2048], "features": [m, 2048] or None}`.
+    rng: key of the KID subsets.
+  """
+  mu, sigma = metrics.feature_stats(features["pool"])
+  out: dict[str, Any] = {"finite_fraction": float(np.mean(features["finite"]))}
+  try:
+    out["fid"] = metrics.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+  except ValueError as e:  # A degenerate covariance; the other metrics are still meaningful.
+    out["fid"], out["fid_error"] = float("nan"), str(e)
+  if reference.get("features") is not None:
+    out["kid"], out["kid_std"] = metrics.kernel_inception_distance(
+        features["pool"], reference["features"], rng=rng)
+  if "logits" in features:
+    splits = min(10, len(features["logits"]))
+    out["inception_score"], out["inception_score_std"] = metrics.inception_score(
+        features["logits"], splits=splits)
+  return out
+
+
+def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
+  d, n = config.data, config.eval.num_samples
+  prefix = "ref_stats" if kind == "inception" else f"ref_stats_{kind}"
+  name = f"{prefix}_{d.dataset.replace('/', '-')}_{d.eval_split}_{n}.npz"
+  return os.path.join(workdir, "eval_cache", name)
+
+
+def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
+                         featurize: Callable[[np.ndarray], Features], weights_id: str, *,
+                         kind: str = "inception") -> dict[str, np.ndarray | None]:
+  """Reference `{"mu", "sigma", "features"}`: from `eval.reference_stats`, the cache, or data.
+
+  A given `.npz` must hold `mu` and `sigma` (KID also needs `features`, else it is skipped).
+  Computed statistics use the first `eval.num_samples` images of `data.eval_split` without
+  shuffling, flips or dequantization, and are cached (one file per feature kind) with a
+  description of how they were made (feature kind, weights, image size, channels, data path); a
+  cache made differently is recomputed.
+
+  Args:
+    config: the run's config (data and eval groups).
+    workdir: holds the cache, `<workdir>/eval_cache/`.
+    featurize: `[b, ...]` images in the data's range -> `{"pool": [b, d], ...}`.
+    weights_id: names the feature network's weights (Inception: the file name; the MNIST
+      classifier: `params_digest` of its parameters).
+    kind: the feature kind ("inception" or "mnist_classifier").
+  """
+  ev = config.eval
+  if ev.reference_stats:
+    with np.load(ev.reference_stats) as f:
+      if "mu" not in f.files or "sigma" not in f.files:
+        raise ValueError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
+                         f"'sigma' (found {f.files})")
+      return {"mu": f["mu"], "sigma": f["sigma"],
+              "features": f["features"] if "features" in f.files else None}
+  d = config.data
+  description = {"weights": weights_id, "image_size": d.image_size,
+                 "num_channels": d.num_channels, "path": d.path, "data_dir": d.data_dir}
+  if kind != "inception":  # Inception caches made before other kinds existed stay valid.
+    description = {"kind": kind, **description}
+  meta = json.dumps(description)
+  path = _reference_path(config, workdir, kind)
+  if os.path.isfile(path):
+    with np.load(path) as f:
+      if "meta" in f.files and str(f["meta"]) == meta:
+        return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"]}
+  ref_config = config.copy_and_resolve_references()
+  ref_config.data.uniform_dequantization = False
+  ref_config.data.gaussian_dequantization = False
+  batch = min(ev.batch_size, ev.num_samples)
+  it = train.iterator_from_config(ref_config, split=d.eval_split, seed=config.seed,
+                                  batch_size=batch, shuffle=False)
+  parts, count = [], 0
+  while count < ev.num_samples:
+    parts.append(featurize(np.asarray(next(it)["x"])))
+    count += batch
+  features = np.concatenate([p["pool"] for p in parts])[:ev.num_samples]
+  mu, sigma = metrics.feature_stats(features)
+  if parallel.is_main_process():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=mu, sigma=sigma, features=features.astype(np.float32), meta=np.array(meta))
+    os.replace(tmp, path)
+  return {"mu": mu, "sigma": sigma, "features": features}
+
+
+# --------------------------------------------------------------------------------------------
+# Config -> evaluator.
+
+
+def feature_kind(config: ml_collections.ConfigDict) -> str:
+  """`eval.features` resolved to "toy", "inception" or "mnist_classifier"; ValueError if unusable.
+
+  "auto" is "toy" for toys and "inception" for images; "mnist_classifier" needs 28x28x1 images.
+  """
+  f, d = config.eval.features, config.data
+  dataset = d.dataset
+  if f not in _FEATURES:
+    raise ValueError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
+  is_toy = data.is_toy(dataset)
+  if f == "auto":
+    return "toy" if is_toy else "inception"
+  if f == "mnist_classifier":
+    shape = (d.image_size, d.image_size, d.num_channels)
+    if is_toy or shape != mnist_classifier.IMAGE_SHAPE:
+      got = "toy points" if is_toy else "x".join(map(str, shape)) + " images"
+      raise ValueError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
+                       f"data.dataset={dataset!r} has {got}; use 'inception' or 'auto'")
+    return f
+  if (f == "toy") != is_toy:
+    raise ValueError(f"eval.features={f!r} does not fit data.dataset={dataset!r}; use 'auto'")
+  return f
+
+
+def _toy_evaluator(config: ml_collections.ConfigDict, rng: jax.Array) -> Evaluator:
+  distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
+  reference_rng = jax.random.fold_in(rng, _REFERENCE_TAG)
+  return Evaluator(
+      main_metric=MAIN_METRICS["toy"],
+      featurize=lambda x: {"x": np.asarray(x, np.float32)},
+      score=lambda f: sample.toy_metrics(f["x"], distribution, reference_rng))
+
+
+def _inception_evaluator(config: ml_collections.ConfigDict, workdir: str,
+                         rng: jax.Array) -> Evaluator:
+  weights_path = inception_weights_path(config)
+  net = make_inception_fn(inception.load_params(weights_path))
+  centered = config.data.centered
+  featurize = lambda x: image_features(net, x, centered=centered)
+  reference = reference_statistics(config, workdir, featurize, os.path.basename(weights_path))
+  kid_rng = jax.random.fold_in(rng, _KID_TAG)
+  return Evaluator(main_metric=MAIN_METRICS["inception"], featurize=featurize,
+                   score=lambda f: image_metrics(f, reference, kid_rng))
+
+
+def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
+                          rng: jax.Array) -> Evaluator:
+  params = mnist_classifier.load_checked(classifier_weights_path(config))
+  net = mnist_classifier.features_fn(params)
+  centered = config.data.centered
+  featurize = lambda x: classifier_features(net, x, centered=centered)
+  reference = reference_statistics(config, workdir, featurize, params_digest(params),
+                                   kind="mnist_classifier")
+  if np.shape(reference["mu"]) != (mnist_classifier.NUM_FEATURES,):
+    raise ValueError(f"eval.reference_stats={config.eval.reference_stats} holds "
+                     f"{np.shape(reference['mu'])[0]}-d statistics; the MNIST classifier's "
+                     f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
+  kid_rng = jax.random.fold_in(rng, _KID_TAG)
+  return Evaluator(main_metric=MAIN_METRICS["mnist_classifier"], featurize=featurize,
+                   score=lambda f: classifier_metrics(f, reference, kid_rng))
+
+
+def make_evaluator(config: ml_collections.ConfigDict, workdir: str, rng: jax.Array) -> Evaluator:
+  """The evaluator of the config's data: toy distances, Inception or MNIST-classifier metrics.
+
+  Args:
+    config: the run's config (data and eval groups).
+    workdir: holds the reference-statistics cache.
+    rng: key of the reference samples (toys) and of the KID subsets (images).
+  """
+  kind = feature_kind(config)
+  if kind == "toy":
+    return _toy_evaluator(config, rng)
+  if kind == "mnist_classifier":
+    return _classifier_evaluator(config, workdir, rng)
+  return _inception_evaluator(config, workdir, rng)
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing, checkpoints, tables.
+
+
+def draw_features(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator, *,
+                  num_samples: int, batch_size: int, rng: jax.Array) -> Features:
+  """Features of `num_samples` samples drawn in batches (batch i uses `fold_in(rng, i)`).
+
+  Every call draws a full batch, so the sampler and the feature network compile once; the
+  surplus of the last batch is dropped.
+  """
+  return draw_features_stacked(lambda r, n: sample_fn(r, n)[None], evaluator,
+                               num_samples=num_samples, batch_size=batch_size, rng=rng)[0]
+
+
+def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator,
+                          *, num_samples: int, batch_size: int, rng: jax.Array
+                          ) -> list[Features]:
+  """`draw_features` for a sampler returning `[k, n, ...]`: k settings drawn in one program.
+
+  Setting j's samples are those a sampler of setting j alone draws from the same keys.
+  """
+  batch = min(batch_size, num_samples)
+  parts: list[list[Features]] = []
+  for i in range(-(-num_samples // batch)):
+    xs = np.asarray(sample_fn(jax.random.fold_in(rng, i), batch))
+    keep = min(batch, num_samples - i * batch)
+    parts = parts or [[] for _ in range(len(xs))]
+    for j, x in enumerate(xs):
+      parts[j].append({k: v[:keep] for k, v in evaluator.featurize(x).items()})
+  return [{k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for ps in parts]
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """The checkpoint steps in `workdir`, ascending; CheckpointError when there are none."""
+  manager = checkpoint.create_manager(workdir, async_save=False)
+  try:
+    steps = checkpoint.all_steps(manager)
+  finally:
+    manager.close()
+  if not steps:
+    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
+                                     "train first (python main.py --workdir=...)")
+  return steps
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
+  """The checkpoint's state, after checking that `config` describes the same model and data."""
+  stored, state = sample.load_checkpoint(workdir, step)
+  train.check_compatible(json.loads(stored.to_json()), config, workdir)
+  return state
+
+
+def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+  """`sample.make_sampler` taking the params as an argument: one program for all checkpoints.
+
+  Returns:
+    A jitted `(params, rng, n) -> samples` with the configured sampler.
+  """
+  fn = sample.make_sample_fn(models.build(config), train.sigmas_from_config(config),
+                             train.example_shape(config), **sample.sampler_kwargs(config))
+  return jax.jit(fn, static_argnums=2)
+
+
+def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator,
+                      config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+  start = time.time()
+  features = draw_features(sample_fn, evaluator, num_samples=config.eval.num_samples,
+                           batch_size=config.eval.batch_size,
+                           rng=jax.random.fold_in(rng, _SAMPLE_TAG))
+  return {**evaluator.score(features), "seconds": time.time() - start}
+
+
+def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
+                       evaluator: Evaluator, rng: jax.Array) -> list[dict[str, Any]]:
+  """Evaluates settings that differ only in step_lr as one program vmapped over the step sizes.
+
+  Each setting sees the keys `_evaluate_sampler` would give it alone, so the numbers equal a
+  one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
+  """
+  e0 = entries[0]
+  kwargs = {**sample.sampler_kwargs(config, e0["method"]),
+            **{k: e0[k] for k in ("steps_per_sigma", "denoise") if e0[k] is not None},
+            "step_lr": e0["step_lr"]}
+  fn = sample.make_sample_fn(models.build(config), train.sigmas_from_config(config),
+                             train.example_shape(config), **kwargs)
+  lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
+  many = jax.jit(lambda p, r, n: jax.vmap(lambda lr: fn(p, r, n, step_lr=lr))(lrs),
+                 static_argnums=2)
+  params = state.ema_params[0]
+  start = time.time()
+  features = draw_features_stacked(lambda r, n: many(params, r, n), evaluator,
+                                   num_samples=config.eval.num_samples,
+                                   batch_size=config.eval.batch_size,
+                                   rng=jax.random.fold_in(rng, _SAMPLE_TAG))
+  seconds = (time.time() - start) / len(entries)
+  return [{**evaluator.score(f), "seconds": seconds, "vmapped_settings": len(entries)}
+          for f in features]
+
+
+def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
+  """`entries` grouped by everything but step_lr (ALS/CAS only), in first-appearance order."""
+  groups: dict[tuple, list[dict]] = {}
+  for e in entries:
+    key = (e["method"], e["steps_per_sigma"], e["denoise"]) if e["step_lr"] is not None else id(e)
+    groups.setdefault(key, []).append(e)
+  return list(groups.values())
+
+
+def _record(writer: MetricWriter | None, fresh: dict[tuple, dict], entry: dict,
+            measured: dict) -> dict:
+  """The entry's row with its measurements, kept in `fresh` and written as one JSON line."""
+  row = {**entry, **measured}
+  fresh[entry_key(row)] = row
+  write_row(writer, row, {k: v for k, v in measured.items() if k != "skipped"})
+  return row
+
+
+def _in_order(entries: list[dict], fresh: dict[tuple, dict], done: dict[tuple, dict]
+              ) -> list[dict]:
+  """The row of every entry, fresh or stored, in the entries' order."""
+  return [fresh.get(entry_key(e)) or done[entry_key(e)] for e in entries]
+
+
+def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list[dict]]:
+  """The stored rows of `entries` (by key) and the entries still to evaluate, in order."""
+  stored = stored_rows(path)
+  done = {entry_key(e): stored[entry_key(e)] for e in entries if entry_key(e) in stored}
+  return done, [e for e in entries if entry_key(e) not in done]
+
+
+# --------------------------------------------------------------------------------------------
+# Modes.
+
+
+def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Samples from every checkpoint in range with the configured sampler; returns the rows.
+
+  Checkpoints already evaluated with these settings (`entry_key`) in `eval_metrics.jsonl` are
+  not evaluated again; their stored rows are returned, tabulated and plotted with the new ones.
+  """
+  ev = config.eval
+  available = _checkpoint_steps(workdir)
+  steps = [s for s in available if (ev.begin_step is None or s >= ev.begin_step) and
+           (ev.end_step is None or s <= ev.end_step)]
+  if not steps:
+    raise ValueError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
+                     f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
+  kind = feature_kind(config)
+  main_metric = MAIN_METRICS[kind]
+  kwargs = sample.sampler_kwargs(config)
+  entries = [{"step": s, **kwargs, "num_samples": ev.num_samples, "features": kind,
+              "seed": config.seed}
+             for s in steps]
+  done, todo = _split_done(entries, os.path.join(workdir, "eval_metrics.jsonl"))
+  main = parallel.is_main_process()
+  if main:
+    print(f"[eval] {len(done)} of {len(entries)} checkpoints reused from eval_metrics.jsonl; "
+          f"evaluating {len(todo)}", flush=True)
+  fresh = {}
+  if todo:
+    rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+    evaluator = make_evaluator(config, workdir, rng)
+    sampler = _checkpoint_sampler(config)
+    writer = MetricWriter(workdir, name="eval_metrics") if main else None
+    try:
+      for entry in todo:
+        state = _restore(config, workdir, entry["step"])
+        sample_fn = functools.partial(sampler, state.ema_params[0])
+        row = _record(writer, fresh, entry, _evaluate_sampler(sample_fn, evaluator, config, rng))
+        if main:
+          print(f"[eval] step {row['step']}: {main_metric}="
+                f"{row.get(main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)", flush=True)
+    finally:
+      if writer is not None:
+        writer.close()
+  rows = _in_order(entries, fresh, done)
+  if main:
+    paths = write_outputs(rows, main_metric, workdir, "eval_metrics", plot_eval)
+    print(format_table(rows, ["step", "method", "step_lr"] + table_metric_columns(rows, main_metric)))
+    best = min(rows, key=rank_key(main_metric))
+    print(f"best checkpoint by {main_metric}: step {best['step']} "
+          f"({main_metric}={as_float(best.get(main_metric)):.4g}); "
+          f"{len(done)} of {len(rows)} rows reused")
+    print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")
+  return rows
+
+
+def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
+               steps_per_sigma: tuple[int, ...], denoise: tuple[bool, ...]) -> list[dict]:
+  """The distinct sampler settings of the grid, in grid order.
+
+  A knob the method does not read (CAS has no steps per level, PC no step_lr) is None, so the
+  grid holds each real setting once.
+  """
+  unknown = [m for m in methods if m not in _METHODS]
+  if unknown:
+    raise ValueError(f"eval.sweep_methods has unknown samplers {unknown}; use {_METHODS}")
+  settings: list[dict] = []
+  for method in methods:
+    knobs = _METHOD_KNOBS[method]
+    for lr in step_lrs:
+      for spp in steps_per_sigma:
+        for den in denoise:
+          s = {"method": method, "step_lr": float(lr) if "step_lr" in knobs else None,
+               "steps_per_sigma": int(spp) if "steps_per_sigma" in knobs else None,
+               "denoise": bool(den)}
+          if s not in settings:
+            settings.append(s)
+  return settings
+
+
+def _setting(entry: dict) -> dict:
+  return {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")}
+
+
+def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Samples from the latest checkpoint with every sweep setting; returns the rows.
+
+  Settings already in `sampler_sweep.jsonl` for this checkpoint (`entry_key`) are not evaluated
+  again; their stored rows join the table, the CSV and the plot. With `eval.sweep_vmap`, settings
+  that differ only in step_lr run as one compiled program vmapped over the step sizes (memory:
+  the group's size times `eval.batch_size` samples at once).
+  """
+  ev = config.eval
+  settings = sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
+                        tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise))
+  step = _checkpoint_steps(workdir)[-1]
+  kind = feature_kind(config)
+  main_metric = MAIN_METRICS[kind]
+  entries = [{"step": step, **sample.sampler_kwargs(config, s["method"]), **s,
+              "num_samples": ev.num_samples, "features": kind, "seed": config.seed}
+             for s in settings]
+  done, todo = _split_done(entries, os.path.join(workdir, "sampler_sweep.jsonl"))
+  main = parallel.is_main_process()
+  if main:
+    print(f"[sweep] checkpoint step {step}: {len(done)} of {len(entries)} settings reused from "
+          f"sampler_sweep.jsonl; evaluating {len(todo)}", flush=True)
+  fresh = {}
+  if todo:
+    state = _restore(config, workdir, step)
+    rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+    evaluator = make_evaluator(config, workdir, rng)
+    cas_ladder = samplers.cas_ladder(train.sigmas_from_config(config), config.sampling.n_sigma)
+    writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
+    try:
+      feasible = []
+      for entry in todo:
+        if entry["method"] == "cas":
+          try:
+            noise.check_cas_step_lr(cas_ladder, entry["step_lr"])
+          except ValueError as e:
+            row = _record(writer, fresh, entry, {"skipped": str(e)})
+            if main:
+              print(f"[sweep] {_setting(entry)}: skipped: {row['skipped']}", flush=True)
+            continue
+        feasible.append(entry)
+      for group in _step_lr_groups(feasible):
+        if len(group) > 1 and ev.sweep_vmap:
+          results = _evaluate_step_lrs(config, state, group, evaluator, rng)
+        else:
+          results = []
+          for entry in group:
+            overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
+                         if entry[k] is not None}
+            results.append(_evaluate_sampler(sample.make_sampler(config, state, **overrides),
+                                             evaluator, config, rng))
+        for entry, measured in zip(group, results):
+          row = _record(writer, fresh, entry, measured)
+          if main:
+            print(f"[sweep] {_setting(entry)}: "
+                  f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)
+    finally:
+      if writer is not None:
+        writer.close()
+  rows = _in_order(entries, fresh, done)
+  if main:
+    paths = write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
+    ranked = sorted(rows, key=rank_key(main_metric))
+    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "denoise"] +
+                       table_metric_columns(rows, main_metric) + ["skipped"]))
+    print(f"checkpoint step {step}; {len(done)} of {len(rows)} rows reused")
+    print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")
+  return rows
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str) -> list[dict]:
+  """The `eval` or `sampler_sweep` mode of the CLI; returns the metric rows.
+
+  `config` must describe the checkpoint's model and data (checked as in `--mode=sample` with a
+  `--config`); its `sampling` and `eval` groups choose how to sample and what to measure.
+  """
+  if mode == "eval":
+    return evaluate_checkpoints(config, workdir)
+  if mode == "sampler_sweep":
+    return sampler_sweep(config, workdir)
+  raise ValueError(f"evaluate.run: mode={mode!r} is unknown; use 'eval' or 'sampler_sweep'")

@@ -1,0 +1,400 @@
+"""Image data: TFDS ArrayRecord datasets read with `tfds` data sources and grain, or local files.
+
+Preparation (`prepare`, `python -m score_jax.prepare_data`) builds ArrayRecord files with TFDS
+builders, offline, from the original files in a manual directory:
+* mnist, fashion_mnist (the four idx .gz files) and cifar10 (`cifar-10-binary.tar.gz`) use the
+  TensorFlow-free TFDS builders of `score_jax.tfds_builders` (raw uint8 tensors; TFDS's own
+  builders for these decode with `tf.io.gfile` and need TensorFlow);
+* celeb_a and lsun use TFDS's own builders, which need TensorFlow to prepare and decode:
+  `pip install -r requirements-prepare.txt` (the only place TensorFlow is ever used).
+
+Reading (`create_iterator`) is a grain `MapDataset` pipeline: this process's shard of the
+records, a global shuffle per epoch with the seed, per-record preprocessing whose randomness
+(flips, dequantization) comes from grain's per-record seeded generator, and batching. The iterator
+state is a small JSON dict, saved in checkpoints, and a restored pipeline yields exactly the
+batches of an uninterrupted one.
+
+Preprocessing conventions (REFERENCE B1): values in [0, 1] (or [-1, 1] when `centered`);
+uniform dequantization (x * 255 + U[0, 1)) / 256 as NCSN v1; Gaussian dequantization N(0, 0.01^2)
+as NCSNv2; CelebA: center crop 140 then resize (NCSN); LSUN: resize the shorter side, then center
+crop; other sizes: bilinear resize (PIL) when image_size differs from the native size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  tfds_name: str | None  # TFDS builder name (None: local files)
+  native_size: int | None
+  channels: int | None
+  crop: str = "none"  # none | celeba | lsun
+  needs_tensorflow: bool = False
+  manual_files: tuple[str, ...] = ()
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("score_jax_mnist", 28, 1, manual_files=(
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz")),
+    "fashion_mnist": DatasetInfo("score_jax_fashion_mnist", 28, 1, manual_files=(
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz")),
+    "cifar10": DatasetInfo("score_jax_cifar10", 32, 3, manual_files=("cifar-10-binary.tar.gz",)),
+    "celeb_a": DatasetInfo("celeb_a", None, 3, crop="celeba", needs_tensorflow=True),
+    "lsun/church_outdoor": DatasetInfo("lsun/church_outdoor", None, 3, crop="lsun",
+                                       needs_tensorflow=True),
+    "lsun/bedroom": DatasetInfo("lsun/bedroom", None, 3, crop="lsun", needs_tensorflow=True),
+    "folder": DatasetInfo(None, None, None),
+    "npz": DatasetInfo(None, None, None),
+}
+
+
+def _info(dataset: str) -> DatasetInfo:
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset={dataset!r} is unknown; use one of {sorted(DATASETS)}")
+  return DATASETS[dataset]
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def prepare_command(dataset: str, data_dir: str | None) -> str:
+  return (f"python -m score_jax.prepare_data --dataset={dataset} --manual_dir=DIR_WITH_ORIGINAL_FILES"
+          + (f" --data_dir={data_dir}" if data_dir else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Raw MNIST files.
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads an idx file (optionally .gz): the MNIST format, big-endian dims then uint8 data."""
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    raise ValueError(f"{path} is not an unsigned-byte idx file")
+  ndim = raw[3]
+  dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
+  return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
+
+
+def load_mnist_raw(manual_dir: str | os.PathLike, split: str = "train"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [n, 28, 28], labels int64 [n]) from the official MNIST idx files."""
+  prefix = {"train": "train", "test": "t10k"}.get(split)
+  if prefix is None:
+    raise ValueError(f"split={split!r} must be 'train' or 'test'")
+  d = pathlib.Path(manual_dir)
+  images = read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
+  labels = read_idx(d / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+  return images, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation.
+
+
+def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> None:
+  """Builds `dataset` as ArrayRecord under `data_dir` from the original files in `manual_dir`.
+
+  Never downloads: a dataset whose files are missing raises ValueError before TFDS is asked.
+  """
+  info = _info(dataset)
+  if info.tfds_name is None:
+    raise ValueError(f"dataset={dataset!r} reads local files directly (data.path); "
+                     "nothing to prepare")
+  data_dir = data_dir or default_data_dir()
+  if info.needs_tensorflow:
+    import importlib.util
+    if importlib.util.find_spec("tensorflow") is None:
+      raise ValueError(f"preparing {dataset} uses TFDS's own builder, which needs TensorFlow: "
+                       "pip install -r requirements-prepare.txt")
+  if manual_dir is None or not pathlib.Path(manual_dir).is_dir():
+    raise ValueError(f"--manual_dir={manual_dir} must be a folder with the original files of "
+                     f"{dataset}" + (f": {', '.join(info.manual_files)}" if info.manual_files else ""))
+  missing = [f for f in info.manual_files if not (pathlib.Path(manual_dir) / f).is_file()]
+  if missing:
+    raise ValueError(f"--manual_dir={manual_dir} lacks {', '.join(missing)} (needed for {dataset})")
+  import tensorflow_datasets as tfds
+  from score_jax import tfds_builders  # noqa: F401  (registers the TF-free builders)
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
+  config = tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False,
+                                        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=config)
+
+
+def prepare_cached(dataset: str, manual_dir: str, cache_root: str) -> str:
+  """Prepares `dataset` once into `cache_root` (reused when present) and returns that data_dir."""
+  prepare(dataset, data_dir=cache_root, manual_dir=manual_dir)
+  return cache_root
+
+
+def _tfds_source(dataset: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds
+  from score_jax import tfds_builders  # noqa: F401
+  info = _info(dataset)
+  data_dir = data_dir or default_data_dir()
+  # Checked before TFDS looks (and logs warnings about the folder it does not find).
+  prepared = list(pathlib.Path(data_dir, info.tfds_name).glob("*/dataset_info.json"))
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record") \
+      if prepared else None
+  if builder is None or not builder.is_prepared():
+    raise ValueError(f"data_dir={data_dir} holds no prepared {dataset}; prepare it offline with: "
+                     f"{prepare_command(dataset, data_dir)}")
+  if split not in builder.info.splits:
+    raise ValueError(f"split={split!r} is not a split of {dataset}; "
+                     f"use one of {sorted(builder.info.splits)}")
+  return builder.as_data_source(split=split)
+
+
+class _FolderSource:
+  """Random access over a folder of PNG/JPEG images (sorted by name), decoded with PIL."""
+
+  def __init__(self, path: str):
+    exts = {".png", ".jpg", ".jpeg"}
+    self.files = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in exts)
+    if not self.files:
+      raise ValueError(f"data.path={path} holds no .png/.jpg/.jpeg images")
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    with Image.open(self.files[i]) as im:
+      return {"image": np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)}
+
+
+class _ArraySource:
+  """Random access over an array `x` [n, h, w(, c)] of an .npz file."""
+
+  def __init__(self, path: str):
+    with np.load(path) as f:
+      if "x" not in f:
+        raise ValueError(f"data.path={path} has no array named 'x' (keys: {list(f.keys())})")
+      self.x = f["x"]
+    if self.x.ndim not in (3, 4):
+      raise ValueError(f"{path}: x must be [n, h, w] or [n, h, w, c], got shape {self.x.shape}")
+
+  def __len__(self) -> int:
+    return len(self.x)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {"image": self.x[i]}
+
+
+def _source(dataset: str, split: str, data_dir: str | None, path: str | None):
+  if dataset in ("folder", "npz"):
+    if not path:
+      raise ValueError(f"dataset={dataset!r} needs data.path (a folder of images or an .npz)")
+    if dataset == "folder":
+      if not os.path.isdir(path):
+        raise ValueError(f"data.path={path} is not a folder")
+      return _FolderSource(path)
+    if not os.path.isfile(path):
+      raise ValueError(f"data.path={path} is not an .npz file")
+    return _ArraySource(path)
+  return _tfds_source(dataset, split, data_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _center_crop(img: np.ndarray, size: int) -> np.ndarray:
+  h, w = img.shape[:2]
+  top, left = (h - size) // 2, (w - size) // 2
+  return img[top:top + size, left:left + size]
+
+
+def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  if img.shape[:2] == size:
+    return img
+  squeeze = img.shape[-1] == 1
+  pil = Image.fromarray(img[..., 0] if squeeze else img)
+  out = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
+  return out[..., None] if squeeze else out
+
+
+def to_uint8_image(image: np.ndarray, *, image_size: int, num_channels: int,
+                   crop: str = "none") -> np.ndarray:
+  """A record's image as uint8 [image_size, image_size, num_channels] (crop, resize, channels)."""
+  img = np.asarray(image)
+  if img.dtype != np.uint8:
+    img = np.clip(np.rint(img * 255.0 if img.max() <= 1.0 else img), 0, 255).astype(np.uint8)
+  if img.ndim == 2:
+    img = img[..., None]
+  if crop == "celeba":
+    img = _center_crop(img, 140)
+  elif crop == "lsun":
+    h, w = img.shape[:2]
+    scale = image_size / min(h, w)
+    img = _resize(img, (max(image_size, round(h * scale)), max(image_size, round(w * scale))))
+    img = _center_crop(img, image_size)
+  img = _resize(img, (image_size, image_size))
+  c = img.shape[-1]
+  if c != num_channels:
+    if c == 1 and num_channels == 3:
+      img = np.repeat(img, 3, axis=-1)
+    elif c == 3 and num_channels == 1:
+      img = np.rint(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+    else:
+      raise ValueError(f"cannot turn {c}-channel images into data.num_channels={num_channels}")
+  return img
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  image_size: int
+  num_channels: int
+  crop: str = "none"
+  random_flip: bool = False
+  uniform_dequantization: bool = False
+  gaussian_dequantization: bool = False
+  centered: bool = False
+
+  def deterministic(self, record: dict[str, Any]) -> np.ndarray:
+    img = to_uint8_image(record["image"], image_size=self.image_size,
+                         num_channels=self.num_channels, crop=self.crop)
+    x = img.astype(np.float32) / 255.0
+    return 2.0 * x - 1.0 if self.centered else x
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    img = to_uint8_image(record["image"], image_size=self.image_size,
+                         num_channels=self.num_channels, crop=self.crop)
+    if self.random_flip and rng.random() < 0.5:
+      img = img[:, ::-1]
+    x = img.astype(np.float32)
+    if self.uniform_dequantization:
+      x = (x + rng.random(x.shape, dtype=np.float32)) / 256.0
+    else:
+      x = x / 255.0
+    if self.gaussian_dequantization:
+      x = x + 0.01 * rng.standard_normal(x.shape, dtype=np.float32)
+    return 2.0 * x - 1.0 if self.centered else x
+
+
+def _check_shape(dataset: str, image_size: int, num_channels: int) -> None:
+  if image_size < 4:
+    raise ValueError(f"data.image_size={image_size} is too small (>= 4)")
+  if num_channels not in (1, 3):
+    raise ValueError(f"data.num_channels={num_channels} must be 1 or 3")
+  info = _info(dataset)
+  if info.crop == "celeba" and image_size > 140:
+    raise ValueError(f"celeb_a is center-cropped to 140 px: data.image_size={image_size} must be "
+                     "<= 140")
+
+
+class ImageIterator:
+  """Batches `{"x": float32 [b, s, s, c]}` with a JSON-serializable `get_state`/`set_state`."""
+
+  def __init__(self, dataset: grain.MapDataset, batch_size: int, prefetch: int,
+               num_workers: int):
+    batched = dataset.batch(batch_size, drop_remainder=True,
+                            batch_fn=lambda xs: {"x": np.stack(xs).astype(np.float32)})
+    read = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(1, prefetch))
+    iter_ds = batched.to_iter_dataset(read_options=read)
+    if num_workers > 0:
+      iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    self._it = iter(iter_ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    state = self._it.get_state()
+    return {"kind": "grain", "state": _jsonable(state)}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("kind") != "grain":
+      raise ValueError(f"data state {state!r} is not an image pipeline's state")
+    self._it.set_state(_from_jsonable(state["state"]))
+
+
+def _jsonable(v):
+  if isinstance(v, bytes):
+    return {"__bytes__": v.hex()}
+  if isinstance(v, dict):
+    return {k: _jsonable(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_jsonable(x) for x in v]
+  if isinstance(v, np.integer):
+    return int(v)
+  return v
+
+
+def _from_jsonable(v):
+  if isinstance(v, dict):
+    if set(v) == {"__bytes__"}:
+      return bytes.fromhex(v["__bytes__"])
+    return {k: _from_jsonable(x) for k, x in v.items()}
+  if isinstance(v, list):
+    return [_from_jsonable(x) for x in v]
+  return v
+
+
+def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: int,
+                    num_channels: int, data_dir: str | None = None, path: str | None = None,
+                    random_flip: bool = False, uniform_dequantization: bool = False,
+                    gaussian_dequantization: bool = False, centered: bool = False, seed: int = 0,
+                    shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
+                    prefetch: int = 2, num_epochs: int | None = None, shuffle: bool = True,
+                    drop_remainder: bool = True) -> ImageIterator:
+  """The training (or evaluation) iterator of an image dataset for one process.
+
+  Args:
+    batch_size: rows per batch on this process.
+    seed: shuffling and per-record randomness.
+    shard_index, shard_count: this process's disjoint share of the records.
+    num_epochs: None repeats forever.
+    shuffle: global shuffle per epoch (off for evaluation reads).
+  """
+  _check_shape(dataset, image_size, num_channels)
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  if not drop_remainder:
+    raise ValueError("drop_remainder=False is not supported: every step needs a full batch")
+  info = _info(dataset)
+  source = _source(dataset, split, data_dir, path)
+  ds = grain.MapDataset.source(source)
+  if shard_count > 1:
+    ds = ds.slice(slice(shard_index, None, shard_count))
+  if len(ds) < batch_size:
+    raise ValueError(f"{dataset}/{split} shard has {len(ds)} records, fewer than batch_size="
+                     f"{batch_size}")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  pre = Preprocess(image_size=image_size, num_channels=num_channels, crop=info.crop,
+                   random_flip=random_flip, uniform_dequantization=uniform_dequantization,
+                   gaussian_dequantization=gaussian_dequantization, centered=centered)
+  ds = ds.random_map(pre, seed=seed + 1)
+  return ImageIterator(ds, batch_size, prefetch, num_workers)
+
+
+def load_array(*, dataset: str, split: str, image_size: int, num_channels: int,
+               data_dir: str | None = None, path: str | None = None,
+               max_examples: int | None = None, centered: bool = False) -> np.ndarray:
+  """The first `max_examples` records, unshuffled and without random augmentation: [n, s, s, c]."""
+  _check_shape(dataset, image_size, num_channels)
+  info = _info(dataset)
+  source = _source(dataset, split, data_dir, path)
+  n = len(source) if max_examples is None else min(max_examples, len(source))
+  pre = Preprocess(image_size=image_size, num_channels=num_channels, crop=info.crop,
+                   centered=centered)
+  return np.stack([pre.deterministic(source[i]) for i in range(n)]).astype(np.float32)

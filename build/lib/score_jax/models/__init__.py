@@ -1,0 +1,53 @@
+"""Score networks and the one factory that reads their config: `build(config)`.
+
+Every network is called `model.apply({"params": p}, x, sigma, train=False)` with `x` `[b, ...]` and
+per-example `sigma` `[b]`, and declares `output_convention` ("score" or "scaled_score"), which only
+`score_jax.score.make_score_fn` interprets.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from score_jax import noise
+from score_jax.models import ncsn
+from score_jax.models.mlp import NoiseConditionalMLP
+
+MODEL_NAMES = ("mlp", "ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet")
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build(config) -> nn.Module:
+  """The flax module that `config.model` (with `config.data` and `config.noise`) describes."""
+  m = config.model
+  if m.name not in MODEL_NAMES:
+    raise ValueError(f"model.name={m.name!r} is unknown; use one of {MODEL_NAMES}")
+  if m.name == "mlp":
+    return NoiseConditionalMLP(hidden=m.hidden, num_layers=m.num_layers, activation=m.activation)
+  if m.dtype not in _DTYPES:
+    raise ValueError(f"model.dtype={m.dtype!r} is unknown; use one of {sorted(_DTYPES)}")
+  common = dict(num_channels=config.data.num_channels, dtype=_DTYPES[m.dtype], remat=m.remat)
+  if m.name == "unet":
+    from score_jax.models import unet
+    return unet.UNet(ch=m.ngf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                     attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                     conditional=m.conditional, centered_input=config.data.centered, **common)
+  if config.data.image_size < 8:
+    raise ValueError(f"data.image_size={config.data.image_size}: image networks need >= 8 px")
+  common.update(ngf=m.ngf, nonlinearity=m.nonlinearity, centered_input=config.data.centered)
+  if m.name == "ncsn":
+    n = config.noise
+    ladder = noise.geometric_sigmas(n.sigma_max, n.sigma_min, n.num_scales) \
+        if n.schedule == "geometric" else noise.linear_sigmas(n.sigma_max, n.sigma_min,
+                                                               n.num_scales)
+    model = ncsn.NCSN(level_sigmas=tuple(float(s) for s in ladder), **common)
+    ncsn.check_image_size(model.encoder, config.data.image_size)
+    return model
+  preset = {"ncsnv2": ncsn.NCSNv2, "ncsnv2_deeper": ncsn.NCSNv2Deeper,
+            "ncsnv2_deepest": ncsn.NCSNv2Deepest}[m.name]
+  model = preset(**common)
+  ncsn.check_image_size(model.encoder, config.data.image_size)
+  return model

@@ -1,0 +1,209 @@
+"""Data parallelism: the only module that knows about devices and hosts.
+
+Steps are written the way `pmap` programs are written: a per-device body that sees its slice of
+the batch and averages with `lax.pmean(x, BATCH_AXIS)`. `data_parallel` turns such a body into one
+SPMD program with `jax.shard_map` under `jax.jit` (the supported successor of `pmap`): the state
+and key are replicated, the batch is split over `BATCH_AXIS`, and the state is donated.
+
+Batches are global `jax.Array`s of shape `[global_b, ...]` (or `[k, global_b, ...]` when `k`
+steps are fused into one dispatch) sharded along the batch dimension; each process contributes
+its own rows (`shard_batch`), so multi-host runs read disjoint data. `shard_batch` also adds
+`batch["index"]`, each example's global position in the batch, from which steps fold per-example
+keys: the same config then draws the same noise on 1, 2 or 8 devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from score_jax import jax_compat
+
+BATCH_AXIS = "batch"
+
+PyTree = Any
+
+
+def initialize_distributed(enabled: bool) -> None:
+  """Joins a multi-host job (`jax.distributed.initialize()` reads the cluster from the env)."""
+  if enabled:
+    jax.distributed.initialize()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def device_count() -> int:
+  return jax.device_count()
+
+
+def local_device_count() -> int:
+  return jax.local_device_count()
+
+
+def is_main_process() -> bool:
+  """Whether this process writes logs, plots and samples."""
+  return jax.process_index() == 0
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all devices of all hosts by default)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f"num_devices={num_devices} must be in [1, {len(devices)}] (the devices present)")
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """Returns the per-process batch size; ValueError unless the batch splits evenly."""
+  n = mesh.size
+  if global_batch_size % n:
+    raise ValueError(
+        f"training.batch_size={global_batch_size} is not divisible by the {n} devices in use; "
+        f"set --config.training.batch_size to a multiple of {n}")
+  return global_batch_size // jax.process_count()
+
+
+def replicate(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+  """Places a host or device tree on every device of `mesh` (copies, never aliases)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), sharding), tree)
+
+
+def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, *,
+                fused_steps: int | None = None) -> dict[str, jax.Array]:
+  """Turns this process's rows into a global batch sharded over `BATCH_AXIS`, adding `index`.
+
+  Args:
+    batch: host arrays `[local_b, ...]`, or `[k, local_b, ...]` when `fused_steps=k`.
+    mesh: the mesh of `make_mesh`.
+    fused_steps: number of steps stacked on a leading axis, or None.
+
+  Returns:
+    The batch as global arrays plus `index` (int32 `[global_b]` or `[k, global_b]`), the global
+    position of each example, identical whatever the device count.
+  """
+  batch_dim = 0 if fused_steps is None else 1
+  local_b = next(iter(batch.values())).shape[batch_dim]
+  global_b = local_b * jax.process_count()
+  if global_b % mesh.size:
+    raise ValueError(f"global batch {global_b} is not divisible by the {mesh.size} devices in use")
+  start = jax.process_index() * local_b
+  index = np.arange(start, start + local_b, dtype=np.int32)
+  if fused_steps is not None:
+    index = np.broadcast_to(index, (fused_steps, local_b))
+  spec = P(BATCH_AXIS) if fused_steps is None else P(None, BATCH_AXIS)
+  sharding = NamedSharding(mesh, spec)
+
+  def put(x):
+    x = np.asarray(x)
+    shape = list(x.shape)
+    shape[batch_dim] = global_b
+    return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+  return {**{k: put(v) for k, v in batch.items()}, "index": put(index)}
+
+
+def per_device(tree: PyTree) -> PyTree:
+  """Marks replicated values (parameters) as per-device before differentiating a local loss.
+
+  Inside `data_parallel`, parameters are replicated ("invariant" to shard_map's type system).
+  The gradient of a per-device loss with respect to an invariant value is summed over devices
+  by JAX's transpose rules, so a later `lax.pmean` would leave N times the mean gradient. The
+  gradient with respect to a per-device copy is the local gradient, which `lax.pmean` then
+  averages: the pmap convention every step here follows.
+  """
+  return jax_compat.pcast_varying(tree, BATCH_AXIS)
+
+
+def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding.Mesh, *,
+                  fused_steps: int | None = None,
+                  donate_state: bool = True) -> Callable[..., tuple[PyTree, PyTree]]:
+  """Builds `p_step(state, batch, rng) -> (state, metrics)` running `step` on every device.
+
+  `step(state, batch, rng)` is the per-device body: it sees its slice of the batch, must
+  `lax.pmean` gradients and metrics over `BATCH_AXIS`, and returns a replicated state and
+  metrics. With `fused_steps=k` the batch carries a leading axis of k steps and the body runs k
+  times inside one `lax.scan` (one dispatch); metrics are stacked over the k steps.
+  """
+  batch_spec = P(BATCH_AXIS) if fused_steps is None else P(None, BATCH_AXIS)
+
+  def body(state, batch, rng):
+    if fused_steps is None:
+      return step(state, batch, rng)
+    return jax.lax.scan(lambda s, b: step(s, b, rng), state, batch)
+
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), batch_spec, P()), out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
+
+
+# Dispatched but unfinished steps the host may queue. Unbounded run-ahead deadlocks XLA:CPU
+# (jax 0.10.2) when a step has an all-reduce and the devices are simulated (the test setup):
+# queued executions block the runtime's worker threads until the all-reduce waits for devices
+# that no thread is left to run. Reproduced on 2026-11-26: a tiny pmean step dispatched 1000
+# times without syncing hung at once; with this bound, 20,000 steps ran (bench/NOTES.md).
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class DispatchWindow:
+  """Bounds run-ahead: `add(outputs)` after each dispatch blocks until at most `limit` steps
+  are unfinished. Pass small outputs (metrics), not donated state."""
+
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+    if limit < 1:
+      raise ValueError(f"limit={limit}: at least one step must be allowed in flight")
+    self.limit = limit
+    self._pending: collections.deque = collections.deque()
+
+  def add(self, outputs: PyTree) -> None:
+    self._pending.append(outputs)
+    while len(self._pending) > self.limit:
+      jax.block_until_ready(self._pending.popleft())
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+  """Fetches a (possibly multi-host) global array to every host as numpy."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sample_parallel(sample_fn: Callable[[jax.Array, int], jax.Array], mesh: jax.sharding.Mesh,
+                    ) -> Callable[[jax.Array, int], np.ndarray]:
+  """Wraps `sample_fn(rng, n_local) -> x [n_local, ...]` to draw `n` samples over all devices.
+
+  Each device folds its index into the key, so devices draw independent samples; the result is
+  gathered on the host in device order.
+  """
+
+  @functools.lru_cache(maxsize=None)
+  def compiled(n_local: int):
+    def body(rng):
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXIS))
+      return sample_fn(rng, n_local)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(BATCH_AXIS),
+                                 check_vma=False))
+
+  def run(rng: jax.Array, n: int) -> np.ndarray:
+    n_local = -(-n // mesh.size)
+    return gather_to_host(compiled(n_local)(rng))[:n]
+
+  return run

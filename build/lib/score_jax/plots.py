@@ -1,0 +1,175 @@
+"""PNG outputs: image grids, toy scatters, per-level sampler trajectories, metric curves."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+from matplotlib.figure import Figure  # pyplot-free: no global backend switch, notebooks keep theirs
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def to_uint8(x: np.ndarray, *, centered: bool = False) -> np.ndarray:
+  """Images in [0, 1] (or [-1, 1] if centered) to uint8, clipping out-of-range values."""
+  x = np.asarray(x, np.float32)
+  if centered:
+    x = (x + 1.0) / 2.0
+  return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def image_grid(x: np.ndarray, *, ncol: int | None = None, pad: int = 2,
+               centered: bool = False) -> np.ndarray:
+  """Tiles `[n, h, w, c]` images into one `[H, W, c]` uint8 grid."""
+  x = to_uint8(x, centered=centered)
+  n, h, w, c = x.shape
+  ncol = ncol or int(np.ceil(np.sqrt(n)))
+  nrow = int(np.ceil(n / ncol))
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, k = divmod(i, ncol)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = x[i]
+  return grid
+
+
+def save_image_grid(x: np.ndarray, path: str, *, ncol: int | None = None,
+                    centered: bool = False) -> None:
+  grid = image_grid(x, ncol=ncol, centered=centered)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def save_intermediates(saved: np.ndarray, path: str, *, centered: bool = False) -> None:
+  """`saved` `[levels, n, h, w, c]`: one row per sample, one column per saved level."""
+  levels, n = saved.shape[:2]
+  tiles = np.transpose(saved, (1, 0, 2, 3, 4)).reshape(n * levels, *saved.shape[2:])
+  save_image_grid(tiles, path, ncol=levels, centered=centered)
+
+
+def save_inpainting_grid(masked: np.ndarray, completed: np.ndarray, path: str, *,
+                         centered: bool = False) -> None:
+  """Rows of masked inputs, each followed by its completion."""
+  n = min(len(masked), 8)
+  pairs = np.stack([masked[:n], completed[:n]], axis=1).reshape(2 * n, *masked.shape[1:])
+  save_image_grid(pairs, path, ncol=2 * min(n, 4), centered=centered)
+
+
+def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], path: str) -> None:
+  """Scatter (2-D) or histogram (1-D) panels: ground truth, then each sampler."""
+  panels = {"ground truth": truth, **{k.upper(): v for k, v in samples.items()}}
+  fig = Figure(figsize=(4 * len(panels), 4))
+  axes = fig.subplots(1, len(panels), squeeze=False)
+  finite = truth[np.isfinite(truth).all(axis=1)]
+  lo, hi = finite.min(0) - 1.0, finite.max(0) + 1.0
+  for ax, (name, x) in zip(axes[0], panels.items()):
+    x = x[np.isfinite(x).all(axis=1)]
+    if x.shape[1] == 1:
+      ax.hist(x[:, 0], bins=80, range=(lo[0], hi[0]), density=True, color="tab:blue")
+    else:
+      ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4)
+      ax.set_xlim(lo[0], hi[0])
+      ax.set_ylim(lo[1], hi[1])
+      ax.set_aspect("equal")
+    ax.set_title(name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None], path: str) -> None:
+  """Per-level statistics of each sampler (one panel per statistic, one line per sampler)."""
+  trajectories = {k: v for k, v in trajectories.items() if v}
+  keys = sorted({k for t in trajectories.values() for k, v in t.items()
+                 if k not in ("samples", "sigma") and np.ndim(v) == 1})
+  if not keys:
+    return
+  fig = Figure(figsize=(4 * len(keys), 3.5))
+  axes = fig.subplots(1, len(keys), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for name, t in trajectories.items():
+      if key in t:
+        ax.plot(np.asarray(t[key]), label=name.upper())
+    if key == "noise_std":
+      sigma = next(iter(trajectories.values())).get("sigma")
+      if sigma is not None:
+        ax.plot(np.asarray(sigma), "k--", label="sigma_i (target)")
+    if key in ("sigma", "noise_std", "x_std", "score_norm"):
+      ax.set_yscale("log")
+    ax.set_title(key)
+    ax.set_xlabel("level")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, ylabel: str,
+               logx: bool = False) -> None:
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
+  for name, ys in ys_by_name.items():
+    ax.plot(xs, ys, marker="o", label=name)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+
+
+def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]], path: str, *,
+                       xlabel: str, errors: Mapping[str, Sequence[float]] | None = None) -> None:
+  """One panel per metric, in the given order (put the main metric first), each against `xs`.
+
+  Args:
+    xs: the x value of each point (e.g. checkpoint steps).
+    panels: metric name -> one y per x; NaN marks a missing value (a gap in the line).
+    path: the PNG to write.
+    xlabel: label of every panel's x axis.
+    errors: metric name -> one error-bar half-width per x (e.g. KID's std), optional.
+  """
+  errors = errors or {}
+  fig = Figure(figsize=(4 * max(len(panels), 1), 3.5))
+  axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
+  for ax, (name, ys) in zip(axes[0], panels.items()):
+    ax.errorbar(np.asarray(xs, np.float64), np.asarray(ys, np.float64),
+                yerr=None if name not in errors else np.asarray(errors[name], np.float64),
+                marker="o", capsize=3)
+    ax.set_title(name)
+    ax.set_xlabel(xlabel)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+
+
+def save_lines(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
+               xlabel: str, ylabel: str, logx: bool = False,
+               levels: Mapping[str, float] | None = None) -> None:
+  """One line per name, each with its own x values; `levels` are dashed horizontal lines.
+
+  Args:
+    curves: name -> `(xs, ys)`; NaN ys leave gaps.
+    path: the PNG to write.
+    xlabel: x axis label.
+    ylabel: y axis label.
+    logx: log-scale x axis.
+    levels: name -> y, for settings that have no x value (e.g. a sampler without step_lr).
+  """
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for i, (name, (xs, ys)) in enumerate(curves.items()):
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    order = np.argsort(xs)
+    ax.plot(xs[order], ys[order], marker="o", color=colors[i % len(colors)], label=name)
+  for i, (name, y) in enumerate((levels or {}).items(), start=len(curves)):
+    ax.axhline(y, linestyle="--", color=colors[i % len(colors)], label=name)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if curves or levels:
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
