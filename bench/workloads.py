@@ -114,16 +114,16 @@ def _ncsnv2_cifar_config(dtype="float32"):
 
 
 def _state_and_step(config, batch_size, num_devices=1, fused=None):
-  from score_jax import models, parallel, train
+  from score_jax import experiment, models, parallel, steps
   model = models.build(config)
-  sigmas = train.sigmas_from_config(config)
+  sigmas = experiment.sigmas_from_config(config)
   config.training.batch_size = batch_size
-  kwargs = train.loss_kwargs_from_config(config, model, sigmas)
+  kwargs = experiment.loss_kwargs_from_config(config, model, sigmas)
   mesh = parallel.make_mesh(num_devices)
-  state = parallel.replicate(train.init_state(config, model), mesh)
-  step = functools.partial(train.train_step, ema_decays=tuple(config.training.ema_decays), **kwargs)
+  state = parallel.replicate(experiment.init_state(config, model), mesh)
+  step = functools.partial(steps.train_step, ema_decays=tuple(config.training.ema_decays), **kwargs)
   p_step = parallel.data_parallel(step, mesh, fused_steps=fused)
-  shape = train.example_shape(config)
+  shape = experiment.example_shape(config)
   lead = (fused,) if fused else ()
   x = np.random.RandomState(0).rand(*lead, batch_size, *shape).astype(np.float32)
   batch = parallel.shard_batch({"x": x}, mesh, fused_steps=fused)
@@ -143,14 +143,14 @@ def _pipeline(name, repeats, steps=30):
   batch, same model and step (configs/mnist_cpu.py, batch 64, 1 device)."""
   import pathlib
   import tempfile
-  from score_jax import image_data, parallel, train
+  from score_jax import experiment, image_data, parallel
   mnist = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
   config = _mnist_cpu_config()
   config.data.data_dir = image_data.prepare_cached(
       "mnist", str(mnist), str(pathlib.Path(tempfile.gettempdir()) / "score_jax_bench_tfds"))
   _, _, state, p_step, batch = _state_and_step(config, 64)
   mesh = parallel.make_mesh(1)
-  it = train.iterator_from_config(config, split="train", seed=0, batch_size=64)
+  it = experiment.iterator_from_config(config, split="train", seed=0, batch_size=64)
   rng = jax.random.key(0)
   state, _ = p_step(state, batch, rng)
   _block(state)
@@ -180,12 +180,12 @@ def _pipeline(name, repeats, steps=30):
 
 
 def _als(name, config, batch_size, repeats, *, levels, steps, note="", extrapolate_to=None):
-  from score_jax import models, samplers, train
+  from score_jax import experiment, models, samplers
   from score_jax.score import make_score_fn
   model = models.build(config)
-  sigmas = train.sigmas_from_config(config)[:levels]
-  shape = train.example_shape(config)
-  params = train.init_state(config, model).params
+  sigmas = experiment.sigmas_from_config(config)[:levels]
+  shape = experiment.example_shape(config)
+  params = experiment.init_state(config, model).params
 
   def sample(params, x0, rng):
     return samplers.annealed_langevin(make_score_fn(model, params), x0, sigmas, rng,
@@ -207,12 +207,12 @@ def _als(name, config, batch_size, repeats, *, levels, steps, note="", extrapola
 
 def _loop_vs_scan(name, method, repeats):
   """The same sampler as one program vs a Python loop calling a jitted step per update."""
-  from score_jax import models, samplers, train
+  from score_jax import experiment, models, samplers
   from score_jax.score import make_score_fn
   config = _toy_config()
   model = models.build(config)
-  sigmas = train.sigmas_from_config(config)
-  params = train.init_state(config, model).params
+  sigmas = experiment.sigmas_from_config(config)
+  params = experiment.init_state(config, model).params
   score_fn = make_score_fn(model, params)
   steps = 100 if method == "als" else 1
   step_lr = 0.1 if method == "als" else 0.5

@@ -58,8 +58,8 @@ def configs_dir() -> pathlib.Path:
 
 def load_checkpoint(workdir, step=None):
   """Returns `(config, state)` restored from `workdir` (latest step if `step` is None)."""
-  from score_jax import sample
-  return sample.load_checkpoint(workdir, step=step)
+  from score_jax import experiment
+  return experiment.load_checkpoint(workdir, step=step)
 
 
 def make_sampler(config, state, method=None, **overrides):
@@ -68,5 +68,5 @@ def make_sampler(config, state, method=None, **overrides):
   `method` ("als", "cas", "pc") and keyword overrides (step_lr, steps_per_sigma, n_sigma,
   denoise, return_trajectory, ...) replace the config's sampling settings.
   """
-  from score_jax import sample
-  return sample.make_sampler(config, state, method=method, **overrides)
+  from score_jax import experiment
+  return experiment.make_sampler(config, state, method=method, **overrides)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from score_jax import plots
 from score_jax.metric_writers import MetricWriter
 
-# The sampler settings of a row (`sample.sampler_kwargs`): part of what identifies an entry.
+# The sampler settings of a row (`experiment.sampler_kwargs`): part of what identifies an entry.
 SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "denoise", "init")
 # What a row was evaluated at, as opposed to what it measured (the CSV's first columns).
 SETTING_COLUMNS = ("step", *SETTING_KEYS, "num_samples", "features", "seed")

@@ -19,7 +19,7 @@ rerun, evaluates only the missing entries.
 
 Metrics (`score_jax.metrics`, `score_jax.toy`):
 * toys: unbiased RBF-kernel MMD^2 (main metric) and energy distance against samples of the true
-  distribution, plus mode weights for mixtures (`sample.toy_metrics`);
+  distribution, plus mode weights for mixtures (`toy.sample_metrics`);
 * images: FID (main metric; Heusel et al. 2017, the pytorch-fid computation), KID (Binkowski et al.
   2018) and, when the Inception weights carry the 1008-way logits, the Inception Score, on the
   pool3 features of the FID Inception network. Samples are mapped to [0, 1], clipped and
@@ -52,8 +52,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, data, fetch_inception, inception, metrics, mnist_classifier,
-                       models, noise, parallel, sample, samplers, toy, train)
+from score_jax import (checkpoint, data, experiment, fetch_inception, inception, metrics,
+                       mnist_classifier, models, noise, parallel, samplers, toy)
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
@@ -296,7 +296,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
   batch = min(ev.batch_size, ev.num_samples)
-  it = train.iterator_from_config(ref_config, split=d.eval_split, seed=config.seed,
+  it = experiment.iterator_from_config(ref_config, split=d.eval_split, seed=config.seed,
                                   batch_size=batch, shuffle=False)
   parts, count = [], 0
   while count < ev.num_samples:
@@ -346,7 +346,7 @@ def _toy_evaluator(config: ml_collections.ConfigDict, rng: jax.Array) -> Evaluat
   return Evaluator(
       main_metric=MAIN_METRICS["toy"],
       featurize=lambda x: {"x": np.asarray(x, np.float32)},
-      score=lambda f: sample.toy_metrics(f["x"], distribution, reference_rng))
+      score=lambda f: toy.sample_metrics(f["x"], distribution, reference_rng))
 
 
 def _inception_evaluator(config: ml_collections.ConfigDict, workdir: str,
@@ -442,19 +442,20 @@ def _checkpoint_steps(workdir: str) -> list[int]:
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
   """The checkpoint's state, after checking that `config` describes the same model and data."""
-  stored, state = sample.load_checkpoint(workdir, step)
-  train.check_compatible(json.loads(stored.to_json()), config, workdir)
+  stored, state = experiment.load_checkpoint(workdir, step)
+  experiment.check_compatible(json.loads(stored.to_json()), config, workdir)
   return state
 
 
 def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
-  """`sample.make_sampler` taking the params as an argument: one program for all checkpoints.
+  """`experiment.make_sampler` taking the params as an argument: one program for all checkpoints.
 
   Returns:
     A jitted `(params, rng, n) -> samples` with the configured sampler.
   """
-  fn = sample.make_sample_fn(models.build(config), train.sigmas_from_config(config),
-                             train.example_shape(config), **sample.sampler_kwargs(config))
+  fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
+                                 experiment.example_shape(config),
+                                 **experiment.sampler_kwargs(config))
   return jax.jit(fn, static_argnums=2)
 
 
@@ -475,11 +476,11 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
   """
   e0 = entries[0]
-  kwargs = {**sample.sampler_kwargs(config, e0["method"]),
+  kwargs = {**experiment.sampler_kwargs(config, e0["method"]),
             **{k: e0[k] for k in ("steps_per_sigma", "denoise") if e0[k] is not None},
             "step_lr": e0["step_lr"]}
-  fn = sample.make_sample_fn(models.build(config), train.sigmas_from_config(config),
-                             train.example_shape(config), **kwargs)
+  fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
+                                 experiment.example_shape(config), **kwargs)
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
   many = jax.jit(lambda p, r, n: jax.vmap(lambda lr: fn(p, r, n, step_lr=lr))(lrs),
                  static_argnums=2)
@@ -544,7 +545,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  kwargs = sample.sampler_kwargs(config)
+  kwargs = experiment.sampler_kwargs(config)
   entries = [{"step": s, **kwargs, "num_samples": ev.num_samples, "features": kind,
               "seed": config.seed}
              for s in steps]
@@ -624,7 +625,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   step = _checkpoint_steps(workdir)[-1]
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  entries = [{"step": step, **sample.sampler_kwargs(config, s["method"]), **s,
+  entries = [{"step": step, **experiment.sampler_kwargs(config, s["method"]), **s,
               "num_samples": ev.num_samples, "features": kind, "seed": config.seed}
              for s in settings]
   done, todo = _split_done(entries, os.path.join(workdir, "sampler_sweep.jsonl"))
@@ -637,7 +638,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
     state = _restore(config, workdir, step)
     rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
     evaluator = make_evaluator(config, workdir, rng)
-    cas_ladder = samplers.cas_ladder(train.sigmas_from_config(config), config.sampling.n_sigma)
+    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config), config.sampling.n_sigma)
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
     try:
       feasible = []
@@ -659,7 +660,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
           for entry in group:
             overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
                          if entry[k] is not None}
-            results.append(_evaluate_sampler(sample.make_sampler(config, state, **overrides),
+            results.append(_evaluate_sampler(experiment.make_sampler(config, state, **overrides),
                                              evaluator, config, rng))
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)

@@ -48,6 +48,19 @@ def linear_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> Float[
   return jnp.asarray(np.linspace(sigma_max, sigma_min, int(num_scales)), jnp.float32)
 
 
+SCHEDULES = ("geometric", "linear")
+
+
+def ladder(schedule: str, sigma_max: float, sigma_min: float, num_scales: int
+           ) -> Float[Array, "L"]:
+  """The descending training ladder of a `schedule` ("geometric" or "linear")."""
+  if schedule == "geometric":
+    return geometric_sigmas(sigma_max, sigma_min, num_scales)
+  if schedule == "linear":
+    return linear_sigmas(sigma_max, sigma_min, num_scales)
+  raise ValueError(f"noise.schedule={schedule!r} is unknown; use one of {SCHEDULES}")
+
+
 def validate_sigmas(sigmas) -> np.ndarray:
   """Host check: a 1-D, positive, strictly descending ladder; returns it as numpy."""
   s = np.asarray(sigmas, np.float64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -207,3 +207,18 @@ def gaussian_moment_errors(x, mean, std) -> dict[str, float]:
   x = np.asarray(x, np.float64)
   return {"mean_error": float(np.abs(x.mean(0) - np.asarray(mean)).max()),
           "std_error": float(np.abs(x.std(0) - std).max())}
+
+
+def sample_metrics(samples: np.ndarray, distribution: GaussianMixture, rng: jax.Array
+                   ) -> dict[str, Any]:
+  """Sample-quality metrics of a toy: MMD, energy distance, and mixture mode weights."""
+  reference = np.asarray(distribution.sample(rng, min(len(samples), 4000)))
+  x = samples[:4000]
+  out = {"mmd_rbf": float(mmd_rbf(x, reference)),
+         "energy_distance": float(energy_distance(x, reference)),
+         "finite_fraction": float(np.isfinite(samples).all(axis=1).mean())}
+  means = getattr(distribution, "means", None)
+  if means is not None:
+    out["mode_weights"] = np.asarray(mode_weights(samples, np.asarray(means))).tolist()
+    out["true_mode_weights"] = np.asarray(distribution.weights).tolist()
+  return out

@@ -13,7 +13,7 @@ from conftest import xla_flags
 
 from configs import adversarial_toy
 from configs import test as test_config
-from score_jax import adversarial, models, parallel, train
+from score_jax import experiment, models, parallel, steps, train
 from score_jax.train_state import AdversarialState
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,17 +34,17 @@ def _config(**adversarial_overrides):
 
 
 def _batches(config, n=2):
-  it = train.iterator_from_config(config, split="train", seed=0,
+  it = experiment.iterator_from_config(config, split="train", seed=0,
                                   batch_size=config.training.batch_size)
   return [next(it) for _ in range(n)]
 
 
 def _run(config, num_devices, batches, step=None):
   model = models.build(config)
-  kwargs = train.loss_kwargs_from_config(config, model, train.sigmas_from_config(config))
+  kwargs = experiment.loss_kwargs_from_config(config, model, experiment.sigmas_from_config(config))
   mesh = parallel.make_mesh(num_devices)
-  state = parallel.replicate(train.init_state(config, model), mesh)
-  p_step = parallel.data_parallel(step or train.step_fn_from_config(config, kwargs), mesh)
+  state = parallel.replicate(experiment.init_state(config, model), mesh)
+  p_step = parallel.data_parallel(step or experiment.step_fn_from_config(config, kwargs), mesh)
   metrics = []
   for b in batches:
     state, m = p_step(state, parallel.shard_batch(b, mesh), jax.random.key(config.seed))
@@ -111,9 +111,9 @@ def test_generator_loss_moves_the_score_network():
 def test_denoised_samples_are_tweedie_and_clamped():
   metrics = {"x_tilde": jnp.full((2, 3), 0.5), "score": jnp.array([[1.0] * 3, [-30.0] * 3]),
              "sigma": jnp.array([0.2, 0.2])}
-  np.testing.assert_allclose(adversarial.denoised_from(metrics, None)[:, 0], [0.54, -0.7],
+  np.testing.assert_allclose(steps.denoised_from(metrics, None)[:, 0], [0.54, -0.7],
                              rtol=1e-6)
-  np.testing.assert_allclose(adversarial.denoised_from(metrics, (0.0, 1.0))[:, 0], [0.54, 0.0],
+  np.testing.assert_allclose(steps.denoised_from(metrics, (0.0, 1.0))[:, 0], [0.54, 0.0],
                              rtol=1e-6)
 
 

@@ -376,7 +376,7 @@ def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatc
                          centered=False, num_samples=64)
   workdir = str(tmp_path / "run")
   calls = []
-  real = evaluate.train.iterator_from_config
+  real = evaluate.experiment.iterator_from_config
   monkeypatch.setattr(evaluate.train, "iterator_from_config",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   evaluate.make_evaluator(config, workdir, jax.random.key(0))

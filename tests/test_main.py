@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,9 +33,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
 
 
 def _final_params(workdir: pathlib.Path) -> list[np.ndarray]:
-  from score_jax import sample
+  from score_jax import experiment
   import jax
-  _, state = sample.load_checkpoint(str(workdir))
+  _, state = experiment.load_checkpoint(str(workdir))
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
 

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import checkpoint, models, parallel, train
+from score_jax import checkpoint, experiment, models, parallel, steps, train
 from score_jax.train_state import TrainState
 
 
 def _setup(config):
   model = models.build(config)
-  sigmas = train.sigmas_from_config(config)
-  kwargs = train.loss_kwargs_from_config(config, model, sigmas)
+  sigmas = experiment.sigmas_from_config(config)
+  kwargs = experiment.loss_kwargs_from_config(config, model, sigmas)
   return model, sigmas, kwargs
 
 
 def _batch(config, seed=0):
-  it = train.iterator_from_config(config, split="train", seed=seed,
+  it = experiment.iterator_from_config(config, split="train", seed=seed,
                                   batch_size=config.training.batch_size)
   return next(it)
 
@@ -28,8 +28,8 @@ def _batch(config, seed=0):
 def _run_steps(config, num_devices, batches, fused=None):
   model, _, kwargs = _setup(config)
   mesh = parallel.make_mesh(num_devices)
-  state = parallel.replicate(train.init_state(config, model), mesh)
-  step = functools.partial(train.train_step, ema_decays=tuple(config.training.ema_decays), **kwargs)
+  state = parallel.replicate(experiment.init_state(config, model), mesh)
+  step = functools.partial(steps.train_step, ema_decays=tuple(config.training.ema_decays), **kwargs)
   p_step = parallel.data_parallel(step, mesh, fused_steps=fused)
   rng = jax.random.key(config.seed)
   metrics = []
@@ -117,7 +117,7 @@ def test_restore_onto_other_device_count(tmp_path):
   config = test_config.get_config()
   state8 = train.train_and_evaluate(config, str(tmp_path), num_devices=8)
   model = models.build(config)
-  target = parallel.replicate(train.init_state(config, model), parallel.make_mesh(1))
+  target = parallel.replicate(experiment.init_state(config, model), parallel.make_mesh(1))
   manager = checkpoint.create_manager(str(tmp_path), async_save=False)
   restored, data_state = checkpoint.restore(manager, 20, target)
   manager.close()
@@ -145,14 +145,14 @@ def test_ema_starts_as_copy_and_tracks():
                        jax.tree.leaves(state.ema_params[1])):
     np.testing.assert_allclose(e1, p, rtol=1e-6)  # decay 0: EMA equals the params.
   model, _, _ = _setup(config)
-  init = train.init_state(config, model)
+  init = experiment.init_state(config, model)
   for p0, p, e in zip(jax.tree.leaves(init.params), jax.tree.leaves(state.params),
                       jax.tree.leaves(state.ema_params[0])):
     np.testing.assert_allclose(e, 0.9 * np.asarray(p0) + 0.1 * p, rtol=1e-5, atol=1e-7)
 
 
 def test_optimizer_warmup_and_clip():
-  tx = train.make_optimizer(optimizer="adam", lr=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
+  tx = experiment.make_optimizer(optimizer="adam", lr=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
                             warmup_steps=10, grad_clip=1e-3)
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
@@ -160,7 +160,7 @@ def test_optimizer_warmup_and_clip():
   # Step 0 of a linear warm-up from 0 has learning rate 0.
   np.testing.assert_allclose(updates["w"], 0.0)
   with pytest.raises(ValueError, match="optim.optimizer"):
-    train.make_optimizer(optimizer="sgd", lr=1.0, beta1=0.9, beta2=0.9, eps=1e-8)
+    experiment.make_optimizer(optimizer="sgd", lr=1.0, beta1=0.9, beta2=0.9, eps=1e-8)
 
 
 _RUN_AHEAD = """

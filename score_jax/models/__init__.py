@@ -40,9 +40,7 @@ def build(config) -> nn.Module:
   common.update(ngf=m.ngf, nonlinearity=m.nonlinearity, centered_input=config.data.centered)
   if m.name == "ncsn":
     n = config.noise
-    ladder = noise.geometric_sigmas(n.sigma_max, n.sigma_min, n.num_scales) \
-        if n.schedule == "geometric" else noise.linear_sigmas(n.sigma_max, n.sigma_min,
-                                                               n.num_scales)
+    ladder = noise.ladder(n.schedule, n.sigma_max, n.sigma_min, n.num_scales)
     model = ncsn.NCSN(level_sigmas=tuple(float(s) for s in ladder), **common)
     ncsn.check_image_size(model.encoder, config.data.image_size)
     return model

@@ -1,5 +1,16 @@
-"""Adversarial score matching (Jolicoeur-Martineau et al. 2020, Sec. 4): the per-device step.
+"""Pure per-device steps: the score-matching loss, the train and eval steps, the adversarial step.
 
+`train_step(state, batch, rng, ...)` is one optimizer step of denoising (or sliced) score matching
+(Song & Ermon 2019, Eq. 5-6 with lambda(sigma) = sigma^2) written as a per-device body:
+gradients and metrics are averaged with `lax.pmean` over `parallel.BATCH_AXIS`, and
+`parallel.data_parallel` turns it into one SPMD program. Randomness is derived, never stored: the
+step is folded into the run key, and each example's global index (`batch["index"]`) into that, so
+the same config draws the same noise on 1, 2 or 8 devices and a resumed step k replays step k.
+
+A step whose loss or gradient is not finite leaves the state unchanged and raises the
+`nonfinite` metric; the host loop (`train.py`) stops at the next check without saving.
+
+Adversarial score matching (Jolicoeur-Martineau et al. 2020, Sec. 4), `adversarial_train_step`:
 A discriminator D compares real data x with the network's denoised samples
 x_hat = x_tilde + sigma^2 s(x_tilde, sigma) (the expected denoised sample), optionally clamped
 to the data range. One call of `adversarial_train_step` does, in this order:
@@ -9,7 +20,7 @@ to the data range. One call of `adversarial_train_step` does, in this order:
 2. One score-network update on lambda_DSM * L_DSM + lambda_G * L_G(D(x), D(x_hat)), where x_hat
    comes from the same forward pass as the DSM term (D frozen and in eval mode), then the EMA.
 
-The DSM term draws its levels and noise exactly as the plain step (`train.train_step`) does, so
+The DSM term draws its levels and noise exactly as the plain step (`train_step`) does, so
 with lambda_G = 0 the score network's update is the plain DSM update. The discriminator draws from
 its own keys. Deviation from the reference (`train_runner.py`): there, each D update consumes its
 own data batch and the score network steps every `D_steps` batches; here the `d_steps` D updates
@@ -29,13 +40,91 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import gan, parallel
+from score_jax import gan, losses, noise, parallel
 from score_jax.models.discriminator import SPECTRAL_STATS
-from score_jax.score import broadcast_sigma
-from score_jax.train import reduce_metrics, score_loss
-from score_jax.train_state import AdversarialState
+from score_jax.score import broadcast_sigma, make_score_fn
+from score_jax.train_state import AdversarialState, TrainState
 
+BATCH_AXIS = parallel.BATCH_AXIS
 _D_KEY = 0xD15C
+
+
+def _example_rngs(rng: jax.Array, index: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, index)
+
+
+def _levels(rng: jax.Array, index: jax.Array, *, method: str, num_scales: int,
+            global_batch_size: int) -> jax.Array | None:
+  """Per-example level indices for batch-coupled level sampling; None for uniform draws."""
+  if method == "uniform":
+    return None
+  return noise.sample_levels(rng, global_batch_size, num_scales, method)[index]
+
+
+def score_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model: nn.Module,
+               sigmas: jax.Array, loss: str = "dsm", level_sampling: str = "uniform",
+               weight_power: float = 2.0, global_batch_size: int,
+               ssm_projection: str = "gaussian", ssm_num_projections: int = 1,
+               train: bool = True, internals: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """This device's score-matching loss on its slice of the batch (no cross-device averaging).
+
+  `internals` (DSM only) adds the perturbed inputs, scores and levels to the metrics.
+  """
+  level_rng, example_rng, dropout_rng = jax.random.split(rng, 3)
+  example_rngs = _example_rngs(example_rng, batch["index"])
+  sigma_idx = _levels(level_rng, batch["index"], method=level_sampling,
+                      num_scales=sigmas.shape[0], global_batch_size=global_batch_size)
+  # Dropout masks are per device: with dropout > 0, runs on different device counts differ.
+  score_fn = make_score_fn(model, params, train=train,
+                           rngs={"dropout": jax.random.fold_in(dropout_rng, batch["index"][0])})
+  if loss == "dsm":
+    return losses.dsm_loss(score_fn, batch["x"], sigmas, example_rngs, sigma_idx=sigma_idx,
+                           weight_power=weight_power, internals=internals)
+  if loss == "ssm":
+    return losses.ssm_loss(score_fn, batch["x"], sigmas, example_rngs, sigma_idx=sigma_idx,
+                           projection=ssm_projection, num_projections=ssm_num_projections,
+                           weight_power=weight_power)
+  raise ValueError(f"training.loss={loss!r} is unknown; use 'dsm' or 'ssm'")
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               ema_decays: tuple[float, ...], **loss_kwargs) -> tuple[TrainState, dict]:
+  """One optimizer step on this device's slice; `rng` is the run key (the step is folded in).
+
+  Returns the new state and device-averaged metrics: `loss`, `grad_norm`, `nonfinite`,
+  `level_loss_sum` / `level_count` `[L]` (sums, so interval averages per level are exact).
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(score_loss, has_aux=True)
+  (loss, metrics), grads = grad_fn(parallel.per_device(state.params), batch, rng, **loss_kwargs)
+  grads = jax.lax.pmean(grads, BATCH_AXIS)
+  metrics = reduce_metrics(dict(metrics, loss=loss))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  # A non-finite step leaves the state as it was. `lax.cond` rather than a `where` per leaf: the
+  # selects cost ~2.5x the optimizer update itself (~65 ms of NCSNv2's CPU step, bench/NOTES.md).
+  state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads).update_ema(ema_decays),
+                       lambda s: s, state)
+  metrics.update(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+  return state, metrics
+
+
+def reduce_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Device-average scalars; per-level sums and counts are summed over devices."""
+  return {k: (jax.lax.psum(v, BATCH_AXIS) if k.startswith("level_") else
+              jax.lax.pmean(v, BATCH_AXIS)) for k, v in metrics.items()}
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, **loss_kwargs) -> dict:
+  """Test loss of `params` on this device's slice, averaged over devices."""
+  loss, metrics = score_loss(params, batch, rng, train=False, **loss_kwargs)
+  return reduce_metrics(dict(metrics, loss=loss))
+
+
+# --------------------------------------------------------------------------------------------
+# Adversarial score matching.
+
 
 
 def denoised_from(metrics: dict[str, jax.Array], clamp: tuple[float, float] | None) -> jax.Array:
@@ -138,7 +227,7 @@ def adversarial_train_step(state: AdversarialState, batch: dict[str, jax.Array],
   finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
             & jnp.isfinite(metrics["d_loss"]) & jnp.isfinite(metrics["d_grad_norm"]))
   # A non-finite step leaves both networks as they were (`lax.cond`, cheaper than a `where` per
-  # leaf, as in train.train_step).
+  # leaf, as in steps.train_step).
   state = jax.lax.cond(
       finite, lambda s: s[0].replace(score=s[0].score.apply_gradients(grads=grads)
                                      .update_ema(ema_decays)),

@@ -1,0 +1,248 @@
+"""score_jax command line (`python main.py` runs `main` here).
+
+  python main.py                                        # embedded default: train + sample
+  python main.py --config=configs/mnist_cpu.py --workdir=runs/mnist
+  python main.py --config=configs/two_d.py:swiss_roll --config.training.num_train_steps=500
+  python main.py --mode=sample --workdir=runs/default   # sample from the latest checkpoint
+  python main.py --mode=sweep --config=configs/default.py  # runs get_sweep() of the config file
+
+Modes: train (train, then sample and write results), sample, eval, sampler_sweep, sweep.
+Bad input (unknown config file or key, wrong type, inconsistent values, unwritable workdir,
+incompatible checkpoint) prints one line and exits with status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+import score_jax
+
+_MODES = ("train", "sample", "eval", "sampler_sweep", "sweep")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", str(score_jax.configs_dir() / "default.py"),
+                                "Experiment config file, optionally file.py:arg.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples). "
+                    "Default: runs/<config file name>.")
+flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
+flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
+
+
+class UsageError(ValueError):
+  """Bad command-line input; reported in one line with exit status 2."""
+
+
+def validate_config(config) -> None:
+  """Checks values that types cannot; raises UsageError naming the field and the fix."""
+  import jax
+  from score_jax import data, models
+  n, t, s = config.noise, config.training, config.sampling
+  if not n.sigma_min > 0:
+    raise UsageError(f"noise.sigma_min={n.sigma_min} must be > 0")
+  if not n.sigma_max > n.sigma_min:
+    raise UsageError(f"noise.sigma_max={n.sigma_max} must be > noise.sigma_min={n.sigma_min}")
+  if n.num_scales < 2:
+    raise UsageError(f"noise.num_scales={n.num_scales} must be >= 2")
+  devices = FLAGS.num_devices or jax.device_count()
+  if t.batch_size <= 0 or t.batch_size % devices:
+    raise UsageError(f"training.batch_size={t.batch_size} must be a positive multiple of the "
+                     f"{devices} devices in use")
+  for name in ("num_train_steps", "log_every_steps", "ckpt_every_steps", "steps_per_dispatch"):
+    if t[name] <= 0:
+      raise UsageError(f"training.{name}={t[name]} must be > 0")
+  data.check_dataset(config.data.dataset)
+  if not data.is_toy(config.data.dataset) and config.model.name == "mlp":
+    raise UsageError(f"model.name='mlp' is for toy data; {config.data.dataset} needs an image "
+                     "network: set --config.model.name=ncsnv2 (or ncsn, unet)")
+  models.build(config)  # rejects unknown names and image sizes the network cannot take
+  if s.step_lr <= 0:
+    raise UsageError(f"sampling.step_lr={s.step_lr} must be > 0")
+  if s.method not in ("als", "cas", "pc"):
+    raise UsageError(f"sampling.method={s.method!r} must be one of als, cas, pc")
+  if s.num_samples <= 0 or s.batch_size <= 0:
+    raise UsageError("sampling.num_samples and sampling.batch_size must be > 0")
+
+
+def _check_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable, so a bad path fails before any training.
+
+  Permission bits are not enough (root passes `os.access` everywhere, even on /proc), so
+  this makes the directory and a probe file for real.
+  """
+  path = pathlib.Path(workdir).resolve()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_") as probe:
+      probe.write(b"ok")
+  except OSError as e:
+    raise UsageError(f"--workdir={workdir}: {path} is not a writable directory "
+                     f"({e.strerror or e}); pick a directory you can write to") from None
+
+
+def _default_workdir() -> str:
+  filename = config_flags.get_config_filename(FLAGS["config"])
+  return os.path.join("runs", pathlib.Path(filename.split(":")[0]).stem)
+
+
+def _load_sweep(config_file: str) -> list[dict]:
+  path = config_file.split(":")[0]
+  spec = importlib.util.spec_from_file_location("score_jax_sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise UsageError(f"--mode=sweep: {path} defines no get_sweep() returning override dicts")
+  return list(module.get_sweep())
+
+
+def _apply_overrides(config, overrides: dict):
+  config = config.copy_and_resolve_references()
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise UsageError(f"sweep override {dotted!r} names no config field")
+    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+  return config
+
+
+def _cli_override_keys(argv: list[str]) -> list[str]:
+  keys = []
+  for arg in argv:
+    if arg.startswith("--config."):
+      keys.append(arg[len("--config."):].split("=", 1)[0])
+  return keys
+
+
+def _with_cli_overrides(stored, cli_config):
+  """The checkpoint's config with the `--config.a.b=v` flags of this command applied on top.
+
+  Without `--config=FILE`, sample/eval modes start from the config the run was trained with, so
+  `--mode=sample --config.sampling.method=cas` changes only the sampler.
+  """
+  values = {}
+  for key in _cli_override_keys(sys.argv):
+    node = cli_config
+    for part in key.split("."):
+      node = node[part]
+    values[key] = node
+  return _apply_overrides(stored, values) if values else stored
+
+
+def _summary_table(results: dict) -> str:
+  if not any("mmd_rbf" in m for m in results.values()):  # images: point at the outputs
+    return "\n".join(f"{method:<7} step_lr {m['step_lr']:.4g}: {m['num_samples']} samples in "
+                     f"samples/{method}_step{m['step']}*.png/.npz" for method, m in results.items())
+  rows = ["method  step_lr   mmd_rbf   energy    mode_weights (true)"]
+  for method, m in results.items():
+    weights = m.get("mode_weights")
+    w = "" if weights is None else (" ".join(f"{v:.3f}" for v in weights) + "  (" +
+                                     " ".join(f"{v:.3f}" for v in m["true_mode_weights"]) + ")")
+    rows.append(f"{method:<7} {m['step_lr']:<9.4g} {m.get('mmd_rbf', float('nan')):<9.4f} "
+                f"{m.get('energy_distance', float('nan')):<9.4f} {w}")
+  return "\n".join(rows)
+
+
+def run(config, workdir: str, mode: str) -> None:
+  """Runs one mode on a validated config (the importable body of the CLI)."""
+  from score_jax import experiment, parallel, sample, train
+  if mode == "train":
+    state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
+    results = sample.sample_and_write(config, state, workdir)
+    if parallel.is_main_process():
+      print(_summary_table(results))
+      print(f"results in {os.path.abspath(workdir)}")
+  elif mode == "sample":
+    loaded_config, state = experiment.load_checkpoint(workdir)
+    if FLAGS["config"].present:
+      experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
+    else:
+      config = _with_cli_overrides(loaded_config, config)
+    results = sample.sample_and_write(config, state, workdir)
+    if parallel.is_main_process():
+      print(_summary_table(results))
+  elif mode in ("eval", "sampler_sweep"):
+    from score_jax import evaluate
+    if not FLAGS["config"].present:
+      config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
+    evaluate.run(config, workdir, mode=mode)
+  elif mode == "sweep":
+    sweep = _load_sweep(config_flags.get_config_filename(FLAGS["config"]))
+    for i, overrides in enumerate(sweep):
+      sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
+          f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
+      sub_config = _apply_overrides(config, overrides)
+      validate_config(sub_config)
+      print(f"[sweep {i + 1}/{len(sweep)}] {overrides} -> {sub}")
+      run(sub_config, sub, "train")
+
+
+def _shipped_configs(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:arg]` names the shipped config NAME.py when no such file is
+  under the current directory, so an installed package takes the commands of a checkout."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, sep, rest = arg[len("--config="):].partition(":")
+      shipped = score_jax.configs_dir() / path[len("configs/"):]
+      if not os.path.exists(path) and shipped.is_file():
+        arg = f"--config={shipped}{sep}{rest}"
+    out.append(arg)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
+  status. `argv` defaults to `sys.argv`."""
+  argv = _shipped_configs(sys.argv if argv is None else argv)
+  try:
+    FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except Exception as e:  # ml_collections reports bad config files/overrides with many types.
+    print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  # Orbax logs every save at INFO; the run prints its own progress.
+  logging.set_verbosity(logging.WARNING)
+  logging.use_absl_handler()
+  from score_jax import checkpoint, train
+  try:
+    config = FLAGS.config
+    config.get("name")
+  except Exception as e:  # config_flags defers file errors to the first access.
+    print(f"error: --config: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  workdir = FLAGS.workdir or _default_workdir()
+  try:
+    if config.training.distributed:
+      from score_jax import parallel
+      parallel.initialize_distributed(True)
+    validate_config(config)
+    _check_workdir(workdir)
+    run(config, workdir, FLAGS.mode)
+  except (UsageError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except train.TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except ValueError as e:
+    if os.environ.get("SCORE_JAX_DEBUG"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

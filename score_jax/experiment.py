@@ -1,0 +1,270 @@
+"""The config boundary: the only module that turns a config into objects.
+
+Noise ladder, optimizer, data iterator, model state, step function, sampler settings and the
+checkpoint compatibility check are built here from a config; everything below (`noise`,
+`losses`, `samplers`, `steps`, `models`, `parallel`, `checkpoint`) takes plain values. The host
+loops (`train.py`, `sample.py`, `evaluate.py`) call this module and never each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from score_jax import checkpoint, configs_dir, data, gan, models, noise, parallel, samplers, steps
+from score_jax.score import make_score_fn
+from score_jax.train_state import (AdversarialState, TrainState, create_discriminator_state,
+                                   create_train_state)
+
+_DEFAULT_CONFIG = configs_dir() / "default.py"
+
+
+def make_optimizer(*, optimizer: str, lr: float, beta1: float, beta2: float, eps: float,
+                   weight_decay: float = 0.0, warmup_steps: int = 0,
+                   grad_clip: float | None = None) -> optax.GradientTransformation:
+  """Adam/AdamW with optional linear warm-up and global-norm gradient clipping."""
+  schedule = lr if warmup_steps <= 0 else optax.linear_schedule(0.0, lr, warmup_steps)
+  if optimizer == "adam":
+    opt = optax.adam(schedule, b1=beta1, b2=beta2, eps=eps)
+  elif optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"optim.optimizer={optimizer!r} is unknown; use 'adam' or 'adamw'")
+  if grad_clip is not None:
+    opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+  return opt
+
+
+
+
+def loss_kwargs_from_config(config: ml_collections.ConfigDict, model: nn.Module,
+                            sigmas: jax.Array) -> dict[str, Any]:
+  return dict(model=model, sigmas=sigmas, loss=config.training.loss,
+              level_sampling=config.noise.level_sampling,
+              weight_power=config.noise.weight_power,
+              global_batch_size=config.training.batch_size,
+              ssm_projection=config.training.ssm_projection,
+              ssm_num_projections=config.training.ssm_num_projections)
+
+
+def sigmas_from_config(config: ml_collections.ConfigDict) -> jax.Array:
+  n = config.noise
+  return noise.ladder(n.schedule, n.sigma_max, n.sigma_min, n.num_scales)
+
+
+def optimizer_from_config(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optim
+  return make_optimizer(optimizer=o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                        weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+                        grad_clip=o.grad_clip)
+
+
+def iterator_from_config(config: ml_collections.ConfigDict, *, split: str, seed: int,
+                         batch_size: int, shuffle: bool = True) -> data.DataIterator:
+  d = config.data
+  image_kwargs = {}
+  if not data.is_toy(d.dataset):
+    image_kwargs = dict(
+        image_size=d.image_size, num_channels=d.num_channels, data_dir=d.data_dir, path=d.path,
+        random_flip=d.random_flip and shuffle, uniform_dequantization=d.uniform_dequantization,
+        gaussian_dequantization=d.gaussian_dequantization, centered=d.centered,
+        num_workers=d.num_workers, prefetch=d.prefetch, shuffle=shuffle)
+  return data.create_iterator(dataset=d.dataset, batch_size=batch_size, seed=seed,
+                              shard_index=parallel.process_index(),
+                              shard_count=parallel.process_count(), toy_dim=d.toy_dim,
+                              split=split, **image_kwargs)
+
+
+def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  d = config.data
+  return data.example_batch_shape(d.dataset, toy_dim=d.toy_dim, image_size=d.image_size,
+                                  num_channels=d.num_channels)
+
+
+def discriminator_from_config(config: ml_collections.ConfigDict) -> nn.Module:
+  from score_jax.models import discriminator
+  a = config.adversarial
+  if data.is_toy(config.data.dataset) and a.d_arch != "mlp":
+    raise ValueError(f"adversarial.d_arch={a.d_arch!r} is for images; toy data need 'mlp'")
+  return discriminator.build_discriminator(a.d_arch, ch=a.d_ch, resolution=config.data.image_size)
+
+
+def init_state(config: ml_collections.ConfigDict, model: nn.Module
+               ) -> TrainState | AdversarialState:
+  """A fresh state on the host (not yet placed on devices); adversarial runs get both players."""
+  x_example = jnp.zeros((1, *example_shape(config)), jnp.float32)
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), 0x1A17)
+  state = create_train_state(init_rng, model, x_example, optimizer_from_config(config),
+                             tuple(config.training.ema_decays))
+  if not config.adversarial.enabled:
+    return state
+  a = config.adversarial
+  disc = create_discriminator_state(jax.random.fold_in(init_rng, 0xD), discriminator_from_config(
+      config), x_example, gan.adamp(a.d_lr, b1=a.d_beta1, b2=a.d_beta2))
+  return AdversarialState(score=state, disc=disc)
+
+
+def step_fn_from_config(config: ml_collections.ConfigDict, loss_kwargs: dict) -> Any:
+  """The per-device step this config trains with (plain or adversarial), keywords bound."""
+  ema_decays = tuple(config.training.ema_decays)
+  if not config.adversarial.enabled:
+    return functools.partial(steps.train_step, ema_decays=ema_decays, **loss_kwargs)
+  a = config.adversarial
+  if config.training.loss != "dsm":
+    raise ValueError("adversarial training needs training.loss='dsm' (it denoises with the DSM "
+                     "forward pass)")
+  if a.d_steps < 1:
+    raise ValueError(f"adversarial.d_steps={a.d_steps} must be >= 1")
+  clamp = None
+  if a.clamp and not data.is_toy(config.data.dataset):
+    clamp = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
+  return functools.partial(steps.adversarial_train_step, ema_decays=ema_decays,
+                           d_model=discriminator_from_config(config), gan_loss=a.gan_loss,
+                           lambda_dsm=a.lambda_dsm, lambda_g=a.lambda_g, lambda_d=a.lambda_d,
+                           d_steps=a.d_steps, clamp=clamp, **loss_kwargs)
+
+
+# Fields whose change makes an existing checkpoint unusable for this run.
+_COMPAT_FIELDS = (("model",), ("data", "dataset"), ("data", "toy_dim"), ("data", "image_size"),
+                  ("data", "num_channels"), ("noise", "num_scales"), ("training", "ema_decays"),
+                  ("adversarial", "enabled"))
+
+
+def check_compatible(stored: dict, config: ml_collections.ConfigDict, where: str) -> None:
+  """Raises `checkpoint.CheckpointError` naming the first field that differs."""
+  current = json.loads(config.to_json())
+  for path in _COMPAT_FIELDS:
+    a, b = stored, current
+    for key in path:
+      a = a.get(key) if isinstance(a, dict) else None
+      b = b.get(key) if isinstance(b, dict) else None
+    if a != b:
+      name = ".".join(path)
+      raise checkpoint.CheckpointError(
+          f"{where} holds a checkpoint of an incompatible run ({name}: checkpoint {a!r}, "
+          f"config {b!r}); use another --workdir or the checkpoint's config")
+
+
+# --------------------------------------------------------------------------------------------
+# Stored configs and sampler settings.
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("score_jax_default_config", _DEFAULT_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
+  """The schema of configs/default.py with the stored values written over it (locked, typed)."""
+  config = _default_config()
+
+  def assign(node: ml_collections.ConfigDict, values: dict, prefix: str):
+    for key, value in values.items():
+      if key not in node:
+        continue
+      if isinstance(value, dict):
+        assign(node[key], value, f"{prefix}{key}.")
+      else:
+        if isinstance(node[key], tuple) and isinstance(value, list):
+          value = tuple(value)
+        node[key] = value
+
+  assign(config, stored, "")
+  return config
+
+
+def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
+  s = config.sampling
+  method = method or s.method
+  step_lr = s.cas_step_lr if (method == "cas" and method != s.method) else s.step_lr
+  return dict(method=method, step_lr=step_lr, steps_per_sigma=s.steps_per_sigma,
+              n_sigma=s.n_sigma, snr=s.snr, denoise=s.denoise, init=s.init)
+
+
+def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
+                   step_lr: float, steps_per_sigma: int = 1, n_sigma: int = 1, snr: float = 0.16,
+                   denoise: bool = True, init: str = "gaussian",
+                   return_trajectory: bool = False, save_every: int | None = None,
+                   ) -> Callable[..., Any]:
+  """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
+
+  `init`: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
+  N(0, sigma_1^2 I). `sample(params, rng, n, step_lr=lr)` replaces the step size at call time
+  (it may be traced, e.g. vmapped over a grid; CAS feasibility is then the caller's to check).
+  """
+  if method == "cas":
+    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, n_sigma)), step_lr)
+  if method not in ("als", "cas", "pc"):
+    raise ValueError(f"sampling.method={method!r} is unknown; use 'als', 'cas' or 'pc'")
+  if init not in ("uniform", "gaussian"):
+    raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
+  extra = dict(denoise=denoise, return_trajectory=return_trajectory, save_every=save_every)
+
+  def sample(params, rng, n, step_lr=step_lr):
+    init_rng, rng = jax.random.split(rng)
+    if init == "uniform":
+      x0 = jax.random.uniform(init_rng, (n, *shape))
+    else:
+      x0 = sigmas[0] * jax.random.normal(init_rng, (n, *shape))
+    score_fn = make_score_fn(model, params)
+    if method == "als":
+      return samplers.annealed_langevin(score_fn, x0, sigmas, rng, step_lr=step_lr,
+                                        steps_per_sigma=steps_per_sigma, **extra)
+    if method == "cas":
+      return samplers.consistent_annealed(score_fn, x0, sigmas, rng, step_lr=step_lr,
+                                          n_sigma=n_sigma, **extra)
+    return samplers.predictor_corrector(score_fn, x0, sigmas, rng, snr=snr,
+                                        corrector_steps=steps_per_sigma, **extra)
+
+  return sample
+
+
+def load_checkpoint(workdir: str, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, TrainState]:
+  """Returns `(config, state)` of the checkpoint at `step` (latest if None) in `workdir`."""
+  manager = checkpoint.create_manager(workdir, async_save=False)
+  try:
+    steps = checkpoint.all_steps(manager)
+    if not steps:
+      raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
+                                       "train first (python main.py --workdir=...)")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise checkpoint.CheckpointError(f"no checkpoint at step {step} in {workdir}; "
+                                       f"available steps: {steps}")
+    config = config_from_dict(checkpoint.restore_config(manager, step))
+    model = models.build(config)
+    template = parallel.replicate(init_state(config, model), parallel.make_mesh())
+    state, _ = checkpoint.restore(manager, step, template)
+  finally:
+    manager.close()
+  return config, state
+
+
+def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
+                 method: str | None = None, **overrides) -> Callable[[jax.Array, int], jax.Array]:
+  """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
+
+  `method` ("als", "cas", "pc") and keyword overrides (step_lr, denoise, ...) replace the config's
+  sampling settings; `return_trajectory=True` makes it return `(samples, trajectory)`.
+  """
+  model = models.build(config)
+  kwargs = sampler_kwargs(config, method)
+  kwargs.update(overrides)
+  fn = make_sample_fn(model, sigmas_from_config(config), example_shape(config), **kwargs)
+  jitted = jax.jit(fn, static_argnums=2)
+  params = state.ema_params[0]
+  return lambda rng, n: jitted(params, rng, n)
