@@ -1,5 +1,5 @@
-"""Prints `name==version` of every distribution installed in this interpreter, sorted (the
-constraints that keep an environment's packages where they are)."""
+"""Prints `name==version` of every distribution installed in this interpreter, names normalized
+(lower case, `-`), sorted: the constraints that keep an environment's packages where they are."""
 
 import importlib.metadata
 
@@ -7,5 +7,6 @@ names = {}
 for dist in importlib.metadata.distributions():
   name = dist.metadata["Name"]
   if name:
-    names[name.lower().replace("_", "-")] = f"{name}=={dist.version}"
+    key = name.lower().replace("_", "-").replace(".", "-")
+    names[key] = f"{key}=={dist.version}"
 print("\n".join(names[k] for k in sorted(names)))

@@ -16,21 +16,26 @@ PYTHON_RANGE = ((3, 11), (3, 13))
 MIN_JAX = (0, 7, 2)
 
 
-def _check_versions() -> None:
-  """Raises ImportError naming the supported range when Python or JAX is outside it."""
-  if not PYTHON_RANGE[0] <= sys.version_info[:2] <= PYTHON_RANGE[1]:
-    raise ImportError(f"score_jax supports Python 3.11 to 3.13, not {sys.version.split()[0]}; "
-                      "create the environment with one of those")
+def _check_versions(python: tuple[int, ...] = tuple(sys.version_info),
+                    version=importlib.metadata.version) -> None:
+  """Raises ImportError naming the supported range when Python, jax or jaxlib is outside it.
+
+  Args:
+    python: the interpreter's version, `(major, minor, ...)`.
+    version: `distribution name -> version string` (`importlib.metadata.version`).
+  """
+  if not PYTHON_RANGE[0] <= tuple(python[:2]) <= PYTHON_RANGE[1]:
+    raise ImportError(f"score_jax supports Python 3.11 to 3.13, not "
+                      f"{'.'.join(map(str, python[:3]))}; create the environment with one of those")
   for dist in ("jax", "jaxlib"):
     try:
-      version = importlib.metadata.version(dist)
+      found = version(dist)
     except importlib.metadata.PackageNotFoundError:
-      raise ImportError(f"score_jax needs {dist} >= 0.7.2, which is not installed; "
+      raise ImportError(f"score_jax needs {dist} 0.7.2 or newer, which is not installed; "
                         "pip install score_jax (or score_jax[cuda12], score_jax[tpu])") from None
-    release = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-    if release < MIN_JAX:
-      raise ImportError(f"score_jax supports {dist} 0.7.2 and newer, not {version}; "
-                        f'pip install -U "jax>=0.7.2" (with its CUDA plugin or libtpu of the same '
+    if tuple(int(p) for p in re.findall(r"\d+", found)[:3]) < MIN_JAX:
+      raise ImportError(f"score_jax supports {dist} 0.7.2 and newer, not {found}; "
+                        'pip install -U "jax>=0.7.2" (with its CUDA plugin or libtpu of the same '
                         "version)")
 
 
