@@ -12,7 +12,6 @@ import functools
 import importlib.util
 import json
 import os
-import pathlib
 from typing import Any, Callable
 
 import flax.linen as nn
