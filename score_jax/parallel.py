@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from score_jax import jax_compat
+
 BATCH_AXIS = "batch"
 
 PyTree = Any
@@ -128,7 +130,7 @@ def per_device(tree: PyTree) -> PyTree:
   gradient with respect to a per-device copy is the local gradient, which `lax.pmean` then
   averages: the pmap convention every step here follows.
   """
-  return jax.lax.pcast(tree, BATCH_AXIS, to="varying")
+  return jax_compat.pcast_varying(tree, BATCH_AXIS)
 
 
 def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding.Mesh, *,

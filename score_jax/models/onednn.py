@@ -37,6 +37,8 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from score_jax import jax_compat
+
 TARGET = "__onednn$convolution"
 
 conv_same_p = Primitive("onednn_conv_same")
@@ -53,11 +55,11 @@ def same_varying(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`a` and `b` cast to vary over the union of their mesh axes: inside `shard_map` the operands
   of a custom primitive must (lax primitives arrange this themselves), e.g. per-device
   activations and replicated weights."""
-  va, vb = jax.typeof(a).mat.varying, jax.typeof(b).mat.varying
+  va, vb = jax_compat.varying_axes(a), jax_compat.varying_axes(b)
   if vb - va:
-    a = lax.pcast(a, tuple(vb - va), to="varying")
+    a = jax_compat.pcast_varying(a, tuple(vb - va))
   if va - vb:
-    b = lax.pcast(b, tuple(va - vb), to="varying")
+    b = jax_compat.pcast_varying(b, tuple(va - vb))
   return a, b
 
 

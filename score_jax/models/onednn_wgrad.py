@@ -52,6 +52,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 import score_jax
+from score_jax import jax_compat
 from score_jax.models import onednn
 
 TARGET = "score_jax_onednn_weight_grad"
@@ -86,7 +87,7 @@ def _threads(x) -> int:
   against 45 s with 1."""
   mesh = jax.sharding.get_abstract_mesh()
   concurrent = 1
-  for axis in jax.typeof(x).mat.varying:
+  for axis in jax_compat.varying_axes(x):
     concurrent *= mesh.shape.get(axis, 1)
   budget = re.match(r"\s*(\d+)", os.environ.get("OMP_NUM_THREADS", ""))
   if budget:
