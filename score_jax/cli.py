@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import socket
 import sys
 
 from absl import flags, logging
@@ -73,13 +74,17 @@ def _check_workdir(workdir: str, mode: str) -> None:
     raise UsageError(f"--workdir={e}") from None
   path = paths.as_path(workdir)
   if mode in ("train", "sweep"):
-    workdir_lock.raise_if_held(os.fspath(path))
+    # A URL workdir is shared by every host of a multi-host run, which would see the main host's
+    # lock object; only the main process, the one that takes the lock, checks it there.
+    from score_jax import parallel
+    if paths.is_local(path) or parallel.is_main_process():
+      workdir_lock.raise_if_held(os.fspath(path))
   elif not path.is_dir():
     raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
                      "train first or pass the run's --workdir")
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_probe_{os.getpid()}"
+    probe = path / f".write_probe_{socket.gethostname()}_{os.getpid()}"
     probe.write_bytes(b"ok")
     probe.unlink()
   except OSError as e:
