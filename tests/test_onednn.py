@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import REPO
-from score_jax.models import conv, onednn
+from score_jax.cpu import conv, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason="this jaxlib has no oneDNN convolutions (not x86-64?)")
@@ -108,7 +108,7 @@ def test_bfloat16_custom_call_matches_float32_lax_within_bf16_rounding(d):
 
 
 def test_the_switch_and_other_dtypes_use_xla():
-  code = ("import jax, jax.numpy as jnp; from score_jax.models import onednn, conv; "
+  code = ("import jax, jax.numpy as jnp; from score_jax.cpu import onednn, conv; "
           "x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2)); "
           "f = lambda x, w: jax.jit(conv.same_conv).lower(x, w).compile().as_text(); "
           "print(onednn.TARGET in f(x, w) + f(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))")
@@ -134,7 +134,7 @@ def test_other_platforms_lower_to_the_lax_convolution():
 def test_eager_calls_compile_once():
   # Outside jit the primitives run through a cached jitted function: the second eager call of
   # the same shape must not compile again (a model applied eagerly calls them many times).
-  from score_jax.models import onednn_wgrad
+  from score_jax.cpu import onednn_wgrad
   x, w = _arrays((1, 6, 6, 2), (3, 3, 2, 3))
   g = jnp.ones((1, 6, 6, 3))
   compiles = []
