@@ -6,7 +6,7 @@
 Times one 3x3 convolution at the sizes that dominate NCSNv2 on CIFAR-10 (batch 16, 32x32 and
 16x16, 128 and 256 channels): the forward conv, XLA's input and weight gradients, the weight
 gradient written by hand as shifted-slice matmuls and as one im2col GEMM, the canonical gradients of
-score_jax/models/conv.py (whose CPU weight gradient runs in Eigen, see its docstring) next to the
+score_jax/cpu/conv.py (whose CPU weight gradient runs in Eigen, see its docstring) next to the
 same weight gradient in its plain form (which XLA gives to YNNPACK), and both weight gradients
 inside a 4-step lax.scan (per step). Prints
 GFLOP/s (2 * b * h * w * 9 * cin * cout per call) next to a float32 matmul of the same FLOPs.

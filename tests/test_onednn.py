@@ -72,7 +72,7 @@ def test_vmap_and_second_order_fall_back_to_lax():
   got = jax.vmap(lambda x: onednn.conv_same(x, w))(x)
   np.testing.assert_allclose(got, jax.vmap(lambda x: onednn._lax_conv_same(x, w, dilation=1))(x),
                              rtol=1e-5, atol=1e-5)
-  # Hessian-vector product through the custom VJP (as sliced score matching needs).
+  # Hessian-vector product through the hand-written derivatives (as sliced score matching needs).
   f = lambda x: jnp.sum(jnp.tanh(conv.same_conv(x, w)) ** 2)
   g = lambda x: jnp.sum(jnp.tanh(onednn._lax_conv_same(x, w, dilation=1)) ** 2)
   v = jnp.ones_like(x[0])
@@ -98,7 +98,7 @@ def test_bfloat16_custom_call_matches_float32_lax_within_bf16_rounding(d):
   want = onednn._lax_conv_same(xb.astype(jnp.float32), wb.astype(jnp.float32), dilation=d)
   # float32 accumulation, one bf16 rounding of the output: within 2^-8 relative.
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=1e-6)
-  # And through the model's convolution with its custom VJP (both gradients in bf16).
+  # And through the model's convolution with its transpose rule (both gradients in bf16).
   loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2)
   gx, gw = jax.grad(loss(lambda x, w: conv.same_conv(x, w, d)), (0, 1))(xb, wb)
   rx, rw = jax.grad(loss(lambda x, w: onednn._lax_conv_same(x, w, dilation=d)), (0, 1))(
