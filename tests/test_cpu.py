@@ -87,8 +87,11 @@ def test_jvp_equals_finite_differences_with_the_fast_path_on_and_off(name):
   on, off, diff = jax.jit(tangents_and_differences)(x, t)
   scale = float(jnp.linalg.norm(diff))
   assert scale > 0
-  assert float(jnp.linalg.norm(off - diff)) < 1e-2 * scale, name
-  assert float(jnp.linalg.norm(on - diff)) < 1e-2 * scale, name
+  # Differences of float32 networks with ReLU/max kinks (a step of h crosses some) and sums
+  # that cancel (discriminator logits) agree with the exact tangent to a few percent: a loose
+  # check that catches a wrong rule (sign, missing term, zero); on against off is the tight one.
+  assert float(jnp.linalg.norm(off - diff)) < 1e-1 * scale, name
+  assert float(jnp.linalg.norm(on - diff)) < 1e-1 * scale, name
   assert float(jnp.linalg.norm(on - off)) < 1e-4 * scale, name
 
 
