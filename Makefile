@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml setup.py
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	$(VENV)/bin/python -m pip install -q --no-deps -e .
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -c 'import logging; logging.basicConfig(level=logging.INFO, format="%(message)s"); from score_jax.models import onednn_wgrad as m; print("oneDNN weight gradient:", "built" if m.available() else "unavailable, XLA computes it")'
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -c 'import logging; logging.basicConfig(level=logging.INFO, format="%(message)s"); from score_jax.cpu import onednn_wgrad as m; print("oneDNN weight gradient:", "built" if m.available() else "unavailable, XLA computes it")'
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)
