@@ -201,6 +201,12 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
                    ) -> Callable[..., Any]:
   """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
 
+  `rng` is either one key (shape `()`: the batch's noise is drawn together, the fastest path) or
+  a batch of per-example keys `[b]` (then `n` may be None): example i's initial state and its
+  noise at every step come only from `rng[i]`, so a sample does not depend on the batch it is
+  drawn in (the convention of EDM, Karras et al. 2022). With per-example keys the trajectory
+  statistics and snapshots of `return_trajectory`/`save_every` are per example (leading axis b).
+
   `init`: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
   N(0, sigma_1^2 I). `sample(params, rng, n, step_lr=lr)` replaces the step size at call time
   (it may be traced, e.g. vmapped over a grid; CAS feasibility is then the caller's to check).
@@ -212,8 +218,9 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   if init not in ("uniform", "gaussian"):
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
   extra = dict(denoise=denoise, return_trajectory=return_trajectory, save_every=save_every)
+  with_aux = return_trajectory or save_every is not None
 
-  def sample(params, rng, n, step_lr=step_lr):
+  def draw(params, rng, n, step_lr):
     init_rng, rng = jax.random.split(rng)
     if init == "uniform":
       x0 = jax.random.uniform(init_rng, (n, *shape))
@@ -228,6 +235,29 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
                                           n_sigma=n_sigma, **extra)
     return samplers.predictor_corrector(score_fn, x0, sigmas, rng, snr=snr,
                                         corrector_steps=steps_per_sigma, **extra)
+
+  def per_example(params, keys, step_lr):
+    # Each example is a batch of one under vmap: its noise comes from its own key only.
+    out = jax.vmap(lambda key: draw(params, key, 1, step_lr))(keys)
+    if not with_aux:
+      return out[:, 0]
+    x, aux = out
+    if "samples" in aux:
+      aux = {**aux, "samples": aux["samples"][:, :, 0]}
+    return x[:, 0], aux
+
+  def sample(params, rng, n=None, step_lr=step_lr):
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      raise ValueError("sample: rng must be a typed key (jax.random.key) or a batch of them, "
+                       f"got dtype {rng.dtype}")
+    if rng.ndim == 1:
+      if n is not None and n != rng.shape[0]:
+        raise ValueError(f"sample: n={n} differs from the {rng.shape[0]} per-example keys")
+      return per_example(params, rng, step_lr)
+    if rng.ndim != 0 or n is None:
+      raise ValueError(f"sample: rng must be one key with n given, or keys [b]; got shape "
+                       f"{rng.shape}, n={n}")
+    return draw(params, rng, n, step_lr)
 
   return sample
 
@@ -255,16 +285,28 @@ def load_checkpoint(workdir: str, step: int | None = None
 
 
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
-                 method: str | None = None, **overrides) -> Callable[[jax.Array, int], jax.Array]:
-  """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
+                 method: str | None = None, **overrides) -> Callable[[jax.Array, int], Any]:
+  """`(rng, n) -> samples` with the first EMA params and the configured sampler, on all devices.
 
-  `method` ("als", "cas", "pc") and keyword overrides (step_lr, denoise, ...) replace the config's
-  sampling settings; `return_trajectory=True` makes it return `(samples, trajectory)`.
+  Samples are drawn over every device of every host (`parallel.shard_sampler`) in batches of
+  `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so the
+  samples do not depend on the device count or the batch size. The result is a host array
+  `[n, ...]`. `method` ("als", "cas", "pc") and keyword overrides (step_lr, denoise, ...) replace
+  the config's sampling settings; `return_trajectory=True` makes it return `(samples,
+  trajectory)`, the trajectory being per-example statistics `[n, L']` (and snapshots
+  `[n, L' // save_every, ...]`).
   """
   model = models.build(config)
   kwargs = sampler_kwargs(config, method)
   kwargs.update(overrides)
   fn = make_sample_fn(model, sigmas_from_config(config), example_shape(config), **kwargs)
-  jitted = jax.jit(fn, static_argnums=2)
+  p_sample = parallel.shard_sampler(fn, parallel.make_mesh())
   params = state.ema_params[0]
-  return lambda rng, n: jitted(params, rng, n)
+  batch = int(config.sampling.batch_size)
+
+  def sample(rng: jax.Array, n: int):
+    b = min(batch, n)
+    parts = [p_sample(params, rng, start, b) for start in range(0, n, b)]
+    return jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
+
+  return sample
