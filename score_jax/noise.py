@@ -1,7 +1,8 @@
 """Noise ladders, level sampling, perturbation and the schedule-design rules of NCSNv2.
 
 Ladders are descending `sigma_1 > ... > sigma_L` (index 0 is the largest level), as in the
-reference implementations: geometric `exp(linspace(log sigma_1, log sigma_L, L))`.
+reference implementations: geometric `exp(linspace(log sigma_1, log sigma_L, L))`, linear, or
+EDM's rho-schedule (Karras et al. 2022, Eq. 5).
 
 Schedule design follows Song & Ermon 2020 ("Improved Techniques for Training Score-Based
 Generative Models"):
@@ -40,6 +41,23 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> Flo
   _check_ladder_args(sigma_max, sigma_min, num_scales)
   return jnp.asarray(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), int(num_scales))),
                      jnp.float32)
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, num_steps: int,
+                  rho: float = 7.0) -> Float[Array, "N"]:
+  """EDM's rho-schedule (Karras et al. 2022, Eq. 5), descending, without the final zero.
+
+  sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for
+  i = 0..N-1: sigma_0 = sigma_max, sigma_{N-1} = sigma_min. rho = 7 is EDM's choice; rho = 1 is
+  linear and rho -> inf geometric. The ODE samplers that end at sigma = 0 append the zero
+  themselves.
+  """
+  _check_ladder_args(sigma_max, sigma_min, num_steps)
+  if not rho > 0:
+    raise ValueError(f"rho={rho} must be > 0")
+  ramp = np.linspace(0.0, 1.0, int(num_steps))
+  hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+  return jnp.asarray((hi + ramp * (lo - hi)) ** rho, jnp.float32)
 
 
 def linear_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> Float[Array, "L"]:

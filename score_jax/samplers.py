@@ -1,26 +1,37 @@
-"""Samplers as pure `lax.scan` programs: Langevin, ALS, CAS, and the VE predictor-corrector.
+"""Samplers as pure `lax` programs: Langevin, ALS, CAS, the VE predictor-corrector.
 
 All take a score function and an explicit `rng`, are jit- and vmap-able (step sizes may be traced,
 e.g. vmapped over a grid), and compile into one XLA program whose size does not depend on the
 number of levels or steps (scan, not unrolling). Host-side argument checks run when the values are
 concrete.
 
+Keys. `rng` is either one key (shape `()`): the noise of the whole batch is drawn at once at every
+step (the fastest path), or one key per example (shape `[b]`): example i's noise at every step
+comes only from `rng[i]` (the step counter is folded into it), so sample i's trajectory depends
+only on `x_init[i]` and `rng[i]`, not on the batch size or the device count (the per-image seeds
+of EDM, Karras et al. 2022). A sampler whose update couples examples (the predictor-corrector's
+batch-mean step size) keeps that coupling in either mode.
+
 Options shared by the annealed samplers:
 * `denoise`: finish with the expected denoised sample x + sigma_L^2 s(x, sigma_L) (Tweedie).
 * `mask`, `x_known`: inpainting. `mask` is 1 on known entries. Before every update the known
-  entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention, REFERENCE B10;
-  any mask, not only a half image); the output carries `x_known` exactly on known entries.
-* `return_trajectory`: also return per-level statistics `[L']` of the state entering each level:
-  "sigma", "x_mean", "x_std", "score_norm" (batch mean of ||s||), "snr" (sqrt(alpha/2)||s||/||z||,
-  as logged by NCSNv2), and "noise_std" = rms(sigma_i^2 s(x, sigma_i)) = rms(x - denoised(x)), the
-  noise level of x as seen by the score (exact for a point mass). Memory is O(L') scalars.
-* `save_every=k`: also return "samples" `[L' // k, b, ...]`, x after every k-th level, held in a
-  preallocated buffer (memory does not grow with steps).
-With either option the return value is `(x, aux)`, else `x`.
+  entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention; any mask, not
+  only a half image); the output carries `x_known` exactly on known entries.
+* `return_info`: also return an info dict with "nfe", the number of score (network) evaluations
+  per sample: a Python int for the fixed-step samplers.
+* `return_trajectory`: the info dict also holds per-level statistics `[L']` of the state entering
+  each level: "sigma", "x_mean", "x_std", "score_norm" (batch mean of ||s||), "snr"
+  (sqrt(alpha/2)||s||/||z||, as logged by NCSNv2), and "noise_std" = rms(sigma_i^2 s(x, sigma_i))
+  = rms(x - denoised(x)), the noise level of x as seen by the score (exact for a point mass).
+  Memory is O(L') scalars.
+* `save_every=k`: the info dict also holds "samples" `[L' // k, b, ...]`, x after every k-th
+  level, held in a preallocated buffer (memory does not grow with steps).
+With any of the three the return value is `(x, info)`, else `x`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -32,7 +43,7 @@ from score_jax import noise as noise_lib
 from score_jax.score import ScoreFn, broadcast_sigma, denoise
 
 __all__ = ["langevin", "annealed_langevin", "consistent_annealed", "predictor_corrector",
-           "denoise", "cas_ladder"]
+           "denoise", "cas_ladder", "euler", "heun", "dpm_solver_pp_2m"]
 
 
 def _concrete(v) -> float | None:
@@ -72,6 +83,49 @@ def _check_common(x_init, sigmas, step_lr, name: str, mask, x_known) -> None:
                        f"{tuple(x_init.shape)}")
 
 
+def _as_keys(rng, batch: int) -> jax.Array:
+  """`rng` as typed keys: one key `()` or per-example keys `[b]` (raw uint32 keys are wrapped)."""
+  rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    if rng.dtype != jnp.uint32 or rng.ndim not in (1, 2):
+      raise ValueError(f"rng must be a key from jax.random.key (shape () or [b]); got dtype "
+                       f"{rng.dtype}, shape {tuple(rng.shape)}")
+    rng = jax.random.wrap_key_data(rng)
+  if rng.ndim == 1 and rng.shape[0] != batch:
+    raise ValueError(f"per-example rng has {rng.shape[0]} keys but x_init has {batch} examples; "
+                     "pass one key or one key per example")
+  if rng.ndim > 1:
+    raise ValueError(f"rng must be one key (shape ()) or one key per example (shape [b]); got "
+                     f"shape {tuple(rng.shape)}")
+  return rng
+
+
+def _step_inputs(rng: jax.Array, num_steps: int) -> jax.Array:
+  """What a scan over `num_steps` noisy steps consumes: split keys for one key, else counters."""
+  if rng.ndim == 0:
+    return jax.random.split(rng, num_steps)
+  return jnp.arange(num_steps, dtype=jnp.uint32)
+
+
+def _normal(rng: jax.Array, step: jax.Array, like: jax.Array, stream: int = 0) -> jax.Array:
+  """Standard normal noise shaped like `like` for one step (see the module docstring on keys).
+
+  `step` is an element of `_step_inputs(rng, n)`; `stream` > 0 derives further independent draws
+  at the same step (e.g. the inpainting noise).
+  """
+  if rng.ndim == 0:
+    key = step if stream == 0 else jax.random.fold_in(step, stream)
+    return jax.random.normal(key, like.shape, like.dtype)
+
+  def one(key):
+    key = jax.random.fold_in(key, step)
+    if stream:
+      key = jax.random.fold_in(key, stream)
+    return jax.random.normal(key, like.shape[1:], like.dtype)
+
+  return jax.vmap(one)(rng)
+
+
 def _rms(v: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.mean(v.astype(jnp.float32) ** 2))
 
@@ -87,10 +141,10 @@ def _level_stats(x, s, sigma, alpha, z) -> dict[str, jax.Array]:
           "noise_std": _rms(sigma ** 2 * s)}
 
 
-def _impose(x, mask, x_known, sigma, rng):
+def _impose(x, mask, x_known, sigma, rng, step):
   if mask is None:
     return x
-  noisy = x_known + sigma * jax.random.normal(rng, x.shape, x.dtype)
+  noisy = x_known + sigma * _normal(rng, step, x, stream=1)
   return jnp.where(mask > 0, noisy, x)
 
 
@@ -104,6 +158,9 @@ def _run_levels(level_fn: Callable, x: jax.Array, per_level: tuple, num_levels: 
   if save_every is not None and not 1 <= int(save_every) <= num_levels:
     raise ValueError(f"save_every={save_every} must be in [1, {num_levels}] (levels)")
   n_saved = 0 if save_every is None else num_levels // int(save_every)
+  if not (return_trajectory or n_saved):
+    x, _ = jax.lax.scan(lambda x, inp: (level_fn(x, inp)[0], None), x, per_level)
+    return x, {}
   buffer = jnp.zeros((n_saved, *x.shape), x.dtype) if n_saved else None
   index = jnp.arange(num_levels)
 
@@ -127,79 +184,93 @@ def _run_levels(level_fn: Callable, x: jax.Array, per_level: tuple, num_levels: 
   return x, aux
 
 
-def _output(x, aux, return_trajectory, save_every):
-  return (x, aux) if (return_trajectory or save_every is not None) else x
+def _output(x, info: dict, nfe, *, return_info: bool, return_trajectory: bool = False,
+            save_every: int | None = None):
+  """`x`, or `(x, info)` with info["nfe"] when any of the info options is on."""
+  if return_info or return_trajectory or save_every is not None:
+    return x, {**info, "nfe": nfe}
+  return x
 
 
 # --------------------------------------------------------------------------------------------
 
 
 def langevin(score_fn: ScoreFn, x_init: Float[Array, "b ..."], rng: jax.Array, *,
-             sigma: float | jax.Array, n_steps: int,
-             step_size: float | jax.Array) -> Float[Array, "b ..."]:
+             sigma: float | jax.Array, n_steps: int, step_size: float | jax.Array,
+             return_info: bool = False) -> Any:
   """Plain (unadjusted) Langevin dynamics at one noise level: x <- x + a s + sqrt(2a) z.
 
-  `score_fn` may ignore sigma (e.g. `jax.grad` of an unnormalized log posterior).
+  `score_fn` may ignore sigma (e.g. `jax.grad` of an unnormalized log posterior). NFE = n_steps.
   """
   a = _concrete(step_size)
   if a is not None and not a > 0:
     raise ValueError(f"step_size={a} must be > 0")
   if int(n_steps) < 1:
     raise ValueError(f"n_steps={n_steps} must be >= 1")
+  rng = _as_keys(rng, x_init.shape[0])
   sig = jnp.full((x_init.shape[0],), sigma, jnp.float32)
+  noise_scale = jnp.sqrt(2.0 * step_size)
 
-  def step(x, key):
-    z = jax.random.normal(key, x.shape, x.dtype)
-    return x + step_size * score_fn(x, sig) + jnp.sqrt(2.0 * step_size) * z, None
+  def step(x, step_in):
+    z = _normal(rng, step_in, x)
+    return x + step_size * score_fn(x, sig) + noise_scale * z, None
 
-  x, _ = jax.lax.scan(step, x_init, jax.random.split(rng, int(n_steps)))
-  return x
+  x, _ = jax.lax.scan(step, x_init, _step_inputs(rng, int(n_steps)))
+  return _output(x, {}, int(n_steps), return_info=return_info)
 
 
 def annealed_langevin(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
                       sigmas: Float[Array, "L"], rng: jax.Array, *,
                       step_lr: float | jax.Array, steps_per_sigma: int, denoise: bool = False,
                       mask: jax.Array | None = None, x_known: jax.Array | None = None,
-                      return_trajectory: bool = False, save_every: int | None = None) -> Any:
+                      return_info: bool = False, return_trajectory: bool = False,
+                      save_every: int | None = None) -> Any:
   """Annealed Langevin sampling (Song & Ermon 2019, Algorithm 1), reference-code convention.
 
   For each level i (largest first), `steps_per_sigma` steps of
   x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z with alpha_i = step_lr (sigma_i / sigma_L)^2.
-  This is the convention of the reference implementations (N1/N2/AC). Algorithm 1 of the NCSN
-  paper writes a_i = epsilon sigma_i^2 / sigma_L^2 and x <- x + (a_i / 2) s + sqrt(a_i) z, which is
-  the same update with epsilon = 2 * step_lr. `denoise=True` ends with x + sigma_L^2 s(x, sigma_L) (NCSNv2).
+  This is the convention of the reference implementations (NCSN `anneal_runner.py`, NCSNv2
+  `models/__init__.py`). Algorithm 1 of the NCSN paper writes a_i = epsilon sigma_i^2 / sigma_L^2
+  and x <- x + (a_i / 2) s + sqrt(a_i) z, which is the same update with epsilon = 2 * step_lr.
+  `denoise=True` ends with x + sigma_L^2 s(x, sigma_L) (NCSNv2).
+  NFE = L * steps_per_sigma, plus 1 with `denoise`.
   """
   _check_common(x_init, sigmas, step_lr, "step_lr", mask, x_known)
   if int(steps_per_sigma) < 1:
     raise ValueError(f"steps_per_sigma={steps_per_sigma} must be >= 1")
+  b = x_init.shape[0]
+  rng = _as_keys(rng, b)
   sigmas = jnp.asarray(sigmas, jnp.float32)
-  num_levels, b, t = sigmas.shape[0], x_init.shape[0], int(steps_per_sigma)
+  num_levels, t = sigmas.shape[0], int(steps_per_sigma)
   sigma_min = sigmas[-1]
+  steps = _step_inputs(rng, num_levels * t + 1)
+  level_steps = steps[:-1].reshape(num_levels, t, *steps.shape[1:])
 
   def level_fn(x, inp):
-    sigma, key = inp
+    sigma, step_ins = inp
     alpha = step_lr * (sigma / sigma_min) ** 2
+    noise_scale = jnp.sqrt(2.0 * alpha)
     sig_b = jnp.full((b,), sigma)
 
-    def step(x, key):
-      known_key, z_key = jax.random.split(key)
-      x = _impose(x, mask, x_known, sigma, known_key)
+    def step(x, step_in):
+      x = _impose(x, mask, x_known, sigma, rng, step_in)
       s = score_fn(x, sig_b)
-      z = jax.random.normal(z_key, x.shape, x.dtype)
+      z = _normal(rng, step_in, x)
       stats = _level_stats(x, s, sigma, alpha, z) if return_trajectory else None
-      return x + alpha * s + jnp.sqrt(2.0 * alpha) * z, stats
+      return x + alpha * s + noise_scale * z, stats
 
-    x, stats = jax.lax.scan(step, x, jax.random.split(key, t))
+    x, stats = jax.lax.scan(step, x, step_ins)
     first = jax.tree.map(lambda v: v[0], stats) if return_trajectory else None
     return x, first
 
-  loop_rng, final_rng = jax.random.split(rng)
-  x, aux = _run_levels(level_fn, x_init, (sigmas, jax.random.split(loop_rng, num_levels)),
-                       num_levels, return_trajectory=return_trajectory, save_every=save_every)
+  x, aux = _run_levels(level_fn, x_init, (sigmas, level_steps), num_levels,
+                       return_trajectory=return_trajectory, save_every=save_every)
   if denoise:
-    x = _impose(x, mask, x_known, sigma_min, final_rng)
+    x = _impose(x, mask, x_known, sigma_min, rng, steps[-1])
     x = _denoise_fn(score_fn, x, sigma_min)
-  return _output(_finish(x, mask, x_known), aux, return_trajectory, save_every)
+  return _output(_finish(x, mask, x_known), aux, num_levels * t + int(denoise),
+                 return_info=return_info, return_trajectory=return_trajectory,
+                 save_every=save_every)
 
 
 def _denoise_fn(score_fn, x, sigma):
@@ -221,7 +292,8 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
                         sigmas: Float[Array, "L"], rng: jax.Array, *,
                         step_lr: float | jax.Array, denoise: bool = False, n_sigma: int = 1,
                         mask: jax.Array | None = None, x_known: jax.Array | None = None,
-                        return_trajectory: bool = False, save_every: int | None = None) -> Any:
+                        return_info: bool = False, return_trajectory: bool = False,
+                        save_every: int | None = None) -> Any:
   """Consistent annealed sampling (Jolicoeur-Martineau et al. 2020, Algorithm 2; AC code).
 
   eta = step_lr / sigma_L^2. At level i: x <- x + eta sigma_i^2 s(x, sigma_i); then, except after
@@ -232,6 +304,7 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
   level's expected denoised sample x + sigma_L^2 s(x, sigma_L) from the same score evaluation
   (no extra network call, as in the AC code). Feasibility (checked when concrete):
   sigma_L^2 (1 - gamma) < step_lr < sigma_L^2 (1 + gamma) with gamma = sigma_L / sigma_{L-1}.
+  NFE = L' (the ladder's length), with or without `denoise`.
   """
   _check_common(x_init, sigmas, step_lr, "step_lr", mask, x_known)
   ladder = cas_ladder(sigmas, n_sigma)
@@ -239,6 +312,7 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
   if lr is not None and _concrete_array(ladder) is not None:
     noise_lib.check_cas_step_lr(np.asarray(ladder), lr)
   num_levels, b = ladder.shape[0], x_init.shape[0]
+  rng = _as_keys(rng, b)
   sigma_min = ladder[-1]
   eta = step_lr / sigma_min ** 2
   next_sigmas = jnp.concatenate([ladder[1:], ladder[-1:]])
@@ -246,11 +320,10 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
 
   def level_fn(carry_x, inp):
     x = carry_x
-    sigma, next_sigma, last, key = inp
-    known_key, z_key = jax.random.split(key)
-    x = _impose(x, mask, x_known, sigma, known_key)
+    sigma, next_sigma, last, step_in = inp
+    x = _impose(x, mask, x_known, sigma, rng, step_in)
     s = score_fn(x, jnp.full((b,), sigma))
-    z = jax.random.normal(z_key, x.shape, x.dtype)
+    z = _normal(rng, step_in, x)
     gamma = next_sigma / sigma
     beta = jnp.sqrt(jnp.clip(1.0 - ((1.0 - eta) / gamma) ** 2, 0.0))
     stats = _level_stats(x, s, sigma, eta * sigma ** 2, z) if return_trajectory else None
@@ -263,52 +336,58 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
     return x_new, stats
 
   x, aux = _run_levels(level_fn, x_init,
-                       (ladder, next_sigmas, is_last, jax.random.split(rng, num_levels)),
+                       (ladder, next_sigmas, is_last, _step_inputs(rng, num_levels)),
                        num_levels, return_trajectory=return_trajectory, save_every=save_every)
-  return _output(_finish(x, mask, x_known), aux, return_trajectory, save_every)
+  return _output(_finish(x, mask, x_known), aux, num_levels, return_info=return_info,
+                 return_trajectory=return_trajectory, save_every=save_every)
 
 
 def predictor_corrector(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
                         sigmas: Float[Array, "L"], rng: jax.Array, *,
                         snr: float | jax.Array, corrector_steps: int = 1, denoise: bool = False,
                         mask: jax.Array | None = None, x_known: jax.Array | None = None,
-                        return_trajectory: bool = False, save_every: int | None = None) -> Any:
+                        return_info: bool = False, return_trajectory: bool = False,
+                        save_every: int | None = None) -> Any:
   """VE predictor-corrector sampling (Song et al. 2021, Algorithm 2 on the SMLD ladder).
 
   At level i: `corrector_steps` Langevin corrector steps with
-  eps = 2 (snr ||z|| / ||s||)^2 (batch-mean norms, as the reference code), then the reverse
-  diffusion predictor to the next level: x_mean = x + (sigma_i^2 - sigma_{i+1}^2) s(x, sigma_i),
+  eps = 2 (snr ||z|| / ||s||)^2 (batch-mean norms, as the reference code: the step size couples
+  the examples of a batch, also with per-example keys), then the reverse diffusion predictor to
+  the next level: x_mean = x + (sigma_i^2 - sigma_{i+1}^2) s(x, sigma_i),
   x = x_mean + sqrt(sigma_i^2 - sigma_{i+1}^2) z, with sigma_{L+1} = 0. With `denoise` the last
   predictor's mean is returned (no noise added after the last level).
+  NFE = L * (corrector_steps + 1), with or without `denoise`.
   """
   _check_common(x_init, sigmas, snr, "snr", mask, x_known)
   if int(corrector_steps) < 0:
     raise ValueError(f"corrector_steps={corrector_steps} must be >= 0")
+  b = x_init.shape[0]
+  rng = _as_keys(rng, b)
   sigmas = jnp.asarray(sigmas, jnp.float32)
-  num_levels, b = sigmas.shape[0], x_init.shape[0]
+  num_levels, c = sigmas.shape[0], int(corrector_steps)
   next_sigmas = jnp.concatenate([sigmas[1:], jnp.zeros((1,), sigmas.dtype)])
   is_last = jnp.arange(num_levels) == num_levels - 1
+  steps = _step_inputs(rng, num_levels * (c + 1))
+  level_steps = steps.reshape(num_levels, c + 1, *steps.shape[1:])
 
   def level_fn(x, inp):
-    sigma, next_sigma, last, key = inp
+    sigma, next_sigma, last, step_ins = inp
     sig_b = jnp.full((b,), sigma)
-    corr_key, pred_key = jax.random.split(key)
 
-    def corrector(x, key):
-      known_key, z_key = jax.random.split(key)
-      x = _impose(x, mask, x_known, sigma, known_key)
+    def corrector(x, step_in):
+      x = _impose(x, mask, x_known, sigma, rng, step_in)
       s = score_fn(x, sig_b)
-      z = jax.random.normal(z_key, x.shape, x.dtype)
+      z = _normal(rng, step_in, x)
       eps = 2.0 * (snr * jnp.mean(_norms(z)) / jnp.mean(_norms(s))) ** 2
       return x + eps * s + jnp.sqrt(2.0 * eps) * z, None
 
-    if int(corrector_steps):
-      x, _ = jax.lax.scan(corrector, x, jax.random.split(corr_key, int(corrector_steps)))
-    known_key, z_key = jax.random.split(pred_key)
-    x = _impose(x, mask, x_known, sigma, known_key)
+    if c:
+      x, _ = jax.lax.scan(corrector, x, step_ins[:c])
+    pred_in = step_ins[c]
+    x = _impose(x, mask, x_known, sigma, rng, pred_in)
     s = score_fn(x, sig_b)
     g2 = sigma ** 2 - next_sigma ** 2
-    z = jax.random.normal(z_key, x.shape, x.dtype)
+    z = _normal(rng, pred_in, x)
     stats = _level_stats(x, s, sigma, g2, z) if return_trajectory else None
     x_mean = x + g2 * s
     x_next = x_mean + jnp.sqrt(g2) * z
@@ -316,7 +395,137 @@ def predictor_corrector(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
       x_next = jnp.where(last, x_mean, x_next)
     return x_next, stats
 
-  x, aux = _run_levels(level_fn, x_init,
-                       (sigmas, next_sigmas, is_last, jax.random.split(rng, num_levels)),
+  x, aux = _run_levels(level_fn, x_init, (sigmas, next_sigmas, is_last, level_steps),
                        num_levels, return_trajectory=return_trajectory, save_every=save_every)
-  return _output(_finish(x, mask, x_known), aux, return_trajectory, save_every)
+  return _output(_finish(x, mask, x_known), aux, num_levels * (c + 1), return_info=return_info,
+                 return_trajectory=return_trajectory, save_every=save_every)
+
+
+# --------------------------------------------------------------------------------------------
+# Probability-flow ODE samplers on a ladder ending at sigma = 0 (Karras et al. 2022; Lu et al.
+# 2022). They drive the denoiser D(x, sigma) = x + sigma^2 s(x, sigma) through the ODE
+# dx/dsigma = (x - D(x, sigma)) / sigma = -sigma s(x, sigma).
+
+
+def _check_ode(x_init, sigmas, rng, s_churn, s_tmin, s_tmax, s_noise):
+  s = _concrete_array(sigmas)
+  if s is not None:
+    noise_lib.validate_sigmas(s)
+  if not float(s_churn) >= 0:
+    raise ValueError(f"s_churn={s_churn} must be >= 0 (0: deterministic)")
+  if not float(s_noise) >= 0:
+    raise ValueError(f"s_noise={s_noise} must be >= 0")
+  if not float(s_tmin) <= float(s_tmax):
+    raise ValueError(f"s_tmin={s_tmin} must be <= s_tmax={s_tmax}")
+  if float(s_churn) > 0 and rng is None:
+    raise ValueError("s_churn > 0 adds noise: pass an rng")
+  return None if rng is None else _as_keys(rng, x_init.shape[0])
+
+
+def _churn(x, sigma, step_in, rng, *, gamma_max, s_tmin, s_tmax, s_noise):
+  """EDM Algorithm 2, lines 5-6: raise sigma by gamma and add the matching noise."""
+  if gamma_max == 0.0:
+    return x, sigma
+  gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
+  sigma_hat = sigma * (1.0 + gamma)
+  z = _normal(rng, step_in, x)
+  return x + jnp.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * z, sigma_hat
+
+
+def _ode_sampler(score_fn, x_init, sigmas, rng, *, heun, s_churn, s_tmin, s_tmax, s_noise,
+                 return_info):
+  rng = _check_ode(x_init, sigmas, rng, s_churn, s_tmin, s_tmax, s_noise)
+  b = x_init.shape[0]
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  n = sigmas.shape[0]
+  gamma_max = min(float(s_churn) / n, math.sqrt(2.0) - 1.0)
+  churn = dict(gamma_max=gamma_max, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+  steps = _step_inputs(rng, n) if gamma_max > 0 else jnp.arange(n, dtype=jnp.uint32)
+  slope = lambda x, sigma: -sigma * score_fn(x, jnp.full((b,), sigma))  # dx/dsigma
+
+  def step(x, inp):
+    sigma, sigma_next, step_in = inp
+    x_hat, sigma_hat = _churn(x, sigma, step_in, rng, **churn)
+    d = slope(x_hat, sigma_hat)
+    x_next = x_hat + (sigma_next - sigma_hat) * d
+    if heun:
+      d_next = slope(x_next, sigma_next)
+      x_next = x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+    return x_next, None
+
+  # All steps but the last go between positive sigmas (Heun-corrected); the last, to sigma = 0,
+  # is a plain Euler step (EDM Algorithm 2, line 9).
+  x, _ = jax.lax.scan(step, x_init, (sigmas[:-1], sigmas[1:], steps[:-1]))
+  x_hat, sigma_hat = _churn(x, sigmas[-1], steps[-1], rng, **churn)
+  x = x_hat - sigma_hat * slope(x_hat, sigma_hat)
+  return _output(x, {}, (2 * n - 1) if heun else n, return_info=return_info)
+
+
+def euler(score_fn: ScoreFn, x_init: Float[Array, "b ..."], sigmas: Float[Array, "N"],
+          rng: jax.Array | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+          s_tmax: float = math.inf, s_noise: float = 1.0, return_info: bool = False) -> Any:
+  """Euler steps of the probability-flow ODE from sigmas[0] through sigmas[-1] to sigma = 0.
+
+  x' = x + (sigma_{i+1} - sigma_i) d with d = (x - D(x, sigma_i)) / sigma_i = -sigma_i s(x, sigma_i)
+  (Karras et al. 2022, Algorithm 2 without the second-order correction); the last step, to the
+  appended sigma_N = 0, returns D(x, sigma_{N-1}). `sigmas` `[N]` is descending and positive (the
+  zero is appended here), e.g. `noise.karras_sigmas`. With `s_churn > 0`, each step first raises
+  sigma_i in [s_tmin, s_tmax] to sigma_hat = sigma_i (1 + gamma), gamma = min(s_churn / N,
+  sqrt(2) - 1), adding noise of std sqrt(sigma_hat^2 - sigma_i^2) s_noise (needs `rng`, one key or
+  per-example keys); without churn `rng` is unused and may be None. NFE = N.
+  """
+  return _ode_sampler(score_fn, x_init, sigmas, rng, heun=False, s_churn=s_churn, s_tmin=s_tmin,
+                      s_tmax=s_tmax, s_noise=s_noise, return_info=return_info)
+
+
+def heun(score_fn: ScoreFn, x_init: Float[Array, "b ..."], sigmas: Float[Array, "N"],
+         rng: jax.Array | None = None, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+         s_tmax: float = math.inf, s_noise: float = 1.0, return_info: bool = False) -> Any:
+  """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2) from sigmas[0] to 0.
+
+  Per step i: optional churn (as in `euler`) to (x_hat, sigma_hat); Euler step
+  x' = x_hat + (sigma_{i+1} - sigma_hat) d with d = -sigma_hat s(x_hat, sigma_hat); then, unless
+  sigma_{i+1} = 0 (the last step), the trapezoidal correction
+  x' = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2 with d' = -sigma_{i+1} s(x', sigma_{i+1}).
+  Second order in the step size. `sigmas` `[N]` is descending and positive (the zero is appended
+  here). NFE = 2N - 1 (EDM's CIFAR-10 setting: N = 18, 35 NFE).
+  """
+  return _ode_sampler(score_fn, x_init, sigmas, rng, heun=True, s_churn=s_churn, s_tmin=s_tmin,
+                      s_tmax=s_tmax, s_noise=s_noise, return_info=return_info)
+
+
+def dpm_solver_pp_2m(score_fn: ScoreFn, x_init: Float[Array, "b ..."], sigmas: Float[Array, "N"],
+                     rng: jax.Array | None = None, *, return_info: bool = False) -> Any:
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) for the VE ODE in sigma, from sigmas[0] to 0.
+
+  With t = -log sigma, D_i = D(x, sigma_i) and h_i = t_{i+1} - t_i: the first step is first order,
+  x' = (sigma_{i+1} / sigma_i) x - expm1(-h_i) D_i; later steps use the multistep estimate
+  D'_i = (1 + 1/(2 r)) D_i - (1/(2 r)) D_{i-1} with r = h_{i-1} / h_i in its place (as
+  k-diffusion's `sample_dpmpp_2m`, `k_diffusion/sampling.py`). The last step, to the appended
+  sigma_N = 0, returns D_{N-1}. Deterministic: `rng` is unused and may be None. NFE = N.
+  """
+  s = _concrete_array(sigmas)
+  if s is not None:
+    noise_lib.validate_sigmas(s)
+  if rng is not None:
+    _as_keys(rng, x_init.shape[0])
+  b = x_init.shape[0]
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  n = sigmas.shape[0]
+  dn = lambda x, sigma: denoise(score_fn, x, jnp.full((b,), sigma))
+  t = -jnp.log(sigmas)
+  h = t[1:] - t[:-1]
+  h_prev = jnp.concatenate([h[:1], h[:-1]])
+
+  def step(carry, inp):
+    x, d_prev = carry
+    sigma, sigma_next, h_i, h_last, first = inp
+    d = dn(x, sigma)
+    half_inv_r = 0.5 * h_i / h_last
+    d_mix = jnp.where(first, d, (1.0 + half_inv_r) * d - half_inv_r * d_prev)
+    return ((sigma_next / sigma) * x - jnp.expm1(-h_i) * d_mix, d), None
+
+  first = jnp.arange(n - 1) == 0
+  (x, _), _ = jax.lax.scan(step, (x_init, jnp.zeros_like(x_init)),
+                           (sigmas[:-1], sigmas[1:], h, h_prev, first))
+  return _output(dn(x, sigmas[-1]), {}, n, return_info=return_info)

@@ -141,3 +141,67 @@ def test_invalid_inputs():
                                steps_per_sigma=1)
   with pytest.raises(ValueError, match="infeasible"):
     samplers.consistent_annealed(MIX.score, x0, SIGMAS, jax.random.key(0), step_lr=5.0)
+
+
+def _counting(score_fn):
+  """`score_fn` plus a host counter of its batch evaluations (one per executed call)."""
+  calls = []
+
+  def fn(x, sigma):
+    jax.debug.callback(lambda: calls.append(1))
+    return score_fn(x, sigma)
+
+  return fn, calls
+
+
+FIXED_STEP = {
+    "als": (lambda f, x, r, **kw: samplers.annealed_langevin(
+        f, x, SIGMAS, r, step_lr=0.1, steps_per_sigma=3, **kw), 10 * 3),
+    "als_denoise": (lambda f, x, r, **kw: samplers.annealed_langevin(
+        f, x, SIGMAS, r, step_lr=0.1, steps_per_sigma=3, denoise=True, **kw), 10 * 3 + 1),
+    "cas": (lambda f, x, r, **kw: samplers.consistent_annealed(
+        f, x, SIGMAS, r, step_lr=0.5, n_sigma=2, denoise=True, **kw), 19),
+    "pc": (lambda f, x, r, **kw: samplers.predictor_corrector(
+        f, x, SIGMAS, r, snr=0.16, corrector_steps=2, **kw), 10 * 3),
+    "pc_no_corrector": (lambda f, x, r, **kw: samplers.predictor_corrector(
+        f, x, SIGMAS, r, snr=0.16, corrector_steps=0, denoise=True, **kw), 10),
+    "langevin": (lambda f, x, r, **kw: samplers.langevin(
+        f, x, r, sigma=1.0, n_steps=7, step_size=0.1, **kw), 7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_STEP))
+def test_nfe_equals_the_number_of_score_calls(name):
+  run, expected = FIXED_STEP[name]
+  score, calls = _counting(MIX.score)
+  x, info = jax.jit(lambda x, r: run(score, x, r, return_info=True))(_init(4), jax.random.key(0))
+  jax.block_until_ready(x)
+  assert info["nfe"] == expected == len(calls)
+
+
+@pytest.mark.parametrize("name", ["als_denoise", "cas", "pc_no_corrector", "langevin"])
+def test_per_example_keys_make_samples_independent_of_the_batch(name):
+  run = jax.jit(lambda x, r: FIXED_STEP[name][0](MIX.score, x, r))
+  keys = jax.random.split(jax.random.key(11), 64)
+  x0 = _init(64)
+  big = run(x0, keys)
+  small = run(x0[:7], keys[:7])
+  np.testing.assert_allclose(small, big[:7], rtol=1e-5, atol=1e-5)
+  # Another key for example 0 changes example 0 only.
+  other = run(x0[:7], keys[:7].at[0].set(jax.random.key(12)))
+  assert not np.allclose(other[0], small[0])
+  np.testing.assert_array_equal(other[1:], small[1:])
+
+
+def test_one_key_still_works_and_info_merges_with_the_trajectory():
+  x, info = samplers.annealed_langevin(MIX.score, _init(8), SIGMAS, jax.random.key(3),
+                                       step_lr=0.1, steps_per_sigma=2, return_info=True,
+                                       return_trajectory=True, save_every=5)
+  assert info["nfe"] == 20 and info["samples"].shape == (2, 8, 2)
+  assert info["noise_std"].shape == (10,)
+  again = samplers.annealed_langevin(MIX.score, _init(8), SIGMAS, jax.random.key(3),
+                                     step_lr=0.1, steps_per_sigma=2)
+  np.testing.assert_array_equal(x, again)
+  with pytest.raises(ValueError, match="per-example rng has 3 keys"):
+    samplers.annealed_langevin(MIX.score, _init(8), SIGMAS, jax.random.split(jax.random.key(0), 3),
+                               step_lr=0.1, steps_per_sigma=2)
