@@ -205,7 +205,8 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   a batch of per-example keys `[b]` (then `n` may be None): example i's initial state and its
   noise at every step come only from `rng[i]`, so a sample does not depend on the batch it is
   drawn in (the convention of EDM, Karras et al. 2022). With per-example keys the trajectory
-  statistics and snapshots of `return_trajectory`/`save_every` are per example (leading axis b).
+  statistics and snapshots of `return_trajectory`/`save_every` are per example (leading axis b),
+  and the predictor-corrector's step size uses each example's own norms instead of batch means.
 
   `init`: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
   N(0, sigma_1^2 I). `sample(params, rng, n, step_lr=lr)` replaces the step size at call time
@@ -218,14 +219,17 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   if init not in ("uniform", "gaussian"):
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
   extra = dict(denoise=denoise, return_trajectory=return_trajectory, save_every=save_every)
-  with_aux = return_trajectory or save_every is not None
+  with_info = return_trajectory or save_every is not None
+  # One example per program under vmap where a batch would couple examples: PC's step size
+  # (batch-mean norms) and the trajectory statistics (batch means) are then per example.
+  one_at_a_time = with_info or method == "pc"
 
-  def draw(params, rng, n, step_lr):
-    init_rng, rng = jax.random.split(rng)
+  def init_state(rng, n):
     if init == "uniform":
-      x0 = jax.random.uniform(init_rng, (n, *shape))
-    else:
-      x0 = sigmas[0] * jax.random.normal(init_rng, (n, *shape))
+      return jax.random.uniform(rng, (n, *shape))
+    return sigmas[0] * jax.random.normal(rng, (n, *shape))
+
+  def draw(params, x0, rng, step_lr):
     score_fn = make_score_fn(model, params)
     if method == "als":
       return samplers.annealed_langevin(score_fn, x0, sigmas, rng, step_lr=step_lr,
@@ -237,14 +241,24 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
                                         corrector_steps=steps_per_sigma, **extra)
 
   def per_example(params, keys, step_lr):
-    # Each example is a batch of one under vmap: its noise comes from its own key only.
-    out = jax.vmap(lambda key: draw(params, key, 1, step_lr))(keys)
-    if not with_aux:
-      return out[:, 0]
-    x, aux = out
-    if "samples" in aux:
-      aux = {**aux, "samples": aux["samples"][:, :, 0]}
-    return x[:, 0], aux
+    pairs = jax.vmap(jax.random.split)(keys)
+    x0 = jax.vmap(lambda k: init_state(k, 1)[0])(pairs[:, 0])
+    if not one_at_a_time:
+      return draw(params, x0, pairs[:, 1], step_lr)
+    nfe = []
+
+    def one(x, key):
+      out = draw(params, x[None], key[None], step_lr)
+      if not with_info:
+        return out[0]
+      x, info = out
+      nfe.append(info.pop("nfe"))
+      if "samples" in info:
+        info["samples"] = info["samples"][:, 0]
+      return x[0], info
+
+    out = jax.vmap(one)(x0, pairs[:, 1])
+    return (out[0], {**out[1], "nfe": nfe[0]}) if with_info else out
 
   def sample(params, rng, n=None, step_lr=step_lr):
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -257,7 +271,8 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
     if rng.ndim != 0 or n is None:
       raise ValueError(f"sample: rng must be one key with n given, or keys [b]; got shape "
                        f"{rng.shape}, n={n}")
-    return draw(params, rng, n, step_lr)
+    init_rng, rng = jax.random.split(rng)
+    return draw(params, init_state(init_rng, n), rng, step_lr)
 
   return sample
 
@@ -300,13 +315,24 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
   kwargs = sampler_kwargs(config, method)
   kwargs.update(overrides)
   fn = make_sample_fn(model, sigmas_from_config(config), example_shape(config), **kwargs)
-  p_sample = parallel.shard_sampler(fn, parallel.make_mesh())
+  per_sample = {}
+
+  def arrays_only(params, keys):
+    out = fn(params, keys)
+    if isinstance(out, tuple):  # info["nfe"] is a count per sample, not a per-example array
+      x, info = out
+      per_sample["nfe"] = info.pop("nfe")
+      return x, info
+    return out
+
+  p_sample = parallel.shard_sampler(arrays_only, parallel.make_mesh())
   params = state.ema_params[0]
   batch = int(config.sampling.batch_size)
 
   def sample(rng: jax.Array, n: int):
     b = min(batch, n)
     parts = [p_sample(params, rng, start, b) for start in range(0, n, b)]
-    return jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
+    out = jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
+    return (out[0], {**out[1], **per_sample}) if isinstance(out, tuple) else out
 
   return sample

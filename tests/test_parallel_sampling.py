@@ -77,6 +77,7 @@ def test_make_sampler_uses_every_device_and_ignores_the_batch_size(toy):
   assert isinstance(a, np.ndarray) and a.shape == (21, 2)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert aux["sigma"].shape == (21, 4) and aux["samples"].shape == (21, 2, 2)
+  assert aux["nfe"] == 4 * config.sampling.steps_per_sigma + 1
 
 
 def test_batch_map_checks_its_batch():
