@@ -190,8 +190,11 @@ def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None)
   s = config.sampling
   method = method or s.method
   step_lr = s.cas_step_lr if (method == "cas" and method != s.method) else s.step_lr
+  # The predictor-corrector discretizes the reverse VE SDE, which starts at its prior
+  # N(0, sigma_1^2 I) (score_sde `sde_lib.py` prior_sampling), whatever the ALS/CAS init.
+  init = "gaussian" if method == "pc" else s.init
   return dict(method=method, step_lr=step_lr, steps_per_sigma=s.steps_per_sigma,
-              n_sigma=s.n_sigma, snr=s.snr, denoise=s.denoise, init=s.init)
+              n_sigma=s.n_sigma, snr=s.snr, denoise=s.denoise, init=init)
 
 
 def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
@@ -300,8 +303,11 @@ def load_checkpoint(workdir: str, step: int | None = None
 
 
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
-                 method: str | None = None, **overrides) -> Callable[[jax.Array, int], Any]:
+                 method: str | None = None, **overrides) -> Callable[..., Any]:
   """`(rng, n) -> samples` with the first EMA params and the configured sampler, on all devices.
+
+  `sample(rng, n, start=s)` draws samples s..s+n-1 of the same sequence; `on_batch(count)` is
+  called after each batch (progress bars).
 
   Samples are drawn over every device of every host (`parallel.shard_sampler`) in batches of
   `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so the
@@ -329,9 +335,14 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
   params = state.ema_params[0]
   batch = int(config.sampling.batch_size)
 
-  def sample(rng: jax.Array, n: int):
+  def sample(rng: jax.Array, n: int, *, start: int = 0,
+             on_batch: Callable[[int], None] | None = None):
     b = min(batch, n)
-    parts = [p_sample(params, rng, start, b) for start in range(0, n, b)]
+    parts = []
+    for first in range(start, start + n, b):
+      parts.append(p_sample(params, rng, first, b))
+      if on_batch is not None:
+        on_batch(min(b, start + n - first))
     out = jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
     return (out[0], {**out[1], **per_sample}) if isinstance(out, tuple) else out
 
