@@ -378,7 +378,7 @@ def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatc
   workdir = str(tmp_path / "run")
   calls = []
   real = evaluate.experiment.iterator_from_config
-  monkeypatch.setattr(evaluate.train, "iterator_from_config",
+  monkeypatch.setattr(evaluate.experiment, "iterator_from_config",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   evaluate.make_evaluator(config, workdir, jax.random.key(0))
   evaluate.make_evaluator(config, workdir, jax.random.key(0))
