@@ -19,6 +19,6 @@ def get_config():
   config.noise.num_scales = 788
   config.training.ema_decays = (0.999,)
   config.training.num_train_steps = 200_000
-  config.sampling.step_lr = 4.9e-6
-  config.sampling.n_sigma = 5
+  config.sampling.cas.step_lr = 4.9e-6
+  config.sampling.cas.n_sigma = 5
   return config

@@ -20,5 +20,5 @@ def get_config():
   config.model.attn_resolutions = (16,)
   config.model.conditional = False
   config.adversarial.d_steps = 2
-  config.sampling.n_sigma = 5
+  config.sampling.cas.n_sigma = 5
   return config

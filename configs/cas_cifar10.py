@@ -17,11 +17,12 @@ def get_config():
   config.name = "cas_cifar10"
   config.training.ema_decays = (0.9999,)
   config.sampling.method = "cas"
-  config.sampling.step_lr = 5.6e-6
-  config.sampling.n_sigma = 1
+  config.sampling.methods = ("cas",)
+  config.sampling.cas.step_lr = 5.6e-6
+  config.sampling.cas.n_sigma = 1
   return config
 
 
 def get_sweep():
   """CAS with finer ladders (levels per trained interval), as in the paper's Table 2."""
-  return [{"sampling.n_sigma": n} for n in (1, 5, 15)]
+  return [{"sampling.cas.n_sigma": n} for n in (1, 5, 15)]

@@ -97,19 +97,25 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- sampling ---------------------------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "als"  # als | cas | pc (reverse diffusion + Langevin corrector).
-  sampling.step_lr = 0.1  # epsilon of ALS/CAS (reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2).
-  sampling.steps_per_sigma = 100  # ALS/PC: Langevin steps per level.
-  sampling.n_sigma = 1  # CAS: levels per trained interval (>1 samples a finer geometric ladder).
-  sampling.snr = 0.16  # pc: corrector signal-to-noise ratio.
+  sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc.
+  sampling.methods = ("als", "cas")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
   sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
   sampling.num_samples = 2000  # samples written per sampling run.
   sampling.batch_size = 2000  # samples per compiled call.
   sampling.save_every_levels = placeholder(int)  # keep intermediate samples every k levels; None keeps none.
   sampling.inpaint_examples = 8  # images: test images whose right half is inpainted after sampling; 0: none.
-  sampling.also_cas = True  # after training, sample with both ALS and CAS (the default job compares them).
-  sampling.cas_step_lr = 0.3  # epsilon for the CAS run when also_cas (must satisfy the CAS feasibility interval).
+  # One sub-group per sampler, holding exactly the keyword arguments of its function in
+  # score_jax.samplers; a new sampler adds its own sub-group here.
+  sampling.als = als = ml_collections.ConfigDict()  # annealed Langevin (samplers.annealed_langevin).
+  als.step_lr = 0.1  # epsilon, reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2.
+  als.steps_per_sigma = 100  # Langevin steps per level.
+  sampling.cas = cas = ml_collections.ConfigDict()  # consistent annealed (samplers.consistent_annealed).
+  cas.step_lr = 0.3  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
+  cas.n_sigma = 1  # levels per trained interval (>1 samples a finer geometric ladder).
+  sampling.pc = pc = ml_collections.ConfigDict()  # predictor-corrector (samplers.predictor_corrector).
+  pc.snr = 0.16  # corrector signal-to-noise ratio.
+  pc.corrector_steps = 100  # Langevin corrector steps per level.
 
   # --- adversarial (Jolicoeur-Martineau et al. 2020) -----------------------------------------------
   config.adversarial = adversarial = ml_collections.ConfigDict()
@@ -137,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.mnist_classifier_weights = placeholder(str)  # .npz of the MNIST classifier (features=mnist_classifier); None: the cache dir (python -m score_jax.mnist_classifier writes it).
   ev.reference_stats = placeholder(str)  # .npz of reference statistics; None: computed and cached.
   ev.sweep_step_lrs = (0.05, 0.1, 0.2)  # sampler_sweep: step_lr grid.
-  ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: steps per level grid.
+  ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: grid of ALS steps and PC corrector steps per level.
   ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds.
   ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
   ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.

@@ -13,8 +13,8 @@ def get_config():
   config.noise.sigma_max = 10.0
   config.noise.sigma_min = 0.1
   config.noise.num_scales = 10
-  config.sampling.step_lr = 1e-3
-  config.sampling.cas_step_lr = 0.008
+  config.sampling.als.step_lr = 1e-3
+  config.sampling.cas.step_lr = 0.008
   return config
 
 

@@ -37,13 +37,13 @@ def get_config():
   config.training.ckpt_every_steps = 500
   config.training.ema_decays = (0.999,)
   config.sampling.method = "als"
-  config.sampling.step_lr = 2e-5
-  config.sampling.steps_per_sigma = 100
+  config.sampling.als.step_lr = 2e-5
+  config.sampling.als.steps_per_sigma = 100
   config.sampling.denoise = True
   config.sampling.init = "uniform"
-  config.sampling.also_cas = True
-  config.sampling.cas_step_lr = 3e-5
-  config.sampling.n_sigma = 20  # CAS: 20 levels per trained interval (200 steps; ALS takes 1000)
+  config.sampling.methods = ("als", "cas")
+  config.sampling.cas.step_lr = 3e-5
+  config.sampling.cas.n_sigma = 20  # CAS: 20 levels per trained interval (200 steps; ALS takes 1000)
   config.sampling.num_samples = 64
   config.sampling.batch_size = 64
   return config

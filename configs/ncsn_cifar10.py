@@ -30,11 +30,11 @@ def get_config():
   config.training.eval_every_steps = 1000
   config.training.ckpt_every_steps = 5000
   config.sampling.method = "als"
-  config.sampling.step_lr = 2e-5
-  config.sampling.steps_per_sigma = 100
+  config.sampling.als.step_lr = 2e-5
+  config.sampling.als.steps_per_sigma = 100
   config.sampling.denoise = False
   config.sampling.init = "uniform"
-  config.sampling.also_cas = False
+  config.sampling.methods = ("als",)
   config.sampling.num_samples = 100
   config.sampling.batch_size = 100
   return config

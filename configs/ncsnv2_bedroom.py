@@ -18,6 +18,6 @@ def get_config():
   config.noise.sigma_max = 190.0
   config.noise.num_scales = 1086
   config.training.num_train_steps = 150_000
-  config.sampling.step_lr = 1.8e-6
-  config.sampling.steps_per_sigma = 3
+  config.sampling.als.step_lr = 1.8e-6
+  config.sampling.als.steps_per_sigma = 3
   return config

@@ -18,5 +18,5 @@ def get_config():
   config.noise.sigma_max = 90.0
   config.noise.num_scales = 500
   config.training.num_train_steps = 210_000
-  config.sampling.step_lr = 3.3e-6
+  config.sampling.als.step_lr = 3.3e-6
   return config

@@ -21,8 +21,8 @@ def get_config():
   config.noise.sigma_max = 140.0
   config.noise.num_scales = 788
   config.training.num_train_steps = 200_000
-  config.sampling.step_lr = 4.9e-6
-  config.sampling.steps_per_sigma = 4
+  config.sampling.als.step_lr = 4.9e-6
+  config.sampling.als.steps_per_sigma = 4
   config.sampling.num_samples = 64
   config.sampling.batch_size = 64
   return config

@@ -31,11 +31,11 @@ def get_config():
   config.training.ckpt_every_steps = 5000
   config.training.ema_decays = (0.999,)
   config.sampling.method = "als"
-  config.sampling.step_lr = 6.2e-6
-  config.sampling.steps_per_sigma = 5
+  config.sampling.als.step_lr = 6.2e-6
+  config.sampling.als.steps_per_sigma = 5
   config.sampling.denoise = True
   config.sampling.init = "uniform"
-  config.sampling.also_cas = False
+  config.sampling.methods = ("als",)
   config.sampling.num_samples = 100
   config.sampling.batch_size = 100
   return config

@@ -19,10 +19,10 @@ def get_config():
   config.training.ckpt_every_steps = 10
   config.training.progress_bar = False
   config.training.async_checkpoint = False
-  config.sampling.steps_per_sigma = 5
+  config.sampling.als.steps_per_sigma = 5
   config.sampling.num_samples = 64
   config.sampling.batch_size = 64
-  config.sampling.cas_step_lr = 1.0
+  config.sampling.cas.step_lr = 1.0
   return config
 
 

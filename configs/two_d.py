@@ -23,9 +23,9 @@ def get_config(dataset: str = "eight_gaussians"):
   config.noise.num_scales = 20
   config.training.num_train_steps = 5000
   config.training.ckpt_every_steps = 2500
-  config.sampling.step_lr = 2e-5
-  config.sampling.steps_per_sigma = 100
-  config.sampling.cas_step_lr = 8e-5
+  config.sampling.als.step_lr = 2e-5
+  config.sampling.als.steps_per_sigma = 100
+  config.sampling.cas.step_lr = 8e-5
   config.sampling.init = "gaussian"
   return config
 

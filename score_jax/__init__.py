@@ -27,8 +27,9 @@ def load_checkpoint(workdir, step=None):
 def make_sampler(config, state, method=None, **overrides):
   """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
 
-  `method` ("als", "cas", "pc") and keyword overrides (step_lr, steps_per_sigma, n_sigma,
-  denoise, return_trajectory, ...) replace the config's sampling settings.
+  `method` ("als", "cas", "pc") replaces `sampling.method`; keyword overrides replace that
+  sampler's settings (`sampling.<method>`: step_lr, steps_per_sigma, n_sigma, snr,
+  corrector_steps; denoise) or set `init`, `return_trajectory`, `save_every`.
   """
   from score_jax import experiment
   return experiment.make_sampler(config, state, method=method, **overrides)

@@ -6,7 +6,8 @@
   python main.py --mode=sample --workdir=runs/default   # sample from the latest checkpoint
   python main.py --mode=sweep --config=configs/default.py  # runs get_sweep() of the config file
 
-Modes: train (train, then sample and write results), sample, eval, sampler_sweep, sweep.
+Modes: train (train, then sample with each of `sampling.methods` and write results), sample (with
+`sampling.method`), eval, sampler_sweep, sweep.
 Bad input (unknown config file or key, wrong type, inconsistent values, unwritable workdir,
 incompatible checkpoint) prints one line and exits with status 2, before anything is written.
 """
@@ -62,8 +63,9 @@ def validate_config(config) -> None:
     raise UsageError(f"model.name='mlp' is for toy data; {config.data.dataset} needs an image "
                      "network: set --config.model.name=ncsnv2 (or ncsn, unet)")
   models.build(config)  # rejects unknown names and image sizes the network cannot take
-  if s.step_lr <= 0:
-    raise UsageError(f"sampling.step_lr={s.step_lr} must be > 0")
+  for method in ("als", "cas"):
+    if s[method].step_lr <= 0:
+      raise UsageError(f"sampling.{method}.step_lr={s[method].step_lr} must be > 0")
   if s.method not in ("als", "cas", "pc"):
     raise UsageError(f"sampling.method={s.method!r} must be one of als, cas, pc")
   if s.num_samples <= 0 or s.batch_size <= 0:
@@ -139,14 +141,15 @@ def _with_cli_overrides(stored, cli_config):
 
 def _summary_table(results: dict) -> str:
   if not any("mmd_rbf" in m for m in results.values()):  # images: point at the outputs
-    return "\n".join(f"{method:<7} step_lr {m['step_lr']:.4g}: {m['num_samples']} samples in "
-                     f"samples/{method}_step{m['step']}*.png/.npz" for method, m in results.items())
+    return "\n".join(f"{method:<7} {m['num_samples']} samples in samples/{method}_step{m['step']}"
+                     "*.png/.npz" for method, m in results.items())
   rows = ["method  step_lr   mmd_rbf   energy    mode_weights (true)"]
   for method, m in results.items():
     weights = m.get("mode_weights")
     w = "" if weights is None else (" ".join(f"{v:.3f}" for v in weights) + "  (" +
                                      " ".join(f"{v:.3f}" for v in m["true_mode_weights"]) + ")")
-    rows.append(f"{method:<7} {m['step_lr']:<9.4g} {m.get('mmd_rbf', float('nan')):<9.4f} "
+    rows.append(f"{method:<7} {m.get('step_lr', float('nan')):<9.4g} "
+                f"{m.get('mmd_rbf', float('nan')):<9.4f} "
                 f"{m.get('energy_distance', float('nan')):<9.4f} {w}")
   return "\n".join(rows)
 
@@ -166,7 +169,7 @@ def run(config, workdir: str, mode: str) -> None:
       experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
     else:
       config = _with_cli_overrides(loaded_config, config)
-    results = sample.sample_and_write(config, state, workdir)
+    results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
       print(_summary_table(results))
   elif mode in ("eval", "sampler_sweep"):

@@ -18,8 +18,9 @@ from typing import Any, Callable
 from score_jax import plots
 from score_jax.metric_writers import MetricWriter
 
-# The sampler settings of a row (`experiment.sampler_kwargs`): part of what identifies an entry.
-SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "denoise", "init")
+# The sampler settings of a row (`experiment.sampler_settings`): part of what identifies an entry.
+SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "corrector_steps",
+                "denoise", "init")
 # What a row was evaluated at, as opposed to what it measured (the CSV's first columns).
 # What a row was measured against: the feature network's weights and the reference statistics
 # (digests; absent for toys, whose reference is the exact distribution).
@@ -46,8 +47,8 @@ def entry_key(row: dict) -> tuple:
       `SETTING_KEYS` (and `IDENTITY_KEYS` for image features).
 
   Returns:
-    `(step, method, step_lr, steps_per_sigma, n_sigma, snr, denoise, init, num_samples,
-    features, seed, features_digest, reference_digest)`.
+    `(step, method, step_lr, steps_per_sigma, n_sigma, snr, corrector_steps, denoise, init,
+    num_samples, features, seed, features_digest, reference_digest)`.
   """
   return (int(row["step"]), *(row.get(k) for k in SETTING_KEYS), int(row["num_samples"]),
           row.get("features"), row.get("seed"), *(row.get(k) for k in IDENTITY_KEYS))
@@ -176,8 +177,9 @@ def plot_eval(rows: list[dict], main: str, path: str) -> None:
 def sweep_line_name(row: dict) -> str:
   """The line of a sweep row in the plot: its method and the knobs other than step_lr."""
   parts = [row["method"]]
-  if row.get("steps_per_sigma") is not None:
-    parts.append(f"steps_per_sigma={row['steps_per_sigma']}")
+  for knob in ("steps_per_sigma", "corrector_steps"):
+    if row.get(knob) is not None:
+      parts.append(f"{knob}={row[knob]}")
   parts.append(f"denoise={row.get('denoise')}")
   return " ".join(parts)
 

@@ -64,9 +64,10 @@ _EVAL_TAG = 0xE7A1
 _SAMPLE_TAG, _REFERENCE_TAG, _KID_TAG = 0, 1, 2
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
 _METHODS = ("als", "cas", "pc")
-# Knobs of `make_sampler` that each sampler reads (others are recorded as None and not swept).
+# Sampler arguments the sweep grid sets per sampler (others are recorded as None and not swept);
+# `eval.sweep_steps_per_sigma` gives ALS's steps and PC's corrector steps per level.
 _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
-                 "pc": ("steps_per_sigma",)}
+                 "pc": ("corrector_steps",)}
 FETCH_COMMAND = "python -m score_jax.fetch_inception"
 CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
@@ -567,18 +568,19 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) 
   return state
 
 
-def _checkpoint_sampler(config: ml_collections.ConfigDict, **overrides
-                        ) -> Callable[[Any, jax.Array, int, int], np.ndarray]:
+def _checkpoint_sampler(config: ml_collections.ConfigDict, method: str | None = None,
+                        **overrides) -> Callable[[Any, jax.Array, int, int], np.ndarray]:
   """`experiment.make_sample_fn` over all devices, taking the params as an argument.
 
   Returns:
     `p_sample(params, rng, start, n)`: samples start..start+n-1 (`parallel.shard_sampler`), one
     compiled program for all checkpoints.
   """
+  method = method or config.sampling.method
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config),
-                                 **{**experiment.sampler_kwargs(config, overrides.get("method")),
-                                    **overrides})
+                                 method=method, init=experiment.sampler_init(config, method),
+                                 **{**experiment.sampler_kwargs(config, method), **overrides})
   return parallel.shard_sampler(fn, parallel.make_mesh())
 
 
@@ -605,11 +607,10 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
   """
   e0 = entries[0]
-  kwargs = {**experiment.sampler_kwargs(config, e0["method"]),
-            **{k: e0[k] for k in ("steps_per_sigma", "denoise") if e0[k] is not None},
-            "step_lr": e0["step_lr"]}
+  kwargs = {**experiment.sampler_kwargs(config, e0["method"]), **_sampler_args(e0)}
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
-                                 experiment.example_shape(config), **kwargs)
+                                 experiment.example_shape(config), method=e0["method"],
+                                 init=experiment.sampler_init(config, e0["method"]), **kwargs)
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
 
   def many(params, keys):
@@ -634,7 +635,8 @@ def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
   """`entries` grouped by everything but step_lr (ALS/CAS only), in first-appearance order."""
   groups: dict[tuple, list[dict]] = {}
   for e in entries:
-    key = (e["method"], e["steps_per_sigma"], e["denoise"]) if e["step_lr"] is not None else id(e)
+    key = ((e["method"], e.get("steps_per_sigma"), e["denoise"]) if e.get("step_lr") is not None
+           else id(e))
     groups.setdefault(key, []).append(e)
   return list(groups.values())
 
@@ -689,10 +691,10 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  kwargs = experiment.sampler_kwargs(config)
+  settings = experiment.sampler_settings(config)
   rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
   evaluator = make_evaluator(config, workdir, rng)
-  entries = [_entry(config, evaluator, kind, step=s, **kwargs) for s in steps]
+  entries = [_entry(config, evaluator, kind, step=s, **settings) for s in steps]
   done, todo = _split_done(entries, os.path.join(workdir, "eval_metrics.jsonl"))
   main = parallel.is_main_process()
   if main:
@@ -746,6 +748,7 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
         for den in denoise:
           s = {"method": method, "step_lr": float(lr) if "step_lr" in knobs else None,
                "steps_per_sigma": int(spp) if "steps_per_sigma" in knobs else None,
+               "corrector_steps": int(spp) if "corrector_steps" in knobs else None,
                "denoise": bool(den)}
           if s not in settings:
             settings.append(s)
@@ -753,7 +756,13 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
 
 
 def _setting(entry: dict) -> dict:
-  return {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")}
+  return {"method": entry["method"], **_sampler_args(entry)}
+
+
+def _sampler_args(entry: dict) -> dict:
+  """The sampler arguments a sweep entry sets (its method's knobs and `denoise`)."""
+  return {k: entry[k] for k in (*_METHOD_KNOBS[entry["method"]], "denoise")
+          if entry.get(k) is not None}
 
 
 def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -773,7 +782,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
   evaluator = make_evaluator(config, workdir, rng)
   entries = [_entry(config, evaluator, kind, step=step,
-                    **{**experiment.sampler_kwargs(config, s["method"]), **s})
+                    **{**experiment.sampler_settings(config, s["method"]), **s})
              for s in settings]
   done, todo = _split_done(entries, os.path.join(workdir, "sampler_sweep.jsonl"))
   main = parallel.is_main_process()
@@ -783,7 +792,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   fresh = {}
   if todo:
     state = _restore(config, workdir, step)
-    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config), config.sampling.n_sigma)
+    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config),
+                                     config.sampling.cas.n_sigma)
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
     try:
       feasible = []
@@ -804,11 +814,10 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
         else:
           results, cache_dirs = [], []
           for entry in group:
-            overrides = {k: entry[k] for k in ("method", "step_lr", "steps_per_sigma", "denoise")
-                         if entry[k] is not None}
             measured, cache_dir = _evaluate_sampler(
-                _checkpoint_sampler(config, **overrides), state.ema_params[0], evaluator, entry,
-                config, workdir, rng, desc=f"sweep {_setting(entry)}")
+                _checkpoint_sampler(config, method=entry["method"], **_sampler_args(entry)),
+                state.ema_params[0], evaluator, entry, config, workdir, rng,
+                desc=f"sweep {_setting(entry)}")
             results.append(measured)
             cache_dirs.append(cache_dir)
         for entry, measured in zip(group, results):
@@ -825,7 +834,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   if main:
     paths = write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
     ranked = sorted(rows, key=rank_key(main_metric))
-    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "denoise"] +
+    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "corrector_steps",
+                                "denoise"] +
                        table_metric_columns(rows, main_metric) + ["skipped"]))
     print(f"checkpoint step {step}; {len(done)} of {len(rows)} rows reused")
     print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")

@@ -167,41 +167,93 @@ def _default_config() -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def _migrate_sampling(stored: dict) -> dict:
+  """A stored config's `sampling` group in the per-sampler layout.
+
+  Configs stored before the per-sampler sub-groups had one `step_lr` whose meaning depended on
+  `method`, `also_cas` and `cas_step_lr`, and one `steps_per_sigma` shared by ALS and PC.
+  """
+  s = dict(stored.get("sampling") or {})
+  if not any(k in s for k in ("step_lr", "steps_per_sigma", "n_sigma", "snr", "also_cas",
+                              "cas_step_lr")):
+    return stored
+  method = s.get("method", "als")
+  step_lr, steps = s.pop("step_lr", None), s.pop("steps_per_sigma", None)
+  also_cas, cas_step_lr = s.pop("also_cas", None), s.pop("cas_step_lr", None)
+  n_sigma, snr = s.pop("n_sigma", None), s.pop("snr", None)
+  als = {k: v for k, v in (("step_lr", step_lr), ("steps_per_sigma", steps)) if v is not None}
+  cas_lr = step_lr if method == "cas" else (cas_step_lr if cas_step_lr is not None else step_lr)
+  cas = {k: v for k, v in (("step_lr", cas_lr), ("n_sigma", n_sigma)) if v is not None}
+  pc = {k: v for k, v in (("snr", snr), ("corrector_steps", steps)) if v is not None}
+  s.update(als=als, cas=cas, pc=pc)
+  if also_cas is not None:
+    s["methods"] = [method] + (["cas"] if also_cas and method != "cas" else [])
+  return {**stored, "sampling": s}
+
+
 def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
-  """The schema of configs/default.py with the stored values written over it (locked, typed)."""
+  """The schema of configs/default.py with the stored values written over it (locked, typed).
+
+  Fields the schema no longer has are ignored; configs stored with the single-`step_lr`
+  sampling group are read into the per-sampler sub-groups.
+  """
   config = _default_config()
 
-  def assign(node: ml_collections.ConfigDict, values: dict, prefix: str):
+  def assign(node: ml_collections.ConfigDict, values: dict):
     for key, value in values.items():
       if key not in node:
         continue
       if isinstance(value, dict):
-        assign(node[key], value, f"{prefix}{key}.")
+        assign(node[key], value)
       else:
         if isinstance(node[key], tuple) and isinstance(value, list):
           value = tuple(value)
         node[key] = value
 
-  assign(config, stored, "")
+  assign(config, _migrate_sampling(stored))
   return config
 
 
+# The samplers a config can name, and the keyword arguments each takes from its sub-group of
+# `config.sampling` (besides `denoise`, which all share).
+SAMPLERS = {"als": samplers.annealed_langevin, "cas": samplers.consistent_annealed,
+            "pc": samplers.predictor_corrector}
+
+
 def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
+  """The plain keyword arguments of sampler `method` (default `sampling.method`).
+
+  Returns:
+    Its sub-group `sampling.<method>` as a dict, plus the shared `denoise`.
+  """
   s = config.sampling
   method = method or s.method
-  step_lr = s.cas_step_lr if (method == "cas" and method != s.method) else s.step_lr
-  # The predictor-corrector discretizes the reverse VE SDE, which starts at its prior
-  # N(0, sigma_1^2 I) (score_sde `sde_lib.py` prior_sampling), whatever the ALS/CAS init.
-  init = "gaussian" if method == "pc" else s.init
-  return dict(method=method, step_lr=step_lr, steps_per_sigma=s.steps_per_sigma,
-              n_sigma=s.n_sigma, snr=s.snr, denoise=s.denoise, init=init)
+  if method not in SAMPLERS:
+    raise ValueError(f"sampler {method!r} is unknown; use one of {', '.join(SAMPLERS)}")
+  return {**s[method].to_dict(), "denoise": s.denoise}
+
+
+def sampler_init(config: ml_collections.ConfigDict, method: str | None = None) -> str:
+  """The initial state of sampler `method`: `sampling.init`, but the VE prior for PC.
+
+  The predictor-corrector discretizes the reverse VE SDE, which starts at its prior
+  N(0, sigma_1^2 I) (Song et al. 2021; score_sde `sde_lib.py` `prior_sampling`), whatever the
+  ALS/CAS images start from.
+  """
+  method = method or config.sampling.method
+  return "gaussian" if method == "pc" else config.sampling.init
+
+
+def sampler_settings(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
+  """What identifies a sampling run in records: method, init and the sampler's arguments."""
+  method = method or config.sampling.method
+  return {"method": method, "init": sampler_init(config, method),
+          **sampler_kwargs(config, method)}
 
 
 def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
-                   step_lr: float, steps_per_sigma: int = 1, n_sigma: int = 1, snr: float = 0.16,
-                   denoise: bool = True, init: str = "gaussian",
-                   return_trajectory: bool = False, save_every: int | None = None,
-                   ) -> Callable[..., Any]:
+                   init: str = "gaussian", return_trajectory: bool = False,
+                   save_every: int | None = None, **kwargs) -> Callable[..., Any]:
   """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
 
   `rng` is either one key (shape `()`: the batch's noise is drawn together, the fastest path) or
@@ -211,17 +263,27 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   statistics and snapshots of `return_trajectory`/`save_every` are per example (leading axis b),
   and the predictor-corrector's step size uses each example's own norms instead of batch means.
 
-  `init`: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
-  N(0, sigma_1^2 I). `sample(params, rng, n, step_lr=lr)` replaces the step size at call time
-  (it may be traced, e.g. vmapped over a grid; CAS feasibility is then the caller's to check).
+  Args:
+    model: the score network.
+    sigmas: `[L]` descending noise ladder the network was trained on.
+    shape: shape of one sample.
+    method: a key of `SAMPLERS`.
+    init: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
+      N(0, sigma_1^2 I).
+    return_trajectory, save_every: passed to the sampler.
+    **kwargs: the sampler's own keyword arguments (`sampler_kwargs`).
+
+  `sample(params, rng, n, **changes)` replaces sampler arguments at call time (they may be traced,
+  e.g. a vmapped `step_lr` grid; CAS feasibility is then the caller's to check).
   """
-  if method == "cas":
-    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, n_sigma)), step_lr)
-  if method not in ("als", "cas", "pc"):
-    raise ValueError(f"sampling.method={method!r} is unknown; use 'als', 'cas' or 'pc'")
+  if method not in SAMPLERS:
+    raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(SAMPLERS)}")
   if init not in ("uniform", "gaussian"):
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
-  extra = dict(denoise=denoise, return_trajectory=return_trajectory, save_every=save_every)
+  if method == "cas":
+    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
+                            kwargs["step_lr"])
+  sampler = SAMPLERS[method]
   with_info = return_trajectory or save_every is not None
   # One example per program under vmap where a batch would couple examples: PC's step size
   # (batch-mean norms) and the trajectory statistics (batch means) are then per example.
@@ -232,26 +294,20 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
       return jax.random.uniform(rng, (n, *shape))
     return sigmas[0] * jax.random.normal(rng, (n, *shape))
 
-  def draw(params, x0, rng, step_lr):
-    score_fn = make_score_fn(model, params)
-    if method == "als":
-      return samplers.annealed_langevin(score_fn, x0, sigmas, rng, step_lr=step_lr,
-                                        steps_per_sigma=steps_per_sigma, **extra)
-    if method == "cas":
-      return samplers.consistent_annealed(score_fn, x0, sigmas, rng, step_lr=step_lr,
-                                          n_sigma=n_sigma, **extra)
-    return samplers.predictor_corrector(score_fn, x0, sigmas, rng, snr=snr,
-                                        corrector_steps=steps_per_sigma, **extra)
+  def draw(params, x0, rng, changes):
+    return sampler(make_score_fn(model, params), x0, sigmas, rng,
+                   return_trajectory=return_trajectory, save_every=save_every,
+                   **{**kwargs, **changes})
 
-  def per_example(params, keys, step_lr):
+  def per_example(params, keys, changes):
     pairs = jax.vmap(jax.random.split)(keys)
     x0 = jax.vmap(lambda k: init_state(k, 1)[0])(pairs[:, 0])
     if not one_at_a_time:
-      return draw(params, x0, pairs[:, 1], step_lr)
+      return draw(params, x0, pairs[:, 1], changes)
     nfe = []
 
     def one(x, key):
-      out = draw(params, x[None], key[None], step_lr)
+      out = draw(params, x[None], key[None], changes)
       if not with_info:
         return out[0]
       x, info = out
@@ -263,19 +319,19 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
     out = jax.vmap(one)(x0, pairs[:, 1])
     return (out[0], {**out[1], "nfe": nfe[0]}) if with_info else out
 
-  def sample(params, rng, n=None, step_lr=step_lr):
+  def sample(params, rng, n=None, **changes):
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
       raise ValueError("sample: rng must be a typed key (jax.random.key) or a batch of them, "
                        f"got dtype {rng.dtype}")
     if rng.ndim == 1:
       if n is not None and n != rng.shape[0]:
         raise ValueError(f"sample: n={n} differs from the {rng.shape[0]} per-example keys")
-      return per_example(params, rng, step_lr)
+      return per_example(params, rng, changes)
     if rng.ndim != 0 or n is None:
       raise ValueError(f"sample: rng must be one key with n given, or keys [b]; got shape "
                        f"{rng.shape}, n={n}")
     init_rng, rng = jax.random.split(rng)
-    return draw(params, init_state(init_rng, n), rng, step_lr)
+    return draw(params, init_state(init_rng, n), rng, changes)
 
   return sample
 
@@ -303,24 +359,33 @@ def load_checkpoint(workdir: str, step: int | None = None
 
 
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
-                 method: str | None = None, **overrides) -> Callable[..., Any]:
+                 method: str | None = None, init: str | None = None,
+                 return_trajectory: bool = False, save_every: int | None = None,
+                 **overrides) -> Callable[..., Any]:
   """`(rng, n) -> samples` with the first EMA params and the configured sampler, on all devices.
-
-  `sample(rng, n, start=s)` draws samples s..s+n-1 of the same sequence; `on_batch(count)` is
-  called after each batch (progress bars).
 
   Samples are drawn over every device of every host (`parallel.shard_sampler`) in batches of
   `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so the
   samples do not depend on the device count or the batch size. The result is a host array
-  `[n, ...]`. `method` ("als", "cas", "pc") and keyword overrides (step_lr, denoise, ...) replace
-  the config's sampling settings; `return_trajectory=True` makes it return `(samples,
-  trajectory)`, the trajectory being per-example statistics `[n, L']` (and snapshots
-  `[n, L' // save_every, ...]`).
+  `[n, ...]`. `sample(rng, n, start=s)` draws samples s..s+n-1 of the same sequence;
+  `on_batch(count)` is called after each batch (progress bars).
+
+  `method` ("als", "cas", "pc") and `init` replace the config's; keyword overrides replace the
+  sampler's own arguments (`sampler_kwargs`: step_lr, steps_per_sigma, n_sigma, snr,
+  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`,
+  the trajectory being per-example statistics `[n, L']` (and snapshots `[n, L' // save_every,
+  ...]`) with `nfe`.
   """
-  model = models.build(config)
+  method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
+  unknown = sorted(set(overrides) - set(kwargs))
+  if unknown:
+    raise ValueError(f"make_sampler: {', '.join(unknown)} is not an argument of the {method} "
+                     f"sampler; it takes {', '.join(kwargs)}")
   kwargs.update(overrides)
-  fn = make_sample_fn(model, sigmas_from_config(config), example_shape(config), **kwargs)
+  fn = make_sample_fn(models.build(config), sigmas_from_config(config), example_shape(config),
+                      method=method, init=init or sampler_init(config, method),
+                      return_trajectory=return_trajectory, save_every=save_every, **kwargs)
   per_sample = {}
 
   def arrays_only(params, keys):

@@ -5,7 +5,7 @@
 training) runs: it samples with the configured sampler using the first EMA parameters over all
 devices of all hosts (sample k from the key folded from (seed, k), so the samples do not depend on
 the device count or `sampling.batch_size`), with a progress bar, and writes `samples/<tag>.npz`,
-PNGs and sample-quality metrics into the workdir.
+PNGs and sample-quality metrics into the workdir for each sampler of `sampling.methods`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, models, parallel, plots, progress, samplers, toy
+from score_jax import data, experiment, models, parallel, plots, progress, toy
 from score_jax.experiment import sampler_kwargs, sigmas_from_config
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
@@ -62,8 +62,7 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
                      methods: tuple[str, ...] | None = None) -> dict[str, dict]:
   """Samples with each method, writes npz/PNGs/metrics under `workdir`, returns the metrics."""
   s = config.sampling
-  if methods is None:
-    methods = (s.method,) + (("cas",) if s.also_cas and s.method != "cas" else ())
+  methods = tuple(s.methods) if methods is None else methods
   out_dir = os.path.join(workdir, "samples")
   main = parallel.is_main_process()
   if main:
@@ -84,8 +83,8 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
       raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
     tag = f"{method}_step{step}"
     all_samples[method], trajectories[method] = samples, trajectory
-    metrics = {"method": method, "step": step, "num_samples": int(len(samples)),
-               **sampler_kwargs(config, method)}
+    metrics = {"step": step, "num_samples": int(len(samples)),
+               **experiment.sampler_settings(config, method)}
     if is_toy:
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
       metrics.update(toy.sample_metrics(samples, distribution, jax.random.fold_in(rng, 7)))
@@ -158,34 +157,22 @@ def right_half_mask(shape: tuple[int, ...]) -> np.ndarray:
 def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str,
                       x_known: np.ndarray, mask: np.ndarray, *, method: str | None = None
                       ) -> np.ndarray:
-  """Completes `x_known` where `mask` is 0 with ALS, CAS or PC and writes an inpainting grid.
+  """Completes `x_known` where `mask` is 0 with sampler `method` and writes an inpainting grid.
 
-  PC inpaints as score_sde's `get_pc_inpainter` does in spirit: the known entries are replaced
-  by `x_known + sigma_i z` before every corrector and predictor update.
+  Every sampler of `experiment.SAMPLERS` inpaints: the known entries are replaced by
+  `x_known + sigma_i z` before every update (PC: every corrector and predictor update).
   """
+  method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
-  model = models.build(config)
+  sampler = experiment.SAMPLERS[method]
   sigmas = sigmas_from_config(config)
-  score_fn = make_score_fn(model, state.ema_params[0])
+  score_fn = make_score_fn(models.build(config), state.ema_params[0])
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x1AA)
-  x0 = jax.random.uniform(rng, x_known.shape) if kwargs["init"] == "uniform" else (
+  x0 = jax.random.uniform(rng, x_known.shape) if experiment.sampler_init(
+      config, method) == "uniform" else (
       sigmas[0] * jax.random.normal(rng, x_known.shape))
-  if kwargs["method"] == "cas":
-    run = jax.jit(lambda x0, r: samplers.consistent_annealed(
-        score_fn, x0, sigmas, r, step_lr=kwargs["step_lr"], denoise=kwargs["denoise"],
-        n_sigma=kwargs["n_sigma"], mask=jnp.asarray(mask), x_known=jnp.asarray(x_known)))
-  elif kwargs["method"] == "pc":
-    run = jax.jit(lambda x0, r: samplers.predictor_corrector(
-        score_fn, x0, sigmas, r, snr=kwargs["snr"], corrector_steps=kwargs["steps_per_sigma"],
-        denoise=kwargs["denoise"], mask=jnp.asarray(mask), x_known=jnp.asarray(x_known)))
-  elif kwargs["method"] != "als":
-    raise ValueError(f"inpainting with sampling.method={kwargs['method']!r} is not supported; "
-                     "use 'als', 'cas' or 'pc'")
-  else:
-    run = jax.jit(lambda x0, r: samplers.annealed_langevin(
-        score_fn, x0, sigmas, r, step_lr=kwargs["step_lr"],
-        steps_per_sigma=kwargs["steps_per_sigma"], denoise=kwargs["denoise"],
-        mask=jnp.asarray(mask), x_known=jnp.asarray(x_known)))
+  run = jax.jit(lambda x0, r: sampler(score_fn, x0, sigmas, r, mask=jnp.asarray(mask),
+                                      x_known=jnp.asarray(x_known), **kwargs))
   completed = np.asarray(run(x0, jax.random.fold_in(rng, 1)))
   if parallel.is_main_process():
     step = int(jax.device_get(state.step))

@@ -138,7 +138,7 @@ def test_toy_config_trains_and_samples_through_the_cli(tmp_path):
           "--config.training.ckpt_every_steps=20", "--config.training.eval_every_steps=20",
           "--config.training.batch_size=64", "--config.training.progress_bar=False",
           "--config.training.async_checkpoint=False", "--config.sampling.num_samples=64",
-          "--config.sampling.batch_size=64", "--config.sampling.steps_per_sigma=5"]
+          "--config.sampling.batch_size=64", "--config.sampling.als.steps_per_sigma=5"]
   proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/adversarial_toy.py",
                          f"--workdir={tmp_path}", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)

@@ -90,7 +90,7 @@ def trained(tmp_path_factory) -> pathlib.Path:
   env.pop("SCORE_JAX_DEBUG", None)
   proc = subprocess.run(
       [sys.executable, str(REPO / "main.py"), "--config=configs/test.py", f"--workdir={workdir}",
-       "--config.sampling.also_cas=False", "--config.sampling.num_samples=8",
+       "--config.sampling.methods=(\"als\",)", "--config.sampling.num_samples=8",
        "--config.sampling.batch_size=8"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
@@ -199,7 +199,7 @@ def test_interrupted_eval_reruns_only_the_missing_checkpoints(workdir, monkeypat
   # Other settings are other entries: more samples, or another sampler, evaluate again.
   evaluate.evaluate_checkpoints(_config(num_samples=32, batch_size=32, begin_step=15), workdir)
   assert calls == [1]
-  config.sampling.step_lr = 0.05
+  config.sampling.als.step_lr = 0.05
   evaluate.evaluate_checkpoints(config, workdir)
   assert calls == [1, 1, 1]
 

@@ -35,9 +35,9 @@ TINY = ["--config.model.ngf=4", "--config.training.batch_size=32",
         "--config.training.num_train_steps=60", "--config.training.log_every_steps=20",
         "--config.training.eval_every_steps=60", "--config.training.ckpt_every_steps=60",
         "--config.training.progress_bar=False", "--config.training.async_checkpoint=False",
-        "--config.sampling.steps_per_sigma=2", "--config.sampling.num_samples=16",
+        "--config.sampling.als.steps_per_sigma=2", "--config.sampling.num_samples=16",
         "--config.sampling.batch_size=16", "--config.sampling.inpaint_examples=4",
-        "--config.sampling.n_sigma=1", "--config.sampling.cas_step_lr=1e-4"]
+        "--config.sampling.cas.n_sigma=1", "--config.sampling.cas.step_lr=1e-4"]
 
 
 def test_ncsnv2_trains_on_real_mnist_and_writes_image_outputs(tmp_path, mnist_data_dir):

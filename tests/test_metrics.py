@@ -121,7 +121,8 @@ def test_sweep_grid_drops_knobs_a_sampler_ignores():
   assert len([s for s in grid if s["method"] == "als"]) == 4
   assert [s["step_lr"] for s in grid if s["method"] == "cas"] == [0.1, 0.2]
   assert all(s["steps_per_sigma"] is None for s in grid if s["method"] == "cas")
-  assert [s["steps_per_sigma"] for s in grid if s["method"] == "pc"] == [5, 10]
+  assert [s["corrector_steps"] for s in grid if s["method"] == "pc"] == [5, 10]
+  assert all(s["corrector_steps"] is None for s in grid if s["method"] != "pc")
   with pytest.raises(ValueError, match="unknown samplers"):
     evaluate.sweep_grid(("ald",), (0.1,), (5,), (True,))
 
@@ -223,7 +224,7 @@ def _finite(v) -> bool:
 def test_eval_and_sampler_sweep_modes_on_the_toy_config(tmp_path):
   workdir = tmp_path / "run"
   small = ["--config.eval.num_samples=64", "--config.eval.batch_size=64"]
-  proc = _main(f"--workdir={workdir}", "--config.sampling.also_cas=False")
+  proc = _main(f"--workdir={workdir}", "--config.sampling.methods=(\"als\",)")
   assert proc.returncode == 0, proc.stderr
 
   proc = _main(f"--workdir={workdir}", "--mode=eval", *small)

@@ -30,9 +30,9 @@ TINY = ["--config.model.ngf=4", "--config.noise.num_scales=4", "--config.trainin
         "--config.training.num_train_steps=10", "--config.training.log_every_steps=5",
         "--config.training.eval_every_steps=10", "--config.training.ckpt_every_steps=10",
         "--config.training.progress_bar=False", "--config.training.async_checkpoint=False",
-        "--config.sampling.steps_per_sigma=2", "--config.sampling.num_samples=4",
+        "--config.sampling.als.steps_per_sigma=2", "--config.sampling.num_samples=4",
         "--config.sampling.batch_size=4", "--config.sampling.inpaint_examples=0",
-        "--config.sampling.also_cas=False"]
+        "--config.sampling.methods=(\"als\",)"]
 
 
 def _train_tiny_mnist(workdir: pathlib.Path, data_dir: str) -> None:

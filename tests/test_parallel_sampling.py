@@ -27,7 +27,8 @@ def toy():
 def _sample_fn(config, model, method="als", **kw):
   kwargs = {**experiment.sampler_kwargs(config, method), **kw}
   return experiment.make_sample_fn(model, experiment.sigmas_from_config(config),
-                                   experiment.example_shape(config), **kwargs)
+                                   experiment.example_shape(config), method=method,
+                                   init=experiment.sampler_init(config, method), **kwargs)
 
 
 @pytest.mark.parametrize("method", ["als", "pc"])
@@ -77,7 +78,7 @@ def test_make_sampler_uses_every_device_and_ignores_the_batch_size(toy):
   assert isinstance(a, np.ndarray) and a.shape == (21, 2)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert aux["sigma"].shape == (21, 4) and aux["samples"].shape == (21, 2, 2)
-  assert aux["nfe"] == 4 * config.sampling.steps_per_sigma + 1
+  assert aux["nfe"] == 4 * config.sampling.als.steps_per_sigma + 1
 
 
 def test_batch_map_checks_its_batch():
