@@ -31,5 +31,8 @@ def get_config(dataset: str = "eight_gaussians"):
 
 
 def get_sweep():
-  """The smallest noise level trades sharpness for stability: sweep it."""
-  return [{"noise.sigma_min": s} for s in (0.1, 0.03, 0.01)]
+  """The smallest noise level trades sharpness for stability: sweep it.
+
+  CAS keeps eta = step_lr / sigma_L^2 = 0.8, inside its feasibility interval for each sigma_min.
+  """
+  return [{"noise.sigma_min": s, "sampling.cas.step_lr": 0.8 * s ** 2} for s in (0.1, 0.03, 0.01)]

@@ -1,0 +1,61 @@
+"""Every config in configs/ builds, names data splits its dataset has, and samples CAS feasibly.
+
+Checks what a first evaluation or sample would otherwise find hours into a run: the evaluation
+split exists for the dataset (TFDS `lsun` has train and validation only), and each CAS step size
+(the config's and every sweep override's) lies in the feasibility interval
+sigma_L^2 (1 -/+ gamma) of its sampling ladder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import numpy as np
+import pytest
+
+from score_jax import experiment, models, noise, samplers
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
+    "*.py") if p.stem != "__init__")
+# The splits of each dataset family, as TFDS (or the project's own builders) define them.
+SPLITS = {"lsun": ("train", "validation"), "celeb_a": ("train", "validation", "test")}
+
+
+def _module(name):
+  return importlib.import_module(f"configs.{name}")
+
+
+def _variants(name):
+  module = _module(name)
+  config = module.get_config()
+  yield config
+  for overrides in getattr(module, "get_sweep", lambda: [])():
+    variant = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+      group, _, field = key.rpartition(".")
+      node = variant
+      for part in group.split("."):
+        node = node[part]
+      node[field] = value
+    yield variant
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_with_existing_splits_and_feasible_cas(name):
+  for config in _variants(name):
+    models.build(config)
+    family = config.data.dataset.split("/")[0]
+    if family in SPLITS:
+      assert config.data.eval_split in SPLITS[family], (name, config.data.eval_split)
+    cas = config.sampling.cas
+    uses_cas = "cas" in tuple(config.sampling.methods) or config.sampling.method == "cas"
+    if uses_cas:
+      ladder = np.asarray(samplers.cas_ladder(experiment.sigmas_from_config(config), cas.n_sigma))
+      noise.check_cas_step_lr(ladder, cas.step_lr)
+
+
+def test_lsun_configs_evaluate_on_validation():
+  for name in ("ncsnv2_church", "ncsnv2_bedroom", "adversarial_church"):
+    assert _module(name).get_config().data.eval_split == "validation"
+  assert _module("adversarial_church").get_config().model.name == "ncsnv2_deeper"
