@@ -100,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc.
   sampling.methods = ("als", "cas")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
+  sampling.use_ema = True  # sample (and evaluate) with the EMA weights ema_decays[0]; False: the raw weights (NCSN v1).
   sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
   sampling.num_samples = 2000  # samples written per sampling run.
   sampling.batch_size = 2000  # samples per compiled call.

@@ -618,7 +618,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
     return jax.numpy.moveaxis(xs, 0, 1)
 
   p_sample = parallel.shard_sampler(many, parallel.make_mesh())
-  params = state.ema_params[0]
+  params = experiment.sampling_params(config, state)
   sample_rng = jax.random.fold_in(rng, _SAMPLE_TAG)
   cache_dir = batch_cache_dir(workdir, entries, config.eval.batch_size)
   start = time.time()
@@ -707,7 +707,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
     try:
       for entry in todo:
         state = _restore(config, workdir, entry["step"])
-        measured, cache_dir = _evaluate_sampler(sampler, state.ema_params[0], evaluator, entry,
+        measured, cache_dir = _evaluate_sampler(sampler, experiment.sampling_params(config, state),
+                                                evaluator, entry,
                                                 config, workdir, rng,
                                                 desc=f"eval step {entry['step']}")
         row = _record(writer, fresh, entry, measured)
@@ -816,7 +817,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
           for entry in group:
             measured, cache_dir = _evaluate_sampler(
                 _checkpoint_sampler(config, method=entry["method"], **_sampler_args(entry)),
-                state.ema_params[0], evaluator, entry, config, workdir, rng,
+                experiment.sampling_params(config, state), evaluator, entry, config, workdir, rng,
                 desc=f"sweep {_setting(entry)}")
             results.append(measured)
             cache_dirs.append(cache_dir)

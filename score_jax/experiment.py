@@ -251,6 +251,12 @@ def sampler_settings(config: ml_collections.ConfigDict, method: str | None = Non
           **sampler_kwargs(config, method)}
 
 
+def sampling_params(config: ml_collections.ConfigDict, state: TrainState) -> Any:
+  """The weights samplers use: the first EMA (`sampling.use_ema`, the NCSNv2 convention) or the
+  raw parameters (NCSN v1 keeps no EMA, ermongroup/ncsn `anneal_runner.py`)."""
+  return state.ema_params[0] if config.sampling.use_ema else state.params
+
+
 def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
                    init: str = "gaussian", return_trajectory: bool = False,
                    save_every: int | None = None, **kwargs) -> Callable[..., Any]:
@@ -362,7 +368,7 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
                  method: str | None = None, init: str | None = None,
                  return_trajectory: bool = False, save_every: int | None = None,
                  **overrides) -> Callable[..., Any]:
-  """`(rng, n) -> samples` with the first EMA params and the configured sampler, on all devices.
+  """`(rng, n) -> samples` with the configured weights and sampler, on all devices.
 
   Samples are drawn over every device of every host (`parallel.shard_sampler`) in batches of
   `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so the
@@ -397,7 +403,7 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
     return out
 
   p_sample = parallel.shard_sampler(arrays_only, parallel.make_mesh())
-  params = state.ema_params[0]
+  params = sampling_params(config, state)
   batch = int(config.sampling.batch_size)
 
   def sample(rng: jax.Array, n: int, *, start: int = 0,

@@ -134,7 +134,7 @@ def _denoise_in_batches(config: ml_collections.ConfigDict, state: TrainState, x:
   p_denoise = parallel.batch_map(
       lambda params, xb: denoise(make_score_fn(model, params), xb, sigma_min),
       parallel.make_mesh())
-  params = state.ema_params[0]
+  params = experiment.sampling_params(config, state)
   return np.concatenate([p_denoise(params, x[i:i + batch_size])
                          for i in range(0, len(x), batch_size)])
 
@@ -166,7 +166,7 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
   kwargs = sampler_kwargs(config, method)
   sampler = experiment.SAMPLERS[method]
   sigmas = sigmas_from_config(config)
-  score_fn = make_score_fn(models.build(config), state.ema_params[0])
+  score_fn = make_score_fn(models.build(config), experiment.sampling_params(config, state))
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x1AA)
   x0 = jax.random.uniform(rng, x_known.shape) if experiment.sampler_init(
       config, method) == "uniform" else (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -59,3 +60,18 @@ def test_lsun_configs_evaluate_on_validation():
   for name in ("ncsnv2_church", "ncsnv2_bedroom", "adversarial_church"):
     assert _module(name).get_config().data.eval_split == "validation"
   assert _module("adversarial_church").get_config().model.name == "ncsnv2_deeper"
+
+
+def test_ncsn_v1_configs_dequantize_and_sample_without_ema():
+  for name in ("ncsn_mnist", "ncsn_cifar10", "ncsn_celeba"):
+    config = _module(name).get_config()
+    assert config.data.uniform_dequantization and not config.sampling.use_ema, name
+
+
+def test_sampling_params_follow_use_ema():
+  config = _module("test").get_config()
+  state = experiment.init_state(config, models.build(config))
+  state = state.replace(params=jax.tree.map(lambda v: v + 1.0, state.params))
+  assert experiment.sampling_params(config, state) is state.ema_params[0]
+  config.sampling.use_ema = False
+  assert experiment.sampling_params(config, state) is state.params
