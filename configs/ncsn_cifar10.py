@@ -45,4 +45,10 @@ def get_config():
   config.sampling.methods = ("als",)
   config.sampling.num_samples = 100
   config.sampling.batch_size = 100
+  # The FID protocol of the paper: 50k samples against the statistics of the 50k training
+  # images (the TTUR statistics), every 5000-step checkpoint kept so --mode=eval picks the best.
+  config.training.keep_every_steps = 5000
+  config.eval.num_samples = 50_000
+  config.eval.reference_split = "train"
+  config.eval.reference_num_images = 50_000
   return config

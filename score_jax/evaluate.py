@@ -274,10 +274,26 @@ def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
   return out
 
 
+def reference_split(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """The split and image count of computed reference statistics.
+
+  `eval.reference_split` (None: `data.eval_split`) and `eval.reference_num_images` (None:
+  `eval.num_samples`). The papers' protocol: the 50k CIFAR-10 training images (the TTUR
+  statistics of NCSNv2 and the adversarial/CAS paper), the CelebA test set.
+  """
+  ev = config.eval
+  split = ev.reference_split or config.data.eval_split
+  n = ev.reference_num_images or ev.num_samples
+  if n < 2:
+    raise ValueError(f"eval.reference_num_images={n}: reference statistics need at least 2 images")
+  return split, int(n)
+
+
 def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
-  d, n = config.data, config.eval.num_samples
+  d = config.data
+  split, n = reference_split(config)
   prefix = "ref_stats" if kind == "inception" else f"ref_stats_{kind}"
-  name = f"{prefix}_{d.dataset.replace('/', '-')}_{d.eval_split}_{n}.npz"
+  name = f"{prefix}_{d.dataset.replace('/', '-')}_{split}_{n}.npz"
   return os.path.join(workdir, "eval_cache", name)
 
 
@@ -287,9 +303,9 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   """Reference `{"mu", "sigma", "features"}`: from `eval.reference_stats`, the cache, or data.
 
   A given `.npz` must hold `mu` and `sigma` (KID also needs `features`, else it is skipped).
-  Computed statistics use the first `eval.num_samples` images of `data.eval_split` without
-  shuffling, flips or dequantization, and are cached (one file per feature kind) with a
-  description of how they were made (feature kind, weights, image size, channels, data path); a
+  Computed statistics use the first `reference_num_images` images of the reference split
+  (`reference_split`) without shuffling, flips or dequantization, and are cached (one file per
+  feature kind) with a description of how they were made (feature kind, weights, image size, channels, data path); a
   cache made differently is recomputed.
 
   Args:
@@ -316,7 +332,8 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     description = {"kind": kind, **description}
   meta = json.dumps(description)
   path = _reference_path(config, workdir, kind)
-  protocol = f"{d.dataset}:{d.eval_split} first {ev.num_samples} images"
+  split, n = reference_split(config)
+  protocol = f"{d.dataset}:{split} first {n} images"
   if os.path.isfile(path):
     with np.load(path) as f:
       if "meta" in f.files and str(f["meta"]) == meta:
@@ -325,17 +342,17 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   ref_config = config.copy_and_resolve_references()
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
-  batch = min(ev.batch_size, ev.num_samples)
-  it = experiment.iterator_from_config(ref_config, split=d.eval_split, seed=config.seed,
+  batch = min(ev.batch_size, n)
+  it = experiment.iterator_from_config(ref_config, split=split, seed=config.seed,
                                   batch_size=batch, shuffle=False)
   parts, count = [], 0
-  with progress.bar(ev.num_samples, f"reference {d.dataset}:{d.eval_split}",
+  with progress.bar(n, f"reference {d.dataset}:{split}",
                     unit="image") as pbar:
-    while count < ev.num_samples:
+    while count < n:
       parts.append(featurize(np.asarray(next(it)["x"])))
-      pbar.update(min(batch, ev.num_samples - count))
+      pbar.update(min(batch, n - count))
       count += batch
-  features = np.concatenate([p["pool"] for p in parts])[:ev.num_samples]
+  features = np.concatenate([p["pool"] for p in parts])[:n]
   mu, sigma = metrics.feature_stats(features)
   if parallel.is_main_process():
     os.makedirs(os.path.dirname(path), exist_ok=True)

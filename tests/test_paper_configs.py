@@ -75,3 +75,36 @@ def test_sampling_params_follow_use_ema():
   assert experiment.sampling_params(config, state) is state.ema_params[0]
   config.sampling.use_ema = False
   assert experiment.sampling_params(config, state) is state.params
+
+
+@pytest.mark.parametrize("name, samples, split, images", [
+    ("ncsnv2_cifar10", 50_000, "train", 50_000), ("cas_cifar10", 50_000, "train", 50_000),
+    ("ncsn_cifar10", 50_000, "train", 50_000), ("ncsnv2_celeba", 50_000, "test", 19_962),
+    ("adversarial_cifar10", 10_000, "train", 50_000)])
+def test_paper_configs_default_to_the_papers_fid_protocol(name, samples, split, images):
+  from score_jax import evaluate
+  config = _module(name).get_config()
+  assert config.eval.num_samples == samples
+  assert evaluate.reference_split(config) == (split, images)
+  assert config.training.keep_every_steps == 5000
+
+
+def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
+  from score_jax import evaluate
+  config = _module("test").get_config()
+  config.data.dataset, config.data.image_size, config.data.num_channels = "cifar10", 8, 3
+  config.eval.num_samples, config.eval.batch_size = 10, 4
+  config.eval.reference_split, config.eval.reference_num_images = "train", 6
+  seen = []
+
+  def fake_iterator(cfg, *, split, seed, batch_size, shuffle=True):
+    seen.append((split, batch_size, shuffle))
+    while True:
+      yield {"x": np.ones((batch_size, 8, 8, 3), np.float32)}
+
+  monkeypatch.setattr(evaluate.experiment, "iterator_from_config", fake_iterator)
+  ref = evaluate.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]},
+                                      "w")
+  assert seen == [("train", 4, False)] and len(ref["features"]) == 6
+  assert ref["protocol"] == "cifar10:train first 6 images"
+  assert (tmp_path / "eval_cache" / "ref_stats_cifar10_train_6.npz").is_file()
