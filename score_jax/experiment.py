@@ -378,9 +378,9 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
 
   `method` ("als", "cas", "pc") and `init` replace the config's; keyword overrides replace the
   sampler's own arguments (`sampler_kwargs`: step_lr, steps_per_sigma, n_sigma, snr,
-  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`,
-  the trajectory being per-example statistics `[n, L']` (and snapshots `[n, L' // save_every,
-  ...]`) with `nfe`.
+  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`:
+  per-level statistics `[L']` averaged over the samples (x_std and noise_std are computed per
+  sample, then averaged), snapshots `[L' // save_every, n, ...]` and `nfe`.
   """
   method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
@@ -415,6 +415,13 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
       if on_batch is not None:
         on_batch(min(b, start + n - first))
     out = jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
-    return (out[0], {**out[1], **per_sample}) if isinstance(out, tuple) else out
+    if not isinstance(out, tuple):
+      return out
+    x, info = out
+    # Per-example trajectories as the samplers' batch layout: statistics averaged over the
+    # samples `[L']`, snapshots `[L' // save_every, n, ...]`.
+    info = {k: np.swapaxes(v, 0, 1) if k == "samples" else np.mean(v, axis=0)
+            for k, v in info.items()}
+    return x, {**info, **per_sample}
 
   return sample

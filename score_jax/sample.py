@@ -52,10 +52,7 @@ def _draw(config: ml_collections.ConfigDict, state: TrainState, method: str, num
     if num > traced:
       rest = [experiment.make_sampler(config, state, method=method, **overrides)(
           rng, num - traced, start=traced, on_batch=pbar.update)]
-  trajectory = {k: (np.swapaxes(v, 0, 1) if k == "samples" else
-                    (v if k == "nfe" else np.mean(v, axis=0)))
-                for k, v in info.items()}
-  return np.concatenate([first, *rest]), trajectory
+  return np.concatenate([first, *rest]), info
 
 
 def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str, *,

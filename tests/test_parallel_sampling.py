@@ -77,7 +77,7 @@ def test_make_sampler_uses_every_device_and_ignores_the_batch_size(toy):
       jax.random.key(1), 21)
   assert isinstance(a, np.ndarray) and a.shape == (21, 2)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert aux["sigma"].shape == (21, 4) and aux["samples"].shape == (21, 2, 2)
+  assert aux["sigma"].shape == (4,) and aux["samples"].shape == (2, 21, 2)
   assert aux["nfe"] == 4 * config.sampling.als.steps_per_sigma + 1
 
 
