@@ -13,9 +13,17 @@
   against step_lr (one line per method, steps per level and denoising) to `sampler_sweep.png`.
 
 Both modes resume: an entry whose `eval_records.entry_key` (checkpoint step, sampler settings,
-number of samples, feature space, seed) already has a row in the JSON lines is not evaluated
-again; its stored row joins the table, the CSV, the plot and the ranking. An interrupted run,
-rerun, evaluates only the missing entries.
+number of samples, feature space, seed, digests of the feature weights and of the reference
+statistics) already has a row in the JSON lines is not evaluated again; its stored row joins the
+table, the CSV, the plot and the ranking. Within an entry, the features of each finished batch
+of samples are kept under `<workdir>/eval_cache/batches/<digest>/` until the row is written, so
+an evaluation interrupted mid-way continues from its last finished batch. Every row states its
+protocol (`protocol`: sample count and reference set).
+
+Samples are drawn over every device of every host (`parallel.shard_sampler`): sample k comes
+from the key folded from (seed, k), so the numbers do not depend on the device count, the hosts
+or `eval.batch_size`. Inception and classifier features run over every device too
+(`parallel.batch_map`). Progress bars (`tqdm.auto`) show the rate and the time left.
 
 Metrics (`score_jax.metrics`, `score_jax.toy`):
 * toys: unbiased RBF-kernel MMD^2 (main metric) and energy distance against samples of the true
@@ -25,8 +33,9 @@ Metrics (`score_jax.metrics`, `score_jax.toy`):
   pool3 features of the FID Inception network. Samples are mapped to [0, 1], clipped and
   quantized to 8 bits (as images saved to PNG, the protocol of the NCSN/NCSNv2 FID numbers);
   grayscale is repeated to three channels. Reference statistics come from `eval.reference_stats`
-  or from the first `eval.num_samples` images of `data.eval_split` (unshuffled, not dequantized),
-  cached with their features under `<workdir>/eval_cache/`;
+  or from the first `eval.reference_num_images` images of `eval.reference_split` (defaults:
+  `eval.num_samples`, `data.eval_split`; unshuffled, not dequantized), cached with their features
+  under `<workdir>/eval_cache/`;
 * MNIST (`eval.features="mnist_classifier"`, 28x28x1 images only): the same FID formula and KID
   (`fid_mnist`, the main metric, and `kid_mnist`) on the 128-d penultimate features of the
   project's digit classifier (`score_jax.mnist_classifier`), with samples mapped and quantized as
