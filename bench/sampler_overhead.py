@@ -113,6 +113,44 @@ def _pairs(score_fn, sigmas, b):
     return jax.lax.scan(level, x, (pc_sigmas, nxt, keys))[0]
 
   pairs["pc"] = (pc, pc_ref, 2 * int(pc_sigmas.shape[0]))
+
+  ode_sigmas = noise.karras_sigmas(float(sigmas[0]), float(sigmas[-1]), 500)
+
+  def ode_ref(heun):
+    def run(x, rng):
+      def step(x, inp):
+        s, n = inp
+        d = -s * score_fn(x, _full(s, b))
+        x_next = x + (n - s) * d
+        if heun:
+          x_next = x + (n - s) * 0.5 * (d - n * score_fn(x_next, _full(n, b)))
+        return x_next, None
+      x = jax.lax.scan(step, x, (ode_sigmas[:-1], ode_sigmas[1:]))[0]
+      s = ode_sigmas[-1]
+      return x + s ** 2 * score_fn(x, _full(s, b))
+    return run
+
+  pairs["euler"] = (lambda x, rng: samplers.euler(score_fn, x, ode_sigmas), ode_ref(False), 500)
+  pairs["heun"] = (lambda x, rng: samplers.heun(score_fn, x, ode_sigmas), ode_ref(True), 999)
+
+  def dpm_ref(x, rng):
+    t = -jnp.log(ode_sigmas)
+    h = t[1:] - t[:-1]
+
+    def step(carry, inp):
+      x, d_prev, h_last = carry
+      s, n, h_i, i = inp
+      d = x + s ** 2 * score_fn(x, _full(s, b))
+      r = h_last / h_i
+      d_mix = jnp.where(i == 0, d, (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev)
+      return ((n / s) * x - jnp.expm1(-h_i) * d_mix, d, h_i), None
+
+    (x, _, _), _ = jax.lax.scan(step, (x, x, h[0]),
+                                (ode_sigmas[:-1], ode_sigmas[1:], h, jnp.arange(499)))
+    return x + ode_sigmas[-1] ** 2 * score_fn(x, _full(ode_sigmas[-1], b))
+
+  pairs["dpm_solver_pp_2m"] = (lambda x, rng: samplers.dpm_solver_pp_2m(score_fn, x, ode_sigmas),
+                               dpm_ref, 500)
   return pairs
 
 

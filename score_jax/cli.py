@@ -24,6 +24,8 @@ import tempfile
 from absl import flags, logging
 from ml_collections import config_flags
 
+from score_jax import workdir_lock
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _MODES = ("train", "sample", "eval", "sampler_sweep", "sweep")
 
@@ -72,13 +74,20 @@ def validate_config(config) -> None:
     raise UsageError("sampling.num_samples and sampling.batch_size must be > 0")
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_workdir(workdir: str, mode: str) -> None:
   """Creates `workdir` and proves it writable, so a bad path fails before any training.
 
   Permission bits are not enough (root passes `os.access` everywhere, even on /proc), so
-  this makes the directory and a probe file for real.
+  this makes the directory and a probe file for real. Training first checks that no other
+  writer holds the workdir, and reading modes need an existing workdir: a refused run creates
+  nothing.
   """
   path = pathlib.Path(workdir).resolve()
+  if mode in ("train", "sweep"):
+    workdir_lock.raise_if_held(str(path))
+  elif not path.is_dir():
+    raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
+                     "train first or pass the run's --workdir")
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_") as probe:
@@ -200,7 +209,7 @@ def main(argv: list[str]) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
-  from score_jax import checkpoint, train
+  from score_jax import checkpoint, experiment, train
   try:
     config = FLAGS.config
     config.get("name")
@@ -213,12 +222,12 @@ def main(argv: list[str]) -> int:
       from score_jax import parallel
       parallel.initialize_distributed(True)
     validate_config(config)
-    _check_workdir(workdir)
+    _check_workdir(workdir, FLAGS.mode)
     run(config, workdir, FLAGS.mode)
   except (UsageError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except train.TrainingError as e:
+  except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except ValueError as e:

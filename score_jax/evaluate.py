@@ -54,6 +54,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -61,8 +62,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, data, experiment, fetch_inception, inception, metrics,
-                       mnist_classifier, models, noise, parallel, progress, samplers, toy)
+from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
+                       metrics, mnist_classifier, models, noise, parallel, progress, samplers, toy)
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
@@ -348,6 +349,13 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
       if "meta" in f.files and str(f["meta"]) == meta:
         return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"],
                 "protocol": protocol}
+  available = image_data.num_records(dataset=d.dataset, split=split, data_dir=d.data_dir,
+                                     path=d.path)
+  if n > available:
+    setting = "eval.reference_num_images" if ev.reference_num_images else "eval.num_samples"
+    raise ValueError(f"{setting}={n} exceeds the {available} images of {d.dataset}/{split} (the "
+                     f"reference statistics would repeat images); lower {setting} or give "
+                     "eval.reference_stats")
   ref_config = config.copy_and_resolve_references()
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
@@ -575,16 +583,43 @@ def _drop_batches(cache_dir: str) -> None:
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  """The checkpoint steps in `workdir`, ascending; CheckpointError when there are none."""
-  manager = checkpoint.create_manager(workdir, async_save=False)
+  """The checkpoint steps in `workdir`, ascending (read-only); CheckpointError when none."""
+  manager = checkpoint.open_reader(workdir)
   try:
-    steps = checkpoint.all_steps(manager)
+    return checkpoint.all_steps(manager)
   finally:
     manager.close()
-  if not steps:
-    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                                     "train first (python main.py --workdir=...)")
-  return steps
+
+
+def score_finite(evaluator: Evaluator, features: Features) -> dict[str, Any]:
+  """The evaluator's metrics of the finite samples only, plus `finite_fraction`.
+
+  Non-finite samples would make FID, KID and the toy distances NaN or meaningless, so they are
+  dropped; when none is finite only `finite_fraction` (0) is returned.
+  """
+  finite = features.get("finite")
+  if finite is None:
+    finite = experiment.finite_rows(next(iter(features.values())))
+  finite = np.asarray(finite, bool)
+  if not finite.any():
+    return {"finite_fraction": 0.0}
+  if not finite.all():
+    features = {k: np.asarray(v)[finite] for k, v in features.items()}
+  return {**evaluator.score(features), "finite_fraction": float(finite.mean())}
+
+
+def _check_finite(row: dict, *, fatal: bool) -> None:
+  """Warns about a row with non-finite samples; with `fatal`, all non-finite is an error."""
+  fraction = row.get("finite_fraction", 1.0)
+  if fraction == 0.0 and fatal:
+    raise experiment.NonFiniteSamplesError(
+        f"all {row['num_samples']} samples at step {row['step']} are non-finite "
+        f"({row['method']}, step_lr={row['step_lr']}); no metrics computed. Lower "
+        "sampling.step_lr or check the checkpoint")
+  if fraction < 1.0 and parallel.is_main_process():
+    print(f"warning: {1 - fraction:.1%} of the samples at step {row['step']} ({row['method']}, "
+          f"step_lr={row['step_lr']}) are non-finite; metrics use the finite ones",
+          file=sys.stderr)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
@@ -620,7 +655,7 @@ def _evaluate_sampler(p_sample, params: Any, evaluator: Evaluator, entry: dict,
   features = draw_features(lambda first, n: p_sample(params, sample_rng, first, n), evaluator,
                            num_samples=config.eval.num_samples,
                            batch_size=config.eval.batch_size, cache_dir=cache_dir, desc=desc)
-  measured = {**evaluator.score(features), "seconds": time.time() - start}
+  measured = {**score_finite(evaluator, features), "seconds": time.time() - start}
   return measured, cache_dir
 
 
@@ -653,7 +688,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
                                    batch_size=config.eval.batch_size, cache_dir=cache_dir,
                                    desc=f"sweep {e0['method']} x{len(entries)} step_lr")
   seconds = (time.time() - start) / len(entries)
-  return [{**evaluator.score(f), "seconds": seconds, "vmapped_settings": len(entries)}
+  return [{**score_finite(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
           for f in features], cache_dir
 
 
@@ -734,11 +769,11 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
       for entry in todo:
         state = _restore(config, workdir, entry["step"])
         measured, cache_dir = _evaluate_sampler(sampler, experiment.sampling_params(config, state),
-                                                evaluator, entry,
-                                                config, workdir, rng,
+                                                evaluator, entry, config, workdir, rng,
                                                 desc=f"eval step {entry['step']}")
         row = _record(writer, fresh, entry, measured)
         _drop_batches(cache_dir)
+        _check_finite(row, fatal=True)
         if main:
           print(f"[eval] step {row['step']}: {main_metric}="
                 f"{row.get(main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)", flush=True)
@@ -849,6 +884,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
             cache_dirs.append(cache_dir)
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)
+          _check_finite(row, fatal=False)  # a sweep maps where samplers diverge
           if main:
             print(f"[sweep] {_setting(entry)}: "
                   f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)

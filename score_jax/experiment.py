@@ -342,26 +342,39 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   return sample
 
 
+class NonFiniteSamplesError(RuntimeError):
+  """Every sample drawn is non-finite (NaN or infinite): no metric can be computed on them."""
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+  """`[b]` bool: whether each sample of `x` `[b, ...]` is finite everywhere."""
+  x = np.asarray(x)
+  return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+
+
 def load_checkpoint(workdir: str, step: int | None = None
                     ) -> tuple[ml_collections.ConfigDict, TrainState]:
-  """Returns `(config, state)` of the checkpoint at `step` (latest if None) in `workdir`."""
-  manager = checkpoint.create_manager(workdir, async_save=False)
+  """Returns `(config, state)` of the checkpoint at `step` in `workdir`.
+
+  Read-only: it never creates, deletes or renames anything, so it may run while training writes
+  to `workdir`. With `step` None it restores the newest step that verifies against its digest,
+  skipping (and reporting) damaged ones.
+  """
+  manager = checkpoint.open_reader(workdir)
+
+  def read(s: int) -> tuple[ml_collections.ConfigDict, TrainState]:
+    config = config_from_dict(checkpoint.restore_config(manager, s))
+    template = parallel.replicate(init_state(config, models.build(config)), parallel.make_mesh())
+    return config, checkpoint.restore(manager, s, template)[0]
+
   try:
-    steps = checkpoint.all_steps(manager)
-    if not steps:
-      raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                                       "train first (python main.py --workdir=...)")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise checkpoint.CheckpointError(f"no checkpoint at step {step} in {workdir}; "
-                                       f"available steps: {steps}")
-    config = config_from_dict(checkpoint.restore_config(manager, step))
-    model = models.build(config)
-    template = parallel.replicate(init_state(config, model), parallel.make_mesh())
-    state, _ = checkpoint.restore(manager, step, template)
+    found = checkpoint.restore_newest(manager, read, move_damaged=False, step=step)
   finally:
     manager.close()
-  return config, state
+  if found is None:
+    raise checkpoint.CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}; "
+                                     "train first (python main.py --workdir=...)")
+  return found[1]
 
 
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,

@@ -161,20 +161,36 @@ def _tfds_source(dataset: str, split: str, data_dir: str | None):
 
 
 class _FolderSource:
-  """Random access over a folder of PNG/JPEG images (sorted by name), decoded with PIL."""
+  """Random access over a folder of PNG/JPEG images (sorted by name), decoded with PIL.
+
+  Every file is checked when the source is made (PIL's header parse and `verify`, which checks
+  PNG chunk checksums without decoding), so a damaged image is named before training starts.
+  """
 
   def __init__(self, path: str):
     exts = {".png", ".jpg", ".jpeg"}
     self.files = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in exts)
     if not self.files:
       raise ValueError(f"data.path={path} holds no .png/.jpg/.jpeg images")
+    for f in self.files:
+      try:
+        with Image.open(f) as im:
+          im.verify()
+      except Exception as e:  # PIL raises many types for one damaged file.
+        raise ValueError(f"data.path: {f} is not a readable image ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); remove or replace it") from None
 
   def __len__(self) -> int:
     return len(self.files)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    with Image.open(self.files[i]) as im:
-      return {"image": np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)}
+    try:
+      with Image.open(self.files[i]) as im:
+        return {"image": np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)}
+    except Exception as e:  # PIL raises many types for one damaged file.
+      raise ValueError(f"data.path: {self.files[i]} is not a readable image "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); remove or "
+                       "replace it") from None
 
 
 class _ArraySource:
@@ -385,6 +401,12 @@ def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: in
                    gaussian_dequantization=gaussian_dequantization, centered=centered)
   ds = ds.random_map(pre, seed=seed + 1)
   return ImageIterator(ds, batch_size, prefetch, num_workers)
+
+
+def num_records(*, dataset: str, split: str, data_dir: str | None = None,
+                path: str | None = None) -> int:
+  """The number of records in `dataset`/`split` (a folder is checked as for training)."""
+  return len(_source(dataset, split, data_dir, path))
 
 
 def load_array(*, dataset: str, split: str, image_size: int, num_channels: int,

@@ -1,4 +1,6 @@
-"""Samplers as pure `lax` programs: Langevin, ALS, CAS, the VE predictor-corrector.
+"""Samplers as pure `lax` programs: Langevin, ALS, CAS, the VE predictor-corrector, the
+probability-flow ODE samplers Euler, Heun (EDM) and DPM-Solver++(2M), and the adaptive reverse-SDE
+solver of "Gotta Go Fast".
 
 All take a score function and an explicit `rng`, are jit- and vmap-able (step sizes may be traced,
 e.g. vmapped over a grid), and compile into one XLA program whose size does not depend on the
@@ -17,8 +19,10 @@ Options shared by the annealed samplers:
 * `mask`, `x_known`: inpainting. `mask` is 1 on known entries. Before every update the known
   entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention; any mask, not
   only a half image); the output carries `x_known` exactly on known entries.
-* `return_info`: also return an info dict with "nfe", the number of score (network) evaluations
-  per sample: a Python int for the fixed-step samplers.
+* `return_info` (every sampler): also return an info dict with "nfe", the number of score
+  (network) evaluations per sample: an int for the fixed-step samplers (a 0-d array when
+  returned from a jitted function), `[b]` for
+  `adaptive`.
 * `return_trajectory`: the info dict also holds per-level statistics `[L']` of the state entering
   each level: "sigma", "x_mean", "x_std", "score_norm" (batch mean of ||s||), "snr"
   (sqrt(alpha/2)||s||/||z||, as logged by NCSNv2), and "noise_std" = rms(sigma_i^2 s(x, sigma_i))
@@ -43,7 +47,7 @@ from score_jax import noise as noise_lib
 from score_jax.score import ScoreFn, broadcast_sigma, denoise
 
 __all__ = ["langevin", "annealed_langevin", "consistent_annealed", "predictor_corrector",
-           "denoise", "cas_ladder", "euler", "heun", "dpm_solver_pp_2m"]
+           "denoise", "cas_ladder", "euler", "heun", "dpm_solver_pp_2m", "adaptive"]
 
 
 def _concrete(v) -> float | None:
@@ -110,20 +114,21 @@ def _step_inputs(rng: jax.Array, num_steps: int) -> jax.Array:
 def _normal(rng: jax.Array, step: jax.Array, like: jax.Array, stream: int = 0) -> jax.Array:
   """Standard normal noise shaped like `like` for one step (see the module docstring on keys).
 
-  `step` is an element of `_step_inputs(rng, n)`; `stream` > 0 derives further independent draws
-  at the same step (e.g. the inpainting noise).
+  `step` is an element of `_step_inputs(rng, n)` (with per-example keys it may also be a `[b]`
+  array of per-example counters); `stream` > 0 derives further independent draws at the same
+  step (e.g. the inpainting noise).
   """
   if rng.ndim == 0:
     key = step if stream == 0 else jax.random.fold_in(step, stream)
     return jax.random.normal(key, like.shape, like.dtype)
 
-  def one(key):
+  def one(key, step):
     key = jax.random.fold_in(key, step)
     if stream:
       key = jax.random.fold_in(key, stream)
     return jax.random.normal(key, like.shape[1:], like.dtype)
 
-  return jax.vmap(one)(rng)
+  return jax.vmap(one, in_axes=(0, 0 if jnp.ndim(step) else None))(rng, step)
 
 
 def _rms(v: jax.Array) -> jax.Array:
@@ -288,46 +293,85 @@ def cas_ladder(sigmas, n_sigma: int = 1) -> jax.Array:
   return jnp.exp(jnp.linspace(jnp.log(sigmas[0]), jnp.log(sigmas[-1]), n))
 
 
+_BETA2_FLOOR = 1e-6
+
+
+def _check_cas_eta(ladder: np.ndarray, eta: np.ndarray, source: str) -> None:
+  """Host check that beta_i is real wherever noise follows: 1 - gamma_i <= eta_i <= 1 + gamma_i."""
+  if eta.ndim not in (0, 1) or (eta.ndim == 1 and eta.shape[0] != ladder.shape[0]):
+    raise ValueError(f"CAS eta must be a scalar or have one value per level ({ladder.shape[0]}); "
+                     f"got shape {eta.shape}")
+  eta = np.broadcast_to(eta, ladder.shape)[:-1].astype(np.float64)
+  gamma = ladder[1:].astype(np.float64) / ladder[:-1]
+  slack = 1e-6 * np.maximum(1.0, np.abs(eta))
+  bad = np.flatnonzero((eta < 1.0 - gamma - slack) | (eta > 1.0 + gamma + slack))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"CAS {source} is infeasible at level {i}: eta={eta[i]:.4g} must lie in "
+                     f"[1 - gamma, 1 + gamma] = [{1 - gamma[i]:.4g}, {1 + gamma[i]:.4g}] "
+                     f"(gamma = sigma_{{i+1}} / sigma_i); eta = 1 - gamma is the ODE's Euler step")
+
+
 def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
                         sigmas: Float[Array, "L"], rng: jax.Array, *,
-                        step_lr: float | jax.Array, denoise: bool = False, n_sigma: int = 1,
-                        mask: jax.Array | None = None, x_known: jax.Array | None = None,
-                        return_info: bool = False, return_trajectory: bool = False,
-                        save_every: int | None = None) -> Any:
+                        step_lr: float | jax.Array | None = None,
+                        eta: float | Float[Array, "L"] | None = None, denoise: bool = False,
+                        n_sigma: int = 1, mask: jax.Array | None = None,
+                        x_known: jax.Array | None = None, return_info: bool = False,
+                        return_trajectory: bool = False, save_every: int | None = None) -> Any:
   """Consistent annealed sampling (Jolicoeur-Martineau et al. 2020, Algorithm 2; AC code).
 
-  eta = step_lr / sigma_L^2. At level i: x <- x + eta sigma_i^2 s(x, sigma_i); then, except after
-  the last level, x <- x + beta_i sigma_{i+1} z with gamma_i = sigma_{i+1} / sigma_i and
-  beta_i = sqrt(1 - ((1 - eta) / gamma_i)^2), so that x carries noise of std exactly sigma_{i+1}
-  when the score is exact. `n_sigma > 1` samples a finer geometric ladder ((L-1) n_sigma + 1
+  At level i: x <- x + eta_i sigma_i^2 s(x, sigma_i); then, except after the last level,
+  x <- x + beta_i sigma_{i+1} z with gamma_i = sigma_{i+1} / sigma_i and
+  beta_i = sqrt(1 - ((1 - eta_i) / gamma_i)^2), so that x carries noise of std exactly
+  sigma_{i+1} when the score is exact. Give either `step_lr` (the paper's epsilon:
+  eta = step_lr / sigma_L^2 at every level) or `eta` directly, a scalar or one value per level of
+  the sampling ladder `[L']`. `n_sigma > 1` samples a finer geometric ladder ((L-1) n_sigma + 1
   levels) for score functions that accept any sigma. With `denoise`, the output is the last
   level's expected denoised sample x + sigma_L^2 s(x, sigma_L) from the same score evaluation
-  (no extra network call, as in the AC code). Feasibility (checked when concrete):
-  sigma_L^2 (1 - gamma) < step_lr < sigma_L^2 (1 + gamma) with gamma = sigma_L / sigma_{L-1}.
+  (no extra network call, as in the AC code). Feasibility (checked when concrete): beta_i real,
+  1 - gamma_i <= eta_i <= 1 + gamma_i at every level but the last; for a geometric ladder and
+  step_lr, sigma_L^2 (1 - gamma) <= step_lr <= sigma_L^2 (1 + gamma).
+
+  eta is a stochasticity knob (like the churn of Karras et al. 2022) that contains two known
+  samplers: eta_i = 1 - gamma_i gives beta_i = 0 and x' = x + sigma_i (sigma_i - sigma_{i+1}) s,
+  one Euler step of the probability-flow ODE dx/dsigma = -sigma s (with `denoise`, the whole run
+  equals `euler` on the same ladder); eta_i = 1 - gamma_i^2 gives
+  x' = x + (sigma_i^2 - sigma_{i+1}^2) s + sigma_{i+1} sqrt(1 - gamma_i^2) z, the VE ancestral
+  step (Song et al. 2021, Appendix F).
   NFE = L' (the ladder's length), with or without `denoise`.
   """
+  if (step_lr is None) == (eta is None):
+    raise ValueError("consistent_annealed needs exactly one of step_lr and eta")
   _check_common(x_init, sigmas, step_lr, "step_lr", mask, x_known)
   ladder = cas_ladder(sigmas, n_sigma)
-  lr = _concrete(step_lr)
-  if lr is not None and _concrete_array(ladder) is not None:
-    noise_lib.check_cas_step_lr(np.asarray(ladder), lr)
   num_levels, b = ladder.shape[0], x_init.shape[0]
-  rng = _as_keys(rng, b)
   sigma_min = ladder[-1]
-  eta = step_lr / sigma_min ** 2
+  if eta is None:
+    eta, source = step_lr / sigma_min ** 2, f"step_lr={_concrete(step_lr)}"
+  else:
+    source = "eta"
+  eta_host, ladder_host = _concrete_array(eta), _concrete_array(ladder)
+  if eta_host is not None and ladder_host is not None and num_levels > 1:
+    _check_cas_eta(ladder_host, eta_host, source)
+  eta = jnp.broadcast_to(jnp.asarray(eta, jnp.float32), (num_levels,))
+  rng = _as_keys(rng, b)
   next_sigmas = jnp.concatenate([ladder[1:], ladder[-1:]])
   is_last = jnp.arange(num_levels) == num_levels - 1
 
   def level_fn(carry_x, inp):
     x = carry_x
-    sigma, next_sigma, last, step_in = inp
+    sigma, next_sigma, eta_i, last, step_in = inp
     x = _impose(x, mask, x_known, sigma, rng, step_in)
     s = score_fn(x, jnp.full((b,), sigma))
     z = _normal(rng, step_in, x)
     gamma = next_sigma / sigma
-    beta = jnp.sqrt(jnp.clip(1.0 - ((1.0 - eta) / gamma) ** 2, 0.0))
-    stats = _level_stats(x, s, sigma, eta * sigma ** 2, z) if return_trajectory else None
-    moved = x + eta * sigma ** 2 * s
+    beta2 = 1.0 - ((1.0 - eta_i) / gamma) ** 2
+    # eta within rounding of the Euler end 1 - gamma leaves beta^2 of the order of float32's
+    # epsilon, whose square root would add noise of relative size 1e-3 to an ODE step.
+    beta = jnp.sqrt(jnp.where(beta2 > _BETA2_FLOOR, beta2, 0.0))
+    stats = _level_stats(x, s, sigma, eta_i * sigma ** 2, z) if return_trajectory else None
+    moved = x + eta_i * sigma ** 2 * s
     if denoise:
       final = x + sigma ** 2 * s
     else:
@@ -336,7 +380,7 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
     return x_new, stats
 
   x, aux = _run_levels(level_fn, x_init,
-                       (ladder, next_sigmas, is_last, _step_inputs(rng, num_levels)),
+                       (ladder, next_sigmas, eta, is_last, _step_inputs(rng, num_levels)),
                        num_levels, return_trajectory=return_trajectory, save_every=save_every)
   return _output(_finish(x, mask, x_known), aux, num_levels, return_info=return_info,
                  return_trajectory=return_trajectory, save_every=save_every)
@@ -529,3 +573,114 @@ def dpm_solver_pp_2m(score_fn: ScoreFn, x_init: Float[Array, "b ..."], sigmas: F
   (x, _), _ = jax.lax.scan(step, (x_init, jnp.zeros_like(x_init)),
                            (sigmas[:-1], sigmas[1:], h, h_prev, first))
   return _output(dn(x, sigmas[-1]), {}, n, return_info=return_info)
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive reverse-SDE solver.
+
+
+def adaptive(score_fn: ScoreFn, x_init: Float[Array, "b ..."], rng: jax.Array, *,
+             sigma_max: float, sigma_min: float, abs_tol: float = 0.0039, rel_tol: float = 0.05,
+             h_init: float = 0.01, safety: float = 0.9, exponent: float = 0.9,
+             h_max_factor: float = math.inf, max_iters: int = 10_000, denoise: bool = True,
+             return_info: bool = False) -> Any:
+  """The "Gotta Go Fast" reverse VE SDE solver (Jolicoeur-Martineau et al. 2021, Algorithm 1).
+
+  Time t in [0, 1] with sigma(t) = sigma_min (sigma_max / sigma_min)^t and
+  g(t)^2 = d sigma^2 / dt = 2 sigma(t)^2 log(sigma_max / sigma_min); every sample runs from t = 1
+  to t = 0 with its own step h (first h_init). One attempt from (x, t), with one Gaussian draw z:
+  K1 = h g(t)^2 s(x, sigma(t)) + sqrt(h) g(t) z (Euler-Maruyama, x'_1 = x + K1),
+  K2 = h g(t-h)^2 s(x'_1, sigma(t-h)) + sqrt(h) g(t-h) z, and the improved-Euler value
+  x'_2 = x + (K1 + K2) / 2. With the mixed tolerance delta = max(abs_tol, rel_tol max(|x'_2|, |x|))
+  per element, the scaled error is E = ||(x'_2 - x'_1) / delta||_2 / sqrt(n) per sample; the
+  attempt is accepted (x <- x'_2, t <- t - h) when E <= 1, and in either case
+  h <- min(t, h min(h_max_factor, safety E^-exponent)), so the last step lands on t = 0. Rejected
+  attempts draw fresh noise. The loop (one `lax.while_loop`) runs until every sample has reached
+  sigma_min; finished samples stay put. With `denoise` (default, as the paper) the output is
+  x + sigma_min^2 s(x, sigma_min).
+
+  The paper's settings: abs_tol = 0.0039 (one 8-bit level for data in [0, 1]; 0.0078 for
+  [-1, 1]), rel_tol in {0.01, 0.02, 0.05, 0.1}, h_init = 0.01, safety 0.9, exponent 0.9, no cap
+  on the growth of h (h_max_factor = inf). Keys: one key draws the batch's noise of iteration k
+  from fold_in(rng, k); per-example keys draw example i's noise of its own k-th attempt from
+  fold_in(rng[i], k), so a sample does not depend on the rest of the batch.
+
+  Dimension: the error estimate is nearly proportional to z, and a rejected attempt redraws z, so
+  the accept/reject test selects the noise the accepted steps carry unless the norm averages over
+  many coordinates, as over an image's pixels. With exact scores of N(0, I) the output variance
+  is right in 64 dimensions but too large in 2, increasingly so as the tolerance tightens.
+
+  Args:
+    score_fn: the score s(x, sigma) with per-example sigma `[b]`.
+    x_init: `[b, ...]` samples at sigma_max (e.g. the prior N(0, sigma_max^2 I)).
+    rng: one key or `[b]` per-example keys.
+    sigma_max, sigma_min: the noise levels of t = 1 and t = 0.
+    abs_tol, rel_tol: the mixed tolerance.
+    h_init, safety, exponent, h_max_factor: step-size control.
+    max_iters: a bound on loop iterations (a sample not finished by then is returned as it is;
+      info["done"] tells).
+    denoise: finish with Tweedie's denoising at sigma_min (one more evaluation).
+    return_info: also return info with per-sample "nfe" `[b]` (2 per attempt, plus 1 with
+      `denoise`), "accepted" and "rejected" `[b]` and "done" `[b]`.
+
+  Returns:
+    `[b, ...]` samples, or `(samples, info)` with `return_info`.
+  """
+  checks = (("sigma_min", sigma_min, sigma_min > 0, "> 0"),
+            ("sigma_max", sigma_max, sigma_max > sigma_min, f"> sigma_min={sigma_min}"),
+            ("abs_tol", abs_tol, abs_tol > 0, "> 0"), ("rel_tol", rel_tol, rel_tol >= 0, ">= 0"),
+            ("h_init", h_init, 0 < h_init <= 1, "in (0, 1]"),
+            ("safety", safety, 0 < safety <= 1, "in (0, 1]"),
+            ("exponent", exponent, exponent > 0, "> 0"),
+            ("h_max_factor", h_max_factor, h_max_factor > 1, "> 1"),
+            ("max_iters", max_iters, int(max_iters) >= 1, ">= 1"))
+  for name, value, ok, rule in checks:
+    if not ok:
+      raise ValueError(f"adaptive: {name}={value} must be {rule}")
+  b = x_init.shape[0]
+  rng = _as_keys(rng, b)
+  log_ratio = math.log(sigma_max / sigma_min)
+  sigma_of = lambda t: sigma_min * jnp.exp(t * log_ratio)
+  col = lambda v: v.reshape((b,) + (1,) * (x_init.ndim - 1))
+  n_elems = math.prod(x_init.shape[1:])
+
+  def drift_and_scale(x, t, h):
+    sigma = sigma_of(t)
+    g2 = 2.0 * sigma ** 2 * log_ratio
+    return col(h * g2) * score_fn(x, sigma), col(jnp.sqrt(h * g2))
+
+  def cond(carry):
+    _, t, _, _, _, _, it = carry
+    return jnp.any(t > 0) & (it < max_iters)
+
+  def body(carry):
+    x, t, h, attempts, accepted, nfe, it = carry
+    active = t > 0
+    step = jax.random.fold_in(rng, it) if rng.ndim == 0 else attempts
+    z = _normal(rng, step, x)
+    h = jnp.minimum(h, t)
+    t_next = jnp.where(h >= t, 0.0, t - h)
+    drift1, scale1 = drift_and_scale(x, t, h)
+    k1 = drift1 + scale1 * z
+    x_em = x + k1
+    drift2, scale2 = drift_and_scale(x_em, t_next, h)
+    x_ie = x + 0.5 * (k1 + drift2 + scale2 * z)
+    delta = jnp.maximum(abs_tol, rel_tol * jnp.maximum(jnp.abs(x_ie), jnp.abs(x)))
+    err = jnp.sqrt(jnp.sum(((x_ie - x_em) / delta).reshape(b, -1) ** 2, axis=1) / n_elems)
+    accept = active & (err <= 1.0)
+    factor = jnp.minimum(h_max_factor, safety * err ** -exponent)
+    x = jnp.where(col(accept), x_ie, x)
+    t = jnp.where(accept, t_next, t)
+    h = jnp.where(active, jnp.minimum(h * factor, t), h)
+    a = active.astype(jnp.int32)
+    return (x, t, h, attempts + a, accepted + accept.astype(jnp.int32), nfe + 2 * a, it + 1)
+
+  zeros = jnp.zeros((b,), jnp.int32)
+  init = (x_init, jnp.ones((b,), jnp.float32), jnp.full((b,), h_init, jnp.float32), zeros, zeros,
+          zeros, jnp.zeros((), jnp.int32))
+  x, t, _, attempts, accepted, nfe, _ = jax.lax.while_loop(cond, body, init)
+  if denoise:
+    x = _denoise_fn(score_fn, x, sigma_min)
+    nfe = nfe + 1
+  info = {"accepted": accepted, "rejected": attempts - accepted, "done": t <= 0}
+  return _output(x, info, nfe, return_info=return_info)

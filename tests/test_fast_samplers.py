@@ -75,3 +75,141 @@ def test_churned_heun_keys_are_per_example_and_churn_needs_a_key():
     samplers.euler(MIX.score, x0, sigmas, s_tmin=2.0, s_tmax=1.0)
   with pytest.raises(ValueError, match="descending"):
     samplers.dpm_solver_pp_2m(MIX.score, x0, sigmas[::-1])
+
+
+def _marginal_samples(mix, n, sigma_max, seed):
+  """Exact samples of the data convolved with N(0, sigma_max^2 I)."""
+  data_rng, noise_rng = jax.random.split(jax.random.key(seed))
+  return mix.sample(data_rng, n) + sigma_max * jax.random.normal(noise_rng, (n, mix.dim))
+
+
+def _mode_stats(x, mix):
+  x = np.asarray(x, np.float64)
+  means = np.asarray(mix.means)
+  nearest = np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), axis=1)
+  weights = np.bincount(nearest, minlength=len(means)) / len(x)
+  variances = np.array([x[nearest == k].var(0).mean() for k in range(len(means))])
+  return weights, variances
+
+
+@pytest.mark.parametrize("name,num_steps", [("heun", 25), ("dpm_solver_pp_2m", 25)])
+def test_ode_samplers_recover_the_mixture_from_its_exact_marginal(name, num_steps):
+  # Started from exact samples at sigma_max, only the solver's error remains.
+  x0 = _marginal_samples(MIX, 2000, 20.0, seed=1)
+  sigmas = noise.karras_sigmas(20.0, 0.01, num_steps)
+  x, info = jax.jit(lambda x: getattr(samplers, name)(MIX.score, x, sigmas,
+                                                      return_info=True))(x0)
+  weights, variances = _mode_stats(x, MIX)
+  assert info["nfe"] <= 50
+  np.testing.assert_allclose(weights, [0.2, 0.8], atol=0.02)
+  np.testing.assert_allclose(variances, 1.0, rtol=0.1)
+
+
+def _padded_mixture(dim):
+  """The NCSN two-mode mixture in the first two coordinates, independent N(0, 1) in the rest."""
+  pad = [0.0] * (dim - 2)
+  return toy.GaussianMixture((0.2, 0.8), (tuple([-5.0, -5.0] + pad), tuple([5.0, 5.0] + pad)),
+                             (1.0, 1.0))
+
+
+def test_adaptive_recovers_the_mixture_with_a_fifth_of_als_nfe():
+  # The scaled L2 error norm averages over the coordinates of a sample, as over an image's
+  # pixels; in 2-D the accept/reject test selects the Gaussian draw (see `samplers.adaptive`),
+  # so the mixture is padded to 64 dimensions with independent N(0, 1) coordinates.
+  mix = _padded_mixture(64)
+  x0 = _marginal_samples(mix, 2000, 20.0, seed=1)
+  truth = np.asarray(mix.sample(jax.random.key(3), 1000))
+  x, info = jax.jit(lambda x, r: samplers.adaptive(mix.score, x, r, sigma_max=20.0, sigma_min=0.01,
+                                                   abs_tol=0.0078, rel_tol=0.1,
+                                                   return_info=True))(x0, jax.random.key(0))
+  weights, variances = _mode_stats(x, mix)
+  np.testing.assert_allclose(weights, [0.2, 0.8], atol=0.02)
+  np.testing.assert_allclose(variances, 1.0, rtol=0.1)
+  assert bool(jnp.all(info["done"])) and info["nfe"].shape == (2000,)
+  nfe = float(jnp.mean(info["nfe"]))
+  # ALS with five times the adaptive solver's NFE (Technique 4 step size) does no better.
+  sigmas = noise.geometric_sigmas(20.0, 0.01, int(np.ceil(nfe)))
+  step_lr = noise.step_lr_from_variance_recursion(0.01, float(sigmas[0] / sigmas[1]), 5)
+  als, als_info = jax.jit(lambda x, r: samplers.annealed_langevin(
+      mix.score, x, sigmas, r, step_lr=step_lr, steps_per_sigma=5, denoise=True,
+      return_info=True))(x0, jax.random.key(0))
+  assert als_info["nfe"] >= 5 * nfe
+  assert toy.energy_distance(x[:1000], truth) <= toy.energy_distance(als[:1000], truth)
+
+
+def test_adaptive_per_example_keys_nfe_and_inputs():
+  score, calls = _counting(MIX.score)
+  keys = jax.random.split(jax.random.key(5), 16)
+  x0 = _marginal_samples(MIX, 16, 20.0, seed=2)
+  run = jax.jit(lambda x, r: samplers.adaptive(score, x, r, sigma_max=20.0, sigma_min=0.01,
+                                               rel_tol=0.1, return_info=True))
+  x, info = run(x0, keys)
+  jax.block_until_ready(x)
+  # Every loop iteration evaluates the batch twice; the final denoising once.
+  assert int(jnp.max(info["nfe"])) == len(calls)
+  assert int(jnp.min(info["nfe"])) < int(jnp.max(info["nfe"]))
+  np.testing.assert_array_equal(info["nfe"], 2 * (info["accepted"] + info["rejected"]) + 1)
+  small, small_info = run(x0[:3], keys[:3])
+  np.testing.assert_allclose(small, x[:3], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(small_info["nfe"], info["nfe"][:3])
+  with pytest.raises(ValueError, match="rel_tol"):
+    samplers.adaptive(MIX.score, x0, keys, sigma_max=20.0, sigma_min=0.01, rel_tol=-1.0)
+  with pytest.raises(ValueError, match="sigma_max"):
+    samplers.adaptive(MIX.score, x0, keys, sigma_max=0.001, sigma_min=0.01)
+
+
+def test_cas_at_eta_one_minus_gamma_is_euler_on_the_probability_flow_ode():
+  sigmas = noise.karras_sigmas(20.0, 0.05, 12)  # ratios vary per level
+  gamma = np.asarray(sigmas[1:] / sigmas[:-1])
+  eta = np.append(1.0 - gamma, 0.5)  # the last level's eta is unused with denoise
+  x0 = _marginal_samples(MIX, 64, 20.0, seed=4)
+  cas = jax.jit(lambda x: samplers.consistent_annealed(MIX.score, x, sigmas, jax.random.key(0),
+                                                       eta=eta, denoise=True))(x0)
+  euler = jax.jit(lambda x: samplers.euler(MIX.score, x, sigmas))(x0)
+  np.testing.assert_allclose(cas, euler, rtol=1e-5, atol=1e-5)
+
+
+def test_cas_at_eta_one_minus_gamma_squared_is_the_ancestral_step():
+  sigmas = noise.karras_sigmas(20.0, 0.5, 6)
+  x = _marginal_samples(MIX, 64, 20.0, seed=5)
+  run = jax.jit(lambda x, ladder, eta, r: samplers.consistent_annealed(MIX.score, x, ladder, r,
+                                                                      eta=eta))
+  for i in range(5):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    rng = jax.random.key(i)
+    # A two-level ladder whose last level has eta = 0 (x left as it is): one CAS step.
+    cas = run(x, sigmas[i:i + 2], jnp.array([1.0 - (s_next / s) ** 2, 0.0]), rng)
+    z = samplers._normal(rng, samplers._step_inputs(rng, 2)[0], x)
+    x = (x + (s ** 2 - s_next ** 2) * MIX.score(x, jnp.full((64,), s))
+         + s_next * jnp.sqrt(1.0 - (s_next / s) ** 2) * z)
+    np.testing.assert_allclose(cas, x, rtol=1e-5, atol=1e-5)
+
+
+def test_cas_eta_feasibility_is_inclusive_of_the_euler_end():
+  sigmas = noise.geometric_sigmas(20.0, 1.0, 5)
+  gamma = float(sigmas[1] / sigmas[0])
+  x0 = jnp.zeros((2, 2))
+  samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=1.0 - gamma)
+  step_lr = float(sigmas[-1]) ** 2 * (1.0 - gamma)
+  samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), step_lr=step_lr)
+  with pytest.raises(ValueError, match="infeasible at level 0"):
+    samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=0.9 - gamma)
+  with pytest.raises(ValueError, match="one value per level"):
+    samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), eta=np.ones(3))
+  with pytest.raises(ValueError, match="exactly one of step_lr and eta"):
+    samplers.consistent_annealed(MIX.score, x0, sigmas, jax.random.key(0), step_lr=0.5, eta=0.5)
+
+
+def test_deterministic_sampler_carries_the_prior_mismatch_into_the_mode_weights():
+  # From N(0, sigma_max^2 I) instead of the true marginal, the ODE maps the mismatch straight
+  # into the weights: sigma_max = 20 leaves too much mass in the small mode, sigma_max = 200
+  # (where the prior is close to the marginal) does not. ALS from sigma_max = 20 corrects it
+  # (tests/test_samplers.py).
+  def small_mode_weight(sigma_max):
+    x0 = sigma_max * jax.random.normal(jax.random.key(2), (2000, 2))
+    sigmas = noise.karras_sigmas(sigma_max, 0.01, 25)
+    x = jax.jit(lambda x: samplers.heun(MIX.score, x, sigmas))(x0)
+    return toy.mode_weights(x, MIX.means)[0]
+
+  assert small_mode_weight(20.0) > 0.24
+  assert abs(small_mode_weight(200.0) - 0.2) < 0.02

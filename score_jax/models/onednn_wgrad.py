@@ -192,6 +192,12 @@ def build() -> pathlib.Path:
   target = cache / f"onednn_wgrad-{key}.so"
   with open(cache / f"onednn_wgrad-{key}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # one build; other processes wait for it
+    # The built library's own SHA-256 is recorded next to it: a damaged or replaced file in the
+    # cache is rebuilt, never loaded.
+    digest = target.with_suffix(".so.sha256")
+    if target.exists() and (not digest.exists() or digest.read_text().strip() !=
+                            hashlib.sha256(target.read_bytes()).hexdigest()):
+      target.unlink()
     if not target.exists():
       with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = pathlib.Path(tmp) / target.name
@@ -199,6 +205,8 @@ def build() -> pathlib.Path:
         if result.returncode != 0:
           raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
                              f"{result.stderr[-3000:]}")
+        (pathlib.Path(tmp) / digest.name).write_text(hashlib.sha256(out.read_bytes()).hexdigest())
+        os.replace(pathlib.Path(tmp) / digest.name, digest)
         os.replace(out, target)
   return target
 

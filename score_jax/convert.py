@@ -1,0 +1,578 @@
+"""Converts released PyTorch checkpoints of NCSN, NCSNv2 and the adversarial/CAS UNet to score_jax.
+
+Sources and the reference files that define their module names:
+
+- `ncsn`: NCSN v1 `CondRefineNetDilated` (ermongroup/ncsn `models/cond_refinenet_dilated.py`),
+  conditional instance norm++ with one `embed.weight` row per noise level.
+- `ncsnv2`, `ncsnv2_deeper`, `ncsnv2_deepest`: `NCSNv2`, `NCSNv2Deeper`, `NCSNv2Deepest`
+  (ermongroup/ncsnv2 `models/ncsnv2.py`, `models/layers.py`, `models/normalization.py`); the same
+  networks in AlexiaJM/AdversarialConsistentScoreMatching `models/ncsnv2.py` (no `sigmas` buffer).
+- `ac_unet`: the DDPM-style UNet of AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`
+  (unconditional: its `temb_dense` layers exist but are never used, and are not converted).
+
+Checkpoint layouts (the runners' `torch.save(states, 'checkpoint.pth')`):
+
+- NCSNv2 (`runners/ncsn_runner.py`) and AC (`runners/train_runner.py`): `[model.state_dict(),
+  optimizer.state_dict(), epoch, step, ema_helper.state_dict()]`, the last element only with EMA.
+  The model is wrapped in `torch.nn.DataParallel`, so its keys start with `module.`; the EMA
+  shadow is keyed by parameter name without the prefix and holds parameters only; the model
+  state_dict also holds buffers (NCSNv2's `sigmas`, checked against the config's ladder).
+- NCSN v1 (`runners/anneal_runner.py`): `[model.state_dict(), optimizer.state_dict()]`.
+
+Conversion is strict: every score_jax parameter is filled from exactly one tensor, every tensor of
+the converted state_dict is used exactly once (or is a buffer that is checked, or a documented
+unused layer), shapes are checked after the layout change (OIHW -> HWIO kernels, `(out, in)`
+linear weights -> `(in, out)`), and any mismatch raises `ConversionError` in one line naming the
+keys and the likely wrong `--source` or config field. Files are read by `torch_weights` without
+torch and without running pickled code; pickles outside its allow-list are refused. Optimizer
+states are not converted (score_jax starts a fresh optimizer).
+
+    python -m score_jax.convert --source=ncsnv2 --checkpoint=checkpoint.pth \\
+        --config=configs/ncsnv2_cifar10.py --workdir=runs/ncsnv2_cifar10_released
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+SOURCES = ("ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "ac_unet")
+# The score_jax `model.name` each source converts to.
+MODEL_OF_SOURCE = {"ncsn": "ncsn", "ncsnv2": "ncsnv2", "ncsnv2_deeper": "ncsnv2_deeper",
+                   "ncsnv2_deepest": "ncsnv2_deepest", "ac_unet": "unet"}
+# Runner checkpoint list positions.
+_MODEL, _OPTIMIZER, _EMA = 0, 1, 4
+_KNOWN_ELEMENTS = {0: "model", 1: "optimizer", 4: "EMA shadow"}
+_AC_DISCRIMINATOR = (5, 6)
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not convert to the requested score_jax model; one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerCheckpoint:
+  """The tensors of a reference runner checkpoint, by list element.
+
+  Attributes:
+    model: element 0 (the model state_dict, `module.` prefix removed), parameters and buffers.
+    ema: element 4 (the EMA shadow, parameters only), or None where the file has none.
+    path: the file it was read from.
+  """
+  model: dict[str, np.ndarray]
+  ema: dict[str, np.ndarray] | None
+  path: str
+
+
+def read_checkpoint(path: str | os.PathLike) -> RunnerCheckpoint:
+  """Reads a runner checkpoint (`[model, optimizer, epoch, step(, ema)]`) or a bare state_dict.
+
+  Raises:
+    ConversionError: the file is missing, malformed, refers to a forbidden pickle global, or holds
+      elements this converter does not take (an adversarial discriminator).
+  """
+  from score_jax import torch_weights
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConversionError(f"--checkpoint={path}: no such file")
+  try:
+    flat = torch_weights.load_state_dict(path)
+  except torch_weights.ForbiddenGlobalError as e:
+    raise ConversionError(f"--checkpoint={path}: {_one_line(e)}") from None
+  except Exception as e:  # truncated zips and pickles fail with many exception types
+    raise ConversionError(f"--checkpoint={path} is not a readable PyTorch checkpoint "
+                          f"({type(e).__name__}: {_one_line(e)[:200]}); is it truncated?") from None
+  if not flat:
+    raise ConversionError(f"--checkpoint={path} holds no tensors")
+  elements: dict[int, dict[str, np.ndarray]] = {}
+  bare: dict[str, np.ndarray] = {}
+  for key, value in flat.items():
+    head, _, rest = key.partition(".")
+    if head.isdigit() and rest:
+      elements.setdefault(int(head), {})[rest] = value
+    else:
+      bare[key] = value
+  if bare and elements:
+    raise ConversionError(f"--checkpoint={path} mixes a list of states with other keys "
+                          f"(e.g. {_examples(bare)}); expected a runner checkpoint or a state_dict")
+  if bare:
+    return RunnerCheckpoint(model=_strip_module(bare), ema=None, path=path)
+  if any(i in elements for i in _AC_DISCRIMINATOR):
+    raise ConversionError(
+        f"--checkpoint={path} holds adversarial discriminator states (elements 5-6); converting "
+        "the BigGAN discriminator is not supported: convert the score network from a file "
+        "without them (the released AC runner never saves the discriminator)")
+  unknown = sorted(set(elements) - set(_KNOWN_ELEMENTS))
+  if unknown or _MODEL not in elements:
+    raise ConversionError(
+        f"--checkpoint={path}: list elements with tensors are {sorted(elements)}; a runner "
+        "checkpoint holds the model at 0, the optimizer at 1 and the EMA shadow at 4")
+  return RunnerCheckpoint(model=_strip_module(elements[_MODEL]), ema=elements.get(_EMA),
+                          path=path)
+
+
+def _strip_module(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Removes `torch.nn.DataParallel`'s `module.` prefix where every key has it."""
+  if state and all(k.startswith("module.") for k in state):
+    return {k[len("module."):]: v for k, v in state.items()}
+  return dict(state)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def _examples(keys, n: int = 3) -> str:
+  keys = sorted(keys)
+  more = f" and {len(keys) - n} more" if len(keys) > n else ""
+  return ", ".join(keys[:n]) + more
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout changes: torch tensor -> score_jax array.
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:
+  """OIHW (torch `Conv2d.weight`) -> HWIO (flax `Conv` kernel)."""
+  return np.transpose(w, (2, 3, 1, 0)) if w.ndim == 4 else w
+
+
+def _linear_kernel(w: np.ndarray) -> np.ndarray:
+  """`(out, in)` (torch `Linear.weight`, AC `Nin.weights`) -> `(in, out)` (flax `Dense`)."""
+  return np.transpose(w) if w.ndim == 2 else w
+
+
+def _nin_as_conv1x1(w: np.ndarray) -> np.ndarray:
+  """AC `Nin.weights` `(out, in)` -> a 1x1 HWIO kernel `(1, 1, in, out)`."""
+  return np.transpose(w)[None, None] if w.ndim == 2 else w
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+  return w
+
+
+Rule = tuple[str, Callable[[np.ndarray], np.ndarray]]
+
+
+# ------------------------------------------------------------------------------------------------
+# RefineNet family: score_jax parameter path -> reference state_dict key.
+
+def _refinenet_stage_names(source: str, n: int) -> tuple[list[str], list[str]]:
+  """Reference attribute names of the encoder stages and RefineBlocks, in score_jax order."""
+  if source == "ncsnv2_deepest":
+    return (["res1", "res2", "res3", "res31", "res4", "res5"],
+            ["refine1", "refine2", "refine31", "refine3", "refine4", "refine5"])
+  return [f"res{i + 1}" for i in range(n)], [f"refine{i + 1}" for i in range(n)]
+
+
+def _refinenet_leaf(leaf: str) -> Rule:
+  if leaf == "kernel":
+    return "weight", _conv_kernel
+  if leaf in ("bias", "gamma", "alpha", "beta"):
+    return leaf, _same
+  if leaf == "embedding":
+    return "embed.weight", _same
+  raise KeyError(leaf)
+
+
+def _refinenet_rule(path: tuple[str, ...], model: Any, source: str) -> Rule:
+  """The reference key and layout change of one score_jax RefineNet parameter."""
+  stages, refines = _refinenet_stage_names(source, len(model.encoder))
+  top, leaf = path[0], path[-1]
+  tail, fn = _refinenet_leaf(leaf)
+  if top in ("begin_conv", "end_conv") and len(path) == 3:
+    return f"{top}.{tail}", fn
+  if top == "norm_out" and len(path) == 2:
+    return f"normalizer.{tail}", fn
+  m = re.fullmatch(r"res(\d+)_([01])", top)
+  if m and len(path) in (2, 3, 4):
+    s, j = int(m.group(1)) - 1, int(m.group(2))
+    _, down, dilation = model.encoder[s]
+    mean_pool = down and j == 0 and dilation == 1  # reference `ConvMeanPool`: `.conv` inside
+    base = f"{stages[s]}.{j}"
+    sub = path[1]
+    if sub in ("norm1", "norm2") and len(path) == 3:
+      return f"{base}.normalize{sub[-1]}.{tail}", fn
+    if sub in ("conv1", "conv2", "shortcut") and len(path) == 4:
+      inner = ".conv" if mean_pool and sub != "conv1" else ""
+      return f"{base}.{sub}{inner}.{tail}", fn
+    raise KeyError(path)
+  m = re.fullmatch(r"refine(\d+)", top)
+  if m:
+    base = refines[int(m.group(1)) - 1]
+    sub = path[1]
+    rcu = re.fullmatch(r"adapt_(\d+)", sub)
+    if rcu or sub == "output":
+      prefix = f"{base}.adapt_convs.{rcu.group(1)}" if rcu else f"{base}.output_convs"
+      unit = re.fullmatch(r"(conv|norm)_(\d+)_(\d+)", path[2])
+      if unit is None:
+        raise KeyError(path)
+      i, j = int(unit.group(2)) + 1, int(unit.group(3)) + 1
+      return f"{prefix}.{i}_{j}_{unit.group(1)}.{tail}", fn
+    if sub == "crp":
+      unit = re.fullmatch(r"(conv|norm)_(\d+)", path[2])
+      if unit is None:
+        raise KeyError(path)
+      return f"{base}.crp.{unit.group(1)}s.{unit.group(2)}.{tail}", fn
+    unit = re.fullmatch(r"msf_(conv|norm)_(\d+)", sub)
+    if unit:
+      return f"{base}.msf.{unit.group(1)}s.{unit.group(2)}.{tail}", fn
+  raise KeyError(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# AC UNet: the reference module list, walked as the reference builds it.
+
+def _unet_modules(ch_mult: tuple[int, ...]) -> dict[str, tuple[str, str]]:
+  """score_jax module name -> (reference key prefix, kind), following AC `models/UNet.py`.
+
+  The reference places attention at level index 1 (and in the middle) and uses two residual
+  blocks per level down and three up.
+  """
+  out: dict[str, tuple[str, str]] = {"conv_in": ("downblocks.0", "conv")}
+  n = 1
+  for level in range(len(ch_mult)):
+    for i in range(2):
+      out[f"down{level}_res{i}"] = (f"downblocks.{n}", "res")
+      n += 1
+      if level == 1:
+        out[f"down{level}_attn{i}"] = (f"downblocks.{n}", "attn")
+        n += 1
+    if level != len(ch_mult) - 1:
+      out[f"down{level}_pool"] = (f"downblocks.{n}", "conv")
+      n += 1
+  out.update({"mid_res0": ("middleblocks.0", "res"), "mid_attn": ("middleblocks.1", "attn"),
+              "mid_res1": ("middleblocks.2", "res")})
+  n = 0
+  for level in reversed(range(len(ch_mult))):
+    for i in range(3):
+      out[f"up{level}_res{i}"] = (f"upblocks.{n}", "res")
+      n += 1
+      if level == 1:
+        out[f"up{level}_attn{i}"] = (f"upblocks.{n}", "attn")
+        n += 1
+    if level != 0:
+      out[f"up{level}_upsample"] = (f"upblocks.{n}.conv", "conv")
+      n += 1
+  out["norm_out"] = ("normalize", "norm")
+  out["conv_out"] = ("out", "conv")
+  return out
+
+
+_UNET_RES = {"norm1": "normalize0", "conv1": "conv0", "norm2": "normalize1", "conv2": "conv1",
+             "shortcut": "nin"}
+_UNET_ATTN = {"q": "Q", "k": "K", "v": "V", "proj_out": "OUT", "norm": "normalize"}
+# score_jax's UNet downsamples with TF "SAME" padding (DDPM's, pad 0 before and 1 after), the AC
+# UNet with torch `padding=1` (1 on both sides): names and shapes agree, outputs do not.
+UNET_PADDING_NOTE = (
+    "score_jax's UNet pads its stride-2 downsampling convolutions as TF 'SAME' (0 before, 1 "
+    "after) where the AC UNet pads 1 on both sides, so the converted network's outputs differ "
+    "from the reference's until score_jax/models/unet.py pads (1, 1)")
+# Reference tensors that an unconditional UNet never uses (the time embedding MLP).
+_UNET_UNUSED = re.compile(r"temb_dense\.\d+\.(weight|bias)")
+
+
+def _unet_rule(path: tuple[str, ...], modules: dict[str, tuple[str, str]]) -> Rule:
+  prefix, kind = modules[path[0]]
+  leaf = path[-1]
+  if kind == "conv" and len(path) == 2:
+    return f"{prefix}.{'weight' if leaf == 'kernel' else leaf}", _conv_kernel
+  if kind == "norm" and len(path) == 2:
+    return f"{prefix}.{'weight' if leaf == 'scale' else leaf}", _same
+  if kind == "res" and len(path) == 3:
+    sub = _UNET_RES[path[1]]
+    if sub == "nin":
+      return f"{prefix}.nin.{'weights' if leaf == 'kernel' else leaf}", _nin_as_conv1x1
+    if sub.startswith("normalize"):
+      return f"{prefix}.{sub}.{'weight' if leaf == 'scale' else leaf}", _same
+    return f"{prefix}.{sub}.{'weight' if leaf == 'kernel' else leaf}", _conv_kernel
+  if kind == "attn" and len(path) == 3:
+    sub = _UNET_ATTN[path[1]]
+    if sub == "normalize":
+      return f"{prefix}.normalize.{'weight' if leaf == 'scale' else leaf}", _same
+    return f"{prefix}.{sub}.{'weights' if leaf == 'kernel' else leaf}", _linear_kernel
+  raise KeyError(path)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _guess_source(keys) -> str | None:
+  """The source whose module names these keys carry, from a few telltale names."""
+  keys = set(keys)
+  if any(k.startswith(("downblocks.", "upblocks.")) for k in keys):
+    return "ac_unet"
+  if any(k.endswith(".embed.weight") for k in keys):
+    return "ncsn"
+  if any(k.startswith("res31.") for k in keys):
+    return "ncsnv2_deepest"
+  if any(k.startswith("res5.") for k in keys):
+    return "ncsnv2_deeper"
+  if any(k.startswith("res4.") for k in keys):
+    return "ncsnv2"
+  return None
+
+
+def _source_hint(source: str, keys) -> str:
+  guess = _guess_source(keys)
+  if any(k.endswith(("weight_orig", "weight_u", "weight_v")) for k in keys):
+    return "the file has spectral-norm weights (model.spec_norm), which are not supported"
+  if guess and guess != source:
+    return f"the file looks like --source={guess}"
+  return ("check --source and the config's model.ngf, data.num_channels, data.image_size, "
+          "noise.num_scales" + (", model.ch_mult and model.attn_resolutions"
+                                if source == "ac_unet" else ""))
+
+
+def check_config(source: str, config) -> None:
+  """Raises ConversionError unless `config` describes the network `source` converts to."""
+  if source not in SOURCES:
+    raise ConversionError(f"--source={source!r} is unknown; use one of {', '.join(SOURCES)}")
+  from score_jax import data
+  if data.is_toy(config.data.dataset):
+    raise ConversionError(f"data.dataset={config.data.dataset!r} is a toy data set; the converted "
+                          "networks are image networks: use an image config (e.g. "
+                          "configs/ncsnv2_cifar10.py) or --config.data.dataset=cifar10")
+  want = MODEL_OF_SOURCE[source]
+  if config.model.name != want:
+    raise ConversionError(f"--source={source} converts to model.name={want!r} but the config has "
+                          f"{config.model.name!r}; use a {want} config or "
+                          f"--config.model.name={want}")
+  if source == "ac_unet":
+    m = config.model
+    if m.conditional:
+      raise ConversionError("--source=ac_unet: the AC UNet is trained without a noise-level input; "
+                            "set --config.model.conditional=False")
+    if m.num_res_blocks != 2:
+      raise ConversionError(f"--source=ac_unet: the AC UNet has 2 residual blocks per level; "
+                            f"model.num_res_blocks={m.num_res_blocks}, set it to 2")
+    attn = (config.data.image_size // 2,) if len(m.ch_mult) > 1 else ()
+    if tuple(m.attn_resolutions) != attn:
+      raise ConversionError(
+          f"--source=ac_unet: the AC UNet has attention at level 1 ({attn or 'none'} px at "
+          f"data.image_size={config.data.image_size}); model.attn_resolutions="
+          f"{tuple(m.attn_resolutions)}, set it to {list(attn)}")
+
+
+def _param_shapes(config) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
+  """The model `models.build(config)` makes and its parameter shapes by path (no compute)."""
+  import flax
+  import jax
+  import jax.numpy as jnp
+  from score_jax import models
+  from score_jax.train import example_shape
+  try:
+    model = models.build(config)
+  except ValueError as e:
+    raise ConversionError(f"config: {_one_line(e)}") from None
+  x = jnp.zeros((1, *example_shape(config)), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), x, jnp.ones((1,), jnp.float32))["params"])
+  flat = flax.traverse_util.flatten_dict(shapes)
+  return model, {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _check_sigmas(buffer: np.ndarray, config, path: str) -> None:
+  from score_jax.train import sigmas_from_config
+  ladder = np.asarray(sigmas_from_config(config), np.float64)
+  got = np.asarray(buffer, np.float64).reshape(-1)
+  if got.shape != ladder.shape or not np.allclose(got, ladder, rtol=1e-4, atol=0.0):
+    raise ConversionError(
+        f"--checkpoint={path}: its sigmas buffer ({got.size} levels, {got[0]:.6g} -> "
+        f"{got[-1]:.6g}) differs from the config's ladder ({ladder.size} levels, "
+        f"{ladder[0]:.6g} -> {ladder[-1]:.6g}); set noise.sigma_max, noise.sigma_min, "
+        "noise.num_scales and noise.schedule to the checkpoint's")
+
+
+def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
+            ema: bool = True) -> dict[str, Any]:
+  """score_jax parameters of `models.build(config)` from a reference PyTorch checkpoint.
+
+  Args:
+    source: one of `SOURCES`: the reference network the file holds.
+    checkpoint_path: a runner checkpoint (`checkpoint.pth`, `checkpoint_<step>.pth`) or a bare
+      model state_dict.
+    config: a score_jax config whose `model.name` is `MODEL_OF_SOURCE[source]` and whose model,
+      data and noise fields describe the checkpoint's network (ngf, channels, image size, ladder).
+    ema: take the EMA shadow where the file has one (the weights the reference samples with);
+      False takes the raw model weights. Files without an EMA element give the raw weights.
+
+  Returns:
+    The nested parameter dict (numpy float32 arrays) with exactly the tree and shapes of
+    `models.build(config).init(...)["params"]`.
+
+  Raises:
+    ConversionError: unknown source, a config of another model, an unreadable or forbidden file,
+      missing or unexpected keys, shape mismatches, or sigmas that differ from the config's.
+  """
+  check_config(source, config)
+  ckpt = read_checkpoint(checkpoint_path)
+  model, shapes = _param_shapes(config)
+  if source == "ac_unet" and len(config.model.ch_mult) > 1:
+    warnings.warn(UNET_PADDING_NOTE, stacklevel=2)
+  return _convert_loaded(source, ckpt, config, model, shapes, ema=ema)
+
+
+def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, *,
+                    ema: bool) -> dict[str, Any]:
+  import flax
+  path = ckpt.path
+  buffers = {k for k in ckpt.model if k == "sigmas"}
+  if source == "ncsn" and buffers:
+    raise ConversionError(f"--checkpoint={path} has a sigmas buffer, which NCSN v1 does not; "
+                          f"{_source_hint(source, ckpt.model)}")
+  if "sigmas" in buffers:
+    _check_sigmas(ckpt.model["sigmas"], config, path)
+  weights = ckpt.model
+  if ema and ckpt.ema is not None:
+    params_in_model = set(ckpt.model) - buffers
+    if set(ckpt.ema) != params_in_model:
+      raise ConversionError(
+          f"--checkpoint={path}: the EMA shadow's keys differ from the model's parameters "
+          f"(only in EMA: {_examples(set(ckpt.ema) - params_in_model) or 'none'}; only in model: "
+          f"{_examples(params_in_model - set(ckpt.ema)) or 'none'}); use --no-ema for the raw "
+          "weights")
+    weights = ckpt.ema
+  weights = {k: v for k, v in weights.items() if k not in buffers}
+
+  if source == "ac_unet":
+    modules = _unet_modules(tuple(config.model.ch_mult))
+    rule = lambda p: _unet_rule(p, modules)
+    unused = {k for k in weights if _UNET_UNUSED.fullmatch(k)}
+  else:
+    rule = lambda p: _refinenet_rule(p, model, source)
+    unused = set()
+
+  keys: dict[tuple[str, ...], Rule] = {}
+  for p in shapes:
+    try:
+      keys[p] = rule(p)
+    except KeyError:
+      raise ConversionError(
+          f"score_jax parameter {'/'.join(p)} has no counterpart in the --source={source} "
+          "layout: the score_jax network's parameter tree changed; update score_jax/convert.py"
+      ) from None
+  wanted = [key for key, _ in keys.values()]
+  if len(set(wanted)) != len(wanted):
+    twice = sorted({k for k in wanted if wanted.count(k) > 1})
+    raise ConversionError(f"reference tensors {_examples(twice)} would each fill two score_jax "
+                          "parameters; update score_jax/convert.py")
+  missing = [k for k in wanted if k not in weights]
+  unexpected = set(weights) - set(wanted) - unused
+  if missing or unexpected:
+    raise ConversionError(
+        f"--checkpoint={path} does not fit --source={source} with this config: "
+        f"{len(missing)} missing ({_examples(missing) or 'none'}), {len(unexpected)} unexpected "
+        f"({_examples(unexpected) or 'none'}); {_source_hint(source, weights)}")
+  out: dict[tuple[str, ...], np.ndarray] = {}
+  for p, (key, fn) in keys.items():
+    value = fn(np.asarray(weights[key]))
+    if tuple(value.shape) != shapes[p]:
+      raise ConversionError(
+          f"--checkpoint={path}: {key} has shape {tuple(weights[key].shape)}, which is "
+          f"{tuple(value.shape)} in score_jax layout, but {'/'.join(p)} needs {shapes[p]}; "
+          f"{_source_hint(source, weights)}")
+    if not np.issubdtype(value.dtype, np.floating):
+      raise ConversionError(f"--checkpoint={path}: {key} has dtype {value.dtype}, not floating")
+    out[p] = np.asarray(value, np.float32)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workdir writing and the CLI.
+
+def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dict) -> None:
+  """Writes `params` (as the params and every EMA slot) into a new score_jax workdir at step 0.
+
+  The state has the structure `train.init_state(config, ...)` gives (a `TrainState` with a fresh
+  optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
+  checkpoint writer training uses, so `score_jax.load_checkpoint(workdir)` and `main.py --mode=
+  sample|eval` read it. `metadata` is stored as the data-pipeline state (JSON).
+  """
+  import jax
+  import jax.numpy as jnp
+  from score_jax import checkpoint, models
+  from score_jax.train import init_state, optimizer_from_config
+  from score_jax.train_state import TrainState
+
+  model = models.build(config)
+  new_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  ema = tuple(jax.tree.map(jnp.copy, new_params) for _ in config.training.ema_decays)
+  # TrainState.create as train_state.create_train_state does, without initializing the network.
+  score_state = TrainState.create(apply_fn=model.apply, params=new_params,
+                                  tx=optimizer_from_config(config), ema_params=ema)
+  state = score_state
+  if config.adversarial.enabled:
+    state = init_state(config, model).replace(score=score_state)
+  manager = checkpoint.create_manager(workdir, async_save=False)
+  try:
+    checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
+                    config_json=config.to_json())
+    checkpoint.wait(manager)
+  finally:
+    manager.close()
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and bool(os.listdir(d))
+
+
+def main(argv: list[str]) -> int:
+  """`python -m score_jax.convert`: one-line errors on stderr with exit status 2."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  argv = ["--noema" if a == "--no-ema" else a for a in argv]
+  config_flags.DEFINE_config_file("config", None, "score_jax config describing the network.",
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("source", None, f"Reference network: {' | '.join(SOURCES)}.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth) to convert.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "New score_jax workdir to write.", flag_values=fv)
+  flags.DEFINE_boolean("ema", True, "Use the EMA weights where present (--no-ema: raw weights).",
+                       flag_values=fv)
+  try:
+    fv(argv)
+    config = fv.config
+    if config is None:
+      raise ConversionError("--config=CONFIG is required (e.g. configs/ncsnv2_cifar10.py)")
+    config.get("name")
+  except flags.Error as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except Exception as e:  # ml_collections reports bad config files/overrides with many types
+    print(f"error: --config: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    return 2
+  try:
+    for name in ("source", "checkpoint", "workdir"):
+      if not fv[name].value:
+        raise ConversionError(f"--{name} is required")
+    workdir = fv.workdir
+    if _has_checkpoints(workdir):
+      raise ConversionError(f"--workdir={workdir} already holds checkpoints; give a new workdir")
+    check_config(fv.source, config)
+    ckpt = read_checkpoint(fv.checkpoint)
+    model, shapes = _param_shapes(config)
+    params = _convert_loaded(fv.source, ckpt, config, model, shapes, ema=fv.ema)
+    if fv.source == "ac_unet" and len(config.model.ch_mult) > 1:
+      print(f"warning: {UNET_PADDING_NOTE}", file=sys.stderr)
+    used = "EMA" if fv.ema and ckpt.ema is not None else "raw"
+    write_workdir(config, params, workdir, metadata=dict(
+        source=fv.source, checkpoint=os.path.abspath(fv.checkpoint), weights=used))
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  print(json.dumps({"workdir": workdir, "source": fv.source, "weights": used, "parameters": n}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
