@@ -360,8 +360,9 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
   batch = min(ev.batch_size, n)
+  # Every process reads the same images: `featurize` splits each batch over all devices.
   it = experiment.iterator_from_config(ref_config, split=split, seed=config.seed,
-                                  batch_size=batch, shuffle=False)
+                                       batch_size=batch, shuffle=False, per_process=False)
   parts, count = [], 0
   with progress.bar(n, f"reference {d.dataset}:{split}",
                     unit="image") as pbar:

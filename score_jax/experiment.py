@@ -71,7 +71,10 @@ def optimizer_from_config(config: ml_collections.ConfigDict) -> optax.GradientTr
 
 
 def iterator_from_config(config: ml_collections.ConfigDict, *, split: str, seed: int,
-                         batch_size: int, shuffle: bool = True) -> data.DataIterator:
+                         batch_size: int, shuffle: bool = True,
+                         per_process: bool = True) -> data.DataIterator:
+  """The config's data; each process reads its own shard unless `per_process=False` (then every
+  process reads the same records, as reference statistics over all devices need)."""
   d = config.data
   image_kwargs = {}
   if not data.is_toy(d.dataset):
@@ -81,8 +84,9 @@ def iterator_from_config(config: ml_collections.ConfigDict, *, split: str, seed:
         gaussian_dequantization=d.gaussian_dequantization, centered=d.centered,
         num_workers=d.num_workers, prefetch=d.prefetch, shuffle=shuffle)
   return data.create_iterator(dataset=d.dataset, batch_size=batch_size, seed=seed,
-                              shard_index=parallel.process_index(),
-                              shard_count=parallel.process_count(), toy_dim=d.toy_dim,
+                              shard_index=parallel.process_index() if per_process else 0,
+                              shard_count=parallel.process_count() if per_process else 1,
+                              toy_dim=d.toy_dim,
                               split=split, **image_kwargs)
 
 

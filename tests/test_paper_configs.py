@@ -97,14 +97,14 @@ def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
   config.eval.reference_split, config.eval.reference_num_images = "train", 6
   seen = []
 
-  def fake_iterator(cfg, *, split, seed, batch_size, shuffle=True):
-    seen.append((split, batch_size, shuffle))
+  def fake_iterator(cfg, *, split, seed, batch_size, shuffle=True, per_process=True):
+    seen.append((split, batch_size, shuffle, per_process))
     while True:
       yield {"x": np.ones((batch_size, 8, 8, 3), np.float32)}
 
   monkeypatch.setattr(evaluate.experiment, "iterator_from_config", fake_iterator)
   ref = evaluate.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]},
                                       "w")
-  assert seen == [("train", 4, False)] and len(ref["features"]) == 6
+  assert seen == [("train", 4, False, False)] and len(ref["features"]) == 6
   assert ref["protocol"] == "cifar10:train first 6 images"
   assert (tmp_path / "eval_cache" / "ref_stats_cifar10_train_6.npz").is_file()
