@@ -103,8 +103,13 @@ def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
       yield {"x": np.ones((batch_size, 8, 8, 3), np.float32)}
 
   monkeypatch.setattr(evaluate.experiment, "iterator_from_config", fake_iterator)
+  monkeypatch.setattr(evaluate.image_data, "num_records", lambda **kw: 6 if kw["split"] == "train"
+                      else 0)
   ref = evaluate.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]},
                                       "w")
   assert seen == [("train", 4, False, False)] and len(ref["features"]) == 6
   assert ref["protocol"] == "cifar10:train first 6 images"
   assert (tmp_path / "eval_cache" / "ref_stats_cifar10_train_6.npz").is_file()
+  config.eval.reference_num_images = 7
+  with pytest.raises(ValueError, match="eval.reference_num_images=7 exceeds the 6 images"):
+    evaluate.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]}, "w")
