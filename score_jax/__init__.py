@@ -2,13 +2,14 @@
 
 Notebook entry points (imported lazily so `import score_jax` stays cheap):
   `load_checkpoint(workdir, step=None) -> (config, state)`
+  `load(path_or_url) -> (config, state)` from a file written by `--mode=export`
   `make_sampler(config, state, method=None, **overrides) -> (rng, n) -> samples`
 """
 
 import os
 import pathlib
 
-__all__ = ["cache_dir", "load_checkpoint", "make_sampler"]
+__all__ = ["cache_dir", "load", "load_checkpoint", "make_sampler"]
 
 
 def cache_dir() -> pathlib.Path:
@@ -22,6 +23,17 @@ def load_checkpoint(workdir, step=None):
   """Returns `(config, state)` restored from `workdir` (latest step if `step` is None)."""
   from score_jax import experiment
   return experiment.load_checkpoint(workdir, step=step)
+
+
+def load(path_or_url):
+  """Returns `(config, state)` from an export file (a path or an http(s)/file URL).
+
+  The file is one written by `python main.py --mode=export` (or `score_jax.export.write`): the
+  EMA parameters and the config, no optimizer state. `make_sampler(config, state)` then samples
+  exactly as from the workdir it was exported from.
+  """
+  from score_jax import export
+  return export.load(path_or_url)
 
 
 def make_sampler(config, state, method=None, **overrides):

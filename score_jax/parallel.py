@@ -184,6 +184,40 @@ def gather_to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def batch_map(fn: Callable[[PyTree, PyTree], PyTree], mesh: jax.sharding.Mesh
+              ) -> Callable[[PyTree, PyTree], PyTree]:
+  """Builds `p_fn(shared, batch) -> outputs` running a per-example `fn` on every device of `mesh`.
+
+  `fn(shared, local_batch)` sees this device's rows of `batch` and returns arrays whose leading
+  axis is those rows; `shared` (parameters, keys) is replicated. `batch` is a tree of host arrays
+  `[n, ...]` that every process holds whole; `n` need not divide the device count (the last row
+  is repeated to fill the devices and the copies are dropped). Outputs come back to every host
+  as numpy arrays `[n, ...]` in row order.
+  """
+  rows = NamedSharding(mesh, P(BATCH_AXIS))
+  compiled = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(BATCH_AXIS)),
+                                   out_specs=P(BATCH_AXIS), check_vma=False))
+
+  def run(shared: PyTree, batch: PyTree) -> PyTree:
+    leaves = [np.asarray(v) for v in jax.tree.leaves(batch)]
+    n = len(leaves[0]) if leaves else 0
+    if n == 0 or any(len(v) != n for v in leaves):
+      raise ValueError(f"batch_map needs batch arrays with one common, non-zero number of rows; "
+                       f"got {[len(v) for v in leaves]}")
+    filled = -(-n // mesh.size) * mesh.size
+
+    def place(v):
+      v = np.asarray(v)
+      if filled > n:
+        v = np.concatenate([v, np.repeat(v[-1:], filled - n, axis=0)])
+      return jax.make_array_from_callback(v.shape, rows, lambda index: v[index])
+
+    out = compiled(jax.device_put(shared, replicated_sharding(mesh)), jax.tree.map(place, batch))
+    return jax.tree.map(lambda v: gather_to_host(v)[:n], out)
+
+  return run
+
+
 def sample_parallel(sample_fn: Callable[[jax.Array, int], jax.Array], mesh: jax.sharding.Mesh,
                     ) -> Callable[[jax.Array, int], np.ndarray]:
   """Wraps `sample_fn(rng, n_local) -> x [n_local, ...]` to draw `n` samples over all devices.
