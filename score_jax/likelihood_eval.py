@@ -110,12 +110,27 @@ def eval_examples(config: ml_collections.ConfigDict) -> np.ndarray:
   return x
 
 
+# Compiled batch programs by what they depend on, so runs in one process trace once.
+_BATCH_FNS: dict[str, Any] = {}
+# The protocol fields a batch program depends on (the rest only label rows).
+_PROGRAM_KEYS = ("repeats", "trace", "num_probes", "rtol", "atol", "sigma_min", "sigma_max",
+                 "seed")
+
+
 def make_batch_fn(config: ml_collections.ConfigDict, proto: dict):
   """`p_fn(params, x [n, ...], index [n]) -> dict of [n, repeats]` over all devices.
 
-  Toys give "logp" (nats); images "bpd" and "logp" (nats of the dequantized images in [0, 1]);
-  both "nfe" and "success". Example i's keys fold from (seed, index i, repeat).
+  Toys give "logp" (nats); images "bpd_repeats" and "logp" (nats of the dequantized images in
+  [0, 1]); both "nfe" and "success". Example i's keys fold from (seed, index i, repeat).
   """
+  key = json.dumps([json.loads(config.model.to_json()), json.loads(config.data.to_json()),
+                    [proto[k] for k in _PROGRAM_KEYS], parallel.device_count()])
+  if key not in _BATCH_FNS:
+    _BATCH_FNS[key] = _make_batch_fn(config, proto)
+  return _BATCH_FNS[key]
+
+
+def _make_batch_fn(config: ml_collections.ConfigDict, proto: dict):
   model = models.build(config)
   is_toy = data.is_toy(config.data.dataset)
   centered = bool(config.data.centered)
