@@ -366,7 +366,7 @@ def _param_shapes(config) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
   import jax
   import jax.numpy as jnp
   from score_jax import models
-  from score_jax.train import example_shape
+  from score_jax.experiment import example_shape
   try:
     model = models.build(config)
   except ValueError as e:
@@ -379,7 +379,7 @@ def _param_shapes(config) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
 
 
 def _check_sigmas(buffer: np.ndarray, config, path: str) -> None:
-  from score_jax.train import sigmas_from_config
+  from score_jax.experiment import sigmas_from_config
   ladder = np.asarray(sigmas_from_config(config), np.float64)
   got = np.asarray(buffer, np.float64).reshape(-1)
   if got.shape != ladder.shape or not np.allclose(got, ladder, rtol=1e-4, atol=0.0):
@@ -497,8 +497,8 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
   """
   import jax
   import jax.numpy as jnp
-  from score_jax import checkpoint, models
-  from score_jax.train import init_state, optimizer_from_config
+  from score_jax import checkpoint, models, workdir_lock
+  from score_jax.experiment import init_state, optimizer_from_config
   from score_jax.train_state import TrainState
 
   model = models.build(config)
@@ -510,13 +510,14 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
   state = score_state
   if config.adversarial.enabled:
     state = init_state(config, model).replace(score=score_state)
-  manager = checkpoint.create_manager(workdir, async_save=False)
-  try:
-    checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
-                    config_json=config.to_json())
-    checkpoint.wait(manager)
-  finally:
-    manager.close()
+  with workdir_lock.WorkdirLock(workdir, holder="convert"):
+    manager = checkpoint.create_writer(workdir, async_save=False)
+    try:
+      checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
+                      config_json=config.to_json())
+      checkpoint.wait(manager)
+    finally:
+      manager.close()
 
 
 def _has_checkpoints(workdir: str) -> bool:

@@ -17,7 +17,7 @@ import pytest
 
 from configs import default
 from score_jax import checkpoint, convert, models, sample
-from score_jax.train import init_state
+from score_jax.experiment import init_state
 from score_jax.score import make_score_fn
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "convert"
@@ -124,7 +124,7 @@ def restore_workdir(workdir) -> tuple:
   """`(config, state)` of a workdir's latest checkpoint, restored as `sample.load_checkpoint`
   does (stored config over the schema, `train.init_state`'s structure as the target), with the
   target built abstractly: initializing a RefineNet eagerly takes minutes on a loaded CPU."""
-  manager = checkpoint.create_manager(str(workdir), async_save=False)
+  manager = checkpoint.create_writer(str(workdir), async_save=False)
   try:
     step = checkpoint.latest_step(manager)
     config = sample.config_from_dict(checkpoint.restore_config(manager, step))
