@@ -3,9 +3,10 @@
 Images: bits per dimension of the first `likelihood.num_examples` images of `likelihood.split`,
 uniformly dequantized `likelihood.repeats` times (score_sde's `likelihood.py` and its bits/dim
 conversion). Toys: the negative log-likelihood in nats of `likelihood.num_examples` points drawn
-from the toy distribution (a key of its own, not the training stream), next to the true NLL of
-the same points where the toy has an exact density, and for 2-D toys the model's log-density on a
-grid beside the true one. Both come from `score_jax.likelihood` (the probability-flow ODE in
+from the toy distribution (a key of its own, not the training stream); where the toy has an exact
+density, next to the true NLL of the same points and to the NLL the toy's exact score gets under
+the same protocol (the estimator's own error, e.g. of the prior, included: compare models through
+their excess over it), and for 2-D toys the model's log-density on a grid beside the true one. Both come from `score_jax.likelihood` (the probability-flow ODE in
 sigma, Song et al. 2021, Eq. 13 and Appendix D.2) between the ends of the trained noise ladder,
 sigma_min = sigma_L and sigma_max = sigma_1, with the prior N(0, sigma_max^2 I): what is measured
 is the likelihood of the data convolved with N(0, sigma_min^2 I).
@@ -41,7 +42,8 @@ MEASURES = ("the likelihood of the data convolved with N(0, sigma_min^2 I) (prob
             "ODE from sigma_min to sigma_max, prior N(0, sigma_max^2 I))")
 # Columns of likelihood.csv, in order: what was measured, then the protocol.
 CSV_COLUMNS = ("step", "dataset", "metric", "mean", "se", "true_mean", "true_se",
-               "minus_true_mean", "minus_true_se", "num_examples", "repeats", "split", "trace",
+               "minus_true_mean", "minus_true_se", "exact_mean", "exact_se", "minus_exact_mean",
+               "minus_exact_se", "num_examples", "repeats", "split", "trace",
                "num_probes", "rtol", "atol", "sigma_min", "sigma_max", "nfe_mean", "nfe_max",
                "num_failed", "seed", "measures")
 # Points per axis of the 2-D toys' log-density grid.
@@ -117,21 +119,24 @@ _PROGRAM_KEYS = ("repeats", "trace", "num_probes", "rtol", "atol", "sigma_min", 
                  "seed")
 
 
-def make_batch_fn(config: ml_collections.ConfigDict, proto: dict):
+def make_batch_fn(config: ml_collections.ConfigDict, proto: dict, *, exact_score: bool = False):
   """`p_fn(params, x [n, ...], index [n]) -> dict of [n, repeats]` over all devices.
 
   Toys give "logp" (nats); images "bpd_repeats" and "logp" (nats of the dequantized images in
-  [0, 1]); both "nfe" and "success". Example i's keys fold from (seed, index i, repeat).
+  [0, 1]); both "nfe" and "success". Example i's keys fold from (seed, index i, repeat). With
+  `exact_score` (toys with an exact density) the toy's own score replaces the network's, under the
+  same protocol: what a perfect model gets from this estimator.
   """
   key = json.dumps([json.loads(config.model.to_json()), json.loads(config.data.to_json()),
-                    [proto[k] for k in _PROGRAM_KEYS], parallel.device_count()])
+                    [proto[k] for k in _PROGRAM_KEYS], parallel.device_count(), exact_score])
   if key not in _BATCH_FNS:
-    _BATCH_FNS[key] = _make_batch_fn(config, proto)
+    _BATCH_FNS[key] = _make_batch_fn(config, proto, exact_score)
   return _BATCH_FNS[key]
 
 
-def _make_batch_fn(config: ml_collections.ConfigDict, proto: dict):
+def _make_batch_fn(config: ml_collections.ConfigDict, proto: dict, exact_score: bool):
   model = models.build(config)
+  dist = toy.get_toy(config.data.dataset, dim=config.data.toy_dim) if exact_score else None
   is_toy = data.is_toy(config.data.dataset)
   centered = bool(config.data.centered)
   root = jax.random.fold_in(jax.random.key(proto["seed"]), _KEYS_ID)
@@ -139,7 +144,7 @@ def _make_batch_fn(config: ml_collections.ConfigDict, proto: dict):
                 num_probes=proto["num_probes"], rtol=proto["rtol"], atol=proto["atol"])
 
   def body(params, batch):
-    score_fn = make_score_fn(model, params)
+    score_fn = dist.score if exact_score else make_score_fn(model, params)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(batch["index"])
     if not is_toy:
       _, info = likelihood.bits_per_dim(score_fn, batch["x"], keys, num_repeats=proto["repeats"],
@@ -231,6 +236,13 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
       true_nll = -np.asarray(dist.log_prob(jnp.asarray(x), proto["sigma_min"]), np.float64)
       row["true_mean"], row["true_se"] = _mean_se(true_nll)
       row["minus_true_mean"], row["minus_true_se"] = _mean_se(nll - true_nll)
+      p_exact = make_batch_fn(config, proto, exact_score=True)
+      exact_nll = np.concatenate([
+          -np.mean(p_exact(params, _padded(x[s:s + batch], batch),
+                           np.arange(s, s + batch, dtype=np.int32))["logp"][:len(x[s:s + batch])],
+                   axis=1) for s in starts])
+      row["exact_mean"], row["exact_se"] = _mean_se(exact_nll)
+      row["minus_exact_mean"], row["minus_exact_se"] = _mean_se(nll - exact_nll)
     if x.shape[1] == 2 and parallel.is_main_process():
       _plot_log_density(config, proto, dist, x, params, make_batch_fn(config, proto) if
                         p_fn is None else p_fn, batch, workdir)
@@ -292,8 +304,9 @@ def format_row(row: dict) -> str:
   name = "NLL" if row["metric"] == "nll_nats" else "bits/dim"
   text = f"{name} {row['mean']:.4f} +- {row['se']:.4f} {unit}"
   if row.get("true_mean") is not None:
-    text += (f" (truth {row['true_mean']:.4f}; model - truth {row['minus_true_mean']:.4f} +- "
-             f"{row['minus_true_se']:.4f})")
+    text += (f" (truth {row['true_mean']:.4f}; exact score, same protocol "
+             f"{row['exact_mean']:.4f}; model - exact score {row['minus_exact_mean']:.4f} +- "
+             f"{row['minus_exact_se']:.4f})")
   return (f"{text}; step {row['step']}, {row['num_examples']} examples x {row['repeats']} "
           f"repeats, trace {row['trace']} ({row['num_probes']} probes), rtol {row['rtol']:g}, "
           f"atol {row['atol']:g}, NFE mean {row['nfe_mean']:.0f} max {row['nfe_max']}, "
