@@ -28,7 +28,8 @@ import tempfile
 from absl import flags, logging
 from ml_collections import config_flags
 
-from score_jax import workdir_lock
+from score_jax import config_schema, workdir_lock
+from score_jax.config_schema import UsageError
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _MODES = ("train", "sample", "eval", "sampler_sweep", "sweep", "likelihood", "export")
@@ -44,45 +45,25 @@ flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
 
 
-class UsageError(ValueError):
-  """Bad command-line input; reported in one line with exit status 2."""
+# Modes that read an existing workdir; without --config they start from the checkpoint's config.
+_READER_MODES = ("sample", "eval", "sampler_sweep", "likelihood", "export")
 
 
-def validate_config(config) -> None:
-  """Checks values that types cannot; raises UsageError naming the field and the fix."""
-  import jax
-  from score_jax import data, models
-  n, t, s = config.noise, config.training, config.sampling
-  if not n.sigma_min > 0:
-    raise UsageError(f"noise.sigma_min={n.sigma_min} must be > 0")
-  if not n.sigma_max > n.sigma_min:
-    raise UsageError(f"noise.sigma_max={n.sigma_max} must be > noise.sigma_min={n.sigma_min}")
-  if n.num_scales < 2:
-    raise UsageError(f"noise.num_scales={n.num_scales} must be >= 2")
-  devices = FLAGS.num_devices or jax.device_count()
-  if t.batch_size <= 0 or t.batch_size % devices:
-    raise UsageError(f"training.batch_size={t.batch_size} must be a positive multiple of the "
-                     f"{devices} devices in use")
-  for name in ("num_train_steps", "log_every_steps", "ckpt_every_steps", "steps_per_dispatch"):
-    if t[name] <= 0:
-      raise UsageError(f"training.{name}={t[name]} must be > 0")
-  data.check_dataset(config.data.dataset)
-  if not data.is_toy(config.data.dataset) and config.model.name == "mlp":
-    raise UsageError(f"model.name='mlp' is for toy data; {config.data.dataset} needs an image "
-                     "network: set --config.model.name=ncsnv2 (or ncsn, unet)")
-  models.build(config)  # rejects unknown names and image sizes the network cannot take
-  for method in ("als", "cas"):
-    if s[method].step_lr <= 0:
-      raise UsageError(f"sampling.{method}.step_lr={s[method].step_lr} must be > 0")
-  if s.method not in ("als", "cas", "pc"):
-    raise UsageError(f"sampling.method={s.method!r} must be one of als, cas, pc")
-  if s.num_samples <= 0 or s.batch_size <= 0:
-    raise UsageError("sampling.num_samples and sampling.batch_size must be > 0")
-  from score_jax import likelihood_eval
-  try:
-    likelihood_eval.check_config(config)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
+def validate(config, mode: str, num_devices: int | None = None) -> None:
+  """The schema's checks for a run of `mode` (one-line UsageError naming the field and the fix).
+
+  Args:
+    config: the run's config.
+    mode: a CLI mode (`sweep` validates each run as `train`).
+    num_devices: the `--num_devices` flag; None: all local devices.
+  """
+  config_schema.validate(config, modes=("train",) if mode == "sweep" else (mode,),
+                         num_devices=num_devices)
+  if mode in ("train", "sweep"):
+    config_schema.check_data_source(config)
+  if mode in ("eval", "sampler_sweep"):
+    from score_jax import evaluate
+    evaluate.feature_kind(config)
 
 
 def _check_workdir(workdir: str, mode: str) -> None:
@@ -108,6 +89,13 @@ def _check_workdir(workdir: str, mode: str) -> None:
                      f"({e.strerror or e}); pick a directory you can write to") from None
 
 
+def _check_run_dir(workdir: str) -> None:
+  """UsageError unless `workdir` holds checkpoints to read (sample, eval and sweep modes)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UsageError(f"--workdir={workdir} holds no checkpoints/; train first "
+                     f"(python main.py --workdir={workdir}) or pick the run's directory")
+
+
 def _default_workdir() -> str:
   filename = config_flags.get_config_filename(FLAGS["config"])
   return os.path.join("runs", pathlib.Path(filename.split(":")[0]).stem)
@@ -129,10 +117,15 @@ def _apply_overrides(config, overrides: dict):
     node = config
     *parents, leaf = dotted.split(".")
     for p in parents:
+      if p not in node:
+        raise UsageError(f"override {dotted!r} names no config field")
       node = node[p]
     if leaf not in node:
-      raise UsageError(f"sweep override {dotted!r} names no config field")
-    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+      raise UsageError(f"override {dotted!r} names no config field")
+    try:
+      node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+    except TypeError as e:
+      raise UsageError(f"override {dotted}={value!r}: {e}") from None
   return config
 
 
@@ -174,8 +167,12 @@ def _summary_table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def run(config, workdir: str, mode: str) -> None:
-  """Runs one mode on a validated config (the importable body of the CLI)."""
+def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> None:
+  """Runs one mode on a validated config (the importable body of the CLI).
+
+  `sweep_runs`: the validated runs of `--mode=sweep` (`_sweep_runs`), so the config file's
+  `get_sweep()` is not executed again.
+  """
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
     state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
@@ -189,6 +186,7 @@ def run(config, workdir: str, mode: str) -> None:
       experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
     else:
       config = _with_cli_overrides(loaded_config, config)
+      validate(config, mode, FLAGS.num_devices)
     results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
       print(_summary_table(results))
@@ -196,6 +194,7 @@ def run(config, workdir: str, mode: str) -> None:
     from score_jax import evaluate
     if not FLAGS["config"].present:
       config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
+      validate(config, mode, FLAGS.num_devices)
     evaluate.run(config, workdir, mode=mode)
   elif mode in ("likelihood", "export"):
     export_path = FLAGS.export_path or os.path.join(workdir, "export.msgpack")
@@ -207,6 +206,7 @@ def run(config, workdir: str, mode: str) -> None:
       experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
     else:
       config = _with_cli_overrides(loaded_config, config)
+      validate(config, mode, FLAGS.num_devices)
     if mode == "likelihood":
       from score_jax import likelihood_eval
       row = likelihood_eval.run(config, state, workdir)
@@ -219,14 +219,22 @@ def run(config, workdir: str, mode: str) -> None:
       print(f"exported step {int(state.step)} (EMA parameters and config) to "
             f"{os.path.abspath(export_path)}")
   elif mode == "sweep":
-    sweep = _load_sweep(config_flags.get_config_filename(FLAGS["config"]))
-    for i, overrides in enumerate(sweep):
-      sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
-          f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
-      sub_config = _apply_overrides(config, overrides)
-      validate_config(sub_config)
-      print(f"[sweep {i + 1}/{len(sweep)}] {overrides} -> {sub}")
+    runs = sweep_runs if sweep_runs is not None else _sweep_runs(config, workdir)
+    for i, (overrides, sub_config, sub) in enumerate(runs):
+      print(f"[sweep {i + 1}/{len(runs)}] {overrides} -> {sub}")
       run(sub_config, sub, "train")
+
+
+def _sweep_runs(config, workdir: str) -> list[tuple[dict, object, str]]:
+  """`(overrides, config, workdir)` of each run of the config file's `get_sweep()`, validated."""
+  runs = []
+  for i, overrides in enumerate(_load_sweep(config_flags.get_config_filename(FLAGS["config"]))):
+    sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
+        f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
+    sub_config = _apply_overrides(config, overrides)
+    validate(sub_config, "sweep", FLAGS.num_devices)
+    runs.append((overrides, sub_config, sub))
+  return runs
 
 
 def main(argv: list[str]) -> int:
@@ -249,24 +257,26 @@ def main(argv: list[str]) -> int:
     print(f"error: --config: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   workdir = FLAGS.workdir or _default_workdir()
+  mode = FLAGS.mode
   try:
     if config.training.distributed:
       from score_jax import parallel
       parallel.initialize_distributed(True)
-    validate_config(config)
-    _check_workdir(workdir, FLAGS.mode)
-    run(config, workdir, FLAGS.mode)
+    sweep_runs = None
+    if mode == "sweep":
+      sweep_runs = _sweep_runs(config, workdir)
+    elif mode == "train" or FLAGS["config"].present:
+      validate(config, mode, FLAGS.num_devices)
+    if mode in _READER_MODES:
+      _check_run_dir(workdir)
+    _check_workdir(workdir, mode)
+    run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except ValueError as e:
-    if os.environ.get("SCORE_JAX_DEBUG"):
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   return 0
 
 

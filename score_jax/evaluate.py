@@ -55,6 +55,7 @@ import numpy as np
 
 from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
                        metrics, mnist_classifier, models, noise, parallel, samplers, toy)
+from score_jax.config_schema import UsageError
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
@@ -166,7 +167,7 @@ def inception_weights_path(config: ml_collections.ConfigDict) -> str:
   """`eval.inception_weights`, else the fetch CLI's default file; ValueError if it is missing."""
   path = config.eval.inception_weights or os.fspath(fetch_inception.default_npz_path())
   if not os.path.isfile(path):
-    raise ValueError(f"FID Inception weights not found at {path}: run `{FETCH_COMMAND}` first "
+    raise UsageError(f"FID Inception weights not found at {path}: run `{FETCH_COMMAND}` first "
                      "(or set --config.eval.inception_weights to a converted .npz)")
   return path
 
@@ -182,7 +183,7 @@ def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
   if not os.path.isfile(path):
     command = CLASSIFIER_COMMAND.format(
         manual_dir=config.data.manual_dir or "<folder with the official MNIST .gz files>")
-    raise ValueError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
+    raise UsageError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
                      "set --config.eval.mnist_classifier_weights to a saved classifier .npz)")
   return path
 
@@ -279,7 +280,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   if ev.reference_stats:
     with np.load(ev.reference_stats) as f:
       if "mu" not in f.files or "sigma" not in f.files:
-        raise ValueError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
+        raise UsageError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
                          f"'sigma' (found {f.files})")
       return {"mu": f["mu"], "sigma": f["sigma"],
               "features": f["features"] if "features" in f.files else None}
@@ -332,7 +333,7 @@ def feature_kind(config: ml_collections.ConfigDict) -> str:
   f, d = config.eval.features, config.data
   dataset = d.dataset
   if f not in _FEATURES:
-    raise ValueError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
+    raise UsageError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
   is_toy = data.is_toy(dataset)
   if f == "auto":
     return "toy" if is_toy else "inception"
@@ -340,11 +341,11 @@ def feature_kind(config: ml_collections.ConfigDict) -> str:
     shape = (d.image_size, d.image_size, d.num_channels)
     if is_toy or shape != mnist_classifier.IMAGE_SHAPE:
       got = "toy points" if is_toy else "x".join(map(str, shape)) + " images"
-      raise ValueError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
+      raise UsageError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
                        f"data.dataset={dataset!r} has {got}; use 'inception' or 'auto'")
     return f
   if (f == "toy") != is_toy:
-    raise ValueError(f"eval.features={f!r} does not fit data.dataset={dataset!r}; use 'auto'")
+    raise UsageError(f"eval.features={f!r} does not fit data.dataset={dataset!r}; use 'auto'")
   return f
 
 
@@ -378,7 +379,7 @@ def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
   reference = reference_statistics(config, workdir, featurize, params_digest(params),
                                    kind="mnist_classifier")
   if np.shape(reference["mu"]) != (mnist_classifier.NUM_FEATURES,):
-    raise ValueError(f"eval.reference_stats={config.eval.reference_stats} holds "
+    raise UsageError(f"eval.reference_stats={config.eval.reference_stats} holds "
                      f"{np.shape(reference['mu'])[0]}-d statistics; the MNIST classifier's "
                      f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
   kid_rng = jax.random.fold_in(rng, _KID_TAG)
@@ -577,7 +578,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   steps = [s for s in available if (ev.begin_step is None or s >= ev.begin_step) and
            (ev.end_step is None or s <= ev.end_step)]
   if not steps:
-    raise ValueError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
+    raise UsageError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]

@@ -14,7 +14,7 @@ records, a global shuffle per epoch with the seed, per-record preprocessing whos
 state is a small JSON dict, saved in checkpoints, and a restored pipeline yields exactly the
 batches of an uninterrupted one.
 
-Preprocessing conventions (REFERENCE B1): values in [0, 1] (or [-1, 1] when `centered`);
+Preprocessing conventions (ermongroup/ncsnv2 `datasets/__init__.py`): values in [0, 1] (or [-1, 1] when `centered`);
 uniform dequantization (x * 255 + U[0, 1)) / 256 as NCSN v1; Gaussian dequantization N(0, 0.01^2)
 as NCSNv2; CelebA: center crop 140 then resize (NCSN); LSUN: resize the shorter side, then center
 crop; other sizes: bilinear resize (PIL) when image_size differs from the native size.
@@ -23,7 +23,6 @@ crop; other sizes: bilinear resize (PIL) when image_size differs from the native
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import pathlib
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import grain
 import numpy as np
 from PIL import Image
+
+from score_jax.idx import read_idx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +78,6 @@ def prepare_command(dataset: str, data_dir: str | None) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Raw MNIST files.
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-  """Reads an idx file (optionally .gz): the MNIST format, big-endian dims then uint8 data."""
-  opener = gzip.open if str(path).endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
-  if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-    raise ValueError(f"{path} is not an unsigned-byte idx file")
-  ndim = raw[3]
-  dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
-  return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
 
 
 def load_mnist_raw(manual_dir: str | os.PathLike, split: str = "train"

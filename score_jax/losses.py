@@ -20,7 +20,6 @@ sigma^power weighting and reduction.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +193,3 @@ def explicit_score_matching_loss(score_fn: ScoreFn, x: Float[Array, "b d"],
   loss = jnp.mean(per_example)
   return loss, {"loss": loss, **_level_metrics(per_example, levels, sigmas.shape[0])}
 
-
-LOSSES: dict[str, Callable] = {"dsm": dsm_loss, "ssm": ssm_loss,
-                               "esm": explicit_score_matching_loss}

@@ -101,22 +101,6 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
   fig.savefig(path, dpi=100)
 
 
-def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, ylabel: str,
-               logx: bool = False) -> None:
-  fig = Figure(figsize=(5, 3.5))
-  ax = fig.subplots()
-  for name, ys in ys_by_name.items():
-    ax.plot(xs, ys, marker="o", label=name)
-  if logx:
-    ax.set_xscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-
-
 def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]], path: str, *,
                        xlabel: str, errors: Mapping[str, Sequence[float]] | None = None) -> None:
   """One panel per metric, in the given order (put the main metric first), each against `xs`.

@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import nbformat
 import pytest
-from conftest import xla_flags
+from conftest import main_env, run_main, xla_flags
 from nbclient import NotebookClient
 
 from score_jax import image_data
@@ -36,11 +34,9 @@ TINY = ["--config.model.ngf=4", "--config.noise.num_scales=4", "--config.trainin
 
 
 def _train_tiny_mnist(workdir: pathlib.Path, data_dir: str) -> None:
-  env = {"XLA_FLAGS": ONE_DEVICE, "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
-         "HOME": str(pathlib.Path.home())}
-  proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/mnist_cpu.py",
-                         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *TINY],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_main("--config=configs/mnist_cpu.py", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}", *TINY, env=main_env(1, inherit=False),
+                  timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -183,7 +183,7 @@ print("finished", float(np.asarray(jax.device_get(metrics["g"]))))
 
 def test_dispatch_window_prevents_the_run_ahead_deadlock():
   """1500 pmean steps dispatched back to back on 8 simulated devices. Without the window XLA:CPU
-  deadlocked in the all-reduce within the first ~1000 steps in every try (2026-11-26)."""
+  deadlocks in the all-reduce (see `parallel.MAX_STEPS_IN_FLIGHT`)."""
   import os
   import subprocess
   import sys
