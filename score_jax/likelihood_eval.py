@@ -6,8 +6,9 @@ conversion). Toys: the negative log-likelihood in nats of `likelihood.num_exampl
 from the toy distribution (a key of its own, not the training stream); where the toy has an exact
 density, next to the true NLL of the same points and to the NLL the toy's exact score gets under
 the same protocol (the estimator's own error, e.g. of the prior, included: compare models through
-their excess over it), and for 2-D toys the model's log-density on a grid beside the true one. Both come from `score_jax.likelihood` (the probability-flow ODE in
-sigma, Song et al. 2021, Eq. 13 and Appendix D.2) between the ends of the trained noise ladder,
+their excess over it), and for 2-D toys the model's log-density on a grid beside the true one.
+Both come from `score_jax.likelihood` (the probability-flow ODE in sigma, Song et al. 2021,
+Eq. 13 and Appendix D.2) between the ends of the trained noise ladder,
 sigma_min = sigma_L and sigma_max = sigma_1, with the prior N(0, sigma_max^2 I): what is measured
 is the likelihood of the data convolved with N(0, sigma_min^2 I).
 

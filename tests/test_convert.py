@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from score_jax import checkpoint, convert, models, sample
+from score_jax import checkpoint, convert, experiment, models
 from score_jax.experiment import init_state
 from score_jax.score import make_score_fn
 
@@ -121,13 +121,14 @@ def test_unet_names_and_shapes_convert_strictly():
 
 
 def restore_workdir(workdir) -> tuple:
-  """`(config, state)` of a workdir's latest checkpoint, restored as `sample.load_checkpoint`
-  does (stored config over the schema, `train.init_state`'s structure as the target), with the
-  target built abstractly: initializing a RefineNet eagerly takes minutes on a loaded CPU."""
-  manager = checkpoint.create_writer(str(workdir), async_save=False)
+  """`(config, state)` of a workdir's latest checkpoint, restored as
+  `experiment.load_checkpoint` does (stored config over the schema, `experiment.init_state`'s
+  structure as the target), with the target built abstractly: initializing a RefineNet eagerly
+  takes minutes on a loaded CPU."""
+  manager = checkpoint.open_reader(str(workdir))
   try:
     step = checkpoint.latest_step(manager)
-    config = sample.config_from_dict(checkpoint.restore_config(manager, step))
+    config = experiment.config_from_dict(checkpoint.restore_config(manager, step))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),

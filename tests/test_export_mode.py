@@ -30,7 +30,8 @@ def _workdir(root: pathlib.Path) -> pathlib.Path:
   """A toy workdir as training writes it, with EMA weights distinct from the params."""
   config = test_config.get_config()
   state = init_state(config, models.build(config))
-  state = state.replace(step=jnp.int32(5), ema_params=(jax.tree.map(lambda a: 0.9 * a, state.params),))
+  ema = jax.tree.map(lambda a: 0.9 * a, state.params)
+  state = state.replace(step=jnp.int32(5), ema_params=(ema,))
   manager = checkpoint.create_writer(str(root / "run"), async_save=False)
   checkpoint.save(manager, 5, state, data_state={"kind": "toy", "step": 5},
                   config_json=config.to_json())
