@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from score_jax import likelihood as lik  # noqa: E402
 from score_jax import models, toy  # noqa: E402
-from score_jax.sample import load_checkpoint  # noqa: E402
+from score_jax.experiment import load_checkpoint  # noqa: E402
 from score_jax.score import make_score_fn  # noqa: E402
 
 SIGMA_MAX, SIGMA_MIN = 10.0, 0.01  # the ladder of configs/two_d.py (adversarial_toy's base)

@@ -28,14 +28,14 @@ import tempfile
 from absl import flags, logging
 from ml_collections import config_flags
 
+import score_jax
 from score_jax import config_schema, workdir_lock
 from score_jax.config_schema import UsageError
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 _MODES = ("train", "sample", "eval", "sampler_sweep", "sweep", "likelihood", "export")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
+config_flags.DEFINE_config_file("config", str(score_jax.configs_dir() / "default.py"),
                                 "Experiment config file, optionally file.py:arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples). "
                     "Default: runs/<config file name>.")
@@ -237,7 +237,24 @@ def _sweep_runs(config, workdir: str) -> list[tuple[dict, object, str]]:
   return runs
 
 
-def main(argv: list[str]) -> int:
+def _shipped_configs(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:arg]` names the shipped config NAME.py when no such file is
+  under the current directory, so an installed package takes the commands of a checkout."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, sep, rest = arg[len("--config="):].partition(":")
+      shipped = score_jax.configs_dir() / path[len("configs/"):]
+      if not os.path.exists(path) and shipped.is_file():
+        arg = f"--config={shipped}{sep}{rest}"
+    out.append(arg)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
+  status. `argv` defaults to `sys.argv`."""
+  argv = _shipped_configs(sys.argv if argv is None else argv)
   try:
     FLAGS(argv)
   except flags.Error as e:

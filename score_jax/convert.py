@@ -38,7 +38,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -268,12 +267,6 @@ def _unet_modules(ch_mult: tuple[int, ...]) -> dict[str, tuple[str, str]]:
 _UNET_RES = {"norm1": "normalize0", "conv1": "conv0", "norm2": "normalize1", "conv2": "conv1",
              "shortcut": "nin"}
 _UNET_ATTN = {"q": "Q", "k": "K", "v": "V", "proj_out": "OUT", "norm": "normalize"}
-# score_jax's UNet downsamples with TF "SAME" padding (DDPM's, pad 0 before and 1 after), the AC
-# UNet with torch `padding=1` (1 on both sides): names and shapes agree, outputs do not.
-UNET_PADDING_NOTE = (
-    "score_jax's UNet pads its stride-2 downsampling convolutions as TF 'SAME' (0 before, 1 "
-    "after) where the AC UNet pads 1 on both sides, so the converted network's outputs differ "
-    "from the reference's until score_jax/models/unet.py pads (1, 1)")
 # Reference tensors that an unconditional UNet never uses (the time embedding MLP).
 _UNET_UNUSED = re.compile(r"temb_dense\.\d+\.(weight|bias)")
 
@@ -414,8 +407,6 @@ def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
   check_config(source, config)
   ckpt = read_checkpoint(checkpoint_path)
   model, shapes = _param_shapes(config)
-  if source == "ac_unet" and len(config.model.ch_mult) > 1:
-    warnings.warn(UNET_PADDING_NOTE, stacklevel=2)
   return _convert_loaded(source, ckpt, config, model, shapes, ema=ema)
 
 
@@ -490,14 +481,14 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
 def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dict) -> None:
   """Writes `params` (as the params and every EMA slot) into a new score_jax workdir at step 0.
 
-  The state has the structure `train.init_state(config, ...)` gives (a `TrainState` with a fresh
+  The state has the structure `experiment.init_state(config, ...)` gives (a `TrainState` with a fresh
   optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
   checkpoint writer training uses, so `score_jax.load_checkpoint(workdir)` and `main.py --mode=
   sample|eval` read it. `metadata` is stored as the data-pipeline state (JSON).
   """
   import jax
   import jax.numpy as jnp
-  from score_jax import checkpoint, models, workdir_lock
+  from score_jax import checkpoint, models
   from score_jax.experiment import init_state, optimizer_from_config
   from score_jax.train_state import TrainState
 
@@ -510,14 +501,13 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
   state = score_state
   if config.adversarial.enabled:
     state = init_state(config, model).replace(score=score_state)
-  with workdir_lock.WorkdirLock(workdir, holder="convert"):
-    manager = checkpoint.create_writer(workdir, async_save=False)
-    try:
-      checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
-                      config_json=config.to_json())
-      checkpoint.wait(manager)
-    finally:
-      manager.close()
+  manager = checkpoint.create_writer(workdir, keep=1, async_save=False)
+  try:
+    checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
+                    config_json=config.to_json())
+    checkpoint.wait(manager)
+  finally:
+    manager.close()
 
 
 def _has_checkpoints(workdir: str) -> bool:
@@ -562,8 +552,6 @@ def main(argv: list[str]) -> int:
     ckpt = read_checkpoint(fv.checkpoint)
     model, shapes = _param_shapes(config)
     params = _convert_loaded(fv.source, ckpt, config, model, shapes, ema=fv.ema)
-    if fv.source == "ac_unet" and len(config.model.ch_mult) > 1:
-      print(f"warning: {UNET_PADDING_NOTE}", file=sys.stderr)
     used = "EMA" if fv.ema and ckpt.ema is not None else "raw"
     write_workdir(config, params, workdir, metadata=dict(
         source=fv.source, checkpoint=os.path.abspath(fv.checkpoint), weights=used))

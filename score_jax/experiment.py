@@ -15,7 +15,6 @@ import functools
 import importlib.util
 import json
 import os
-import pathlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -24,12 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from score_jax import checkpoint, data, gan, models, noise, parallel, samplers, steps
+from score_jax import checkpoint, configs_dir, data, gan, models, noise, parallel, samplers, steps
 from score_jax.score import make_score_fn
 from score_jax.train_state import (AdversarialState, TrainState, create_discriminator_state,
                                    create_train_state)
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+_DEFAULT_CONFIG = configs_dir() / "default.py"
 
 
 def make_optimizer(*, optimizer: str, lr: float, beta1: float, beta2: float, eps: float,

@@ -125,7 +125,8 @@ def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Exp
   """
   import jax.numpy as jnp
   from score_jax import models
-  from score_jax.experiment import config_from_dict, example_shape
+  from score_jax.experiment import config_from_dict
+  from score_jax.experiment import example_shape
 
   source = os.fspath(path_or_url)
   data = _read_bytes(source)

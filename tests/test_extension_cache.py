@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from score_jax.models import onednn_wgrad
+from score_jax.cpu import onednn_wgrad
 
 
 def test_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
