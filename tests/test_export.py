@@ -4,7 +4,6 @@ bit-identical to sampling from the workdir it came from."""
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
