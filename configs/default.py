@@ -151,5 +151,16 @@ def get_config() -> ml_collections.ConfigDict:
   ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
   ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.
 
+  # --- likelihood (--mode=likelihood: probability-flow ODE, score_jax.likelihood) ----------------
+  config.likelihood = lik = ml_collections.ConfigDict()
+  lik.trace = "auto"  # divergence: exact | rademacher | gaussian | auto (exact for toys, rademacher for images).
+  lik.num_probes = 1  # Hutchinson probes per example and evaluation (ignored by the exact trace).
+  lik.rtol = 1e-5  # relative tolerance of the Dormand-Prince solver.
+  lik.atol = 1e-5  # absolute tolerance of the Dormand-Prince solver.
+  lik.num_examples = 1000  # test examples evaluated (images: the first ones of the split; toys: drawn from the truth).
+  lik.repeats = 1  # images: uniform dequantization draws per example; toys: probe draws (1 with the exact trace).
+  lik.batch_size = 200  # examples per compiled call (and per resumable unit written to the workdir).
+  lik.split = "test"  # image split evaluated (toys: ignored).
+
   config.lock()
   return config

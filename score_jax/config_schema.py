@@ -186,10 +186,19 @@ FIELDS: dict[str, Field] = {
     "eval.sweep_methods": Field("tuple", item="str", choices=_SAMPLER_NAMES, min_len=1),
     "eval.sweep_denoise": Field("tuple", item="bool", min_len=1),
     "eval.sweep_vmap": _BOOL,
+    # likelihood
+    "likelihood.trace": _choice("auto", "exact", "rademacher", "gaussian"),
+    "likelihood.num_probes": _pos_int(),
+    "likelihood.rtol": _pos_float(),
+    "likelihood.atol": _pos_float(),
+    "likelihood.num_examples": _pos_int(),
+    "likelihood.repeats": _pos_int(),
+    "likelihood.batch_size": _pos_int(),
+    "likelihood.split": _STR,
 }
 
 # The modes a config is validated for (`sweep` validates each of its runs for "train").
-MODES = ("train", "sample", "eval", "sampler_sweep")
+MODES = ("train", "sample", "eval", "sampler_sweep", "likelihood", "export")
 
 
 def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
