@@ -100,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc.
   sampling.methods = ("als", "cas")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
+  sampling.use_ema = True  # sample (and evaluate) with the EMA weights ema_decays[0]; False: the raw weights (NCSN v1).
   sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
   sampling.num_samples = 2000  # samples written per sampling run.
   sampling.batch_size = 2000  # samples per compiled call.
@@ -142,11 +143,24 @@ def get_config() -> ml_collections.ConfigDict:
   ev.inception_weights = placeholder(str)  # .npz of converted Inception weights; None: the cache dir.
   ev.mnist_classifier_weights = placeholder(str)  # .npz of the MNIST classifier (features=mnist_classifier); None: the cache dir (python -m score_jax.mnist_classifier writes it).
   ev.reference_stats = placeholder(str)  # .npz of reference statistics; None: computed and cached.
+  ev.reference_split = placeholder(str)  # split of computed reference statistics; None: data.eval_split.
+  ev.reference_num_images = placeholder(int)  # first N images of that split; None: eval.num_samples.
   ev.sweep_step_lrs = (0.05, 0.1, 0.2)  # sampler_sweep: step_lr grid.
   ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: grid of ALS steps and PC corrector steps per level.
   ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds.
   ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
   ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.
+
+  # --- likelihood (--mode=likelihood: probability-flow ODE, score_jax.likelihood) ----------------
+  config.likelihood = lik = ml_collections.ConfigDict()
+  lik.trace = "auto"  # divergence: exact | rademacher | gaussian | auto (exact for toys, rademacher for images).
+  lik.num_probes = 1  # Hutchinson probes per example and evaluation (ignored by the exact trace).
+  lik.rtol = 1e-5  # relative tolerance of the Dormand-Prince solver.
+  lik.atol = 1e-5  # absolute tolerance of the Dormand-Prince solver.
+  lik.num_examples = 1000  # test examples evaluated (images: the first ones of the split; toys: drawn from the truth).
+  lik.repeats = 1  # images: uniform dequantization draws per example; toys: probe draws (1 with the exact trace).
+  lik.batch_size = 200  # examples per compiled call (and per resumable unit written to the workdir).
+  lik.split = "test"  # image split evaluated (toys: ignored).
 
   config.lock()
   return config

@@ -15,4 +15,6 @@ def get_config():
   config = ncsn_cifar10.get_config()
   config.name = "ncsn_celeba"
   config.data.dataset = "celeb_a"
+  config.eval.reference_split = "test"  # CelebA FIDs are against the test set (all 19,962 images).
+  config.eval.reference_num_images = 19_962
   return config

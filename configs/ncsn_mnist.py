@@ -3,8 +3,9 @@
 CondRefineNetDilated with ngf 64, conditional instance norm++, sigma 1 -> 0.01 over 10 geometric
 levels, Adam lr 1e-3, batch 128, 200k steps; ALS with step_lr 2e-5 (epsilon = 2e-5 in the reference
 code's convention), 100 steps per level, samples initialised U[0, 1], no final denoising (as in the
-paper; set sampling.denoise=True for the Tweedie step). The reference keeps no EMA; here the
-sampler reads EMA 0.999 weights (training.ema_decays).
+paper; set sampling.denoise=True for the Tweedie step). As the reference (ermongroup/ncsn
+`anneal_runner.py`, config `anneal.yml`): training data uniformly dequantized
+(x 255/256 + U/256) and samples drawn from the raw weights (no EMA; `sampling.use_ema=False`).
 
     python -m score_jax.prepare_data --dataset=mnist --manual_dir=../shared/data/mnist
     python main.py --config=configs/ncsn_mnist.py --workdir=runs/ncsn_mnist
@@ -19,6 +20,7 @@ def get_config():
   config.data.dataset = "mnist"
   config.data.image_size = 28
   config.data.num_channels = 1
+  config.data.uniform_dequantization = True
   config.model.name = "ncsn"
   config.model.ngf = 64
   config.noise.sigma_max = 1.0
@@ -35,6 +37,7 @@ def get_config():
   config.sampling.als.steps_per_sigma = 100
   config.sampling.denoise = False
   config.sampling.init = "uniform"
+  config.sampling.use_ema = False
   config.sampling.methods = ("als",)
   config.sampling.num_samples = 100
   config.sampling.batch_size = 100

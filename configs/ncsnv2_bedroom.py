@@ -1,8 +1,9 @@
 """NCSNv2 on LSUN bedroom 128 px (Song & Ermon 2020; samples only, no published FID).
 
 NCSNv2Deeper at 128 px, sigma 190 -> 0.01 over 1086 levels, Adam 1e-4, batch 128, 150k steps,
-EMA 0.999; ALS step_lr 1.8e-6, 3 steps per level, final denoising. Preparing LSUN needs TensorFlow
-(requirements-prepare.txt).
+EMA 0.999; ALS step_lr 1.8e-6, 3 steps per level, final denoising; `validation` as the evaluation
+split (inherited). Reference config: ermongroup/ncsnv2 `configs/bedroom.yml`. Preparing LSUN needs
+TensorFlow (requirements-prepare.txt).
 
     python main.py --config=configs/ncsnv2_bedroom.py --workdir=runs/ncsnv2_bedroom
 """

@@ -2,6 +2,7 @@
 
 Notebook entry points (imported lazily so `import score_jax` stays cheap):
   `load_checkpoint(workdir, step=None) -> (config, state)`
+  `load(path_or_url) -> (config, state)` from a file written by `--mode=export`
   `make_sampler(config, state, method=None, **overrides) -> (rng, n) -> samples`
 """
 
@@ -41,7 +42,7 @@ def _check_versions(python: tuple[int, ...] = tuple(sys.version_info),
 
 _check_versions()
 
-__all__ = ["cache_dir", "configs_dir", "load_checkpoint", "make_sampler"]
+__all__ = ["cache_dir", "configs_dir", "load", "load_checkpoint", "make_sampler"]
 
 
 def cache_dir() -> pathlib.Path:
@@ -52,8 +53,16 @@ def cache_dir() -> pathlib.Path:
 
 
 def configs_dir() -> pathlib.Path:
-  """The folder of the shipped configs (`default.py` is the schema): `score_jax/configs` of an
-  installed package, else `configs/` of the source checkout that holds this package."""
+  """The folder of the shipped configs (`default.py` is the schema): `configs/` of the source
+  checkout that holds this package, else `score_jax/configs` of an installed package.
+
+  The checkout comes first: an editable install maps `score_jax.configs` to the checkout it was
+  made from, which is not this package's when the package is imported from another checkout
+  (a git worktree) with the same environment.
+  """
+  checkout = pathlib.Path(__file__).resolve().parent.parent
+  if (checkout / "configs" / "default.py").is_file() and (checkout / "pyproject.toml").is_file():
+    return checkout / "configs"
   try:
     from score_jax import configs  # installed (also in editable mode): maps configs/ in
   except ImportError:
@@ -65,6 +74,17 @@ def load_checkpoint(workdir, step=None):
   """Returns `(config, state)` restored from `workdir` (latest step if `step` is None)."""
   from score_jax import experiment
   return experiment.load_checkpoint(workdir, step=step)
+
+
+def load(path_or_url):
+  """Returns `(config, state)` from an export file (a path or an http(s)/file URL).
+
+  The file is one written by `python main.py --mode=export` (or `score_jax.export.write`): the
+  EMA parameters and the config, no optimizer state. `make_sampler(config, state)` then samples
+  exactly as from the workdir it was exported from.
+  """
+  from score_jax import export
+  return export.load(path_or_url)
 
 
 def make_sampler(config, state, method=None, **overrides):

@@ -5,9 +5,13 @@
   python main.py --config=configs/two_d.py:swiss_roll --config.training.num_train_steps=500
   python main.py --mode=sample --workdir=runs/default   # sample from the latest checkpoint
   python main.py --mode=sweep --config=configs/default.py  # runs get_sweep() of the config file
+  python main.py --mode=likelihood --workdir=runs/default  # test-set NLL / bits per dim
+  python main.py --mode=export --workdir=runs/default   # EMA params + config in one file
 
 Modes: train (train, then sample with each of `sampling.methods` and write results), sample (with
-`sampling.method`), eval, sampler_sweep, sweep.
+`sampling.method`), eval, sampler_sweep, sweep, likelihood (the test set's likelihood under the
+latest checkpoint, `score_jax.likelihood_eval`), export (the latest checkpoint's EMA parameters and
+config as one file, `score_jax.export`; `--export_path`, default `<workdir>/export.msgpack`).
 Bad input (unknown config file or key, wrong type, inconsistent values, unwritable workdir,
 incompatible checkpoint) prints one line and exits with status 2, before anything is written.
 """
@@ -28,7 +32,7 @@ import score_jax
 from score_jax import config_schema, paths, workdir_lock
 from score_jax.config_schema import UsageError
 
-_MODES = ("train", "sample", "eval", "sampler_sweep", "sweep")
+_MODES = ("train", "sample", "eval", "sampler_sweep", "sweep", "likelihood", "export")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(score_jax.configs_dir() / "default.py"),
@@ -37,10 +41,12 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples)
                     "Default: runs/<config file name>.")
 flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
+flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
+                    "(default: <workdir>/export.msgpack).")
 
 
 # Modes that read an existing workdir; without --config they start from the checkpoint's config.
-_READER_MODES = ("sample", "eval", "sampler_sweep")
+_READER_MODES = ("sample", "eval", "sampler_sweep", "likelihood", "export")
 
 
 def validate(config, mode: str, num_devices: int | None = None) -> None:
@@ -200,6 +206,28 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
       validate(config, mode, FLAGS.num_devices)
     evaluate.run(config, workdir, mode=mode)
+  elif mode in ("likelihood", "export"):
+    export_path = FLAGS.export_path or os.path.join(workdir, "export.msgpack")
+    if mode == "export" and not os.access(os.path.dirname(os.path.abspath(export_path)), os.W_OK):
+      raise UsageError(f"--export_path={export_path}: its folder does not exist or is not "
+                       "writable; pass a path in an existing, writable folder")
+    loaded_config, state = experiment.load_checkpoint(workdir)
+    if FLAGS["config"].present:
+      experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
+    else:
+      config = _with_cli_overrides(loaded_config, config)
+      validate(config, mode, FLAGS.num_devices)
+    if mode == "likelihood":
+      from score_jax import likelihood_eval
+      row = likelihood_eval.run(config, state, workdir)
+      if parallel.is_main_process():
+        print(likelihood_eval.format_row(row))
+        print(f"rows in {os.path.join(os.path.abspath(workdir), 'likelihood.jsonl')} and .csv")
+    elif parallel.is_main_process():
+      from score_jax import export
+      export.write(export_path, config, state)
+      print(f"exported step {int(state.step)} (EMA parameters and config) to "
+            f"{os.path.abspath(export_path)}")
   elif mode == "sweep":
     runs = sweep_runs if sweep_runs is not None else _sweep_runs(config, workdir)
     for i, (overrides, sub_config, sub) in enumerate(runs):

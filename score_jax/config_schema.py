@@ -145,6 +145,7 @@ FIELDS: dict[str, Field] = {
     "sampling.method": _choice(*_SAMPLER_NAMES),
     "sampling.methods": Field("tuple", item="str", choices=_SAMPLER_NAMES, min_len=1),
     "sampling.denoise": _BOOL,
+    "sampling.use_ema": _BOOL,
     "sampling.init": _choice("uniform", "gaussian"),
     "sampling.num_samples": _pos_int(),
     "sampling.batch_size": _pos_int(),
@@ -178,15 +179,26 @@ FIELDS: dict[str, Field] = {
     "eval.inception_weights": _OPT_STR,
     "eval.mnist_classifier_weights": _OPT_STR,
     "eval.reference_stats": _OPT_STR,
+    "eval.reference_split": _OPT_STR,
+    "eval.reference_num_images": _pos_int(optional=True),
     "eval.sweep_step_lrs": Field("tuple", 0.0, None, open_low=True, item="float", min_len=1),
     "eval.sweep_steps_per_sigma": Field("tuple", 1, None, item="int", min_len=1),
     "eval.sweep_methods": Field("tuple", item="str", choices=_SAMPLER_NAMES, min_len=1),
     "eval.sweep_denoise": Field("tuple", item="bool", min_len=1),
     "eval.sweep_vmap": _BOOL,
+    # likelihood
+    "likelihood.trace": _choice("auto", "exact", "rademacher", "gaussian"),
+    "likelihood.num_probes": _pos_int(),
+    "likelihood.rtol": _pos_float(),
+    "likelihood.atol": _pos_float(),
+    "likelihood.num_examples": _pos_int(),
+    "likelihood.repeats": _pos_int(),
+    "likelihood.batch_size": _pos_int(),
+    "likelihood.split": _STR,
 }
 
 # The modes a config is validated for (`sweep` validates each of its runs for "train").
-MODES = ("train", "sample", "eval", "sampler_sweep")
+MODES = ("train", "sample", "eval", "sampler_sweep", "likelihood", "export")
 
 
 def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

@@ -483,8 +483,8 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
 def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dict) -> None:
   """Writes `params` (as the params and every EMA slot) into a new score_jax workdir at step 0.
 
-  The state has the structure `experiment.init_state(config, ...)` gives (a `TrainState` with a fresh
-  optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
+  The state has the structure `experiment.init_state(config, ...)` gives (a `TrainState` with a
+  fresh optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
   checkpoint writer training uses, so `score_jax.load_checkpoint(workdir)` and `main.py --mode=
   sample|eval` read it. `metadata` is stored as the data-pipeline state (JSON).
   """
@@ -500,6 +500,8 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
   # TrainState.create as train_state.create_train_state does, without initializing the network.
   score_state = TrainState.create(apply_fn=model.apply, params=new_params,
                                   tx=optimizer_from_config(config), ema_params=ema)
+  # The step as training saves it (int32); a Python int would be saved as int64.
+  score_state = score_state.replace(step=jnp.asarray(0, jnp.int32))
   state = score_state
   if config.adversarial.enabled:
     state = init_state(config, model).replace(score=score_state)

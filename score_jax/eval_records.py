@@ -24,7 +24,11 @@ from score_jax.metric_writers import MetricWriter
 SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "corrector_steps",
                 "denoise", "init")
 # What a row was evaluated at, as opposed to what it measured (the CSV's first columns).
-SETTING_COLUMNS = ("step", *SETTING_KEYS, "num_samples", "features", "seed")
+# What a row was measured against: the feature network's weights and the reference statistics
+# (digests; absent for toys, whose reference is the exact distribution).
+IDENTITY_KEYS = ("features_digest", "reference_digest")
+SETTING_COLUMNS = ("step", *SETTING_KEYS, "num_samples", "features", "seed", "protocol",
+                   *IDENTITY_KEYS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,22 +36,24 @@ SETTING_COLUMNS = ("step", *SETTING_KEYS, "num_samples", "features", "seed")
 
 
 def entry_key(row: dict) -> tuple:
-  """What identifies an evaluation: step, sampler settings, sample count, feature kind, seed.
+  """What identifies an evaluation: step, sampler settings, sample count, features, seed, reference.
 
   Two rows with the same key measure the same thing (every draw's keys fold from `config.seed`),
   so a stored row stands in for a rerun. Knobs a row lacks count as None; `features` is part of
-  the key because one checkpoint's FID in Inception and in MNIST-classifier space differ.
+  the key because one checkpoint's FID in Inception and in MNIST-classifier space differ, and
+  the digests of the feature weights and of the reference statistics are, so that new weights
+  or another reference set evaluate again.
 
   Args:
     row: an entry or a stored JSON row with `step`, `num_samples`, `features` and the
-      `SETTING_KEYS`.
+      `SETTING_KEYS` (and `IDENTITY_KEYS` for image features).
 
   Returns:
     `(step, method, step_lr, steps_per_sigma, n_sigma, snr, corrector_steps, denoise, init,
-    num_samples, features, seed)`.
+    num_samples, features, seed, features_digest, reference_digest)`.
   """
   return (int(row["step"]), *(row.get(k) for k in SETTING_KEYS), int(row["num_samples"]),
-          row.get("features"), row.get("seed"))
+          row.get("features"), row.get("seed"), *(row.get(k) for k in IDENTITY_KEYS))
 
 
 def _from_json(v: Any) -> Any:

@@ -13,9 +13,17 @@
   against step_lr (one line per method, steps per level and denoising) to `sampler_sweep.png`.
 
 Both modes resume: an entry whose `eval_records.entry_key` (checkpoint step, sampler settings,
-number of samples, feature space, seed) already has a row in the JSON lines is not evaluated
-again; its stored row joins the table, the CSV, the plot and the ranking. An interrupted run,
-rerun, evaluates only the missing entries.
+number of samples, feature space, seed, digests of the feature weights and of the reference
+statistics) already has a row in the JSON lines is not evaluated again; its stored row joins the
+table, the CSV, the plot and the ranking. Within an entry, the features of each finished batch
+of samples are kept under `<workdir>/eval_cache/batches/<digest>/` until the row is written, so
+an evaluation interrupted mid-way continues from its last finished batch. Every row states its
+protocol (`protocol`: sample count and reference set).
+
+Samples are drawn over every device of every host (`parallel.shard_sampler`): sample k comes
+from the key folded from (seed, k), so the numbers do not depend on the device count, the hosts
+or `eval.batch_size`. Inception and classifier features run over every device too
+(`parallel.batch_map`). Progress bars (`tqdm.auto`) show the rate and the time left.
 
 Metrics (`score_jax.metrics`, `score_jax.toy`):
 * toys: unbiased RBF-kernel MMD^2 (main metric) and energy distance against samples of the true
@@ -25,8 +33,9 @@ Metrics (`score_jax.metrics`, `score_jax.toy`):
   pool3 features of the FID Inception network. Samples are mapped to [0, 1], clipped and
   quantized to 8 bits (as images saved to PNG, the protocol of the NCSN/NCSNv2 FID numbers);
   grayscale is repeated to three channels. Reference statistics come from `eval.reference_stats`
-  or from the first `eval.num_samples` images of `data.eval_split` (unshuffled, not dequantized),
-  cached with their features under `<workdir>/eval_cache/`;
+  or from the first `eval.reference_num_images` images of `eval.reference_split` (defaults:
+  `eval.num_samples`, `data.eval_split`; unshuffled, not dequantized), cached with their features
+  under `<workdir>/eval_cache/`;
 * MNIST (`eval.features="mnist_classifier"`, 28x28x1 images only): the same FID formula and KID
   (`fid_mnist`, the main metric, and `kid_mnist`) on the 128-d penultimate features of the
   project's digit classifier (`score_jax.mnist_classifier`), with samples mapped and quantized as
@@ -41,7 +50,6 @@ setting (common random numbers), so evaluations are reproducible and comparable.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -54,7 +62,7 @@ import ml_collections
 import numpy as np
 
 from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
-                       metrics, mnist_classifier, models, noise, parallel, samplers, toy)
+                       metrics, mnist_classifier, models, noise, parallel, progress, samplers, toy)
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
@@ -90,10 +98,14 @@ class Evaluator:
     main_metric: the metric that ranks checkpoints and sampler settings (lower is better).
     featurize: `[b, ...]` samples -> dict of per-example arrays `[b, ...]`.
     score: the concatenated features of all samples -> flat dict of metrics.
+    identity: what the numbers are measured against, stored in every row and part of its
+      `entry_key`: `protocol` (a readable description of the reference), `features_digest` (the
+      feature network's weights) and `reference_digest` (the reference statistics).
   """
   main_metric: str
   featurize: Callable[[np.ndarray], Features]
   score: Callable[[Features], dict[str, Any]]
+  identity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,17 +152,32 @@ def to_inception_input(x: np.ndarray, *, centered: bool) -> tuple[np.ndarray, np
   return x, finite
 
 
-def make_inception_fn(variables: inception.Variables) -> Callable[[np.ndarray], Features]:
+def make_inception_fn(variables: inception.Variables, mesh: jax.sharding.Mesh | None = None
+                      ) -> Callable[[np.ndarray], Features]:
   """A map from images `[b, h, w, 3]` in [0, 1] to `{"pool": [b, 2048]}` (+ `"logits"` `[b, 1008]`).
 
-  Logits are returned when the weights hold the `fc` layer (`inception.has_logits`).
+  Runs over every device of `mesh` (all devices of all hosts by default). Logits are returned
+  when the weights hold the `fc` layer (`inception.has_logits`).
   """
-  if inception.has_logits(variables):
-    model = inception.InceptionV3FID(with_logits=True)
-    apply = jax.jit(model.apply)
-    return lambda x: {k: np.asarray(v) for k, v in apply(variables, x).items()}
-  pool_fn = inception.features_fn(variables)
-  return lambda x: {"pool": np.asarray(pool_fn(x))}
+  with_logits = inception.has_logits(variables)
+  model = inception.InceptionV3FID(with_logits=with_logits)
+  if not with_logits:
+    variables = {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
+                 "batch_stats": variables["batch_stats"]}
+  return device_features(lambda v, x: dict(model.apply(v, x)), variables, mesh)
+
+
+def device_features(apply: Callable[[Any, jax.Array], Any], params: Any,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable[[np.ndarray], Any]:
+  """`apply(params, x)` over the rows of host batches split across every device of `mesh`.
+
+  The parameters are placed on the devices once; a batch of any size (padded to the device
+  count, see `parallel.batch_map`) returns host arrays.
+  """
+  mesh = mesh or parallel.make_mesh()
+  params = parallel.replicate(params, mesh)
+  p_apply = parallel.batch_map(apply, mesh)
+  return lambda x: p_apply(params, np.asarray(x, np.float32))
 
 
 def image_features(net: Callable[[np.ndarray], Features], x: np.ndarray, *,
@@ -197,6 +224,13 @@ def params_digest(params: Any) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
     digest.update(a.tobytes())
   return digest.hexdigest()
+
+
+def classifier_features_fn(params: Any, mesh: jax.sharding.Mesh | None = None
+                           ) -> Callable[[np.ndarray], np.ndarray]:
+  """The classifier's 128-d features of digits `[b, 28, 28, 1]` in [0, 1], over all devices."""
+  model = mnist_classifier.MnistClassifier()
+  return device_features(lambda p, x: model.apply({"params": p}, x)[1], params, mesh)
 
 
 def classifier_features(net: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *,
@@ -251,10 +285,26 @@ def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
   return out
 
 
+def reference_split(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """The split and image count of computed reference statistics.
+
+  `eval.reference_split` (None: `data.eval_split`) and `eval.reference_num_images` (None:
+  `eval.num_samples`). The papers' protocol: the 50k CIFAR-10 training images (the TTUR
+  statistics of NCSNv2 and the adversarial/CAS paper), the CelebA test set.
+  """
+  ev = config.eval
+  split = ev.reference_split or config.data.eval_split
+  n = ev.reference_num_images or ev.num_samples
+  if n < 2:
+    raise ValueError(f"eval.reference_num_images={n}: reference statistics need at least 2 images")
+  return split, int(n)
+
+
 def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
-  d, n = config.data, config.eval.num_samples
+  d = config.data
+  split, n = reference_split(config)
   prefix = "ref_stats" if kind == "inception" else f"ref_stats_{kind}"
-  name = f"{prefix}_{d.dataset.replace('/', '-')}_{d.eval_split}_{n}.npz"
+  name = f"{prefix}_{d.dataset.replace('/', '-')}_{split}_{n}.npz"
   return storage.join(workdir, "eval_cache", name)
 
 
@@ -264,9 +314,9 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   """Reference `{"mu", "sigma", "features"}`: from `eval.reference_stats`, the cache, or data.
 
   A given `.npz` must hold `mu` and `sigma` (KID also needs `features`, else it is skipped).
-  Computed statistics use the first `eval.num_samples` images of `data.eval_split` without
-  shuffling, flips or dequantization, and are cached (one file per feature kind) with a
-  description of how they were made (feature kind, weights, image size, channels, data path); a
+  Computed statistics use the first `reference_num_images` images of the reference split
+  (`reference_split`) without shuffling, flips or dequantization, and are cached (one file per
+  feature kind) with a description of how they were made (feature kind, weights, image size, channels, data path); a
   cache made differently is recomputed.
 
   Args:
@@ -283,7 +333,8 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     if "mu" not in f or "sigma" not in f:
       raise UsageError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
                        f"'sigma' (found {list(f)})")
-    return {"mu": f["mu"], "sigma": f["sigma"], "features": f.get("features")}
+    return {"mu": f["mu"], "sigma": f["sigma"], "features": f.get("features"),
+            "protocol": f"statistics file {os.path.basename(ev.reference_stats)}"}
   d = config.data
   description = {"weights": weights_id, "image_size": d.image_size,
                  "num_channels": d.num_channels, "path": d.path, "data_dir": d.data_dir}
@@ -291,32 +342,50 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     description = {"kind": kind, **description}
   meta = json.dumps(description)
   path = _reference_path(config, workdir, kind)
+  split, n = reference_split(config)
+  protocol = f"{d.dataset}:{split} first {n} images"
   if storage.isfile(path):
     f = storage.load_npz(path)
     if "meta" in f and str(f["meta"]) == meta:
-      return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"]}
-  available = image_data.num_records(dataset=d.dataset, split=d.eval_split,
-                                     data_dir=d.data_dir, path=d.path)
-  if ev.num_samples > available:
-    raise ValueError(f"eval.num_samples={ev.num_samples} exceeds the {available} images of "
-                     f"{d.dataset}/{d.eval_split} (the reference statistics would repeat images); "
-                     "lower eval.num_samples or give eval.reference_stats")
+      return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"],
+              "protocol": protocol}
+  available = image_data.num_records(dataset=d.dataset, split=split, data_dir=d.data_dir,
+                                     path=d.path)
+  if n > available:
+    setting = "eval.reference_num_images" if ev.reference_num_images else "eval.num_samples"
+    raise ValueError(f"{setting}={n} exceeds the {available} images of {d.dataset}/{split} (the "
+                     f"reference statistics would repeat images); lower {setting} or give "
+                     "eval.reference_stats")
   ref_config = config.copy_and_resolve_references()
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
-  batch = min(ev.batch_size, ev.num_samples)
-  it = experiment.iterator_from_config(ref_config, split=d.eval_split, seed=config.seed,
-                                  batch_size=batch, shuffle=False)
+  batch = min(ev.batch_size, n)
+  # Every process reads the same images: `featurize` splits each batch over all devices.
+  it = experiment.iterator_from_config(ref_config, split=split, seed=config.seed,
+                                       batch_size=batch, shuffle=False, per_process=False)
   parts, count = [], 0
-  while count < ev.num_samples:
-    parts.append(featurize(np.asarray(next(it)["x"])))
-    count += batch
-  features = np.concatenate([p["pool"] for p in parts])[:ev.num_samples]
+  with progress.bar(n, f"reference {d.dataset}:{split}",
+                    unit="image") as pbar:
+    while count < n:
+      parts.append(featurize(np.asarray(next(it)["x"])))
+      pbar.update(min(batch, n - count))
+      count += batch
+  features = np.concatenate([p["pool"] for p in parts])[:n]
   mu, sigma = metrics.feature_stats(features)
   if parallel.is_main_process():
     storage.save_npz(path, mu=mu, sigma=sigma, features=features.astype(np.float32),
-                   meta=np.array(meta))
-  return {"mu": mu, "sigma": sigma, "features": features}
+                     meta=np.array(meta))
+  return {"mu": mu, "sigma": sigma, "features": features, "protocol": protocol}
+
+
+def stats_digest(reference: dict[str, Any]) -> str:
+  """sha256 (first 16 hex digits) of reference statistics `mu` and `sigma`: names the reference."""
+  digest = hashlib.sha256()
+  for name in ("mu", "sigma"):
+    a = np.ascontiguousarray(np.asarray(reference[name], np.float64))
+    digest.update(f"{name}:{a.shape};".encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,25 +422,33 @@ def _toy_evaluator(config: ml_collections.ConfigDict, rng: jax.Array) -> Evaluat
   return Evaluator(
       main_metric=MAIN_METRICS["toy"],
       featurize=lambda x: {"x": np.asarray(x, np.float32)},
-      score=lambda f: toy.sample_metrics(f["x"], distribution, reference_rng))
+      score=lambda f: toy.sample_metrics(f["x"], distribution, reference_rng),
+      identity={"protocol": f"against exact samples of {config.data.dataset}"})
 
 
 def _inception_evaluator(config: ml_collections.ConfigDict, workdir: str,
                          rng: jax.Array) -> Evaluator:
   weights_path = inception_weights_path(config)
-  net = make_inception_fn(inception.load_params(weights_path))
+  variables = inception.load_params(weights_path)
+  net = make_inception_fn(variables)
   centered = config.data.centered
   featurize = lambda x: image_features(net, x, centered=centered)
   reference = reference_statistics(config, workdir, featurize, os.path.basename(weights_path))
   kid_rng = jax.random.fold_in(rng, _KID_TAG)
   return Evaluator(main_metric=MAIN_METRICS["inception"], featurize=featurize,
-                   score=lambda f: image_metrics(f, reference, kid_rng))
+                   score=lambda f: image_metrics(f, reference, kid_rng),
+                   identity=_identity(reference, params_digest(variables)))
+
+
+def _identity(reference: dict[str, Any], weights_digest: str) -> dict[str, str]:
+  return {"protocol": f"against {reference['protocol']}",
+          "features_digest": weights_digest[:16], "reference_digest": stats_digest(reference)}
 
 
 def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
                           rng: jax.Array) -> Evaluator:
   params = mnist_classifier.load_checked(classifier_weights_path(config))
-  net = mnist_classifier.features_fn(params)
+  net = classifier_features_fn(params)
   centered = config.data.centered
   featurize = lambda x: classifier_features(net, x, centered=centered)
   reference = reference_statistics(config, workdir, featurize, params_digest(params),
@@ -382,7 +459,8 @@ def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
                      f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
   kid_rng = jax.random.fold_in(rng, _KID_TAG)
   return Evaluator(main_metric=MAIN_METRICS["mnist_classifier"], featurize=featurize,
-                   score=lambda f: classifier_metrics(f, reference, kid_rng))
+                   score=lambda f: classifier_metrics(f, reference, kid_rng),
+                   identity=_identity(reference, params_digest(params)))
 
 
 def make_evaluator(config: ml_collections.ConfigDict, workdir: str, rng: jax.Array) -> Evaluator:
@@ -405,33 +483,103 @@ def make_evaluator(config: ml_collections.ConfigDict, workdir: str, rng: jax.Arr
 # Drawing, checkpoints, tables.
 
 
-def draw_features(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator, *,
-                  num_samples: int, batch_size: int, rng: jax.Array) -> Features:
-  """Features of `num_samples` samples drawn in batches (batch i uses `fold_in(rng, i)`).
+def draw_features(sample_batch: Callable[[int, int], np.ndarray], evaluator: Evaluator, *,
+                  num_samples: int, batch_size: int, cache_dir: str | None = None,
+                  desc: str = "sample") -> Features:
+  """Features of samples 0..num_samples-1 drawn in batches (see `draw_features_stacked`).
+
+  Args:
+    sample_batch: `(start, n) -> samples [n, ...]`, samples start..start+n-1 of one sequence.
+  """
+  return draw_features_stacked(lambda start, n: np.asarray(sample_batch(start, n))[:, None],
+                               evaluator, num_samples=num_samples, batch_size=batch_size,
+                               cache_dir=cache_dir, desc=desc)[0]
+
+
+def draw_features_stacked(sample_batch: Callable[[int, int], np.ndarray], evaluator: Evaluator,
+                          *, num_samples: int, batch_size: int, cache_dir: str | None = None,
+                          desc: str = "sample") -> list[Features]:
+  """Features of k settings' samples, drawn in batches with a progress bar; resumable.
 
   Every call draws a full batch, so the sampler and the feature network compile once; the
-  surplus of the last batch is dropped.
-  """
-  return draw_features_stacked(lambda r, n: sample_fn(r, n)[None], evaluator,
-                               num_samples=num_samples, batch_size=batch_size, rng=rng)[0]
+  surplus of the last batch is dropped. With `cache_dir`, each finished batch's features are
+  saved there, and batches found there are not drawn again: an interrupted evaluation, rerun,
+  continues where it stopped. The caller names the directory by everything that determines the
+  features (settings, sample count, batch size, feature weights, seed).
 
+  Args:
+    sample_batch: `(start, n) -> samples [n, k, ...]`: samples start..start+n-1 of each of k
+      settings (setting j's samples are those a sampler of setting j alone draws).
+    evaluator: its `featurize` maps samples `[b, ...]` to per-example features.
+    num_samples: the number of samples per setting.
+    batch_size: samples per batch.
+    cache_dir: where finished batches are kept, or None.
+    desc: the progress bar's label.
 
-def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator,
-                          *, num_samples: int, batch_size: int, rng: jax.Array
-                          ) -> list[Features]:
-  """`draw_features` for a sampler returning `[k, n, ...]`: k settings drawn in one program.
-
-  Setting j's samples are those a sampler of setting j alone draws from the same keys.
+  Returns:
+    One features dict per setting, each array `[num_samples, ...]`.
   """
   batch = min(batch_size, num_samples)
-  parts: list[list[Features]] = []
-  for i in range(-(-num_samples // batch)):
-    xs = np.asarray(sample_fn(jax.random.fold_in(rng, i), batch))
-    keep = min(batch, num_samples - i * batch)
-    parts = parts or [[] for _ in range(len(xs))]
-    for j, x in enumerate(xs):
-      parts[j].append({k: v[:keep] for k, v in evaluator.featurize(x).items()})
-  return [{k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for ps in parts]
+  num_batches = -(-num_samples // batch)
+  keep = [min(batch, num_samples - i * batch) for i in range(num_batches)]
+  parts = _load_batches(cache_dir, num_batches)
+  with progress.bar(num_samples, desc, initial=sum(keep[i] for i in parts)) as pbar:
+    for i in range(num_batches):
+      if i in parts:
+        continue
+      xs = np.asarray(sample_batch(i * batch, batch))[:keep[i]]
+      parts[i] = [evaluator.featurize(xs[:, j]) for j in range(xs.shape[1])]
+      if cache_dir is not None and parallel.is_main_process():
+        _save_batch(cache_dir, i, parts[i])
+      pbar.update(keep[i])
+  return [{name: np.concatenate([parts[i][j][name] for i in range(num_batches)])
+           for name in parts[0][j]} for j in range(len(parts[0]))]
+
+
+def _batch_path(cache_dir: str, i: int) -> str:
+  return storage.join(cache_dir, f"batch_{i:06d}.npz")
+
+
+def _save_batch(cache_dir: str, i: int, features: list[Features]) -> None:
+  storage.save_npz(_batch_path(cache_dir, i),
+                   **{f"{j}.{name}": v for j, f in enumerate(features) for name, v in f.items()})
+
+
+def _load_batches(cache_dir: str | None, num_batches: int) -> dict[int, list[Features]]:
+  """The finished batches kept in `cache_dir` (a file that does not load is drawn again)."""
+  parts: dict[int, list[Features]] = {}
+  if cache_dir is None or not storage.isdir(cache_dir):
+    return parts
+  for i in range(num_batches):
+    try:
+      f = storage.load_npz(_batch_path(cache_dir, i))
+      settings: dict[int, Features] = {}
+      for key in f:
+        j, name = key.split(".", 1)
+        settings.setdefault(int(j), {})[name] = f[key]
+    except (OSError, ValueError, EOFError):
+      continue
+    parts[i] = [settings[j] for j in sorted(settings)]
+  return parts
+
+
+def batch_cache_dir(workdir: str, entries: list[dict], batch_size: int) -> str:
+  """Where the finished batches of `entries` (evaluated together) are kept until their rows are.
+
+  The name is a digest of the entries' keys (settings, checkpoint, sample count, features,
+  reference, seed) and the batch size, so batches of another evaluation are never mixed in.
+  """
+  ident = json.dumps([list(entry_key(e)) for e in entries] + [batch_size], default=str)
+  name = hashlib.sha256(ident.encode()).hexdigest()[:20]
+  return storage.join(workdir, "eval_cache", "batches", name)
+
+
+def _drop_batches(cache_dir: str) -> None:
+  if parallel.is_main_process():
+    try:
+      storage.as_path(cache_dir).rmtree(missing_ok=True)
+    except OSError:
+      pass  # a batch cache left behind is only disk space: the rows are already written
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
@@ -481,52 +629,67 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) 
   return state
 
 
-def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
-  """`experiment.make_sampler` taking the params as an argument: one program for all checkpoints.
+def _checkpoint_sampler(config: ml_collections.ConfigDict, method: str | None = None,
+                        **overrides) -> Callable[[Any, jax.Array, int, int], np.ndarray]:
+  """`experiment.make_sample_fn` over all devices, taking the params as an argument.
 
   Returns:
-    A jitted `(params, rng, n) -> samples` with the configured sampler.
+    `p_sample(params, rng, start, n)`: samples start..start+n-1 (`parallel.shard_sampler`), one
+    compiled program for all checkpoints.
   """
+  method = method or config.sampling.method
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config),
-                                 method=config.sampling.method, init=config.sampling.init,
-                                 **experiment.sampler_kwargs(config))
-  return jax.jit(fn, static_argnums=2)
+                                 method=method, init=experiment.sampler_init(config, method),
+                                 **{**experiment.sampler_kwargs(config, method), **overrides})
+  return parallel.shard_sampler(fn, parallel.make_mesh())
 
 
-def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator,
-                      config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+def _evaluate_sampler(p_sample, params: Any, evaluator: Evaluator, entry: dict,
+                      config: ml_collections.ConfigDict, workdir: str, rng: jax.Array,
+                      desc: str) -> tuple[dict[str, Any], str]:
+  """Measures one sampler setting; returns the measurements and its batch cache directory."""
   start = time.time()
-  features = draw_features(sample_fn, evaluator, num_samples=config.eval.num_samples,
-                           batch_size=config.eval.batch_size,
-                           rng=jax.random.fold_in(rng, _SAMPLE_TAG))
-  return {**score_finite(evaluator, features), "seconds": time.time() - start}
+  cache_dir = batch_cache_dir(workdir, [entry], config.eval.batch_size)
+  sample_rng = jax.random.fold_in(rng, _SAMPLE_TAG)
+  features = draw_features(lambda first, n: p_sample(params, sample_rng, first, n), evaluator,
+                           num_samples=config.eval.num_samples,
+                           batch_size=config.eval.batch_size, cache_dir=cache_dir, desc=desc)
+  measured = {**score_finite(evaluator, features), "seconds": time.time() - start}
+  return measured, cache_dir
 
 
 def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
-                       evaluator: Evaluator, rng: jax.Array) -> list[dict[str, Any]]:
+                       evaluator: Evaluator, workdir: str, rng: jax.Array
+                       ) -> tuple[list[dict[str, Any]], str]:
   """Evaluates settings that differ only in step_lr as one program vmapped over the step sizes.
 
-  Each setting sees the keys `_evaluate_sampler` would give it alone, so the numbers equal a
+  Each setting draws the samples `_evaluate_sampler` would give it alone, so the numbers equal a
   one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
   """
   e0 = entries[0]
   kwargs = {**experiment.sampler_kwargs(config, e0["method"]), **_sampler_args(e0)}
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config), method=e0["method"],
-                                 init=config.sampling.init, **kwargs)
+                                 init=experiment.sampler_init(config, e0["method"]), **kwargs)
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
-  many = jax.jit(lambda p, r, n: jax.vmap(lambda lr: fn(p, r, n, step_lr=lr))(lrs),
-                 static_argnums=2)
-  params = state.ema_params[0]
+
+  def many(params, keys):
+    xs = jax.vmap(lambda lr: fn(params, keys, step_lr=lr))(lrs)
+    return jax.numpy.moveaxis(xs, 0, 1)
+
+  p_sample = parallel.shard_sampler(many, parallel.make_mesh())
+  params = experiment.sampling_params(config, state)
+  sample_rng = jax.random.fold_in(rng, _SAMPLE_TAG)
+  cache_dir = batch_cache_dir(workdir, entries, config.eval.batch_size)
   start = time.time()
-  features = draw_features_stacked(lambda r, n: many(params, r, n), evaluator,
-                                   num_samples=config.eval.num_samples,
-                                   batch_size=config.eval.batch_size,
-                                   rng=jax.random.fold_in(rng, _SAMPLE_TAG))
+  features = draw_features_stacked(lambda first, n: p_sample(params, sample_rng, first, n),
+                                   evaluator, num_samples=config.eval.num_samples,
+                                   batch_size=config.eval.batch_size, cache_dir=cache_dir,
+                                   desc=f"sweep {e0['method']} x{len(entries)} step_lr")
   seconds = (time.time() - start) / len(entries)
   return [{**score_finite(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
-          for f in features]
+          for f in features], cache_dir
 
 
 def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
@@ -537,6 +700,15 @@ def _step_lr_groups(entries: list[dict]) -> list[list[dict]]:
            else id(e))
     groups.setdefault(key, []).append(e)
   return list(groups.values())
+
+
+def _entry(config: ml_collections.ConfigDict, evaluator: Evaluator, kind: str, **settings
+           ) -> dict:
+  """An evaluation's settings: checkpoint, sampler, sample count, features, seed, reference."""
+  identity = dict(evaluator.identity)
+  identity["protocol"] = f"{config.eval.num_samples} samples {identity.get('protocol', '')}".strip()
+  return {**settings, "num_samples": config.eval.num_samples, "features": kind,
+          "seed": config.seed, **identity}
 
 
 def _record(writer: MetricWriter | None, fresh: dict[tuple, dict], entry: dict,
@@ -581,9 +753,9 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
   settings = experiment.sampler_settings(config)
-  entries = [{"step": s, **settings, "num_samples": ev.num_samples, "features": kind,
-              "seed": config.seed}
-             for s in steps]
+  rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+  evaluator = make_evaluator(config, workdir, rng)
+  entries = [_entry(config, evaluator, kind, step=s, **settings) for s in steps]
   done, todo = _split_done(entries, storage.join(workdir, "eval_metrics.jsonl"))
   main = parallel.is_main_process()
   if main:
@@ -591,15 +763,16 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
           f"evaluating {len(todo)}", flush=True)
   fresh = {}
   if todo:
-    rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
-    evaluator = make_evaluator(config, workdir, rng)
     sampler = _checkpoint_sampler(config)
     writer = MetricWriter(workdir, name="eval_metrics") if main else None
     try:
       for entry in todo:
         state = _restore(config, workdir, entry["step"])
-        sample_fn = functools.partial(sampler, state.ema_params[0])
-        row = _record(writer, fresh, entry, _evaluate_sampler(sample_fn, evaluator, config, rng))
+        measured, cache_dir = _evaluate_sampler(sampler, experiment.sampling_params(config, state),
+                                                evaluator, entry, config, workdir, rng,
+                                                desc=f"eval step {entry['step']}")
+        row = _record(writer, fresh, entry, measured)
+        _drop_batches(cache_dir)
         _check_finite(row, fatal=True)
         if main:
           print(f"[eval] step {row['step']}: {main_metric}="
@@ -668,8 +841,10 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   step = _checkpoint_steps(workdir)[-1]
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  entries = [{"step": step, **experiment.sampler_settings(config, s["method"]), **s,
-              "num_samples": ev.num_samples, "features": kind, "seed": config.seed}
+  rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+  evaluator = make_evaluator(config, workdir, rng)
+  entries = [_entry(config, evaluator, kind, step=step,
+                    **{**experiment.sampler_settings(config, s["method"]), **s})
              for s in settings]
   done, todo = _split_done(entries, storage.join(workdir, "sampler_sweep.jsonl"))
   main = parallel.is_main_process()
@@ -679,9 +854,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   fresh = {}
   if todo:
     state = _restore(config, workdir, step)
-    rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
-    evaluator = make_evaluator(config, workdir, rng)
-    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config), config.sampling.cas.n_sigma)
+    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config),
+                                     config.sampling.cas.n_sigma)
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
     try:
       feasible = []
@@ -697,19 +871,25 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
         feasible.append(entry)
       for group in _step_lr_groups(feasible):
         if len(group) > 1 and ev.sweep_vmap:
-          results = _evaluate_step_lrs(config, state, group, evaluator, rng)
+          results, cache_dir = _evaluate_step_lrs(config, state, group, evaluator, workdir, rng)
+          cache_dirs = [cache_dir]
         else:
-          results = []
+          results, cache_dirs = [], []
           for entry in group:
-            sample_fn = experiment.make_sampler(config, state, method=entry["method"],
-                                                **_sampler_args(entry))
-            results.append(_evaluate_sampler(sample_fn, evaluator, config, rng))
+            measured, cache_dir = _evaluate_sampler(
+                _checkpoint_sampler(config, method=entry["method"], **_sampler_args(entry)),
+                experiment.sampling_params(config, state), evaluator, entry, config, workdir, rng,
+                desc=f"sweep {_setting(entry)}")
+            results.append(measured)
+            cache_dirs.append(cache_dir)
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)
           _check_finite(row, fatal=False)  # a sweep maps where samplers diverge
           if main:
             print(f"[sweep] {_setting(entry)}: "
                   f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)
+        for cache_dir in cache_dirs:
+          _drop_batches(cache_dir)
     finally:
       if writer is not None:
         writer.close()

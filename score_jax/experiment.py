@@ -73,7 +73,10 @@ def optimizer_from_config(config: ml_collections.ConfigDict) -> optax.GradientTr
 
 
 def iterator_from_config(config: ml_collections.ConfigDict, *, split: str, seed: int,
-                         batch_size: int, shuffle: bool = True) -> data.DataIterator:
+                         batch_size: int, shuffle: bool = True,
+                         per_process: bool = True) -> data.DataIterator:
+  """The config's data; each process reads its own shard unless `per_process=False` (then every
+  process reads the same records, as reference statistics over all devices need)."""
   d = config.data
   image_kwargs = {}
   if not data.is_toy(d.dataset):
@@ -83,8 +86,9 @@ def iterator_from_config(config: ml_collections.ConfigDict, *, split: str, seed:
         gaussian_dequantization=d.gaussian_dequantization, centered=d.centered,
         num_workers=d.num_workers, prefetch=d.prefetch, shuffle=shuffle)
   return data.create_iterator(dataset=d.dataset, batch_size=batch_size, seed=seed,
-                              shard_index=parallel.process_index(),
-                              shard_count=parallel.process_count(), toy_dim=d.toy_dim,
+                              shard_index=parallel.process_index() if per_process else 0,
+                              shard_count=parallel.process_count() if per_process else 1,
+                              toy_dim=d.toy_dim,
                               split=split, **image_kwargs)
 
 
@@ -228,16 +232,41 @@ def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None)
   return {**s[method].to_dict(), "denoise": s.denoise}
 
 
+def sampler_init(config: ml_collections.ConfigDict, method: str | None = None) -> str:
+  """The initial state of sampler `method`: `sampling.init`, but the VE prior for PC.
+
+  The predictor-corrector discretizes the reverse VE SDE, which starts at its prior
+  N(0, sigma_1^2 I) (Song et al. 2021; score_sde `sde_lib.py` `prior_sampling`), whatever the
+  ALS/CAS images start from.
+  """
+  method = method or config.sampling.method
+  return "gaussian" if method == "pc" else config.sampling.init
+
+
 def sampler_settings(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
   """What identifies a sampling run in records: method, init and the sampler's arguments."""
   method = method or config.sampling.method
-  return {"method": method, "init": config.sampling.init, **sampler_kwargs(config, method)}
+  return {"method": method, "init": sampler_init(config, method),
+          **sampler_kwargs(config, method)}
+
+
+def sampling_params(config: ml_collections.ConfigDict, state: TrainState) -> Any:
+  """The weights samplers use: the first EMA (`sampling.use_ema`, the NCSNv2 convention) or the
+  raw parameters (NCSN v1 keeps no EMA, ermongroup/ncsn `anneal_runner.py`)."""
+  return state.ema_params[0] if config.sampling.use_ema else state.params
 
 
 def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
                    init: str = "gaussian", return_trajectory: bool = False,
                    save_every: int | None = None, **kwargs) -> Callable[..., Any]:
   """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
+
+  `rng` is either one key (shape `()`: the batch's noise is drawn together, the fastest path) or
+  a batch of per-example keys `[b]` (then `n` may be None): example i's initial state and its
+  noise at every step come only from `rng[i]`, so a sample does not depend on the batch it is
+  drawn in (the convention of EDM, Karras et al. 2022). With per-example keys the trajectory
+  statistics and snapshots of `return_trajectory`/`save_every` are per example (leading axis b),
+  and the predictor-corrector's step size uses each example's own norms instead of batch means.
 
   Args:
     model: the score network.
@@ -257,16 +286,54 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   if init not in ("uniform", "gaussian"):
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
   sampler = SAMPLERS[method]
+  with_info = return_trajectory or save_every is not None
+  # One example per program under vmap where a batch would couple examples: PC's step size
+  # (batch-mean norms) and the trajectory statistics (batch means) are then per example.
+  one_at_a_time = with_info or method == "pc"
 
-  def sample(params, rng, n, **changes):
-    init_rng, rng = jax.random.split(rng)
+  def init_state(rng, n):
     if init == "uniform":
-      x0 = jax.random.uniform(init_rng, (n, *shape))
-    else:
-      x0 = sigmas[0] * jax.random.normal(init_rng, (n, *shape))
+      return jax.random.uniform(rng, (n, *shape))
+    return sigmas[0] * jax.random.normal(rng, (n, *shape))
+
+  def draw(params, x0, rng, changes):
     return sampler(make_score_fn(model, params), x0, sigmas, rng,
                    return_trajectory=return_trajectory, save_every=save_every,
                    **{**kwargs, **changes})
+
+  def per_example(params, keys, changes):
+    pairs = jax.vmap(jax.random.split)(keys)
+    x0 = jax.vmap(lambda k: init_state(k, 1)[0])(pairs[:, 0])
+    if not one_at_a_time:
+      return draw(params, x0, pairs[:, 1], changes)
+    nfe = []
+
+    def one(x, key):
+      out = draw(params, x[None], key[None], changes)
+      if not with_info:
+        return out[0]
+      x, info = out
+      nfe.append(info.pop("nfe"))
+      if "samples" in info:
+        info["samples"] = info["samples"][:, 0]
+      return x[0], info
+
+    out = jax.vmap(one)(x0, pairs[:, 1])
+    return (out[0], {**out[1], "nfe": nfe[0]}) if with_info else out
+
+  def sample(params, rng, n=None, **changes):
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      raise ValueError("sample: rng must be a typed key (jax.random.key) or a batch of them, "
+                       f"got dtype {rng.dtype}")
+    if rng.ndim == 1:
+      if n is not None and n != rng.shape[0]:
+        raise ValueError(f"sample: n={n} differs from the {rng.shape[0]} per-example keys")
+      return per_example(params, rng, changes)
+    if rng.ndim != 0 or n is None:
+      raise ValueError(f"sample: rng must be one key with n given, or keys [b]; got shape "
+                       f"{rng.shape}, n={n}")
+    init_rng, rng = jax.random.split(rng)
+    return draw(params, init_state(init_rng, n), rng, changes)
 
   return sample
 
@@ -309,12 +376,20 @@ def load_checkpoint(workdir: str, step: int | None = None
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
                  method: str | None = None, init: str | None = None,
                  return_trajectory: bool = False, save_every: int | None = None,
-                 **overrides) -> Callable[[jax.Array, int], jax.Array]:
-  """A jit-compiled `(rng, n) -> samples` with the first EMA params and the configured sampler.
+                 **overrides) -> Callable[..., Any]:
+  """`(rng, n) -> samples` with the configured weights and sampler, on all devices.
+
+  Samples are drawn over every device of every host (`parallel.shard_sampler`) in batches of
+  `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so the
+  samples do not depend on the device count or the batch size. The result is a host array
+  `[n, ...]`. `sample(rng, n, start=s)` draws samples s..s+n-1 of the same sequence;
+  `on_batch(count)` is called after each batch (progress bars).
 
   `method` ("als", "cas", "pc") and `init` replace the config's; keyword overrides replace the
   sampler's own arguments (`sampler_kwargs`: step_lr, steps_per_sigma, n_sigma, snr,
-  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`.
+  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`:
+  per-level statistics `[L']` averaged over the samples (x_std and noise_std are computed per
+  sample, then averaged), snapshots `[L' // save_every, n, ...]` and `nfe`.
   """
   method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
@@ -324,8 +399,38 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
                      f"sampler; it takes {', '.join(kwargs)}")
   kwargs.update(overrides)
   fn = make_sample_fn(models.build(config), sigmas_from_config(config), example_shape(config),
-                      method=method, init=init or config.sampling.init,
+                      method=method, init=init or sampler_init(config, method),
                       return_trajectory=return_trajectory, save_every=save_every, **kwargs)
-  jitted = jax.jit(fn, static_argnums=2)
-  params = state.ema_params[0]
-  return lambda rng, n: jitted(params, rng, n)
+  per_sample = {}
+
+  def arrays_only(params, keys):
+    out = fn(params, keys)
+    if isinstance(out, tuple):  # info["nfe"] is a count per sample, not a per-example array
+      x, info = out
+      per_sample["nfe"] = info.pop("nfe")
+      return x, info
+    return out
+
+  p_sample = parallel.shard_sampler(arrays_only, parallel.make_mesh())
+  params = sampling_params(config, state)
+  batch = int(config.sampling.batch_size)
+
+  def sample(rng: jax.Array, n: int, *, start: int = 0,
+             on_batch: Callable[[int], None] | None = None):
+    b = min(batch, n)
+    parts = []
+    for first in range(start, start + n, b):
+      parts.append(p_sample(params, rng, first, b))
+      if on_batch is not None:
+        on_batch(min(b, start + n - first))
+    out = jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
+    if not isinstance(out, tuple):
+      return out
+    x, info = out
+    # Per-example trajectories as the samplers' batch layout: statistics averaged over the
+    # samples `[L']`, snapshots `[L' // save_every, n, ...]`.
+    info = {k: np.swapaxes(v, 0, 1) if k == "samples" else np.mean(v, axis=0)
+            for k, v in info.items()}
+    return x, {**info, **per_sample}
+
+  return sample

@@ -325,7 +325,7 @@ def bits_per_dim(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray,
 
   Pure and per example: jit- and vmap-able, and with per-example keys a caller may shard the
   batch axis over devices without changing any value (`jax.shard_map` with `check_vma=False`,
-  as `parallel.sample_parallel` runs samplers: the solver's loop carries start from constants).
+  as `parallel.batch_map` runs samplers: the solver's loop carries start from constants).
 
   Args:
     score_fn: `(x [b, ...], sigma [b]) -> score` of the model's data space.

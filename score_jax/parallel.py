@@ -10,12 +10,17 @@ steps are fused into one dispatch) sharded along the batch dimension; each proce
 its own rows (`shard_batch`), so multi-host runs read disjoint data. `shard_batch` also adds
 `batch["index"]`, each example's global position in the batch, from which steps fold per-example
 keys: the same config then draws the same noise on 1, 2 or 8 devices.
+
+Sampling and feature extraction are per-example maps: `batch_map` runs one over the rows of a
+batch split across all devices of all hosts (padding counts that do not divide the devices) and
+gathers the result to every host; `shard_sampler` draws samples start..start+n-1 with keys folded
+from (seed, global sample index), so a sample does not depend on devices, hosts or batch size
+(the EDM convention, Karras et al. 2022).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Any, Callable
 
 import jax
@@ -186,25 +191,79 @@ def gather_to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def sample_parallel(sample_fn: Callable[[jax.Array, int], jax.Array], mesh: jax.sharding.Mesh,
-                    ) -> Callable[[jax.Array, int], np.ndarray]:
-  """Wraps `sample_fn(rng, n_local) -> x [n_local, ...]` to draw `n` samples over all devices.
+def _pad_rows(x: np.ndarray, n_pad: int) -> np.ndarray:
+  """`x` with its last row repeated until it has `n_pad` rows (the surplus is dropped later)."""
+  if len(x) == n_pad:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n_pad - len(x), axis=0)])
 
-  Each device folds its index into the key, so devices draw independent samples; the result is
-  gathered on the host in device order.
+
+def _global_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole, as a global array sharded by rows."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def batch_map(fn: Callable[[PyTree, PyTree], PyTree], mesh: jax.sharding.Mesh
+              ) -> Callable[[PyTree, PyTree], PyTree]:
+  """Builds `p_fn(shared, batch) -> outputs` running `fn` on every device of `mesh`.
+
+  `fn(shared, local_batch)` is the per-device body of a per-example computation (sampling,
+  feature extraction): it sees this device's rows of `batch` and returns arrays whose leading
+  axis is those rows. `shared` (parameters, keys) is replicated; `batch` is a tree of host arrays
+  `[n, ...]` that every process holds whole (indices, images). `n` need not divide the device
+  count: rows are padded with copies of the last one and the surplus is dropped. Outputs are
+  gathered to every host as numpy arrays `[n, ...]` in row order.
+  """
+  rows = NamedSharding(mesh, P(BATCH_AXIS))
+  replicated = NamedSharding(mesh, P())
+  compiled = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(BATCH_AXIS)),
+                                   out_specs=P(BATCH_AXIS), check_vma=False))
+
+  def run(shared: PyTree, batch: PyTree) -> PyTree:
+    leaves = [np.asarray(v) for v in jax.tree.leaves(batch)]
+    if not leaves or len(leaves[0]) == 0:
+      raise ValueError("batch_map needs a non-empty batch (at least one row)")
+    n = len(leaves[0])
+    if any(len(v) != n for v in leaves):
+      raise ValueError(f"batch_map: every batch array needs {n} rows, got "
+                       f"{[len(v) for v in leaves]}")
+    n_pad = -(-n // mesh.size) * mesh.size
+    padded = jax.tree.map(lambda v: _global_rows(_pad_rows(np.asarray(v), n_pad), rows), batch)
+    out = compiled(jax.device_put(shared, replicated), padded)
+    return jax.tree.map(lambda v: gather_to_host(v)[:n], out)
+
+  return run
+
+
+def sample_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
+  """Per-example keys `[b]` folded from the seed key and each sample's global index `[b]`.
+
+  Sample k's key depends only on `(rng, k)`: the samples drawn with these keys do not depend on
+  the device count, the number of hosts or the sampling batch size.
+  """
+  return jax.vmap(lambda k: jax.random.fold_in(rng, k))(index)
+
+
+def shard_sampler(sample_fn: Callable[[PyTree, jax.Array], PyTree], mesh: jax.sharding.Mesh
+                  ) -> Callable[[PyTree, jax.Array, int, int], PyTree]:
+  """Builds `p_sample(params, rng, start, n)` drawing samples start..start+n-1 over all devices.
+
+  `sample_fn(params, keys)` draws one sample per key (`keys` `[b]`, see `sample_keys`) and
+  returns per-example arrays `[b, ...]`. Sample k uses the key folded from `(rng, k)`, so any
+  split of the samples into calls, devices or hosts gives the same samples.
   """
 
-  @functools.lru_cache(maxsize=None)
-  def compiled(n_local: int):
-    def body(rng):
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXIS))
-      return sample_fn(rng, n_local)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(BATCH_AXIS),
-                                 check_vma=False))
+  def body(shared, index):
+    params, rng = shared
+    return sample_fn(params, sample_keys(rng, index))
 
-  def run(rng: jax.Array, n: int) -> np.ndarray:
-    n_local = -(-n // mesh.size)
-    return gather_to_host(compiled(n_local)(rng))[:n]
+  p_body = batch_map(body, mesh)
+
+  def run(params: PyTree, rng: jax.Array, start: int, n: int) -> PyTree:
+    if n < 1 or start < 0:
+      raise ValueError(f"shard_sampler: need n >= 1 samples from index start >= 0, got n={n}, "
+                       f"start={start}")
+    return p_body((params, rng), np.arange(start, start + n, dtype=np.int32))
 
   return run
 

@@ -2,9 +2,10 @@
 
 `load_checkpoint(workdir, step)` and `make_sampler(config, state)` are the notebook entry points
 (re-exported by `score_jax`). `sample_and_write` is what `main.py --mode=sample` (and the end of
-training) runs: it samples with the configured sampler using the first EMA parameters and writes
-`samples/<tag>.npz`, PNGs and sample-quality metrics into the workdir for each sampler of
-`sampling.methods`.
+training) runs: it samples with the configured sampler using the first EMA parameters over all
+devices of all hosts (sample k from the key folded from (seed, k), so the samples do not depend on
+the device count or `sampling.batch_size`), with a progress bar, and writes `samples/<tag>.npz`,
+PNGs and sample-quality metrics into the workdir for each sampler of `sampling.methods`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, models, parallel, paths, plots, toy
+from score_jax import data, experiment, models, parallel, paths, plots, progress, toy
 from score_jax.experiment import sampler_kwargs, sigmas_from_config
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
@@ -26,16 +27,32 @@ from score_jax.train_state import TrainState
 _METHOD_IDS = {"als": 1, "cas": 2, "pc": 3}
 
 
-def _draw(sample_fn, num: int, batch: int, rng: jax.Array):
-  """Draws `num` samples in batches of `batch`; concatenates outputs (and first trajectory)."""
-  outs, trajectory = [], None
-  for i in range(-(-num // batch)):
-    out = sample_fn(jax.random.fold_in(rng, i), min(batch, num - i * batch))
-    if isinstance(out, tuple):
-      out, aux = out
-      trajectory = trajectory if trajectory is not None else jax.device_get(aux)
-    outs.append(np.asarray(out))
-  return np.concatenate(outs), trajectory
+# Samples whose trajectory statistics and snapshots are kept (the first ones of the sequence).
+_TRAJECTORY_SAMPLES = 64
+
+
+def _draw(config: ml_collections.ConfigDict, state: TrainState, method: str, num: int,
+          rng: jax.Array, **overrides) -> tuple[np.ndarray, dict]:
+  """`num` samples over all devices, and the trajectory of the first `_TRAJECTORY_SAMPLES`.
+
+  Sample k comes from the key folded from `(rng, k)` whichever sampler draws it, so the samples
+  drawn with trajectories are those the plain sampler would draw.
+
+  Returns:
+    `(samples [num, ...], trajectory)`: per-level statistics averaged over the traced samples
+    (`[L']` each) and snapshots `[L' // save_every, t, ...]` of them.
+  """
+  s = config.sampling
+  traced = min(num, _TRAJECTORY_SAMPLES)
+  with progress.bar(num, f"sample {method}") as pbar:
+    first, info = experiment.make_sampler(config, state, method=method, return_trajectory=True,
+                                          save_every=s.save_every_levels, **overrides)(
+                                              rng, traced, on_batch=pbar.update)
+    rest = []
+    if num > traced:
+      rest = [experiment.make_sampler(config, state, method=method, **overrides)(
+          rng, num - traced, start=traced, on_batch=pbar.update)]
+  return np.concatenate([first, *rest]), info
 
 
 def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str, *,
@@ -55,11 +72,9 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
   # step and `_denoise_in_batches` applies the same x + sigma_L^2 s(x, sigma_L) afterwards.
   denoise_after = not is_toy and s.denoise
   for method in methods:
-    sample_fn = experiment.make_sampler(config, state, method=method, return_trajectory=True,
-                             save_every=s.save_every_levels,
-                             **({"denoise": False} if denoise_after else {}))
-    samples, trajectory = _draw(sample_fn, s.num_samples, s.batch_size,
-                                jax.random.fold_in(rng, _METHOD_IDS[method]))
+    samples, trajectory = _draw(config, state, method, s.num_samples,
+                                jax.random.fold_in(rng, _METHOD_IDS[method]),
+                                **({"denoise": False} if denoise_after else {}))
     raw = None
     if denoise_after:
       raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
@@ -122,11 +137,14 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
 
 def _denoise_in_batches(config: ml_collections.ConfigDict, state: TrainState, x: np.ndarray,
                         batch_size: int) -> np.ndarray:
-  """x + sigma_L^2 s(x, sigma_L) (Tweedie's formula at the smallest level), batch by batch."""
-  score_fn = make_score_fn(models.build(config), state.ema_params[0])
+  """x + sigma_L^2 s(x, sigma_L) (Tweedie's formula at the smallest level), over all devices."""
+  model = models.build(config)
   sigma_min = float(sigmas_from_config(config)[-1])
-  fn = jax.jit(lambda xb: denoise(score_fn, xb, sigma_min))
-  return np.concatenate([np.asarray(fn(x[i:i + batch_size]))
+  p_denoise = parallel.batch_map(
+      lambda params, xb: denoise(make_score_fn(model, params), xb, sigma_min),
+      parallel.make_mesh())
+  params = experiment.sampling_params(config, state)
+  return np.concatenate([p_denoise(params, x[i:i + batch_size])
                          for i in range(0, len(x), batch_size)])
 
 
@@ -148,14 +166,19 @@ def right_half_mask(shape: tuple[int, ...]) -> np.ndarray:
 def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str,
                       x_known: np.ndarray, mask: np.ndarray, *, method: str | None = None
                       ) -> np.ndarray:
-  """Completes `x_known` where `mask` is 0 with sampler `method` and writes an inpainting grid."""
+  """Completes `x_known` where `mask` is 0 with sampler `method` and writes an inpainting grid.
+
+  Every sampler of `experiment.SAMPLERS` inpaints: the known entries are replaced by
+  `x_known + sigma_i z` before every update (PC: every corrector and predictor update).
+  """
   method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
   sampler = experiment.SAMPLERS[method]
   sigmas = sigmas_from_config(config)
-  score_fn = make_score_fn(models.build(config), state.ema_params[0])
+  score_fn = make_score_fn(models.build(config), experiment.sampling_params(config, state))
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x1AA)
-  x0 = jax.random.uniform(rng, x_known.shape) if config.sampling.init == "uniform" else (
+  x0 = jax.random.uniform(rng, x_known.shape) if experiment.sampler_init(
+      config, method) == "uniform" else (
       sigmas[0] * jax.random.normal(rng, x_known.shape))
   run = jax.jit(lambda x0, r: sampler(score_fn, x0, sigmas, r, mask=jnp.asarray(mask),
                                       x_known=jnp.asarray(x_known), **kwargs))

@@ -50,7 +50,8 @@ def test_entry_key_ignores_measurements_and_survives_json():
 @pytest.mark.parametrize("change", [
     {"step": 10}, {"method": "cas"}, {"step_lr": 0.2}, {"steps_per_sigma": 6}, {"n_sigma": 2},
     {"snr": 0.1}, {"denoise": False}, {"init": "uniform"}, {"num_samples": 128},
-    {"features": "inception"}, {"seed": 1}])
+    {"features": "inception"}, {"seed": 1}, {"features_digest": "ab12"},
+    {"reference_digest": "cd34"}])
 def test_entry_key_tells_apart_every_setting(change):
   assert eval_records.entry_key(_entry(**change)) != eval_records.entry_key(_entry())
 
@@ -349,12 +350,12 @@ def test_classifier_evaluator_end_to_end_with_an_untrained_classifier(tmp_path, 
   assert "fid" not in same and "kid" not in same
 
   # Samples through the drawing loop: uniform noise, with some non-finite examples.
-  def noise_sampler(rng, n):
-    x = jax.random.uniform(rng, (n, 28, 28, 1), minval=-1.0 if centered else 0.0)
+  def noise_sampler(start, n):
+    x = jax.random.uniform(jax.random.key(start), (n, 28, 28, 1),
+                           minval=-1.0 if centered else 0.0)
     return x.at[:4].set(jnp.nan)
 
-  drawn = evaluate.draw_features(noise_sampler, evaluator, num_samples=100, batch_size=64,
-                                 rng=jax.random.key(1))
+  drawn = evaluate.draw_features(noise_sampler, evaluator, num_samples=100, batch_size=64)
   assert drawn["pool"].shape == (100, mnist_classifier.NUM_FEATURES)
   noisy = evaluator.score(drawn)
   assert math.isfinite(noisy["fid_mnist"]) and noisy["fid_mnist"] > 0

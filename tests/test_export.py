@@ -4,6 +4,7 @@ bit-identical to sampling from the workdir it came from."""
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
@@ -20,7 +21,7 @@ def workdir(tmp_path) -> pathlib.Path:
   config.training.ema_decays = (0.999, 0.99)
   state = init_state(config, models.build(config))
   shift = lambda i: jax.tree.map(lambda a: a * (1.0 + 0.1 * (i + 1)), state.params)
-  state = state.replace(step=7, ema_params=tuple(shift(i) for i in range(2)))
+  state = state.replace(step=jnp.int32(7), ema_params=tuple(shift(i) for i in range(2)))
   manager = checkpoint.create_writer(str(tmp_path / "run"), async_save=False)
   checkpoint.save(manager, 7, state, data_state={"kind": "toy", "step": 7},
                   config_json=config.to_json())

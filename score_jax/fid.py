@@ -1,0 +1,206 @@
+"""FID, KID and IS between any two image sources, and reference statistics files.
+
+    python -m score_jax.fid A B [--num_images=N] [--batch_size=250] [--inception_weights=...]
+    python -m score_jax.fid cifar10:train --save_stats=cifar10_train_stats.npz
+
+A source is one of:
+* a folder of images (`.png`, `.jpg`, `.jpeg`, read in sorted file-name order);
+* an `.npz` of images: the array `x` (a `samples/<tag>.npz` of `--mode=sample`) or its only
+  array; uint8 in [0, 255], or floats in [0, 1] ([-1, 1] with `--centered`);
+* an `.npz` of statistics: `mu` and `sigma` (and optionally `features`, for KID), e.g. one
+  written by `--save_stats` or the TTUR `fid_stats_cifar10_train.npz`;
+* `dataset:split` (e.g. `cifar10:train`, `celeb_a:test`): the dataset as score_jax prepares it
+  (`--image_size`, `--num_channels`, `--data_dir`), unshuffled, not dequantized.
+
+Images are quantized to 8 bits as if saved to PNG and go through the project's port of the
+pytorch-fid Inception network (`score_jax.inception`) over every device; FID is Heusel et al.
+2017 (the pytorch-fid computation), KID Binkowski et al. 2018 (needs features on both sides), IS
+Salimans et al. 2016 (needs images and weights with the 1008-way logits). With `--save_stats`,
+the first source's statistics (`mu`, `sigma`, `features`) are written: on all 50k CIFAR-10
+training images they play the role of the TTUR statistics the NCSNv2 FID numbers use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from score_jax import evaluate, fetch_inception, image_data, inception, metrics, progress
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_KID_TAG = 2
+
+Source = dict[str, Any]
+
+
+def load_source(spec: str, *, centered: bool = False, image_size: int = 32,
+                num_channels: int = 3, data_dir: str | None = None,
+                max_images: int | None = None) -> Source:
+  """Reads a source: `{"images": [n, h, w, c] in [0, 1]}` or `{"mu", "sigma", "features"}`.
+
+  Args:
+    spec: a folder of images, an `.npz` of images or of statistics, or `dataset:split`.
+    centered: `.npz` float images are in [-1, 1].
+    image_size, num_channels, data_dir: how a `dataset:split` is prepared.
+    max_images: keep the first this many images (None: all).
+  """
+  if os.path.isdir(spec):
+    from PIL import Image
+    names = sorted(n for n in os.listdir(spec) if n.lower().endswith(_IMAGE_SUFFIXES))
+    if not names:
+      raise ValueError(f"{spec} holds no {'/'.join(_IMAGE_SUFFIXES)} images")
+    names = names[:max_images]
+    images = np.stack([np.asarray(Image.open(os.path.join(spec, n)).convert("RGB"))
+                       for n in names])
+    return {"images": images.astype(np.float32) / 255.0, "name": spec}
+  if spec.endswith(".npz"):
+    if not os.path.isfile(spec):
+      raise ValueError(f"{spec} does not exist")
+    with np.load(spec) as f:
+      if "mu" in f.files and "sigma" in f.files:
+        return {"mu": f["mu"], "sigma": f["sigma"], "name": spec,
+                "features": f["features"] if "features" in f.files else None}
+      if "x" in f.files:
+        x = f["x"]
+      elif len(f.files) == 1:
+        x = f[f.files[0]]
+      else:
+        raise ValueError(f"{spec} holds {f.files}: give 'mu' and 'sigma' (statistics), 'x' "
+                         "(images) or a single image array")
+    return {"images": _unit_images(x[:max_images], centered=centered, where=spec), "name": spec}
+  dataset, sep, split = spec.partition(":")
+  if not sep or not dataset or not split:
+    raise ValueError(f"source {spec!r} is neither a folder, an .npz nor dataset:split "
+                     "(e.g. cifar10:train)")
+  images = image_data.load_array(dataset=dataset, split=split, image_size=image_size,
+                                 num_channels=num_channels, data_dir=data_dir,
+                                 max_examples=max_images)
+  return {"images": images, "name": spec}
+
+
+def _unit_images(x: np.ndarray, *, centered: bool, where: str) -> np.ndarray:
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f"{where}: images must be [n, h, w, 1 or 3], got shape {x.shape}")
+  if x.dtype == np.uint8:
+    return x.astype(np.float32) / 255.0
+  x = x.astype(np.float32)
+  return (x + 1.0) / 2.0 if centered else x
+
+
+def source_statistics(source: Source, featurize: Callable[[np.ndarray], dict], *,
+                      batch_size: int) -> Source:
+  """Statistics `{"mu", "sigma", "features"(, "logits")}` of a source (statistics pass through)."""
+  if "images" not in source:
+    return source
+  images, parts = source["images"], []
+  with progress.bar(len(images), f"features {source['name']}", unit="image") as pbar:
+    for start in range(0, len(images), batch_size):
+      parts.append(featurize(images[start:start + batch_size]))
+      pbar.update(len(parts[-1]["pool"]))
+  features = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  mu, sigma = metrics.feature_stats(features["pool"])
+  out = {"mu": mu, "sigma": sigma, "features": features["pool"], "name": source["name"],
+         "finite_fraction": float(np.mean(features["finite"]))}
+  if "logits" in features:
+    out["logits"] = features["logits"]
+  return out
+
+
+def compare(a: Source, b: Source, *, rng: jax.Array) -> dict[str, Any]:
+  """FID between two sources' statistics; KID when both have features; IS of each image source."""
+  out: dict[str, Any] = {"a": a["name"], "b": b["name"]}
+  out["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+  if a.get("features") is not None and b.get("features") is not None:
+    out["kid"], out["kid_std"] = metrics.kernel_inception_distance(
+        a["features"], b["features"], rng=jax.random.fold_in(rng, _KID_TAG))
+  for side, s in (("a", a), ("b", b)):
+    if "logits" in s:
+      out[f"inception_score_{side}"], out[f"inception_score_std_{side}"] = (
+          metrics.inception_score(s["logits"], splits=min(10, len(s["logits"]))))
+  return out
+
+
+def save_statistics(stats: Source, path: str) -> None:
+  """Writes `mu`, `sigma` and `features` of `stats` to an `.npz` (a `reference_stats` file)."""
+  arrays = {"mu": stats["mu"], "sigma": stats["sigma"]}
+  if stats.get("features") is not None:
+    arrays["features"] = np.asarray(stats["features"], np.float32)
+  np.savez(path, **arrays)
+
+
+def inception_featurize(weights: str | None) -> Callable[[np.ndarray], dict]:
+  """Inception features (`evaluate.image_features`) of images `[b, h, w, c]` in [0, 1]."""
+  path = weights or os.fspath(fetch_inception.default_npz_path())
+  if not os.path.isfile(path):
+    raise ValueError(f"FID Inception weights not found at {path}: run "
+                     f"`{evaluate.FETCH_COMMAND}` first (or pass --inception_weights)")
+  net = evaluate.make_inception_fn(inception.load_params(path))
+  return lambda x: evaluate.image_features(net, x, centered=False)
+
+
+def check_sources(sources: list[str], save_stats: str | None) -> None:
+  """ValueError unless there are two sources, or one with a statistics file to write."""
+  if not 1 <= len(sources) <= 2:
+    raise ValueError(f"give one source (with --save_stats) or two to compare, got {len(sources)}")
+  if len(sources) == 1 and not save_stats:
+    raise ValueError("one source only makes sense with --save_stats=<file.npz>; give two sources "
+                     "to compare")
+
+
+def run(sources: list[str], *, featurize: Callable[[np.ndarray], dict], batch_size: int = 250,
+        save_stats: str | None = None, seed: int = 0, **load_kwargs) -> dict[str, Any]:
+  """The command's work: statistics of one or two sources, their comparison, saved statistics."""
+  check_sources(sources, save_stats)
+  stats = [source_statistics(load_source(s, **load_kwargs), featurize, batch_size=batch_size)
+           for s in sources]
+  out: dict[str, Any] = {}
+  if save_stats:
+    save_statistics(stats[0], save_stats)
+    out["saved_stats"] = save_stats
+  if len(stats) == 2:
+    out.update(compare(stats[0], stats[1], rng=jax.random.key(seed)))
+  for side, s in zip("ab", stats):
+    if "finite_fraction" in s:
+      out[f"finite_fraction_{side}"] = s["finite_fraction"]
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("sources", nargs="+", help="folder, .npz (images or statistics), or "
+                      "dataset:split")
+  parser.add_argument("--save_stats", help="write the first source's statistics to this .npz")
+  parser.add_argument("--inception_weights", help="converted Inception .npz (default: the "
+                      "fetch_inception cache)")
+  parser.add_argument("--batch_size", type=int, default=250)
+  parser.add_argument("--num_images", type=int, help="use the first N images of each source")
+  parser.add_argument("--centered", action="store_true", help=".npz float images in [-1, 1]")
+  parser.add_argument("--image_size", type=int, default=32, help="for dataset:split sources")
+  parser.add_argument("--num_channels", type=int, default=3, help="for dataset:split sources")
+  parser.add_argument("--data_dir", help="TFDS data dir for dataset:split sources")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+  args = parser.parse_args(argv)
+  try:
+    if args.batch_size < 1:
+      raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
+    check_sources(args.sources, args.save_stats)
+    out = run(args.sources, featurize=inception_featurize(args.inception_weights),
+              batch_size=args.batch_size, save_stats=args.save_stats, seed=args.seed,
+              centered=args.centered, image_size=args.image_size,
+              num_channels=args.num_channels, data_dir=args.data_dir,
+              max_images=args.num_images)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

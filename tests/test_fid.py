@@ -1,0 +1,69 @@
+"""Tests for `python -m score_jax.fid`: every source kind, saved statistics, bad input.
+
+A fixed random projection of the quantized pixels stands in for the Inception network (the
+command's logic does not depend on which features it compares); the CLI's own Inception path
+is exercised by the bad-input test up to the weights check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from score_jax import evaluate, fid
+
+_PROJECTION = np.random.default_rng(0).normal(size=(8 * 8 * 3, 16)).astype(np.float32)
+
+
+def _featurize(x):
+  images, finite = evaluate.to_inception_input(x, centered=False)
+  return {"pool": images.reshape(len(images), -1) @ _PROJECTION, "finite": finite}
+
+
+def _images(n, seed):
+  return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+
+
+def _folder(path, images):
+  path.mkdir()
+  for i, img in enumerate(images):
+    Image.fromarray(img).save(path / f"{i:04d}.png")
+  return str(path)
+
+
+def test_folder_npz_and_statistics_agree(tmp_path):
+  a, b = _images(40, 0), _images(40, 1)
+  folder = _folder(tmp_path / "a", a)
+  np.savez(tmp_path / "a.npz", x=a)
+  np.savez(tmp_path / "a_float.npz", x=a.astype(np.float32) / 127.5 - 1.0)
+  np.savez(tmp_path / "b.npz", b)
+  same = fid.run([folder, str(tmp_path / "a.npz")], featurize=_featurize, batch_size=16)
+  assert abs(same["fid"]) < 1e-6 and "kid" in same
+  centered = fid.run([str(tmp_path / "a_float.npz"), folder], featurize=_featurize,
+                     batch_size=16, centered=True)
+  assert abs(centered["fid"]) < 1e-6
+  direct = fid.run([folder, str(tmp_path / "b.npz")], featurize=_featurize, batch_size=16,
+                   save_stats=str(tmp_path / "a_stats.npz"))
+  assert direct["fid"] > 1.0
+  via_stats = fid.run([str(tmp_path / "a_stats.npz"), str(tmp_path / "b.npz")],
+                      featurize=_featurize, batch_size=7)
+  assert via_stats["fid"] == pytest.approx(direct["fid"], rel=1e-6)
+  assert via_stats["kid"] == pytest.approx(direct["kid"], rel=1e-6)
+  fewer = fid.run([folder, str(tmp_path / "b.npz")], featurize=_featurize, max_images=30)
+  assert fewer["fid"] != pytest.approx(direct["fid"])
+
+
+def test_bad_sources_are_one_line_errors(tmp_path, capsys):
+  np.savez(tmp_path / "two.npz", p=np.zeros(3), q=np.zeros(3))
+  for spec, match in [("nowhere", "neither a folder"), (str(tmp_path / "two.npz"), "'mu'"),
+                      (str(tmp_path / "gone.npz"), "does not exist")]:
+    with pytest.raises(ValueError, match=match):
+      fid.load_source(spec)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="no .png"):
+    fid.load_source(str(tmp_path / "empty"))
+  assert fid.main(["only_one"]) == 2
+  assert "--save_stats" in capsys.readouterr().err
+  assert fid.main(["a.npz", "b.npz", "--inception_weights", str(tmp_path / "none.npz")]) == 2
+  assert "fetch_inception" in capsys.readouterr().err
