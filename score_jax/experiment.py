@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -348,6 +347,17 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
   return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
 
 
+def abstract_state(config: ml_collections.ConfigDict, model, mesh: jax.sharding.Mesh) -> Any:
+  """Shapes, dtypes and replicated shardings of `init_state(config, model)`, computed abstractly.
+
+  A restore target needs no values: building one with `jax.eval_shape` traces the networks once
+  instead of initializing them op by op (minutes for a RefineNet on a CPU).
+  """
+  sharding = parallel.replicated_sharding(mesh)
+  shapes = jax.eval_shape(lambda: init_state(config, model))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
 def load_checkpoint(workdir: str, step: int | None = None
                     ) -> tuple[ml_collections.ConfigDict, TrainState]:
   """Returns `(config, state)` of the checkpoint at `step` in `workdir`.
@@ -360,7 +370,7 @@ def load_checkpoint(workdir: str, step: int | None = None
 
   def read(s: int) -> tuple[ml_collections.ConfigDict, TrainState]:
     config = config_from_dict(checkpoint.restore_config(manager, s))
-    template = parallel.replicate(init_state(config, models.build(config)), parallel.make_mesh())
+    template = abstract_state(config, models.build(config), parallel.make_mesh())
     return config, checkpoint.restore(manager, s, template)[0]
 
   try:

@@ -45,7 +45,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from score_jax import noise as noise_lib
-from score_jax.score import ScoreFn, broadcast_sigma, denoise
+from score_jax.score import ScoreFn, denoise
 
 __all__ = ["langevin", "annealed_langevin", "consistent_annealed", "predictor_corrector",
            "denoise", "cas_ladder", "euler", "heun", "dpm_solver_pp_2m", "adaptive"]

@@ -13,7 +13,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp

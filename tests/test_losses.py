@@ -68,7 +68,6 @@ def test_ssm_and_explicit_sm_agree_with_closed_form(projection):
 
 
 def test_losses_have_gradients_through_a_network():
-  import flax.linen as nn
   from score_jax.models.mlp import NoiseConditionalMLP
   from score_jax.score import make_score_fn
   model = NoiseConditionalMLP(hidden=16, num_layers=2)
