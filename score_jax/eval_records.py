@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 from typing import Any, Callable
 
 
