@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- sampling ---------------------------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc.
+  sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc | euler | heun | dpm_solver_pp_2m | adaptive.
   sampling.methods = ("als", "cas")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
   sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
@@ -113,9 +113,47 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.cas = cas = ml_collections.ConfigDict()  # consistent annealed (samplers.consistent_annealed).
   cas.step_lr = 0.3  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
   cas.n_sigma = 1  # levels per trained interval (>1 samples a finer geometric ladder).
+  cas.eta = placeholder(tuple)  # instead of step_lr (set it None): eta per level of the sampling ladder, or one value.
   sampling.pc = pc = ml_collections.ConfigDict()  # predictor-corrector (samplers.predictor_corrector).
   pc.snr = 0.16  # corrector signal-to-noise ratio.
   pc.corrector_steps = 100  # Langevin corrector steps per level.
+  sampling.euler = euler = ml_collections.ConfigDict()  # PF-ODE Euler (samplers.euler), NFE = N.
+  euler.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
+  euler.num_steps = config_dict.FieldReference(50, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  euler.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
+  euler.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
+  euler.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
+  euler.s_churn = 0.0  # EDM S_churn: stochasticity, gamma = min(S_churn / N, sqrt(2) - 1); 0: deterministic.
+  euler.s_tmin = 0.0  # churn only at levels in [s_tmin, s_tmax].
+  euler.s_tmax = float("inf")  # see s_tmin.
+  euler.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
+  sampling.heun = heun = ml_collections.ConfigDict()  # EDM Algorithm 2 (samplers.heun), NFE = 2N - 1.
+  heun.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
+  heun.num_steps = config_dict.FieldReference(25, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  heun.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
+  heun.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
+  heun.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
+  heun.s_churn = 10.0  # EDM S_churn: stochasticity, gamma = min(S_churn / N, sqrt(2) - 1); 0: deterministic.
+  heun.s_tmin = 0.0  # churn only at levels in [s_tmin, s_tmax].
+  heun.s_tmax = float("inf")  # see s_tmin.
+  heun.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
+  sampling.dpm_solver_pp_2m = dpm = ml_collections.ConfigDict()  # DPM-Solver++(2M), NFE = N.
+  dpm.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
+  dpm.num_steps = config_dict.FieldReference(25, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  dpm.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
+  dpm.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
+  dpm.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
+  sampling.adaptive = adaptive = ml_collections.ConfigDict()  # Gotta Go Fast (samplers.adaptive).
+  adaptive.sigma_max = placeholder(float)  # first noise level (and prior std); None: noise.sigma_max.
+  adaptive.sigma_min = placeholder(float)  # last noise level; None: noise.sigma_min.
+  adaptive.abs_tol = 0.0039  # absolute tolerance (one 8-bit level of data in [0, 1]).
+  adaptive.rel_tol = 0.05  # relative tolerance (paper: 0.01 to 0.1).
+  adaptive.h_init = 0.01  # first step in t in [0, 1].
+  adaptive.safety = 0.9  # step-size controller safety factor.
+  adaptive.exponent = 0.9  # step-size controller exponent.
+  adaptive.h_max_factor = float("inf")  # cap on the step's growth per attempt.
+  adaptive.max_iters = 10_000  # bound on solver iterations.
+  adaptive.denoise = True  # final Tweedie denoising at sigma_min (one more evaluation).
 
   # --- adversarial (Jolicoeur-Martineau et al. 2020) -----------------------------------------------
   config.adversarial = adversarial = ml_collections.ConfigDict()

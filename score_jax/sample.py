@@ -23,19 +23,30 @@ from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
 from score_jax.train_state import TrainState
 
-_METHOD_IDS = {"als": 1, "cas": 2, "pc": 3}
+_METHOD_IDS = {"als": 1, "cas": 2, "pc": 3, "euler": 4, "heun": 5, "dpm_solver_pp_2m": 6,
+               "adaptive": 7}
 
 
 def _draw(sample_fn, num: int, batch: int, rng: jax.Array):
-  """Draws `num` samples in batches of `batch`; concatenates outputs (and first trajectory)."""
-  outs, trajectory = [], None
+  """Draws `num` samples in batches of `batch`.
+
+  Returns:
+    The concatenated samples, the first batch's per-level trajectory (None for samplers without
+    one) and the mean number of network evaluations per sample (None without an info dict).
+  """
+  outs, trajectory, nfes = [], None, []
   for i in range(-(-num // batch)):
-    out = sample_fn(jax.random.fold_in(rng, i), min(batch, num - i * batch))
+    n = min(batch, num - i * batch)
+    out = sample_fn(jax.random.fold_in(rng, i), n)
     if isinstance(out, tuple):
       out, aux = out
-      trajectory = trajectory if trajectory is not None else jax.device_get(aux)
+      aux = jax.device_get(aux)
+      nfes.append(np.broadcast_to(np.asarray(aux["nfe"], np.float64), (n,)))
+      if trajectory is None and "sigma" in aux:
+        trajectory = aux
     outs.append(np.asarray(out))
-  return np.concatenate(outs), trajectory
+  nfe = float(np.concatenate(nfes).mean()) if nfes else None
+  return np.concatenate(outs), trajectory, nfe
 
 
 def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str, *,
@@ -55,17 +66,19 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
   # step and `_denoise_in_batches` applies the same x + sigma_L^2 s(x, sigma_L) afterwards.
   denoise_after = not is_toy and s.denoise
   for method in methods:
+    shared_denoise = denoise_after and method in experiment.ANNEALED_SAMPLERS
     sample_fn = experiment.make_sampler(config, state, method=method, return_trajectory=True,
                              save_every=s.save_every_levels,
-                             **({"denoise": False} if denoise_after else {}))
-    samples, trajectory = _draw(sample_fn, s.num_samples, s.batch_size,
+                             **({"denoise": False} if shared_denoise else {}))
+    samples, trajectory, nfe = _draw(sample_fn, s.num_samples, s.batch_size,
                                 jax.random.fold_in(rng, _METHOD_IDS[method]))
     raw = None
-    if denoise_after:
+    if shared_denoise:
       raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
     tag = f"{method}_step{step}"
     all_samples[method], trajectories[method] = samples, trajectory
     metrics = {"step": step, "num_samples": int(len(samples)),
+               "nfe": None if nfe is None else nfe + int(shared_denoise),
                **experiment.sampler_settings(config, method)}
     if is_toy:
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
@@ -97,7 +110,8 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
       truth = np.asarray(distribution.sample(jax.random.fold_in(rng, 11), s.num_samples))
       plots.save_toy_comparison(truth, all_samples,
-                                os.path.join(out_dir, f"comparison_step{step}.png"))
+                                os.path.join(out_dir, f"comparison_step{step}.png"),
+                                nfe={m: r["nfe"] for m, r in results.items()})
     plots.save_trajectories(trajectories, os.path.join(out_dir, f"trajectory_step{step}.png"))
     writer = MetricWriter(workdir, name="sample_metrics", tensorboard=False)
     for method, m in results.items():

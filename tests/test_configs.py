@@ -9,7 +9,7 @@ def test_sampler_kwargs_are_the_samplers_own_arguments():
   config = experiment.config_from_dict({})
   assert experiment.sampler_kwargs(config, "als") == {"step_lr": 0.1, "steps_per_sigma": 100,
                                                       "denoise": True}
-  assert experiment.sampler_kwargs(config, "cas") == {"step_lr": 0.3, "n_sigma": 1,
+  assert experiment.sampler_kwargs(config, "cas") == {"step_lr": 0.3, "n_sigma": 1, "eta": None,
                                                       "denoise": True}
   assert experiment.sampler_kwargs(config, "pc") == {"snr": 0.16, "corrector_steps": 100,
                                                      "denoise": True}
