@@ -61,8 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.noise = noise = ml_collections.ConfigDict()
   noise.schedule = "geometric"  # geometric | linear spacing of the ladder.
   noise.sigma_max = 20.0  # sigma_1, largest noise std (data units).
-  noise.sigma_min = 1.0  # sigma_L, smallest noise std (data units).
-  noise.num_scales = 10  # L, number of noise levels.
+  noise.sigma_min = 0.1  # sigma_L, smallest noise std (data units).
+  noise.num_scales = 20  # L, number of noise levels.
   noise.level_sampling = "uniform"  # uniform | stratified | antithetic draw of each example's level.
   noise.weight_power = 2.0  # lambda(sigma) = sigma^power; 2 is the DSM convention of NCSN.
 
@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.ssm_projection = "gaussian"  # ssm: gaussian | rademacher projections.
   training.ssm_num_projections = 1  # ssm: projections per example.
   training.batch_size = 512  # global batch size (all devices, all hosts).
-  training.num_train_steps = 3000  # total optimizer steps.
+  training.num_train_steps = 6000  # total optimizer steps.
   training.steps_per_dispatch = 1  # optimizer steps fused into one compiled call (lax.scan).
   training.log_every_steps = 250  # metrics averaging/logging interval (steps).
   training.eval_every_steps = 1000  # test-loss interval (steps); None disables.
@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- sampling ---------------------------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc | euler | heun | dpm_solver_pp_2m | adaptive.
-  sampling.methods = ("als", "cas")  # samplers the train job runs after training, in this order.
+  sampling.methods = ("als", "cas", "heun")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
   sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
   sampling.num_samples = 2000  # samples written per sampling run.
@@ -108,11 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   # One sub-group per sampler, holding exactly the keyword arguments of its function in
   # score_jax.samplers; a new sampler adds its own sub-group here.
   sampling.als = als = ml_collections.ConfigDict()  # annealed Langevin (samplers.annealed_langevin).
-  als.step_lr = 0.1  # epsilon, reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2.
+  als.step_lr = 0.0005  # epsilon, reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2.
   als.steps_per_sigma = 100  # Langevin steps per level.
   sampling.cas = cas = ml_collections.ConfigDict()  # consistent annealed (samplers.consistent_annealed).
-  cas.step_lr = 0.3  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
-  cas.n_sigma = 1  # levels per trained interval (>1 samples a finer geometric ladder).
+  cas.step_lr = 0.001  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
+  cas.n_sigma = 5  # levels per trained interval (>1 samples a finer geometric ladder).
   cas.eta = placeholder(tuple)  # instead of step_lr (set it None): eta per level of the sampling ladder, or one value.
   sampling.pc = pc = ml_collections.ConfigDict()  # predictor-corrector (samplers.predictor_corrector).
   pc.snr = 0.16  # corrector signal-to-noise ratio.
@@ -182,7 +182,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.reference_stats = placeholder(str)  # .npz of reference statistics; None: computed and cached.
   ev.sweep_step_lrs = (0.05, 0.1, 0.2)  # sampler_sweep: step_lr grid.
   ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: grid of ALS steps and PC corrector steps per level.
-  ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds.
+  ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds (any of sampling.method's).
+  ev.sweep_num_steps = (10, 25, 50)  # sampler_sweep: ladder lengths N of euler, heun, dpm_solver_pp_2m.
+  ev.sweep_rel_tols = (0.05, 0.1)  # sampler_sweep: rel_tol grid of the adaptive solver.
   ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
   ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.
 

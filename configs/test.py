@@ -22,7 +22,8 @@ def get_config():
   config.sampling.als.steps_per_sigma = 5
   config.sampling.num_samples = 64
   config.sampling.batch_size = 64
-  config.sampling.cas.step_lr = 1.0
+  config.sampling.cas.step_lr = 0.01
+  config.sampling.methods = ("als", "cas")
   return config
 
 

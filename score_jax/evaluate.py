@@ -63,11 +63,12 @@ from score_jax.train_state import TrainState
 _EVAL_TAG = 0xE7A1
 _SAMPLE_TAG, _REFERENCE_TAG, _KID_TAG = 0, 1, 2
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
-_METHODS = ("als", "cas", "pc")
+_METHODS = tuple(_METHOD_KNOBS)
 # Sampler arguments the sweep grid sets per sampler (others are recorded as None and not swept);
 # `eval.sweep_steps_per_sigma` gives ALS's steps and PC's corrector steps per level.
 _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
-                 "pc": ("corrector_steps",)}
+                 "pc": ("corrector_steps",), "euler": ("num_steps",), "heun": ("num_steps",),
+                 "dpm_solver_pp_2m": ("num_steps",), "adaptive": ("rel_tol",)}
 FETCH_COMMAND = "python -m score_jax.fetch_inception"
 CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
@@ -406,8 +407,15 @@ def draw_features(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: E
   Every call draws a full batch, so the sampler and the feature network compile once; the
   surplus of the last batch is dropped.
   """
-  return draw_features_stacked(lambda r, n: sample_fn(r, n)[None], evaluator,
-                               num_samples=num_samples, batch_size=batch_size, rng=rng)[0]
+  def stacked(r, n):
+    out = sample_fn(r, n)
+    if isinstance(out, tuple):
+      x, info = out
+      return x[None], {**info, "nfe": jax.numpy.asarray(info["nfe"])[None]}
+    return out[None]
+
+  return draw_features_stacked(stacked, evaluator, num_samples=num_samples,
+                               batch_size=batch_size, rng=rng)[0]
 
 
 def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], evaluator: Evaluator,
@@ -415,16 +423,23 @@ def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], eval
                           ) -> list[Features]:
   """`draw_features` for a sampler returning `[k, n, ...]`: k settings drawn in one program.
 
-  Setting j's samples are those a sampler of setting j alone draws from the same keys.
+  Setting j's samples are those a sampler of setting j alone draws from the same keys. A sampler
+  returning `(samples, info)` adds each sample's NFE to the features as "nfe" `[n]`.
   """
   batch = min(batch_size, num_samples)
   parts: list[list[Features]] = []
   for i in range(-(-num_samples // batch)):
-    xs = np.asarray(sample_fn(jax.random.fold_in(rng, i), batch))
+    out = sample_fn(jax.random.fold_in(rng, i), batch)
+    xs, info = out if isinstance(out, tuple) else (out, None)
+    xs = np.asarray(xs)
     keep = min(batch, num_samples - i * batch)
     parts = parts or [[] for _ in range(len(xs))]
     for j, x in enumerate(xs):
-      parts[j].append({k: v[:keep] for k, v in evaluator.featurize(x).items()})
+      features = {k: v[:keep] for k, v in evaluator.featurize(x).items()}
+      if info is not None:
+        nfe = np.asarray(jax.device_get(info["nfe"]), np.float64)
+        features["nfe"] = np.broadcast_to(nfe[j] if nfe.ndim else nfe, (batch,))[:keep]
+      parts[j].append(features)
   return [{k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for ps in parts]
 
 
@@ -457,7 +472,7 @@ def _checkpoint_sampler(config: ml_collections.ConfigDict) -> Callable[..., jax.
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config),
                                  method=config.sampling.method, init=config.sampling.init,
-                                 **experiment.sampler_kwargs(config))
+                                 return_info=True, **experiment.sampler_kwargs(config))
   return jax.jit(fn, static_argnums=2)
 
 
@@ -467,7 +482,13 @@ def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluato
   features = draw_features(sample_fn, evaluator, num_samples=config.eval.num_samples,
                            batch_size=config.eval.batch_size,
                            rng=jax.random.fold_in(rng, _SAMPLE_TAG))
-  return {**evaluator.score(features), "seconds": time.time() - start}
+  return {**_score(evaluator, features), "seconds": time.time() - start}
+
+
+def _score(evaluator: Evaluator, features: Features) -> dict[str, Any]:
+  """The evaluator's metrics, plus `nfe` (mean network evaluations per sample) when drawn."""
+  nfe = features.pop("nfe", None)
+  return {**evaluator.score(features), **({} if nfe is None else {"nfe": float(np.mean(nfe))})}
 
 
 def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
@@ -481,7 +502,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   kwargs = {**experiment.sampler_kwargs(config, e0["method"]), **_sampler_args(e0)}
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config), method=e0["method"],
-                                 init=config.sampling.init, **kwargs)
+                                 init=config.sampling.init, return_info=True, **kwargs)
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
   many = jax.jit(lambda p, r, n: jax.vmap(lambda lr: fn(p, r, n, step_lr=lr))(lrs),
                  static_argnums=2)
@@ -492,7 +513,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
                                    batch_size=config.eval.batch_size,
                                    rng=jax.random.fold_in(rng, _SAMPLE_TAG))
   seconds = (time.time() - start) / len(entries)
-  return [{**evaluator.score(f), "seconds": seconds, "vmapped_settings": len(entries)}
+  return [{**_score(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
           for f in features]
 
 
@@ -576,7 +597,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   rows = _in_order(entries, fresh, done)
   if main:
     paths = write_outputs(rows, main_metric, workdir, "eval_metrics", plot_eval)
-    print(format_table(rows, ["step", "method", "step_lr"] + table_metric_columns(rows, main_metric)))
+    print(format_table(rows, ["step", "method", "nfe", "step_lr"] +
+                       table_metric_columns(rows, main_metric)))
     best = min(rows, key=rank_key(main_metric))
     print(f"best checkpoint by {main_metric}: step {best['step']} "
           f"({main_metric}={as_float(best.get(main_metric)):.4g}); "
@@ -586,11 +608,14 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
 
 
 def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
-               steps_per_sigma: tuple[int, ...], denoise: tuple[bool, ...]) -> list[dict]:
+               steps_per_sigma: tuple[int, ...], denoise: tuple[bool, ...],
+               num_steps: tuple[int, ...] = (), rel_tols: tuple[float, ...] = ()) -> list[dict]:
   """The distinct sampler settings of the grid, in grid order.
 
   A knob the method does not read (CAS has no steps per level, PC no step_lr) is None, so the
-  grid holds each real setting once.
+  grid holds each real setting once. The ODE samplers (euler, heun, dpm_solver_pp_2m) take
+  `num_steps` (the length of their configured ladder), the adaptive solver `rel_tols`; neither
+  reads the shared `denoise`.
   """
   unknown = [m for m in methods if m not in _METHODS]
   if unknown:
@@ -598,6 +623,18 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
   settings: list[dict] = []
   for method in methods:
     knobs = _METHOD_KNOBS[method]
+    if method in experiment.ODE_SAMPLERS or method == "adaptive":
+      grid = num_steps if "num_steps" in knobs else rel_tols
+      if not grid:
+        raise ValueError(f"eval.sweep_methods has {method}: give its grid in "
+                         f"eval.{'sweep_num_steps' if 'num_steps' in knobs else 'sweep_rel_tols'}")
+      for value in grid:
+        s = {"method": method, "step_lr": None, "steps_per_sigma": None,
+             "corrector_steps": None, "denoise": None,
+             knobs[0]: int(value) if knobs[0] == "num_steps" else float(value)}
+        if s not in settings:
+          settings.append(s)
+      continue
     for lr in step_lrs:
       for spp in steps_per_sigma:
         for den in denoise:
@@ -630,7 +667,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   """
   ev = config.eval
   settings = sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
-                        tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise))
+                        tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise),
+                        tuple(ev.sweep_num_steps), tuple(ev.sweep_rel_tols))
   step = _checkpoint_steps(workdir)[-1]
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
@@ -668,7 +706,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
           results = []
           for entry in group:
             sample_fn = experiment.make_sampler(config, state, method=entry["method"],
-                                                **_sampler_args(entry))
+                                                return_info=True, **_sampler_args(entry))
             results.append(_evaluate_sampler(sample_fn, evaluator, config, rng))
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)
@@ -682,8 +720,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   if main:
     paths = write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
     ranked = sorted(rows, key=rank_key(main_metric))
-    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "corrector_steps",
-                                "denoise"] +
+    print(format_table(ranked, ["method", "nfe", "step_lr", "steps_per_sigma", "corrector_steps",
+                                "num_steps", "rel_tol", "denoise"] +
                        table_metric_columns(rows, main_metric) + ["skipped"]))
     print(f"checkpoint step {step}; {len(done)} of {len(rows)} rows reused")
     print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")
