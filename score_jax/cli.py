@@ -44,7 +44,7 @@ class UsageError(ValueError):
 def validate_config(config) -> None:
   """Checks values that types cannot; raises UsageError naming the field and the fix."""
   import jax
-  from score_jax import data, models
+  from score_jax import data, experiment, models
   n, t, s = config.noise, config.training, config.sampling
   if not n.sigma_min > 0:
     raise UsageError(f"noise.sigma_min={n.sigma_min} must be > 0")
@@ -65,10 +65,20 @@ def validate_config(config) -> None:
                      "network: set --config.model.name=ncsnv2 (or ncsn, unet)")
   models.build(config)  # rejects unknown names and image sizes the network cannot take
   for method in ("als", "cas"):
-    if s[method].step_lr <= 0:
+    if s[method].step_lr is not None and s[method].step_lr <= 0:
       raise UsageError(f"sampling.{method}.step_lr={s[method].step_lr} must be > 0")
-  if s.method not in ("als", "cas", "pc"):
-    raise UsageError(f"sampling.method={s.method!r} must be one of als, cas, pc")
+  for field, method in (("method", s.method), *(("methods", m) for m in s.methods)):
+    if method not in experiment.SAMPLERS:
+      raise UsageError(f"sampling.{field} has {method!r}; use one of "
+                       f"{', '.join(experiment.SAMPLERS)}")
+    if method in experiment.ODE_SAMPLERS:
+      g = s[method]
+      try:
+        experiment.sampling_ladder(experiment.sigmas_from_config(config), ladder=g.ladder,
+                                   num_steps=g.num_steps, rho=g.rho, sigma_max=g.sigma_max,
+                                   sigma_min=g.sigma_min)
+      except ValueError as e:
+        raise UsageError(f"sampling.{method}: {e}") from None
   if s.num_samples <= 0 or s.batch_size <= 0:
     raise UsageError("sampling.num_samples and sampling.batch_size must be > 0")
 

@@ -63,12 +63,12 @@ from score_jax.train_state import TrainState
 _EVAL_TAG = 0xE7A1
 _SAMPLE_TAG, _REFERENCE_TAG, _KID_TAG = 0, 1, 2
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
-_METHODS = tuple(_METHOD_KNOBS)
 # Sampler arguments the sweep grid sets per sampler (others are recorded as None and not swept);
 # `eval.sweep_steps_per_sigma` gives ALS's steps and PC's corrector steps per level.
 _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
                  "pc": ("corrector_steps",), "euler": ("num_steps",), "heun": ("num_steps",),
                  "dpm_solver_pp_2m": ("num_steps",), "adaptive": ("rel_tol",)}
+_METHODS = tuple(_METHOD_KNOBS)
 FETCH_COMMAND = "python -m score_jax.fetch_inception"
 CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).

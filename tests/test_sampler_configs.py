@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import cli, experiment, models, noise, toy
+from score_jax import cli, eval_records, evaluate, experiment, models, noise, toy
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,38 @@ def test_cas_takes_a_per_level_eta(tiny):
 
 def test_summary_table_shows_nfe_and_per_mode_moments():
   mix = toy.get_toy("ncsn_mixture")
-  x = np.asarray(mix.sample(jax.random.key(0), 4000))
-  m = {"step": 1, "num_samples": 4000, "nfe": 49.0,
+  x = np.asarray(mix.sample(jax.random.key(0), 20000))
+  m = {"step": 1, "num_samples": 20000, "nfe": 49.0,
        **toy.sample_metrics(x, mix, jax.random.key(1))}
   assert m["mode_weight_error"] < 0.03 and m["mode_mean_error"] < 0.15
   assert m["mode_var_rel_error"] < 0.1
   table = cli._summary_table({"heun": m})
   assert "heun" in table and "49.0" in table and "mode_vars" in table
+
+
+def test_eval_rows_carry_the_samplers_nfe(tiny):
+  config, state = tiny
+  evaluator = evaluate.make_evaluator(config, "", jax.random.key(0))
+  for method, nfe in (("heun", 7.0), ("adaptive", None)):
+    fn = experiment.make_sampler(config, state, method=method, return_info=True)
+    row = evaluate._evaluate_sampler(fn, evaluator, config, jax.random.key(3))
+    assert "mmd_rbf" in row and row["nfe"] >= 3
+    if nfe is not None:
+      assert row["nfe"] == nfe
+
+
+def test_sweep_grid_takes_the_fast_samplers_and_plots_against_nfe(tmp_path):
+  grid = evaluate.sweep_grid(("als", "heun", "adaptive"), (0.1,), (5,), (True,),
+                             num_steps=(10, 25), rel_tols=(0.1,))
+  assert [(s["method"], s.get("num_steps"), s.get("rel_tol")) for s in grid] == [
+      ("als", None, None), ("heun", 10, None), ("heun", 25, None), ("adaptive", None, 0.1)]
+  assert all(s["denoise"] is None for s in grid[1:])
+  with pytest.raises(ValueError, match="eval.sweep_num_steps"):
+    evaluate.sweep_grid(("euler",), (0.1,), (5,), (True,))
+  rows = [{"method": "als", "nfe": 21, "mmd_rbf": 0.3}, {"method": "als", "nfe": 21, "mmd_rbf": 0.2},
+          {"method": "heun", "nfe": 49, "mmd_rbf": 0.1}, {"method": "heun", "nfe": 19, "mmd_rbf": 0.4},
+          {"method": "cas", "mmd_rbf": 0.5}, {"method": "pc", "nfe": 8, "skipped": "infeasible"}]
+  assert eval_records.nfe_frontier(rows, "mmd_rbf") == {"als": ([21.0], [0.2]),
+                                                        "heun": ([19.0, 49.0], [0.4, 0.1])}
+  eval_records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
+  assert (tmp_path / "sweep_nfe.png").is_file()
