@@ -4,8 +4,8 @@ The embedded default is the two-mode Gaussian mixture of the NCSN paper (Song & 
 Section 3: 1/5 N((-5,-5), I) + 4/5 N((5,5), I)) learned by a noise-conditional MLP over a
 geometric ladder sigma 20 -> 0.1 (20 levels: the last level is a tenth of the modes' unit std, so
 the final Tweedie step shrinks their variance by 1 %, not by half as it does from sigma 1), then
-sampled with ALS (100 steps per level, 2001 NFE), CAS (5 levels per trained interval, 96 NFE) and
-EDM's stochastic Heun sampler (25-level rho-schedule with churn, 49 NFE).
+sampled with ALS (100 steps per level, 2001 NFE), CAS (10 levels per trained interval, 191 NFE)
+and EDM's stochastic Heun sampler (50-level rho-schedule with churn, 99 NFE).
 
     python main.py                                   # this config, workdir runs/default
     python main.py --config=configs/mnist_cpu.py     # an experiment config (overrides this one)
@@ -114,8 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   als.step_lr = 0.0005  # epsilon, reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2.
   als.steps_per_sigma = 100  # Langevin steps per level.
   sampling.cas = cas = ml_collections.ConfigDict()  # consistent annealed (samplers.consistent_annealed).
-  cas.step_lr = 0.001  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
-  cas.n_sigma = 5  # levels per trained interval (>1 samples a finer geometric ladder).
+  cas.step_lr = 0.00055  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
+  cas.n_sigma = 10  # levels per trained interval (>1 samples a finer geometric ladder).
   cas.eta = placeholder(tuple)  # instead of step_lr (set it None): eta per level of the sampling ladder, or one value.
   sampling.pc = pc = ml_collections.ConfigDict()  # predictor-corrector (samplers.predictor_corrector).
   pc.snr = 0.16  # corrector signal-to-noise ratio.
@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   euler.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
   sampling.heun = heun = ml_collections.ConfigDict()  # EDM Algorithm 2 (samplers.heun), NFE = 2N - 1.
   heun.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
-  heun.num_steps = config_dict.FieldReference(25, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  heun.num_steps = config_dict.FieldReference(50, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
   heun.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
   heun.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
   heun.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.

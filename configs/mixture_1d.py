@@ -14,7 +14,7 @@ def get_config():
   config.noise.sigma_min = 0.1
   config.noise.num_scales = 10
   config.sampling.als.step_lr = 1e-3
-  config.sampling.cas.step_lr = 0.008
+  config.sampling.cas.step_lr = 0.002  # eta = 0.2, about 2 (1 - gamma) on the 5-per-interval ladder
   return config
 
 
