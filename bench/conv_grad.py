@@ -6,7 +6,7 @@
 Times one 3x3 convolution at the sizes that dominate NCSNv2 on CIFAR-10 (batch 16, 32x32 and
 16x16, 128 and 256 channels): the forward conv, XLA's input and weight gradients, the weight
 gradient written by hand as shifted-slice matmuls and as one im2col GEMM, the canonical gradients of
-score_jax/models/conv.py (whose CPU weight gradient runs in Eigen, see its docstring) next to the
+score_jax/cpu/conv.py (whose CPU weight gradient runs in Eigen, see its docstring) next to the
 same weight gradient in its plain form (which XLA gives to YNNPACK), and both weight gradients
 inside a 4-step lax.scan (per step). Prints
 GFLOP/s (2 * b * h * w * 9 * cin * cout per call) next to a float32 matmul of the same FLOPs.
@@ -27,8 +27,8 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from score_jax.models.conv import _weight_grad as conv_weight_grad  # noqa: E402
-from score_jax.models.conv import same_conv  # noqa: E402
+from score_jax.cpu.conv import _weight_grad as conv_weight_grad  # noqa: E402
+from score_jax.cpu.conv import same_conv  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -70,7 +70,7 @@ def weight_grad_im2col(x, g):
 def _plain_weight_grad(x, g, inflate=1):
   """conv.py's weight gradient as a convolution: plain (YNNPACK runs it) or, with inflate=2,
   with its input/kernel-dilation trick (Eigen runs it; conv.py's CPU form without oneDNN)."""
-  return conv_weight_grad(x, g, dilation=1, pad=1, precision=None, inflate=inflate)
+  return conv_weight_grad(x, g, dilation=1, pad=1, inflate=inflate)
 
 
 def in_scan(grad_fn, steps=4):

@@ -1,5 +1,5 @@
 """A/B: the convolution weight gradient in oneDNN's backward-weights primitive
-(`score_jax/models/onednn_wgrad.py`) against the Eigen form it replaced (`conv._weight_grad`),
+(`score_jax/cpu/onednn_wgrad.py`) against the Eigen form it replaced (`conv._weight_grad`),
 per convolution and in the NCSNv2 CIFAR-10 training step at batch 16, interleaved so that both
 see the same machine. bench/NOTES.md section 2 has the findings.
 
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 import workloads  # noqa: E402
 from conv_grad import _time  # noqa: E402
-from score_jax.models import conv, onednn_wgrad  # noqa: E402
+from score_jax.cpu import conv, onednn_wgrad  # noqa: E402
 
 
 def per_convolution():
@@ -33,7 +33,7 @@ def per_convolution():
     x = jnp.asarray(rs.randn(b, h, h, c), jnp.float32)
     g = jnp.asarray(rs.randn(b, h, h, o), jnp.float32)
     ours = jax.jit(functools.partial(onednn_wgrad.weight_grad, kernel_size=3, dilation=d))
-    eigen = jax.jit(functools.partial(conv._weight_grad, dilation=d, pad=d, precision=None,
+    eigen = jax.jit(functools.partial(conv._weight_grad, dilation=d, pad=d,
                                       inflate=2))
     want = np.asarray(eigen(x, g))
     err = np.abs(np.asarray(ours(x, g)) - want).max() / np.abs(want).max()

@@ -26,7 +26,7 @@ def _block(x):
 def _flops(compiled) -> float | None:
   """XLA's cost analysis, plus the oneDNN convolution custom calls (forward, input and weight
   gradients), which it counts as 0."""
-  from score_jax.models import onednn, onednn_wgrad
+  from score_jax.cpu import onednn, onednn_wgrad
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None

@@ -128,7 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   euler.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
   euler.s_churn = 0.0  # EDM S_churn: stochasticity, gamma = min(S_churn / N, sqrt(2) - 1); 0: deterministic.
   euler.s_tmin = 0.0  # churn only at levels in [s_tmin, s_tmax].
-  euler.s_tmax = float("inf")  # see s_tmin.
+  euler.s_tmax = placeholder(float)  # see s_tmin; None: no upper bound.
   euler.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
   sampling.heun = heun = ml_collections.ConfigDict()  # EDM Algorithm 2 (samplers.heun), NFE = 2N - 1.
   heun.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
@@ -138,7 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   heun.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
   heun.s_churn = 10.0  # EDM S_churn: stochasticity, gamma = min(S_churn / N, sqrt(2) - 1); 0: deterministic.
   heun.s_tmin = 0.0  # churn only at levels in [s_tmin, s_tmax].
-  heun.s_tmax = float("inf")  # see s_tmin.
+  heun.s_tmax = placeholder(float)  # see s_tmin; None: no upper bound.
   heun.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
   sampling.dpm_solver_pp_2m = dpm = ml_collections.ConfigDict()  # DPM-Solver++(2M), NFE = N.
   dpm.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
@@ -154,7 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   adaptive.h_init = 0.01  # first step in t in [0, 1].
   adaptive.safety = 0.9  # step-size controller safety factor.
   adaptive.exponent = 0.9  # step-size controller exponent.
-  adaptive.h_max_factor = float("inf")  # cap on the step's growth per attempt.
+  adaptive.h_max_factor = placeholder(float)  # cap on the step's growth per attempt; None: none (the paper).
   adaptive.max_iters = 10_000  # bound on solver iterations.
   adaptive.denoise = True  # final Tweedie denoising at sigma_min (one more evaluation).
 

@@ -1,10 +1,7 @@
 """A CPU-sized NCSNv2 on MNIST for 2 CPU cores.
 
-Measured on 2 shared CPU cores, 1 device: 5000 steps took about 80 min (2500 steps in 43 min on
-2026-11-25, then resumed to 5000 in 37 min on 2026-11-26, other jobs running; the learning rate
-is constant, so the resumed run is the uninterrupted one). Train DSM loss 229 -> 36, EMA test loss
-244 -> 52 (step 2500) -> 38 (step 5000). At 2500 steps CAS drew digit shapes and ALS mostly
-strokes; at 5000 steps both draw recognizable digits (docs/mnist_cpu_{cas,als}_step5000.png).
+At 5000 steps both samplers draw recognizable digits (docs/mnist_cpu_{cas,als}_step5000.png; the
+run's losses and times are in bench/NOTES.md).
 
 The NCSNv2 architecture at ngf 16 (about 0.5M parameters) with the NCSN MNIST ladder (sigma 1 ->
 0.01, 10 levels), Adam lr 1e-3 (the NCSN rate: fast progress matters more than the last nats here),

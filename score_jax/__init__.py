@@ -5,10 +5,43 @@ Notebook entry points (imported lazily so `import score_jax` stays cheap):
   `make_sampler(config, state, method=None, **overrides) -> (rng, n) -> samples`
 """
 
+import importlib.metadata
 import os
 import pathlib
+import re
+import sys
 
-__all__ = ["cache_dir", "load_checkpoint", "make_sampler"]
+# The supported range: requires-python and the jax lower bound of pyproject.toml.
+PYTHON_RANGE = ((3, 11), (3, 13))
+MIN_JAX = (0, 7, 2)
+
+
+def _check_versions(python: tuple[int, ...] = tuple(sys.version_info),
+                    version=importlib.metadata.version) -> None:
+  """Raises ImportError naming the supported range when Python, jax or jaxlib is outside it.
+
+  Args:
+    python: the interpreter's version, `(major, minor, ...)`.
+    version: `distribution name -> version string` (`importlib.metadata.version`).
+  """
+  if not PYTHON_RANGE[0] <= tuple(python[:2]) <= PYTHON_RANGE[1]:
+    raise ImportError(f"score_jax supports Python 3.11 to 3.13, not "
+                      f"{'.'.join(map(str, python[:3]))}; create the environment with one of those")
+  for dist in ("jax", "jaxlib"):
+    try:
+      found = version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      raise ImportError(f"score_jax needs {dist} 0.7.2 or newer, which is not installed; "
+                        "pip install score_jax (or score_jax[cuda12], score_jax[tpu])") from None
+    if tuple(int(p) for p in re.findall(r"\d+", found)[:3]) < MIN_JAX:
+      raise ImportError(f"score_jax supports {dist} 0.7.2 and newer, not {found}; "
+                        'pip install -U "jax>=0.7.2" (with its CUDA plugin or libtpu of the same '
+                        "version)")
+
+
+_check_versions()
+
+__all__ = ["cache_dir", "configs_dir", "load_checkpoint", "make_sampler"]
 
 
 def cache_dir() -> pathlib.Path:
@@ -16,6 +49,16 @@ def cache_dir() -> pathlib.Path:
   `~/.cache/score_jax`."""
   return pathlib.Path(os.environ.get("SCORE_JAX_CACHE")
                       or os.path.expanduser("~/.cache/score_jax"))
+
+
+def configs_dir() -> pathlib.Path:
+  """The folder of the shipped configs (`default.py` is the schema): `score_jax/configs` of an
+  installed package, else `configs/` of the source checkout that holds this package."""
+  try:
+    from score_jax import configs  # installed (also in editable mode): maps configs/ in
+  except ImportError:
+    return pathlib.Path(__file__).resolve().parent.parent / "configs"
+  return pathlib.Path(configs.__file__).resolve().parent
 
 
 def load_checkpoint(workdir, step=None):

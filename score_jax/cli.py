@@ -25,11 +25,14 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+import score_jax
+from score_jax import config_schema, workdir_lock
+from score_jax.config_schema import UsageError
+
 _MODES = ("train", "sample", "eval", "sampler_sweep", "sweep")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
+config_flags.DEFINE_config_file("config", str(score_jax.configs_dir() / "default.py"),
                                 "Experiment config file, optionally file.py:arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples). "
                     "Default: runs/<config file name>.")
@@ -37,59 +40,41 @@ flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
 
 
-class UsageError(ValueError):
-  """Bad command-line input; reported in one line with exit status 2."""
+# Modes that read an existing workdir; without --config they start from the checkpoint's config.
+_READER_MODES = ("sample", "eval", "sampler_sweep")
 
 
-def validate_config(config) -> None:
-  """Checks values that types cannot; raises UsageError naming the field and the fix."""
-  import jax
-  from score_jax import data, experiment, models
-  n, t, s = config.noise, config.training, config.sampling
-  if not n.sigma_min > 0:
-    raise UsageError(f"noise.sigma_min={n.sigma_min} must be > 0")
-  if not n.sigma_max > n.sigma_min:
-    raise UsageError(f"noise.sigma_max={n.sigma_max} must be > noise.sigma_min={n.sigma_min}")
-  if n.num_scales < 2:
-    raise UsageError(f"noise.num_scales={n.num_scales} must be >= 2")
-  devices = FLAGS.num_devices or jax.device_count()
-  if t.batch_size <= 0 or t.batch_size % devices:
-    raise UsageError(f"training.batch_size={t.batch_size} must be a positive multiple of the "
-                     f"{devices} devices in use")
-  for name in ("num_train_steps", "log_every_steps", "ckpt_every_steps", "steps_per_dispatch"):
-    if t[name] <= 0:
-      raise UsageError(f"training.{name}={t[name]} must be > 0")
-  data.check_dataset(config.data.dataset)
-  if not data.is_toy(config.data.dataset) and config.model.name == "mlp":
-    raise UsageError(f"model.name='mlp' is for toy data; {config.data.dataset} needs an image "
-                     "network: set --config.model.name=ncsnv2 (or ncsn, unet)")
-  models.build(config)  # rejects unknown names and image sizes the network cannot take
-  for method in ("als", "cas"):
-    if s[method].step_lr is not None and s[method].step_lr <= 0:
-      raise UsageError(f"sampling.{method}.step_lr={s[method].step_lr} must be > 0")
-  for field, method in (("method", s.method), *(("methods", m) for m in s.methods)):
-    if method not in experiment.SAMPLERS:
-      raise UsageError(f"sampling.{field} has {method!r}; use one of "
-                       f"{', '.join(experiment.SAMPLERS)}")
-    if method in experiment.ODE_SAMPLERS:
-      g = s[method]
-      try:
-        experiment.sampling_ladder(experiment.sigmas_from_config(config), ladder=g.ladder,
-                                   num_steps=g.num_steps, rho=g.rho, sigma_max=g.sigma_max,
-                                   sigma_min=g.sigma_min)
-      except ValueError as e:
-        raise UsageError(f"sampling.{method}: {e}") from None
-  if s.num_samples <= 0 or s.batch_size <= 0:
-    raise UsageError("sampling.num_samples and sampling.batch_size must be > 0")
+def validate(config, mode: str, num_devices: int | None = None) -> None:
+  """The schema's checks for a run of `mode` (one-line UsageError naming the field and the fix).
+
+  Args:
+    config: the run's config.
+    mode: a CLI mode (`sweep` validates each run as `train`).
+    num_devices: the `--num_devices` flag; None: all local devices.
+  """
+  config_schema.validate(config, modes=("train",) if mode == "sweep" else (mode,),
+                         num_devices=num_devices)
+  if mode in ("train", "sweep"):
+    config_schema.check_data_source(config)
+  if mode in ("eval", "sampler_sweep"):
+    from score_jax import evaluate
+    evaluate.feature_kind(config)
 
 
-def _check_workdir(workdir: str) -> None:
+def _check_workdir(workdir: str, mode: str) -> None:
   """Creates `workdir` and proves it writable, so a bad path fails before any training.
 
   Permission bits are not enough (root passes `os.access` everywhere, even on /proc), so
-  this makes the directory and a probe file for real.
+  this makes the directory and a probe file for real. Training first checks that no other
+  writer holds the workdir, and reading modes need an existing workdir: a refused run creates
+  nothing.
   """
   path = pathlib.Path(workdir).resolve()
+  if mode in ("train", "sweep"):
+    workdir_lock.raise_if_held(str(path))
+  elif not path.is_dir():
+    raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
+                     "train first or pass the run's --workdir")
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write_probe_") as probe:
@@ -97,6 +82,13 @@ def _check_workdir(workdir: str) -> None:
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: {path} is not a writable directory "
                      f"({e.strerror or e}); pick a directory you can write to") from None
+
+
+def _check_run_dir(workdir: str) -> None:
+  """UsageError unless `workdir` holds checkpoints to read (sample, eval and sweep modes)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UsageError(f"--workdir={workdir} holds no checkpoints/; train first "
+                     f"(python main.py --workdir={workdir}) or pick the run's directory")
 
 
 def _default_workdir() -> str:
@@ -120,10 +112,15 @@ def _apply_overrides(config, overrides: dict):
     node = config
     *parents, leaf = dotted.split(".")
     for p in parents:
+      if p not in node:
+        raise UsageError(f"override {dotted!r} names no config field")
       node = node[p]
     if leaf not in node:
-      raise UsageError(f"sweep override {dotted!r} names no config field")
-    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+      raise UsageError(f"override {dotted!r} names no config field")
+    try:
+      node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+    except TypeError as e:
+      raise UsageError(f"override {dotted}={value!r}: {e}") from None
   return config
 
 
@@ -170,8 +167,12 @@ def _summary_table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def run(config, workdir: str, mode: str) -> None:
-  """Runs one mode on a validated config (the importable body of the CLI)."""
+def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> None:
+  """Runs one mode on a validated config (the importable body of the CLI).
+
+  `sweep_runs`: the validated runs of `--mode=sweep` (`_sweep_runs`), so the config file's
+  `get_sweep()` is not executed again.
+  """
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
     state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
@@ -185,6 +186,7 @@ def run(config, workdir: str, mode: str) -> None:
       experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
     else:
       config = _with_cli_overrides(loaded_config, config)
+      validate(config, mode, FLAGS.num_devices)
     results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
       print(_summary_table(results))
@@ -192,19 +194,45 @@ def run(config, workdir: str, mode: str) -> None:
     from score_jax import evaluate
     if not FLAGS["config"].present:
       config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
+      validate(config, mode, FLAGS.num_devices)
     evaluate.run(config, workdir, mode=mode)
   elif mode == "sweep":
-    sweep = _load_sweep(config_flags.get_config_filename(FLAGS["config"]))
-    for i, overrides in enumerate(sweep):
-      sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
-          f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
-      sub_config = _apply_overrides(config, overrides)
-      validate_config(sub_config)
-      print(f"[sweep {i + 1}/{len(sweep)}] {overrides} -> {sub}")
+    runs = sweep_runs if sweep_runs is not None else _sweep_runs(config, workdir)
+    for i, (overrides, sub_config, sub) in enumerate(runs):
+      print(f"[sweep {i + 1}/{len(runs)}] {overrides} -> {sub}")
       run(sub_config, sub, "train")
 
 
-def main(argv: list[str]) -> int:
+def _sweep_runs(config, workdir: str) -> list[tuple[dict, object, str]]:
+  """`(overrides, config, workdir)` of each run of the config file's `get_sweep()`, validated."""
+  runs = []
+  for i, overrides in enumerate(_load_sweep(config_flags.get_config_filename(FLAGS["config"]))):
+    sub = os.path.join(workdir, f"sweep_{i:03d}_" + "_".join(
+        f"{k.split('.')[-1]}={v}" for k, v in overrides.items()).replace("/", "-"))
+    sub_config = _apply_overrides(config, overrides)
+    validate(sub_config, "sweep", FLAGS.num_devices)
+    runs.append((overrides, sub_config, sub))
+  return runs
+
+
+def _shipped_configs(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:arg]` names the shipped config NAME.py when no such file is
+  under the current directory, so an installed package takes the commands of a checkout."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, sep, rest = arg[len("--config="):].partition(":")
+      shipped = score_jax.configs_dir() / path[len("configs/"):]
+      if not os.path.exists(path) and shipped.is_file():
+        arg = f"--config={shipped}{sep}{rest}"
+    out.append(arg)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
+  status. `argv` defaults to `sys.argv`."""
+  argv = _shipped_configs(sys.argv if argv is None else argv)
   try:
     FLAGS(argv)
   except flags.Error as e:
@@ -216,7 +244,7 @@ def main(argv: list[str]) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
-  from score_jax import checkpoint, train
+  from score_jax import checkpoint, experiment, train
   try:
     config = FLAGS.config
     config.get("name")
@@ -224,24 +252,26 @@ def main(argv: list[str]) -> int:
     print(f"error: --config: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   workdir = FLAGS.workdir or _default_workdir()
+  mode = FLAGS.mode
   try:
     if config.training.distributed:
       from score_jax import parallel
       parallel.initialize_distributed(True)
-    validate_config(config)
-    _check_workdir(workdir)
-    run(config, workdir, FLAGS.mode)
+    sweep_runs = None
+    if mode == "sweep":
+      sweep_runs = _sweep_runs(config, workdir)
+    elif mode == "train" or FLAGS["config"].present:
+      validate(config, mode, FLAGS.num_devices)
+    if mode in _READER_MODES:
+      _check_run_dir(workdir)
+    _check_workdir(workdir, mode)
+    run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  except train.TrainingError as e:
+  except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except ValueError as e:
-    if os.environ.get("SCORE_JAX_DEBUG"):
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   return 0
 
 

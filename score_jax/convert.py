@@ -38,7 +38,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -268,12 +267,6 @@ def _unet_modules(ch_mult: tuple[int, ...]) -> dict[str, tuple[str, str]]:
 _UNET_RES = {"norm1": "normalize0", "conv1": "conv0", "norm2": "normalize1", "conv2": "conv1",
              "shortcut": "nin"}
 _UNET_ATTN = {"q": "Q", "k": "K", "v": "V", "proj_out": "OUT", "norm": "normalize"}
-# score_jax's UNet downsamples with TF "SAME" padding (DDPM's, pad 0 before and 1 after), the AC
-# UNet with torch `padding=1` (1 on both sides): names and shapes agree, outputs do not.
-UNET_PADDING_NOTE = (
-    "score_jax's UNet pads its stride-2 downsampling convolutions as TF 'SAME' (0 before, 1 "
-    "after) where the AC UNet pads 1 on both sides, so the converted network's outputs differ "
-    "from the reference's until score_jax/models/unet.py pads (1, 1)")
 # Reference tensors that an unconditional UNet never uses (the time embedding MLP).
 _UNET_UNUSED = re.compile(r"temb_dense\.\d+\.(weight|bias)")
 
@@ -366,7 +359,7 @@ def _param_shapes(config) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
   import jax
   import jax.numpy as jnp
   from score_jax import models
-  from score_jax.train import example_shape
+  from score_jax.experiment import example_shape
   try:
     model = models.build(config)
   except ValueError as e:
@@ -379,7 +372,7 @@ def _param_shapes(config) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
 
 
 def _check_sigmas(buffer: np.ndarray, config, path: str) -> None:
-  from score_jax.train import sigmas_from_config
+  from score_jax.experiment import sigmas_from_config
   ladder = np.asarray(sigmas_from_config(config), np.float64)
   got = np.asarray(buffer, np.float64).reshape(-1)
   if got.shape != ladder.shape or not np.allclose(got, ladder, rtol=1e-4, atol=0.0):
@@ -414,8 +407,6 @@ def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
   check_config(source, config)
   ckpt = read_checkpoint(checkpoint_path)
   model, shapes = _param_shapes(config)
-  if source == "ac_unet" and len(config.model.ch_mult) > 1:
-    warnings.warn(UNET_PADDING_NOTE, stacklevel=2)
   return _convert_loaded(source, ckpt, config, model, shapes, ema=ema)
 
 
@@ -490,7 +481,7 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
 def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dict) -> None:
   """Writes `params` (as the params and every EMA slot) into a new score_jax workdir at step 0.
 
-  The state has the structure `train.init_state(config, ...)` gives (a `TrainState` with a fresh
+  The state has the structure `experiment.init_state(config, ...)` gives (a `TrainState` with a fresh
   optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
   checkpoint writer training uses, so `score_jax.load_checkpoint(workdir)` and `main.py --mode=
   sample|eval` read it. `metadata` is stored as the data-pipeline state (JSON).
@@ -498,7 +489,7 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
   import jax
   import jax.numpy as jnp
   from score_jax import checkpoint, models
-  from score_jax.train import init_state, optimizer_from_config
+  from score_jax.experiment import init_state, optimizer_from_config
   from score_jax.train_state import TrainState
 
   model = models.build(config)
@@ -510,7 +501,7 @@ def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dic
   state = score_state
   if config.adversarial.enabled:
     state = init_state(config, model).replace(score=score_state)
-  manager = checkpoint.create_manager(workdir, async_save=False)
+  manager = checkpoint.create_writer(workdir, keep=1, async_save=False)
   try:
     checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
                     config_json=config.to_json())
@@ -561,8 +552,6 @@ def main(argv: list[str]) -> int:
     ckpt = read_checkpoint(fv.checkpoint)
     model, shapes = _param_shapes(config)
     params = _convert_loaded(fv.source, ckpt, config, model, shapes, ema=fv.ema)
-    if fv.source == "ac_unet" and len(config.model.ch_mult) > 1:
-      print(f"warning: {UNET_PADDING_NOTE}", file=sys.stderr)
     used = "EMA" if fv.ema and ckpt.ema is not None else "raw"
     write_workdir(config, params, workdir, metadata=dict(
         source=fv.source, checkpoint=os.path.abspath(fv.checkpoint), weights=used))

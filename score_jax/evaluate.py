@@ -45,6 +45,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -52,8 +53,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, data, experiment, fetch_inception, inception, metrics,
-                       mnist_classifier, models, noise, parallel, samplers, toy)
+from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
+                       metrics, mnist_classifier, models, noise, parallel, samplers, toy)
+from score_jax.config_schema import UsageError
 from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
@@ -166,7 +168,7 @@ def inception_weights_path(config: ml_collections.ConfigDict) -> str:
   """`eval.inception_weights`, else the fetch CLI's default file; ValueError if it is missing."""
   path = config.eval.inception_weights or os.fspath(fetch_inception.default_npz_path())
   if not os.path.isfile(path):
-    raise ValueError(f"FID Inception weights not found at {path}: run `{FETCH_COMMAND}` first "
+    raise UsageError(f"FID Inception weights not found at {path}: run `{FETCH_COMMAND}` first "
                      "(or set --config.eval.inception_weights to a converted .npz)")
   return path
 
@@ -182,7 +184,7 @@ def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
   if not os.path.isfile(path):
     command = CLASSIFIER_COMMAND.format(
         manual_dir=config.data.manual_dir or "<folder with the official MNIST .gz files>")
-    raise ValueError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
+    raise UsageError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
                      "set --config.eval.mnist_classifier_weights to a saved classifier .npz)")
   return path
 
@@ -279,7 +281,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   if ev.reference_stats:
     with np.load(ev.reference_stats) as f:
       if "mu" not in f.files or "sigma" not in f.files:
-        raise ValueError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
+        raise UsageError(f"eval.reference_stats={ev.reference_stats} must hold arrays 'mu' and "
                          f"'sigma' (found {f.files})")
       return {"mu": f["mu"], "sigma": f["sigma"],
               "features": f["features"] if "features" in f.files else None}
@@ -294,6 +296,12 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     with np.load(path) as f:
       if "meta" in f.files and str(f["meta"]) == meta:
         return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"]}
+  available = image_data.num_records(dataset=d.dataset, split=d.eval_split,
+                                     data_dir=d.data_dir, path=d.path)
+  if ev.num_samples > available:
+    raise ValueError(f"eval.num_samples={ev.num_samples} exceeds the {available} images of "
+                     f"{d.dataset}/{d.eval_split} (the reference statistics would repeat images); "
+                     "lower eval.num_samples or give eval.reference_stats")
   ref_config = config.copy_and_resolve_references()
   ref_config.data.uniform_dequantization = False
   ref_config.data.gaussian_dequantization = False
@@ -326,7 +334,7 @@ def feature_kind(config: ml_collections.ConfigDict) -> str:
   f, d = config.eval.features, config.data
   dataset = d.dataset
   if f not in _FEATURES:
-    raise ValueError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
+    raise UsageError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
   is_toy = data.is_toy(dataset)
   if f == "auto":
     return "toy" if is_toy else "inception"
@@ -334,11 +342,11 @@ def feature_kind(config: ml_collections.ConfigDict) -> str:
     shape = (d.image_size, d.image_size, d.num_channels)
     if is_toy or shape != mnist_classifier.IMAGE_SHAPE:
       got = "toy points" if is_toy else "x".join(map(str, shape)) + " images"
-      raise ValueError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
+      raise UsageError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
                        f"data.dataset={dataset!r} has {got}; use 'inception' or 'auto'")
     return f
   if (f == "toy") != is_toy:
-    raise ValueError(f"eval.features={f!r} does not fit data.dataset={dataset!r}; use 'auto'")
+    raise UsageError(f"eval.features={f!r} does not fit data.dataset={dataset!r}; use 'auto'")
   return f
 
 
@@ -372,7 +380,7 @@ def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
   reference = reference_statistics(config, workdir, featurize, params_digest(params),
                                    kind="mnist_classifier")
   if np.shape(reference["mu"]) != (mnist_classifier.NUM_FEATURES,):
-    raise ValueError(f"eval.reference_stats={config.eval.reference_stats} holds "
+    raise UsageError(f"eval.reference_stats={config.eval.reference_stats} holds "
                      f"{np.shape(reference['mu'])[0]}-d statistics; the MNIST classifier's "
                      f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
   kid_rng = jax.random.fold_in(rng, _KID_TAG)
@@ -444,16 +452,43 @@ def draw_features_stacked(sample_fn: Callable[[jax.Array, int], jax.Array], eval
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  """The checkpoint steps in `workdir`, ascending; CheckpointError when there are none."""
-  manager = checkpoint.create_manager(workdir, async_save=False)
+  """The checkpoint steps in `workdir`, ascending (read-only); CheckpointError when none."""
+  manager = checkpoint.open_reader(workdir)
   try:
-    steps = checkpoint.all_steps(manager)
+    return checkpoint.all_steps(manager)
   finally:
     manager.close()
-  if not steps:
-    raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                                     "train first (python main.py --workdir=...)")
-  return steps
+
+
+def score_finite(evaluator: Evaluator, features: Features) -> dict[str, Any]:
+  """The evaluator's metrics of the finite samples only, plus `finite_fraction`.
+
+  Non-finite samples would make FID, KID and the toy distances NaN or meaningless, so they are
+  dropped; when none is finite only `finite_fraction` (0) is returned.
+  """
+  finite = features.get("finite")
+  if finite is None:
+    finite = experiment.finite_rows(next(iter(features.values())))
+  finite = np.asarray(finite, bool)
+  if not finite.any():
+    return {"finite_fraction": 0.0}
+  if not finite.all():
+    features = {k: np.asarray(v)[finite] for k, v in features.items()}
+  return {**evaluator.score(features), "finite_fraction": float(finite.mean())}
+
+
+def _check_finite(row: dict, *, fatal: bool) -> None:
+  """Warns about a row with non-finite samples; with `fatal`, all non-finite is an error."""
+  fraction = row.get("finite_fraction", 1.0)
+  if fraction == 0.0 and fatal:
+    raise experiment.NonFiniteSamplesError(
+        f"all {row['num_samples']} samples at step {row['step']} are non-finite "
+        f"({row['method']}, step_lr={row['step_lr']}); no metrics computed. Lower "
+        "sampling.step_lr or check the checkpoint")
+  if fraction < 1.0 and parallel.is_main_process():
+    print(f"warning: {1 - fraction:.1%} of the samples at step {row['step']} ({row['method']}, "
+          f"step_lr={row['step_lr']}) are non-finite; metrics use the finite ones",
+          file=sys.stderr)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
@@ -486,9 +521,10 @@ def _evaluate_sampler(sample_fn: Callable[[jax.Array, int], jax.Array], evaluato
 
 
 def _score(evaluator: Evaluator, features: Features) -> dict[str, Any]:
-  """The evaluator's metrics, plus `nfe` (mean network evaluations per sample) when drawn."""
+  """`score_finite`'s metrics, plus `nfe` (mean network evaluations per sample) when drawn."""
   nfe = features.pop("nfe", None)
-  return {**evaluator.score(features), **({} if nfe is None else {"nfe": float(np.mean(nfe))})}
+  return {**score_finite(evaluator, features),
+          **({} if nfe is None else {"nfe": float(np.mean(nfe))})}
 
 
 def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
@@ -564,7 +600,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   steps = [s for s in available if (ev.begin_step is None or s >= ev.begin_step) and
            (ev.end_step is None or s <= ev.end_step)]
   if not steps:
-    raise ValueError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
+    raise UsageError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
@@ -588,6 +624,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
         state = _restore(config, workdir, entry["step"])
         sample_fn = functools.partial(sampler, state.ema_params[0])
         row = _record(writer, fresh, entry, _evaluate_sampler(sample_fn, evaluator, config, rng))
+        _check_finite(row, fatal=True)
         if main:
           print(f"[eval] step {row['step']}: {main_metric}="
                 f"{row.get(main_metric, float('nan')):.4g} ({row['seconds']:.1f}s)", flush=True)
@@ -710,6 +747,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
             results.append(_evaluate_sampler(sample_fn, evaluator, config, rng))
         for entry, measured in zip(group, results):
           row = _record(writer, fresh, entry, measured)
+          _check_finite(row, fatal=False)  # a sweep maps where samplers diverge
           if main:
             print(f"[sweep] {_setting(entry)}: "
                   f"{main_metric}={row.get(main_metric, float('nan')):.4g}", flush=True)

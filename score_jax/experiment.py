@@ -1,5 +1,8 @@
 """The config boundary: the only module that turns a config into objects.
 
+Configs reaching it are checked by `config_schema.validate` (the CLI does so before any work);
+the functions here do not repeat those checks.
+
 Noise ladder, optimizer, data iterator, model state, step function, sampler settings and the
 checkpoint compatibility check are built here from a config; everything below (`noise`,
 `losses`, `samplers`, `steps`, `models`, `parallel`, `checkpoint`) takes plain values. The host
@@ -12,22 +15,20 @@ import functools
 import importlib.util
 import json
 import os
-import pathlib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from score_jax import checkpoint, data, gan, models, noise, parallel, samplers, steps
+from score_jax import checkpoint, configs_dir, data, gan, models, noise, parallel, samplers, steps
 from score_jax.score import make_score_fn
 from score_jax.train_state import (AdversarialState, TrainState, create_discriminator_state,
                                    create_train_state)
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+_DEFAULT_CONFIG = configs_dir() / "default.py"
 
 
 def make_optimizer(*, optimizer: str, lr: float, beta1: float, beta2: float, eps: float,
@@ -95,8 +96,6 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 def discriminator_from_config(config: ml_collections.ConfigDict) -> nn.Module:
   from score_jax.models import discriminator
   a = config.adversarial
-  if data.is_toy(config.data.dataset) and a.d_arch != "mlp":
-    raise ValueError(f"adversarial.d_arch={a.d_arch!r} is for images; toy data need 'mlp'")
   return discriminator.build_discriminator(a.d_arch, ch=a.d_ch, resolution=config.data.image_size)
 
 
@@ -121,11 +120,6 @@ def step_fn_from_config(config: ml_collections.ConfigDict, loss_kwargs: dict) ->
   if not config.adversarial.enabled:
     return functools.partial(steps.train_step, ema_decays=ema_decays, **loss_kwargs)
   a = config.adversarial
-  if config.training.loss != "dsm":
-    raise ValueError("adversarial training needs training.loss='dsm' (it denoises with the DSM "
-                     "forward pass)")
-  if a.d_steps < 1:
-    raise ValueError(f"adversarial.d_steps={a.d_steps} must be >= 1")
   clamp = None
   if a.clamp and not data.is_toy(config.data.dataset):
     clamp = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
@@ -314,6 +308,9 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
     kwargs["eta"] = float(eta.reshape(())) if eta.size == 1 else tuple(eta.tolist())
     samplers.check_cas_eta(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
                            np.asarray(kwargs["eta"]), "eta")
+  for unbounded in ("s_tmax", "h_max_factor"):  # None in the config: the sampler's default, inf
+    if unbounded in kwargs and kwargs[unbounded] is None:
+      del kwargs[unbounded]
   ladder, start = sigmas, sigmas[0]
   if method in ANNEALED_SAMPLERS:
     options = dict(return_trajectory=return_trajectory, save_every=save_every,
@@ -344,26 +341,39 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
   return sample
 
 
+class NonFiniteSamplesError(RuntimeError):
+  """Every sample drawn is non-finite (NaN or infinite): no metric can be computed on them."""
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+  """`[b]` bool: whether each sample of `x` `[b, ...]` is finite everywhere."""
+  x = np.asarray(x)
+  return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+
+
 def load_checkpoint(workdir: str, step: int | None = None
                     ) -> tuple[ml_collections.ConfigDict, TrainState]:
-  """Returns `(config, state)` of the checkpoint at `step` (latest if None) in `workdir`."""
-  manager = checkpoint.create_manager(workdir, async_save=False)
+  """Returns `(config, state)` of the checkpoint at `step` in `workdir`.
+
+  Read-only: it never creates, deletes or renames anything, so it may run while training writes
+  to `workdir`. With `step` None it restores the newest step that verifies against its digest,
+  skipping (and reporting) damaged ones.
+  """
+  manager = checkpoint.open_reader(workdir)
+
+  def read(s: int) -> tuple[ml_collections.ConfigDict, TrainState]:
+    config = config_from_dict(checkpoint.restore_config(manager, s))
+    template = parallel.replicate(init_state(config, models.build(config)), parallel.make_mesh())
+    return config, checkpoint.restore(manager, s, template)[0]
+
   try:
-    steps = checkpoint.all_steps(manager)
-    if not steps:
-      raise checkpoint.CheckpointError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                                       "train first (python main.py --workdir=...)")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise checkpoint.CheckpointError(f"no checkpoint at step {step} in {workdir}; "
-                                       f"available steps: {steps}")
-    config = config_from_dict(checkpoint.restore_config(manager, step))
-    model = models.build(config)
-    template = parallel.replicate(init_state(config, model), parallel.make_mesh())
-    state, _ = checkpoint.restore(manager, step, template)
+    found = checkpoint.restore_newest(manager, read, move_damaged=False, step=step)
   finally:
     manager.close()
-  return config, state
+  if found is None:
+    raise checkpoint.CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}; "
+                                     "train first (python main.py --workdir=...)")
+  return found[1]
 
 
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,

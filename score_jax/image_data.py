@@ -14,7 +14,7 @@ records, a global shuffle per epoch with the seed, per-record preprocessing whos
 state is a small JSON dict, saved in checkpoints, and a restored pipeline yields exactly the
 batches of an uninterrupted one.
 
-Preprocessing conventions (REFERENCE B1): values in [0, 1] (or [-1, 1] when `centered`);
+Preprocessing conventions (ermongroup/ncsnv2 `datasets/__init__.py`): values in [0, 1] (or [-1, 1] when `centered`);
 uniform dequantization (x * 255 + U[0, 1)) / 256 as NCSN v1; Gaussian dequantization N(0, 0.01^2)
 as NCSNv2; CelebA: center crop 140 then resize (NCSN); LSUN: resize the shorter side, then center
 crop; other sizes: bilinear resize (PIL) when image_size differs from the native size.
@@ -23,7 +23,6 @@ crop; other sizes: bilinear resize (PIL) when image_size differs from the native
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import pathlib
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import grain
 import numpy as np
 from PIL import Image
+
+from score_jax.idx import read_idx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +78,6 @@ def prepare_command(dataset: str, data_dir: str | None) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Raw MNIST files.
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-  """Reads an idx file (optionally .gz): the MNIST format, big-endian dims then uint8 data."""
-  opener = gzip.open if str(path).endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
-  if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-    raise ValueError(f"{path} is not an unsigned-byte idx file")
-  ndim = raw[3]
-  dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
-  return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
 
 
 def load_mnist_raw(manual_dir: str | os.PathLike, split: str = "train"
@@ -161,20 +150,36 @@ def _tfds_source(dataset: str, split: str, data_dir: str | None):
 
 
 class _FolderSource:
-  """Random access over a folder of PNG/JPEG images (sorted by name), decoded with PIL."""
+  """Random access over a folder of PNG/JPEG images (sorted by name), decoded with PIL.
+
+  Every file is checked when the source is made (PIL's header parse and `verify`, which checks
+  PNG chunk checksums without decoding), so a damaged image is named before training starts.
+  """
 
   def __init__(self, path: str):
     exts = {".png", ".jpg", ".jpeg"}
     self.files = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in exts)
     if not self.files:
       raise ValueError(f"data.path={path} holds no .png/.jpg/.jpeg images")
+    for f in self.files:
+      try:
+        with Image.open(f) as im:
+          im.verify()
+      except Exception as e:  # PIL raises many types for one damaged file.
+        raise ValueError(f"data.path: {f} is not a readable image ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); remove or replace it") from None
 
   def __len__(self) -> int:
     return len(self.files)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    with Image.open(self.files[i]) as im:
-      return {"image": np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)}
+    try:
+      with Image.open(self.files[i]) as im:
+        return {"image": np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)}
+    except Exception as e:  # PIL raises many types for one damaged file.
+      raise ValueError(f"data.path: {self.files[i]} is not a readable image "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); remove or "
+                       "replace it") from None
 
 
 class _ArraySource:
@@ -385,6 +390,12 @@ def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: in
                    gaussian_dequantization=gaussian_dequantization, centered=centered)
   ds = ds.random_map(pre, seed=seed + 1)
   return ImageIterator(ds, batch_size, prefetch, num_workers)
+
+
+def num_records(*, dataset: str, split: str, data_dir: str | None = None,
+                path: str | None = None) -> int:
+  """The number of records in `dataset`/`split` (a folder is checked as for training)."""
+  return len(_source(dataset, split, data_dir, path))
 
 
 def load_array(*, dataset: str, split: str, image_size: int, num_channels: int,

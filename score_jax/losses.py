@@ -20,7 +20,6 @@ sigma^power weighting and reduction.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +141,8 @@ def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
   Per example: sigma^power * [0.5 ||s||^2 + mean_v v^T (ds/dx~) v], projections v Gaussian or
   Rademacher. v^T J v is computed in reverse mode as v . (J^T v), one vjp per projection after
   a single forward pass, as the reference implementation does (autograd.grad of v . s w.r.t.
-  x~). Reverse mode also works through the custom-VJP convolutions of the image models
-  (models/conv.py), which have no forward-mode rule.
+  x~). It also works through the fast CPU convolutions and pooling (score_jax/cpu/), which have
+  both reverse- and forward-mode rules.
   """
   if projection not in ("gaussian", "rademacher"):
     raise ValueError(f"projection={projection!r} must be 'gaussian' or 'rademacher'")
@@ -194,6 +193,3 @@ def explicit_score_matching_loss(score_fn: ScoreFn, x: Float[Array, "b d"],
   loss = jnp.mean(per_example)
   return loss, {"loss": loss, **_level_metrics(per_example, levels, sigmas.shape[0])}
 
-
-LOSSES: dict[str, Callable] = {"dsm": dsm_loss, "ssm": ssm_loss,
-                               "esm": explicit_score_matching_loss}

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from score_jax import jax_compat
+
 BATCH_AXIS = "batch"
 
 PyTree = Any
@@ -128,7 +130,7 @@ def per_device(tree: PyTree) -> PyTree:
   gradient with respect to a per-device copy is the local gradient, which `lax.pmean` then
   averages: the pmap convention every step here follows.
   """
-  return jax.lax.pcast(tree, BATCH_AXIS, to="varying")
+  return jax_compat.pcast_varying(tree, BATCH_AXIS)
 
 
 def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding.Mesh, *,
@@ -205,3 +207,36 @@ def sample_parallel(sample_fn: Callable[[jax.Array, int], jax.Array], mesh: jax.
     return gather_to_host(compiled(n_local)(rng))[:n]
 
   return run
+
+
+# --- what the CPU kernels (score_jax.cpu) need to know about devices -------------------------
+
+def default_platform() -> str:
+  """The platform ("cpu", "gpu", "tpu") that computations run on unless placed elsewhere."""
+  return jax.default_backend()
+
+
+def same_varying(*xs: jax.Array) -> tuple[jax.Array, ...]:
+  """`xs` cast to vary over the union of their mesh axes.
+
+  Inside `shard_map`, the operands of a custom primitive must agree on the mesh axes they vary
+  over (lax primitives arrange this themselves), e.g. per-device activations and replicated
+  weights. Outside `shard_map` this returns `xs` unchanged.
+  """
+  varying = [jax_compat.varying_axes(x) for x in xs]
+  union = frozenset().union(*varying)
+  return tuple(_to_varying(x, tuple(union - v)) for x, v in zip(xs, varying))
+
+
+def _to_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  return jax_compat.pcast_varying(x, axes) if axes else x
+
+
+def concurrent_calls(x: jax.Array) -> int:
+  """How many copies of an op on `x` run at once: one per device of the mesh axes `x` varies
+  over (1 outside `shard_map`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  n = 1
+  for axis in jax_compat.varying_axes(x):
+    n *= mesh.shape.get(axis, 1)
+  return n

@@ -107,22 +107,6 @@ def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None
   fig.savefig(path, dpi=100)
 
 
-def save_curve(xs, ys_by_name: Mapping[str, list], path: str, *, xlabel: str, ylabel: str,
-               logx: bool = False) -> None:
-  fig = Figure(figsize=(5, 3.5))
-  ax = fig.subplots()
-  for name, ys in ys_by_name.items():
-    ax.plot(xs, ys, marker="o", label=name)
-  if logx:
-    ax.set_xscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-
-
 def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]], path: str, *,
                        xlabel: str, errors: Mapping[str, Sequence[float]] | None = None) -> None:
   """One panel per metric, in the given order (put the main metric first), each against `xs`.
@@ -177,5 +161,66 @@ def save_lines(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
   if curves or levels:
     ax.legend(fontsize="small")
   fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+
+
+def density_grid(lo: Sequence[float], hi: Sequence[float], n: int) -> np.ndarray:
+  """`[n * n, 2]` points of an n x n grid over [lo_0, hi_0] x [lo_1, hi_1], rows along axis 1.
+
+  Reshape values at these points with `.reshape(n, n)` to get `[axis-1 index, axis-0 index]`,
+  the orientation `save_log_density` expects.
+  """
+  if int(n) < 2:
+    raise ValueError(f"n={n} must be >= 2 grid points per axis")
+  g0 = np.linspace(lo[0], hi[0], int(n))
+  g1 = np.linspace(lo[1], hi[1], int(n))
+  a, b = np.meshgrid(g0, g1)
+  return np.stack([a.ravel(), b.ravel()], axis=1).astype(np.float32)
+
+
+def save_log_density(panels: Mapping[str, np.ndarray], path: str, *, lo: Sequence[float],
+                     hi: Sequence[float], sigma_min: float | None = None,
+                     floor: float | None = None) -> None:
+  """Log-densities of 2-D toys on a grid side by side (e.g. a model's beside the true one).
+
+  Every panel shares one color scale; when exactly two panels are given a third shows the first
+  minus the second (e.g. model - truth when the model comes first), in nats.
+
+  Args:
+    panels: name -> `[n, n]` log-density on the grid of `density_grid(lo, hi, n)`.
+    path: the PNG to write.
+    lo: lower corner of the grid.
+    hi: upper corner of the grid.
+    sigma_min: if given, titles say that the densities are of the data convolved with
+      N(0, sigma_min^2 I).
+    floor: lowest log-density shown (default: 12 nats below the highest value).
+  """
+  if not panels:
+    raise ValueError("save_log_density needs at least one panel")
+  arrays = {k: np.asarray(v, np.float64) for k, v in panels.items()}
+  shapes = {v.shape for v in arrays.values()}
+  if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+    raise ValueError(f"panels must be [n, n] arrays of one shape; got {sorted(shapes)}")
+  top = max(np.nanmax(v) for v in arrays.values())
+  floor = top - 12.0 if floor is None else floor
+  extent = (lo[0], hi[0], lo[1], hi[1])
+  names = list(arrays)
+  extra = len(names) == 2
+  fig = Figure(figsize=(4.2 * (len(names) + extra), 4))
+  axes = fig.subplots(1, len(names) + extra, squeeze=False)[0]
+  suffix = f"\nlog p (data * N(0, {sigma_min:g}^2 I))" if sigma_min is not None else ""
+  for ax, name in zip(axes, names):
+    im = ax.imshow(np.clip(arrays[name], floor, top), origin="lower", extent=extent,
+                   vmin=floor, vmax=top, cmap="viridis", aspect="equal")
+    ax.set_title(name + suffix, fontsize="small")
+  fig.colorbar(im, ax=list(axes[:len(names)]), shrink=0.8)
+  if extra:
+    diff = arrays[names[0]] - arrays[names[1]]
+    lim = max(float(np.nanmax(np.abs(diff))), 1e-12)
+    im = axes[-1].imshow(diff, origin="lower", extent=extent, vmin=-lim, vmax=lim,
+                         cmap="coolwarm", aspect="equal")
+    axes[-1].set_title(f"{names[0]} - {names[1]} (nats)", fontsize="small")
+    fig.colorbar(im, ax=axes[-1], shrink=0.8)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=100)

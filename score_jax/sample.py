@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +77,25 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     if shared_denoise:
       raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
     tag = f"{method}_step{step}"
+    # Metrics use the finite samples only; none finite is an error, some a warning.
+    finite = experiment.finite_rows(samples)
+    if not finite.any():
+      raise experiment.NonFiniteSamplesError(
+          f"all {len(samples)} samples of {method} at step {step} are non-finite "
+          f"({sampler_kwargs(config, method)}); none written for it. Lower sampling.step_lr "
+          "(sampling.cas_step_lr for CAS) or check the checkpoint")
+    if not finite.all() and main:
+      print(f"warning: {1 - finite.mean():.1%} of the {method} samples are non-finite; metrics "
+            "use the finite ones", file=sys.stderr)
     all_samples[method], trajectories[method] = samples, trajectory
     metrics = {"step": step, "num_samples": int(len(samples)),
                "nfe": None if nfe is None else nfe + int(shared_denoise),
                **experiment.sampler_settings(config, method)}
     if is_toy:
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
-      metrics.update(toy.sample_metrics(samples, distribution, jax.random.fold_in(rng, 7)))
+      metrics.update(toy.sample_metrics(samples[finite], distribution,
+                                        jax.random.fold_in(rng, 7)))
+    metrics["finite_fraction"] = float(finite.mean())
     results[method] = metrics
     if main:
       np.savez_compressed(os.path.join(out_dir, f"{tag}.npz"), x=samples,

@@ -17,7 +17,8 @@ batch-mean step size) keeps that coupling in either mode.
 Options shared by the annealed samplers:
 * `denoise`: finish with the expected denoised sample x + sigma_L^2 s(x, sigma_L) (Tweedie).
 * `mask`, `x_known`: inpainting. `mask` is 1 on known entries. Before every update the known
-  entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention; any mask, not
+  entries are replaced by `x_known + sigma_i z` with fresh z (the NCSNv2 convention,
+  ermongroup/ncsnv2 `models/__init__.py` `anneal_Langevin_dynamics_inpainting`; any mask, not
   only a half image); the output carries `x_known` exactly on known entries.
 * `return_info` (every sampler): also return an info dict with "nfe", the number of score
   (network) evaluations per sample: an int for the fixed-step samplers (a 0-d array when

@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   # A non-finite step leaves the state as it was. `lax.cond` rather than a `where` per leaf: the
-  # selects cost ~2.5x the optimizer update itself (~65 ms of NCSNv2's CPU step, bench/NOTES.md).
+  # per-leaf selects cost more than the optimizer update itself on CPU (bench/NOTES.md).
   state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads).update_ema(ema_decays),
                        lambda s: s, state)
   metrics.update(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))

@@ -38,7 +38,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(d, "train"), "test": self._generate_examples(d, "t10k")}
 
   def _generate_examples(self, d, prefix):
-    from score_jax.image_data import read_idx
+    from score_jax.idx import read_idx
     images = read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(d / f"{prefix}-labels-idx1-ubyte.gz")
     for i in range(len(images)):

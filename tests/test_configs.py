@@ -1,8 +1,14 @@
-"""Configs: the per-sampler sampling groups, stored configs of the older layout."""
+"""Configs: every file in configs/ loads, validates and builds; sampler groups; stored configs."""
+
+import importlib
+import json
+import pathlib
 
 import pytest
 
 from score_jax import experiment
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_sampler_kwargs_are_the_samplers_own_arguments():
@@ -32,9 +38,48 @@ def test_stored_config_with_one_step_lr_loads_into_the_sampler_groups():
 
 
 def test_stored_config_of_the_current_layout_round_trips():
-  import json
   config = experiment.config_from_dict({})
   config.sampling.cas.n_sigma = 5
   config.sampling.methods = ("pc",)
   again = experiment.config_from_dict(json.loads(config.to_json()))
   assert again.to_json() == config.to_json()
+
+
+CONFIG_FILES = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_loads_validates_and_builds(name):
+  """Each config file: default's fields only, valid for every mode, its state has shapes."""
+  import jax
+
+  from score_jax import cli, config_schema, models
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config()
+  assert set(config_schema.leaves(config)) == set(config_schema.FIELDS)
+  devices = jax.device_count()
+  config.training.batch_size = -(-config.training.batch_size // devices) * devices
+  config_schema.validate(config, modes=config_schema.MODES)
+  for overrides in getattr(module, "get_sweep", lambda: [])():
+    config_schema.validate(cli._apply_overrides(config, overrides), modes=("train",))
+  model = models.build(config)
+  state = jax.eval_shape(lambda: experiment.init_state(config, model))
+  score = getattr(state, "score", state)
+  assert jax.tree.leaves(score.params) and len(score.ema_params) == len(
+      config.training.ema_decays)
+
+
+def test_make_sampler_runs_each_sampler_and_names_a_wrong_argument():
+  import jax
+  import numpy as np
+
+  from configs import test as test_config
+  from score_jax import models
+  config = test_config.get_config()
+  state = experiment.init_state(config, models.build(config))
+  small = {"als": {"steps_per_sigma": 2}, "cas": {"n_sigma": 1}, "pc": {"corrector_steps": 1}}
+  for method, overrides in small.items():
+    x = experiment.make_sampler(config, state, method=method, **overrides)(jax.random.key(0), 4)
+    assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all(), method
+  with pytest.raises(ValueError, match="steps_per_sigma is not an argument of the cas sampler"):
+    experiment.make_sampler(config, state, method="cas", steps_per_sigma=3)

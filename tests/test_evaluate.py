@@ -13,14 +13,13 @@ import math
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import run_main
 from PIL import Image
 
 from configs import test as test_config
@@ -83,15 +82,9 @@ def test_stored_rows_keep_the_last_row_and_skip_broken_lines(tmp_path):
 def trained(tmp_path_factory) -> pathlib.Path:
   """A test-config workdir with checkpoints at steps 10 and 20 (trained once per module)."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = xla_flags(8)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("SCORE_JAX_DEBUG", None)
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "main.py"), "--config=configs/test.py", f"--workdir={workdir}",
-       "--config.sampling.methods=(\"als\",)", "--config.sampling.num_samples=8",
-       "--config.sampling.batch_size=8"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_main("--config=configs/test.py", f"--workdir={workdir}",
+                  "--config.sampling.methods=(\"als\",)", "--config.sampling.num_samples=8",
+                  "--config.sampling.batch_size=8", timeout=300)
   assert proc.returncode == 0, proc.stderr
   return workdir
 
@@ -377,7 +370,7 @@ def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatc
   workdir = str(tmp_path / "run")
   calls = []
   real = evaluate.experiment.iterator_from_config
-  monkeypatch.setattr(evaluate.train, "iterator_from_config",
+  monkeypatch.setattr(evaluate.experiment, "iterator_from_config",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   evaluate.make_evaluator(config, workdir, jax.random.key(0))
   evaluate.make_evaluator(config, workdir, jax.random.key(0))

@@ -9,8 +9,8 @@ import pytest
 from flax import serialization
 
 from configs import test as test_config
-from score_jax import checkpoint, export, models, sample
-from score_jax.train import init_state
+from score_jax import checkpoint, export, experiment, models
+from score_jax.experiment import init_state
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def workdir(tmp_path) -> pathlib.Path:
   state = init_state(config, models.build(config))
   shift = lambda i: jax.tree.map(lambda a: a * (1.0 + 0.1 * (i + 1)), state.params)
   state = state.replace(step=7, ema_params=tuple(shift(i) for i in range(2)))
-  manager = checkpoint.create_manager(str(tmp_path / "run"), async_save=False)
+  manager = checkpoint.create_writer(str(tmp_path / "run"), async_save=False)
   checkpoint.save(manager, 7, state, data_state={"kind": "toy", "step": 7},
                   config_json=config.to_json())
   checkpoint.wait(manager)
@@ -32,13 +32,13 @@ def workdir(tmp_path) -> pathlib.Path:
 def test_export_then_load_samples_bit_identically(workdir, tmp_path):
   path = tmp_path / "model.msgpack"
   export.write_workdir(str(workdir), path)
-  config_w, state_w = sample.load_checkpoint(str(workdir))
+  config_w, state_w = experiment.load_checkpoint(str(workdir))
   config_e, state_e = export.load(path)
   assert config_e.to_json() == config_w.to_json()
   assert state_e.step == 7
   rng = jax.random.key(3)
-  from_workdir = np.asarray(sample.make_sampler(config_w, state_w)(rng, 16))
-  from_export = np.asarray(sample.make_sampler(config_e, state_e)(rng, 16))
+  from_workdir = np.asarray(experiment.make_sampler(config_w, state_w)(rng, 16))
+  from_export = np.asarray(experiment.make_sampler(config_e, state_e)(rng, 16))
   assert np.array_equal(from_workdir, from_export)
   assert np.isfinite(from_export).all()
 
@@ -48,7 +48,7 @@ def test_export_holds_the_first_ema_tree_and_no_optimizer_state(workdir, tmp_pat
   export.write_workdir(str(workdir), path)
   payload = serialization.msgpack_restore(path.read_bytes())
   assert set(payload) == {"format", "version", "config", "step", "params"}
-  _, state = sample.load_checkpoint(str(workdir))
+  _, state = experiment.load_checkpoint(str(workdir))
   want = jax.tree.map(np.asarray, state.ema_params[0])
   jax.tree.map(np.testing.assert_array_equal, payload["params"], dict(want))
   n_bytes = sum(a.nbytes for a in jax.tree.leaves(want))

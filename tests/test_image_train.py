@@ -2,12 +2,10 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import main_env, run_main
 from PIL import Image
 
 from score_jax import image_data
@@ -24,10 +22,7 @@ def mnist_data_dir(tmp_path_factory):
 
 
 def _run(*args, timeout=600):
-  env = {"XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
-         "PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
-  proc = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = run_main(*args, env=main_env(8, inherit=False), timeout=timeout)
   return proc.returncode, proc.stdout, proc.stderr
 
 

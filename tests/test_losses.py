@@ -83,10 +83,11 @@ def test_losses_have_gradients_through_a_network():
 
 
 def test_ssm_differentiates_a_network_with_custom_vjp_convs_and_pooling():
-  # The image models' convolutions (models/conv.py) and max pooling (models/pool.py) have a
-  # custom VJP and no forward-mode rule: sliced score matching must reach v^T J v in reverse mode.
+  # The fast CPU convolutions (cpu/conv.py) and max pooling (cpu/pool.py) have hand-written
+  # derivative rules: sliced score matching must reach v^T J v through them.
   import flax.linen as nn
-  from score_jax.models import layers, pool
+  from score_jax.cpu import pool
+  from score_jax.models import layers
   from score_jax.score import make_score_fn
 
   class TinyImageNet(nn.Module):

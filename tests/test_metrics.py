@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import run_main
 from PIL import Image
 
 from configs import test as test_config
@@ -205,12 +203,7 @@ def test_image_metrics_of_features_against_reference():
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = xla_flags(8)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("SCORE_JAX_DEBUG", None)
-  return subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/test.py", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return run_main("--config=configs/test.py", *args, timeout=300)
 
 
 def _rows(path: pathlib.Path) -> list[dict]:

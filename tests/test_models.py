@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from score_jax import models
+from score_jax import cpu, models
 from score_jax.models import layers, ncsn, unet
 from score_jax.score import make_score_fn
 from score_jax.train_state import param_count
@@ -186,7 +186,8 @@ def _config(name, image_size, channels=3, **model):
 
 def test_build_reads_the_config():
   m = models.build(_config("ncsn", 28, 1, ngf=64))
-  assert isinstance(m, ncsn.RefineNet) and m.ngf == 64 and len(m.level_sigmas) == 10
+  assert isinstance(cpu.unwrap(m), ncsn.RefineNet) and m.ngf == 64
+  assert len(m.level_sigmas) == 10
   assert m.pool == "avg" and not m.scale_by_sigma
   m = models.build(_config("ncsnv2_deeper", 128, dtype="bfloat16", remat=True))
   assert m.dtype == jnp.bfloat16 and m.remat and len(m.encoder) == 5
@@ -222,4 +223,5 @@ def test_unet_shapes_dropout_and_conditioning():
   b = out(1.0, train=True, rngs={"dropout": jax.random.key(4)})
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
   assert m.output_convention == "scaled_score"
-  assert isinstance(models.build(_config("unet", 32, ngf=32, ch_mult=(1, 2))), unet.UNet)
+  built = models.build(_config("unet", 32, ngf=32, ch_mult=(1, 2)))
+  assert isinstance(cpu.unwrap(built), unet.UNet)

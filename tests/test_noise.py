@@ -13,7 +13,7 @@ from score_jax import noise
 def test_geometric_and_linear_ladders():
   s = np.asarray(noise.geometric_sigmas(1.0, 0.01, 10))
   assert s[0] == pytest.approx(1.0) and s[-1] == pytest.approx(0.01)
-  np.testing.assert_allclose(s[:-1] / s[1:], 100 ** (1 / 9), rtol=1e-5)  # ratio 1.668 (REFERENCE B2)
+  np.testing.assert_allclose(s[:-1] / s[1:], 100 ** (1 / 9), rtol=1e-5)  # ratio 1.668
   lin = np.asarray(noise.linear_sigmas(2.0, 1.0, 3))
   np.testing.assert_allclose(lin, [2.0, 1.5, 1.0])
   with pytest.raises(ValueError, match="sigma_max"):
@@ -52,7 +52,7 @@ def test_technique2_ratio_condition_and_levels():
   # At gamma = 1 the condition is Phi(3) - Phi(-3) for any D (hand value 0.99730).
   assert noise.ratio_condition(1.0, 3072) == pytest.approx(stats.norm.cdf(3) - stats.norm.cdf(-3))
   # CIFAR-10 (D = 3072, 50 -> 0.01): C = 0.5 gives about 220 levels (the paper uses 232;
-  # AC's R script reports ~225), C = 0.99 about 1k (REFERENCE B13).
+  # AC's R script reports ~225), C = 0.99 about 1k (Song & Ermon 2020, Technique 2).
   L = noise.num_scales_from_ratio(50.0, 0.01, 3072, c=0.5)
   assert 210 <= L <= 235
   gamma = (50.0 / 0.01) ** (1 / (L - 1))
@@ -62,7 +62,8 @@ def test_technique2_ratio_condition_and_levels():
 
 def test_technique4_step_lr():
   gamma = (50.0 / 0.01) ** (1 / 231)
-  # NCSNv2's CIFAR-10 setting (232 levels, 5 steps) uses step_lr = 6.2e-6 (REFERENCE B6).
+  # NCSNv2's CIFAR-10 setting (232 levels, 5 steps) uses step_lr = 6.2e-6 (ermongroup/ncsnv2
+  # `configs/cifar10.yml`).
   assert noise.step_lr_from_variance_recursion(0.01, gamma, 5) == pytest.approx(6.2e-6, rel=0.02)
   # One step and gamma^2 = 2: r_1 = 2 (1 - rho)^2 + 2 rho is smallest (= 1.5) at rho = 1/2.
   lr = noise.step_lr_from_variance_recursion(1.0, math.sqrt(2.0), 1)

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import REPO
-from score_jax.models import conv, onednn
+from score_jax.cpu import conv, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason="this jaxlib has no oneDNN convolutions (not x86-64?)")
@@ -72,7 +72,7 @@ def test_vmap_and_second_order_fall_back_to_lax():
   got = jax.vmap(lambda x: onednn.conv_same(x, w))(x)
   np.testing.assert_allclose(got, jax.vmap(lambda x: onednn._lax_conv_same(x, w, dilation=1))(x),
                              rtol=1e-5, atol=1e-5)
-  # Hessian-vector product through the custom VJP (as sliced score matching needs).
+  # Hessian-vector product through the hand-written derivatives (as sliced score matching needs).
   f = lambda x: jnp.sum(jnp.tanh(conv.same_conv(x, w)) ** 2)
   g = lambda x: jnp.sum(jnp.tanh(onednn._lax_conv_same(x, w, dilation=1)) ** 2)
   v = jnp.ones_like(x[0])
@@ -98,7 +98,7 @@ def test_bfloat16_custom_call_matches_float32_lax_within_bf16_rounding(d):
   want = onednn._lax_conv_same(xb.astype(jnp.float32), wb.astype(jnp.float32), dilation=d)
   # float32 accumulation, one bf16 rounding of the output: within 2^-8 relative.
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=1e-6)
-  # And through the model's convolution with its custom VJP (both gradients in bf16).
+  # And through the model's convolution with its transpose rule (both gradients in bf16).
   loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2)
   gx, gw = jax.grad(loss(lambda x, w: conv.same_conv(x, w, d)), (0, 1))(xb, wb)
   rx, rw = jax.grad(loss(lambda x, w: onednn._lax_conv_same(x, w, dilation=d)), (0, 1))(
@@ -108,7 +108,7 @@ def test_bfloat16_custom_call_matches_float32_lax_within_bf16_rounding(d):
 
 
 def test_the_switch_and_other_dtypes_use_xla():
-  code = ("import jax, jax.numpy as jnp; from score_jax.models import onednn, conv; "
+  code = ("import jax, jax.numpy as jnp; from score_jax.cpu import onednn, conv; "
           "x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2)); "
           "f = lambda x, w: jax.jit(conv.same_conv).lower(x, w).compile().as_text(); "
           "print(onednn.TARGET in f(x, w) + f(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))")
@@ -134,7 +134,7 @@ def test_other_platforms_lower_to_the_lax_convolution():
 def test_eager_calls_compile_once():
   # Outside jit the primitives run through a cached jitted function: the second eager call of
   # the same shape must not compile again (a model applied eagerly calls them many times).
-  from score_jax.models import onednn_wgrad
+  from score_jax.cpu import onednn_wgrad
   x, w = _arrays((1, 6, 6, 2), (3, 3, 2, 3))
   g = jnp.ones((1, 6, 6, 3))
   compiles = []

@@ -14,7 +14,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import REPO
-from score_jax.models import conv, onednn_wgrad
+from score_jax.cpu import conv, onednn_wgrad
 
 needs_wgrad = pytest.mark.skipif(not onednn_wgrad.available(),
                                  reason="the oneDNN weight gradient is not built here "
@@ -186,7 +186,7 @@ def test_other_platforms_lower_to_the_lax_convolution():
 def test_first_asked_inside_a_traced_gradient():
   # The probes run their own small programs; asked while a step is being traced (the usual
   # first use) they must still run eagerly and switch both custom calls on.
-  code = ("import jax, jax.numpy as jnp; from score_jax.models import conv, onednn, "
+  code = ("import jax, jax.numpy as jnp; from score_jax.cpu import conv, onednn, "
           "onednn_wgrad; x = jnp.ones((2, 6, 6, 3)); w = jnp.ones((3, 3, 3, 4)); "
           "t = jax.jit(jax.grad(lambda w: jnp.sum(conv.same_conv(x, w) ** 2))).lower(w)"
           ".compile().as_text(); print(onednn.TARGET in t, onednn_wgrad.TARGET in t)")
@@ -200,7 +200,7 @@ def test_first_asked_inside_a_traced_gradient():
                          ids=["switch", "failed-build"])
 def test_the_switch_and_a_failed_build_fall_back_to_xla(env, tmp_path):
   code = ("import jax, jax.numpy as jnp, numpy as np; from jax import lax; "
-          "from score_jax.models import conv, onednn_wgrad; "
+          "from score_jax.cpu import conv, onednn_wgrad; "
           "x = jnp.asarray(np.random.RandomState(0).randn(2, 6, 6, 3), jnp.float32); "
           "w = jnp.ones((3, 3, 3, 4)) * 0.1; "
           "f = lambda c: jax.grad(lambda w: jnp.sum(jnp.sin(c(x, w)) ** 2)); "

@@ -1,4 +1,4 @@
-"""models/pool.py: separable stride-1 pooling equals flax's 2-D pooling, values and gradients."""
+"""cpu/pool.py: separable stride-1 pooling equals flax's 2-D pooling, values and derivatives."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax.models import pool
+from score_jax.cpu import pool
+
+
+def _avg_pool_same(x, k):
+  return pool.sum_pool_same(x, k) / (k * k)
 
 
 def _reference(kind, k):
@@ -19,13 +23,15 @@ def _reference(kind, k):
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("shape,k", [((2, 8, 8, 3), 5), ((3, 7, 10, 4), 3), ((1, 4, 4, 2), 5)])
 def test_pool_matches_flax_values_and_gradients(kind, shape, k):
-  ours = lambda x: (pool.max_pool_same if kind == "max" else pool.avg_pool_same)(x, k)
+  ours = lambda x: (pool.max_pool_same if kind == "max" else _avg_pool_same)(x, k)
   ref = _reference(kind, k)
   x = jax.random.normal(jax.random.key(0), shape)
   g = jax.random.normal(jax.random.key(1), shape)
   np.testing.assert_allclose(jax.jit(ours)(x), ref(x), rtol=1e-6, atol=1e-6)
   grad = jax.jit(lambda x, g: jax.vjp(ours, x)[1](g)[0])(x, g)
   np.testing.assert_allclose(grad, jax.vjp(ref, x)[1](g)[0], rtol=1e-5, atol=1e-6)
+  tangent = jax.jit(lambda x, g: jax.jvp(ours, (x,), (g,))[1])(x, g)
+  np.testing.assert_allclose(tangent, jax.jvp(ref, (x,), (g,))[1], rtol=1e-5, atol=1e-6)
 
 
 def test_max_pool_ties_send_the_gradient_to_the_first_maximum():
@@ -45,7 +51,7 @@ def test_pool_in_scan_and_bfloat16():
 
   def loss(x):
     def body(h, _):
-      return pool.max_pool_same(h, 5) * 0.5 + pool.avg_pool_same(h, 5), None
+      return pool.max_pool_same(h, 5) * 0.5 + _avg_pool_same(h, 5), None
     return jax.lax.scan(body, x, None, length=3)[0].sum()
 
   def ref_loss(x):
@@ -56,7 +62,7 @@ def test_pool_in_scan_and_bfloat16():
   np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), jax.grad(ref_loss)(x), rtol=1e-5,
                              atol=1e-5)
   xb = x.astype(jnp.bfloat16)
-  for fn in (pool.max_pool_same, pool.avg_pool_same):
+  for fn in (pool.max_pool_same, _avg_pool_same):
     y, vjp = jax.vjp(lambda x: fn(x, 5), xb)
     assert y.dtype == jnp.bfloat16 and vjp(y)[0].dtype == jnp.bfloat16
 
@@ -65,4 +71,4 @@ def test_pool_rejects_bad_arguments():
   with pytest.raises(ValueError, match="odd window"):
     pool.max_pool_same(jnp.ones((1, 4, 4, 1)), 4)
   with pytest.raises(ValueError, match=r"NHWC \[b, h, w, c\]"):
-    pool.avg_pool_same(jnp.ones((4, 4, 1)), 5)
+    pool.sum_pool_same(jnp.ones((4, 4, 1)), 5)

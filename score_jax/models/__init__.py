@@ -3,6 +3,9 @@
 Every network is called `model.apply({"params": p}, x, sigma, train=False)` with `x` `[b, ...]` and
 per-example `sigma` `[b]`, and declares `output_convention` ("score" or "scaled_score"), which only
 `score_jax.score.make_score_fn` interprets.
+
+The networks are plain Flax. `build` hands them out through `score_jax.cpu.accelerate`, whose
+`apply` takes the fast CPU path where it is on (CPU only); `cpu.unwrap` gives the plain module.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from score_jax import noise
+from score_jax import cpu, noise
 from score_jax.models import ncsn
 from score_jax.models.mlp import NoiseConditionalMLP
 
@@ -20,8 +23,13 @@ MODEL_NAMES = ("mlp", "ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build(config) -> nn.Module:
-  """The flax module that `config.model` (with `config.data` and `config.noise`) describes."""
+def build(config) -> cpu.Accelerated:
+  """The flax module that `config.model` (with `config.data` and `config.noise`) describes,
+  through `cpu.accelerate` (`init` and attributes are the module's own)."""
+  return cpu.accelerate(_build(config))
+
+
+def _build(config) -> nn.Module:
   m = config.model
   if m.name not in MODEL_NAMES:
     raise ValueError(f"model.name={m.name!r} is unknown; use one of {MODEL_NAMES}")

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from score_jax.models import pool
 from score_jax.models.layers import (NONLINEARITIES, Conv, InstanceNormPlus, mean_pool_2x2,
                                      resize_bilinear_align_corners)
 
@@ -115,9 +114,9 @@ class CRPBlock(nn.Module):
       if self.conditional_norms:
         path = InstanceNormPlus(self.num_classes, name=f"norm_{i}")(path, level)
       if self.pool == "max":
-        path = pool.max_pool_same(path, 5)
-      else:
-        path = pool.avg_pool_same(path, 5)
+        path = nn.max_pool(path, (5, 5), strides=(1, 1), padding="SAME")
+      else:  # the zero padding counts in the mean (torch `AvgPool2d` default)
+        path = nn.avg_pool(path, (5, 5), strides=(1, 1), padding="SAME", count_include_pad=True)
       path = Conv(x.shape[-1], use_bias=False, dtype=self.dtype, name=f"conv_{i}")(path)
       x = path + x
     return x

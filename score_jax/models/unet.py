@@ -27,19 +27,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from score_jax.models import conv
-
 _INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 _ZERO = nn.initializers.zeros
 
 
 def _conv(features: int, *, dtype: Any, zero: bool = False, kernel: int = 3, stride: int = 1,
           name: str | None = None) -> nn.Conv:
-  """'SAME' convolution; stride-1 ones take conv.py's fast-gradient path (explicit padding)."""
-  padding = "SAME" if stride != 1 else ((kernel // 2, kernel // 2),) * 2
+  """A convolution with DDPM initialization: 'SAME' at stride 1; stride 2 pads 1 on both sides.
+
+  The stride-2 downsampling follows the AC code (`models/UNet.py`, torch `padding=1`), not DDPM's
+  TF 'SAME' (0 before, 1 after), so converted AC checkpoints give the reference's outputs.
+  """
+  padding = "SAME" if stride == 1 else ((kernel // 2, kernel // 2),) * 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 kernel_init=_ZERO if zero else _INIT, dtype=dtype, name=name,
-                 conv_general_dilated=conv.conv_general_dilated)
+                 kernel_init=_ZERO if zero else _INIT, dtype=dtype, name=name)
 
 
 def _norm(name: str | None = None) -> nn.GroupNorm:

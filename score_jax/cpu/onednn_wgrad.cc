@@ -1,5 +1,5 @@
 // The weight gradient of a stride-1 'same' convolution in oneDNN's backward-weights primitive,
-// as an XLA FFI handler (score_jax/models/onednn_wgrad.py builds, loads and probes it).
+// as an XLA FFI handler (score_jax/cpu/onednn_wgrad.py builds, loads and probes it).
 //
 //   dw[i, j, c, o] = sum_{n, h, w} x_pad[n, h + i d, w + j d, c] g[n, h, w, o]
 //

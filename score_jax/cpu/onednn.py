@@ -14,8 +14,8 @@ convolution runs ~2x its float32 one, 830-900 vs 405-450 GFLOP/s on the CI machi
 in float32 and rounding the output to bf16), and to `lax.conv_general_dilated` everywhere else
 (GPU, TPU, float16, or with `SCORE_JAX_ONEDNN=0` in the environment at compile
 time, the switch for A/B comparisons).
-Training does not use its differentiation rules: `conv.same_conv`'s custom VJP writes both
-gradients. Differentiating those gradients again (sliced score matching) and `vmap` fall back to
+Its differentiation rules are `conv.py`'s (the map is bilinear: forward mode is the primitive
+itself, and its transpose writes both gradients in forms XLA:CPU runs fast); `vmap` falls back to
 the lax convolution.
 
 Cost analysis: XLA counts no FLOPs for custom calls; `bench/workloads.py` adds them back.
@@ -35,7 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import batching, mlir
+
+from score_jax import parallel
+
 
 TARGET = "__onednn$convolution"
 
@@ -49,21 +52,9 @@ def _lax_conv_same(x, w, *, dilation: int):
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def same_varying(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`a` and `b` cast to vary over the union of their mesh axes: inside `shard_map` the operands
-  of a custom primitive must (lax primitives arrange this themselves), e.g. per-device
-  activations and replicated weights."""
-  va, vb = jax.typeof(a).mat.varying, jax.typeof(b).mat.varying
-  if vb - va:
-    a = lax.pcast(a, tuple(vb - va), to="varying")
-  if va - vb:
-    b = lax.pcast(b, tuple(va - vb), to="varying")
-  return a, b
-
-
 def conv_same(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
   """Stride-1 NHWC/HWIO convolution with padding dilation * (k // 2) (odd square kernel)."""
-  return conv_same_p.bind(*same_varying(x, w), dilation=dilation)
+  return conv_same_p.bind(*parallel.same_varying(x, w), dilation=dilation)
 
 
 def _abstract_eval(x, w, *, dilation):
@@ -122,13 +113,6 @@ def _custom_call_lowering(ctx, x, w, *, dilation):
                               backend_config=backend_config(aval_w.shape, dilation))(ctx, x, w)
 
 
-def _jvp(primals, tangents, *, dilation):
-  # Bilinear: the tangent is the lax convolution's (transposable, so higher orders work too).
-  f = functools.partial(_lax_conv_same, dilation=dilation)
-  _, tangent = jax.jvp(f, primals, tuple(ad.instantiate_zeros(t) for t in tangents))
-  return conv_same_p.bind(*primals, dilation=dilation), tangent
-
-
 def _batch(args, dims, *, dilation):
   out = jax.vmap(functools.partial(_lax_conv_same, dilation=dilation), in_axes=dims)(*args)
   return out, 0
@@ -151,7 +135,6 @@ conv_same_p.def_impl(jit_impl(conv_same_p))
 mlir.register_lowering(conv_same_p, mlir.lower_fun(_lax_conv_same, multiple_results=False))
 mlir.register_lowering(conv_same_p, _custom_call_lowering, platform="cpu")
 batching.primitive_batchers[conv_same_p] = _batch
-ad.primitive_jvps[conv_same_p] = _jvp
 
 _PROBE: dict[str, bool] = {}  # dtype name -> the custom call works for it here
 # Tolerance of the probe against XLA's float32 convolution of the same (rounded) inputs.

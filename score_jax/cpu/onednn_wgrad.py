@@ -52,7 +52,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 import score_jax
-from score_jax.models import onednn
+from score_jax import parallel
+from score_jax.cpu import onednn
 
 TARGET = "score_jax_onednn_weight_grad"
 SOURCE = pathlib.Path(__file__).with_name("onednn_wgrad.cc")
@@ -74,7 +75,7 @@ def weight_grad(x: jax.Array, g: jax.Array, kernel_size: int, dilation: int = 1)
   if kernel_size % 2 != 1 or x.ndim != 4 or g.shape[:3] != x.shape[:3]:
     raise ValueError(f"weight_grad needs an odd kernel_size and x [b, h, w, c], g [b, h, w, o] "
                      f"with the same b, h, w; got {kernel_size}, {x.shape}, {g.shape}")
-  x, g = onednn.same_varying(x, g)
+  x, g = parallel.same_varying(x, g)
   return weight_grad_p.bind(x, g, kernel_size=kernel_size, dilation=dilation,
                             threads=_threads(x))
 
@@ -84,10 +85,7 @@ def _threads(x) -> int:
   XLA runs at once, one per device of the mesh axes x varies over. Simulated CPU devices share
   the cores: with 8 of them on 2 cores, 2 threads per call made a tiny MNIST run take 81 s
   against 45 s with 1."""
-  mesh = jax.sharding.get_abstract_mesh()
-  concurrent = 1
-  for axis in jax.typeof(x).mat.varying:
-    concurrent *= mesh.shape.get(axis, 1)
+  concurrent = parallel.concurrent_calls(x)
   budget = re.match(r"\s*(\d+)", os.environ.get("OMP_NUM_THREADS", ""))
   if budget:
     cores = int(budget.group(1))
@@ -192,6 +190,12 @@ def build() -> pathlib.Path:
   target = cache / f"onednn_wgrad-{key}.so"
   with open(cache / f"onednn_wgrad-{key}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # one build; other processes wait for it
+    # The built library's own SHA-256 is recorded next to it: a damaged or replaced file in the
+    # cache is rebuilt, never loaded.
+    digest = target.with_suffix(".so.sha256")
+    if target.exists() and (not digest.exists() or digest.read_text().strip() !=
+                            hashlib.sha256(target.read_bytes()).hexdigest()):
+      target.unlink()
     if not target.exists():
       with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = pathlib.Path(tmp) / target.name
@@ -199,6 +203,8 @@ def build() -> pathlib.Path:
         if result.returncode != 0:
           raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
                              f"{result.stderr[-3000:]}")
+        (pathlib.Path(tmp) / digest.name).write_text(hashlib.sha256(out.read_bytes()).hexdigest())
+        os.replace(pathlib.Path(tmp) / digest.name, digest)
         os.replace(out, target)
   return target
 

@@ -1,0 +1,190 @@
+"""Bad input: every bad config value or flag is one line on stderr, exit 2, and writes nothing.
+
+Most cases call `cli.validate`, the function the command line runs before any work; a few run
+`main.py` to show the whole path (flag parsing, exit status, untouched workdirs).
+"""
+
+import hashlib
+import json
+import pathlib
+import subprocess
+
+import pytest
+from conftest import start_main
+
+from configs import test as test_config
+from score_jax import checkpoint, cli, experiment
+from score_jax.config_schema import UsageError
+
+# (overrides of configs/test.py, mode, text the one-line error must contain)
+BAD_CONFIGS = {
+    # issue 16's list
+    "keep_checkpoints 0": ({"training.keep_checkpoints": 0}, "train", "training.keep_checkpoints"),
+    "negative lr": ({"optim.lr": -1.0}, "train", "optim.lr"),
+    "no ema decays": ({"training.ema_decays": ()}, "train", "training.ema_decays"),
+    "toy_dim 0": ({"data.toy_dim": 0}, "train", "data.toy_dim"),
+    "float64": ({"model.dtype": "float64"}, "train", "model.dtype"),
+    "unet image size": ({"data.dataset": "mnist", "data.num_channels": 1, "model.name": "unet",
+                         "data.image_size": 28}, "train", "data.image_size=28"),
+    "infeasible cas step": ({"sampling.cas.step_lr": 0.1}, "train", "sampling.cas.step_lr"),
+    "bogus init": ({"sampling.init": "bogus"}, "train", "sampling.init"),
+    "steps_per_sigma 0": ({"sampling.als.steps_per_sigma": 0}, "train",
+                          "sampling.als.steps_per_sigma"),
+    "n_sigma 0": ({"sampling.cas.n_sigma": 0}, "train", "sampling.cas.n_sigma"),
+    # the sampler of every mode the run reaches
+    "infeasible cas in sample": ({"sampling.method": "cas", "sampling.cas.step_lr": 3.0},
+                                 "sample", "sampling.cas.step_lr"),
+    "infeasible cas in eval": ({"sampling.method": "cas", "sampling.cas.step_lr": 0.01},
+                               "eval", "sampling.cas.step_lr"),
+    "cas after training": ({"sampling.methods": ("als", "cas"), "sampling.cas.step_lr": 2.0},
+                           "train", "sampling.cas.step_lr"),
+    # data
+    "unknown dataset": ({"data.dataset": "imagenet"}, "train", "imagenet"),
+    "folder without path": ({"data.dataset": "folder", "data.num_channels": 3,
+                             "model.name": "ncsnv2"}, "train", "data.path"),
+    "missing npz": ({"data.dataset": "npz", "data.path": "/nonexistent/x.npz",
+                     "model.name": "ncsnv2"}, "train", "data.path"),
+    "image net on toy": ({"model.name": "ncsnv2"}, "train", "model.name"),
+    "mlp on images": ({"data.dataset": "mnist", "data.num_channels": 1, "data.image_size": 28},
+                      "train", "model.name='mlp'"),
+    "image too small": ({"data.dataset": "mnist", "data.num_channels": 1, "data.image_size": 2,
+                         "model.name": "ncsnv2"}, "train", "data.image_size"),
+    "two dequantizations": ({"data.uniform_dequantization": True,
+                             "data.gaussian_dequantization": True, "data.dataset": "mnist",
+                             "data.num_channels": 1, "data.image_size": 28,
+                             "model.name": "ncsnv2"}, "train", "dequantization"),
+    "negative workers": ({"data.num_workers": -1}, "train", "data.num_workers"),
+    # noise
+    "sigma_max < sigma_min": ({"noise.sigma_max": 0.5}, "train", "noise.sigma_max"),
+    "sigma_min 0": ({"noise.sigma_min": 0.0}, "train", "noise.sigma_min"),
+    "one scale": ({"noise.num_scales": 1}, "train", "noise.num_scales"),
+    "unknown schedule": ({"noise.schedule": "cosine"}, "train", "noise.schedule"),
+    "unknown level sampling": ({"noise.level_sampling": "sobol"}, "train", "noise.level_sampling"),
+    "nan weight power": ({"noise.weight_power": float("nan")}, "train", "noise.weight_power"),
+    # optim
+    "unknown optimizer": ({"optim.optimizer": "sgd"}, "train", "optim.optimizer"),
+    "beta2 1": ({"optim.beta2": 1.0}, "train", "optim.beta2"),
+    "eps 0": ({"optim.eps": 0.0}, "train", "optim.eps"),
+    "negative warmup": ({"optim.warmup_steps": -5}, "train", "optim.warmup_steps"),
+    "grad clip 0": ({"optim.grad_clip": 0.0}, "train", "optim.grad_clip"),
+    "weight decay with adam": ({"optim.weight_decay": 0.1}, "train", "optim.weight_decay"),
+    "infinite lr": ({"optim.lr": float("inf")}, "train", "optim.lr"),
+    # training
+    "batch not divisible": ({"training.batch_size": 12}, "train", "multiple of the 8 devices"),
+    "batch 0": ({"training.batch_size": 0}, "train", "training.batch_size"),
+    "no steps": ({"training.num_train_steps": 0}, "train", "training.num_train_steps"),
+    "log every 0": ({"training.log_every_steps": 0}, "train", "training.log_every_steps"),
+    "ckpt every 0": ({"training.ckpt_every_steps": 0}, "train", "training.ckpt_every_steps"),
+    "dispatch 0": ({"training.steps_per_dispatch": 0}, "train", "training.steps_per_dispatch"),
+    "ema decay 1": ({"training.ema_decays": (0.999, 1.0)}, "train", "training.ema_decays"),
+    "unknown loss": ({"training.loss": "nce"}, "train", "training.loss"),
+    "ssm projections 0": ({"training.ssm_num_projections": 0}, "train",
+                          "training.ssm_num_projections"),
+    # sampling
+    "unknown method": ({"sampling.method": "ddpm"}, "sample", "sampling.method"),
+    "unknown method after training": ({"sampling.methods": ("als", "ald")}, "train",
+                                      "sampling.methods"),
+    "no methods": ({"sampling.methods": ()}, "train", "sampling.methods"),
+    "als step_lr 0": ({"sampling.als.step_lr": 0.0}, "train", "sampling.als.step_lr"),
+    "negative snr": ({"sampling.method": "pc", "sampling.pc.snr": -0.1}, "sample",
+                     "sampling.pc.snr"),
+    "num_samples 0": ({"sampling.num_samples": 0}, "train", "sampling.num_samples"),
+    "save every too large": ({"sampling.save_every_levels": 9}, "train",
+                             "sampling.save_every_levels"),
+    # adversarial
+    "adversarial ssm": ({"adversarial.enabled": True, "adversarial.d_arch": "mlp",
+                         "training.loss": "ssm"}, "train", "training.loss"),
+    "adversarial toy biggan": ({"adversarial.enabled": True}, "train", "adversarial.d_arch"),
+    "d_steps 0": ({"adversarial.d_steps": 0}, "train", "adversarial.d_steps"),
+    "unknown gan loss": ({"adversarial.gan_loss": "lsgan2"}, "train", "adversarial.gan_loss"),
+    # eval
+    "unknown features": ({"eval.features": "clip"}, "eval", "eval.features"),
+    "features do not fit": ({"eval.features": "inception"}, "eval", "eval.features"),
+    "unknown sweep sampler": ({"eval.sweep_methods": ("als", "ald")}, "sampler_sweep",
+                              "eval.sweep_methods"),
+    "eval batch 0": ({"eval.batch_size": 0}, "eval", "eval.batch_size"),
+}
+
+
+def _config(overrides: dict):
+  return cli._apply_overrides(test_config.get_config(), overrides)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_config_is_a_one_line_usage_error(name):
+  overrides, mode, expected = BAD_CONFIGS[name]
+  with pytest.raises(UsageError) as info:
+    cli.validate(_config(overrides), mode)
+  message = str(info.value)
+  assert "\n" not in message and expected in message, message
+
+
+def test_every_config_field_has_a_schema_entry():
+  from score_jax import config_schema
+  assert set(config_schema.leaves(test_config.get_config())) == set(config_schema.FIELDS)
+
+
+def test_good_config_passes_every_mode():
+  for mode in ("train", "sample", "eval", "sampler_sweep", "sweep"):
+    cli.validate(test_config.get_config(), mode)
+
+
+def test_override_of_no_field_or_wrong_type_is_a_usage_error():
+  with pytest.raises(UsageError, match="names no config field"):
+    _config({"sampling.als.stepsize": 0.1})
+  with pytest.raises(UsageError, match="names no config field"):
+    _config({"sampling.ald.step_lr": 0.1})
+  with pytest.raises(UsageError, match="training.batch_size"):
+    _config({"training.batch_size": "abc"})
+
+
+def test_incompatible_checkpoint_names_the_field():
+  stored = json.loads(test_config.get_config().to_json())
+  config = _config({"model.hidden": 16})
+  with pytest.raises(checkpoint.CheckpointError, match="incompatible run.*model"):
+    experiment.check_compatible(stored, config, "runs/x")
+
+
+def _tree_digest(root: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  for path in sorted(root.rglob("*")):
+    digest.update(str(path.relative_to(root)).encode())
+    if path.is_file():
+      digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+def test_command_line_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path):
+  existing = tmp_path / "existing"
+  (existing / "checkpoints" / "10").mkdir(parents=True)
+  (existing / "checkpoints" / "10" / "state").write_bytes(b"\x00" * 64)
+  (existing / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+  before = _tree_digest(existing)
+  cases = {
+      "unknown config file": (["--config=configs/nope.py"], "nope.py"),
+      "wrong type": (["--config=configs/test.py", "--config.training.batch_size=abc"],
+                     "batch_size"),
+      "schema on existing workdir": (["--config=configs/test.py", f"--workdir={existing}",
+                                      "--config.training.keep_checkpoints=0"],
+                                     "training.keep_checkpoints"),
+      "sample without a run": (["--mode=sample"], "holds no checkpoints"),
+      "unwritable workdir": (["--config=configs/test.py", "--workdir=/proc/score_jax_run"],
+                             "not a writable directory"),
+  }
+  procs = {}
+  for name, (args, _) in cases.items():
+    if not any(a.startswith("--workdir") for a in args):
+      args = args + [f"--workdir={tmp_path / name.replace(' ', '_')}"]
+    procs[name] = start_main(*args, devices=8)
+  for name, proc in procs.items():
+    try:
+      _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      raise
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error:"), f"{name}: {err[-2000:]}"
+    assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
+    assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name} wrote its workdir"
+  assert _tree_digest(existing) == before

@@ -1,0 +1,186 @@
+"""Checkpoints: digests, damaged steps falling back, read-only readers, the non-finite guard."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from score_jax import checkpoint
+
+
+def _state(seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"params": {"w": rng.normal(size=(64, 64)).astype(np.float32),
+                     "b": rng.normal(size=(64,)).astype(np.float32)},
+          "step": np.array(seed, np.int32)}
+
+
+def _save_steps(workdir: pathlib.Path, steps=(1, 2)) -> None:
+  manager = checkpoint.create_writer(str(workdir), async_save=False)
+  for s in steps:
+    checkpoint.save(manager, s, _state(s), data_state={"pos": s * 10},
+                    config_json=json.dumps({"lr": 1e-3 * s, "name": "toy"}))
+  checkpoint.wait(manager)
+  manager.close()
+
+
+def _restore_fn(manager):
+  def read(step):
+    config = checkpoint.restore_config(manager, step)
+    state, data_state = checkpoint.restore(manager, step, _state(0))
+    return config, jax.device_get(state), data_state
+  return read
+
+
+def _assert_is_step(result, step):
+  config, state, data_state = result
+  want = _state(step)
+  assert config == {"lr": 1e-3 * step, "name": "toy"}
+  assert data_state == {"pos": step * 10}
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> pathlib.Path:
+  workdir = tmp_path_factory.mktemp("pristine")
+  _save_steps(workdir)
+  return workdir
+
+
+def test_round_trip_and_reader_creates_nothing(pristine, tmp_path):
+  before = sorted(p.relative_to(pristine) for p in pristine.rglob("*"))
+  manager = checkpoint.open_reader(str(pristine))
+  step, result = checkpoint.restore_newest(manager, _restore_fn(manager), move_damaged=False)
+  manager.close()
+  assert step == 2
+  _assert_is_step(result, 2)
+  assert sorted(p.relative_to(pristine) for p in pristine.rglob("*")) == before
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.open_reader(str(tmp_path / "missing"))
+  assert not (tmp_path / "missing").exists()
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+    checkpoint.open_reader(str(tmp_path / "empty"))
+
+
+def test_reader_leaves_an_in_flight_save_alone(pristine, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(pristine, workdir)
+  tmp = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-123"
+  (tmp / "state").mkdir(parents=True)
+  manager = checkpoint.open_reader(str(workdir))
+  assert checkpoint.all_steps(manager) == [1, 2]
+  manager.close()
+  assert (tmp / "state").is_dir()
+
+
+def _damage(path: pathlib.Path, kind: str) -> None:
+  data = path.read_bytes()
+  if kind == "truncate":
+    path.write_bytes(data[:len(data) // 2])
+  elif kind == "empty":
+    path.write_bytes(b"")
+  else:
+    mid = len(data) // 2
+    path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 16]) + data[mid + 16:])
+
+
+def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted((p for p in (step_dir / "state").rglob("d/*") if p.is_file()),
+                key=lambda p: -p.stat().st_size)
+
+
+FILES = {
+    "array data": lambda d: _array_files(d)[0],
+    "array metadata": lambda d: d / "state" / "_METADATA",
+    "array manifest": lambda d: d / "state" / "manifest.ocdbt",
+    "step metadata": lambda d: d / "_CHECKPOINT_METADATA",
+    "config": lambda d: d / "config" / "metadata",
+    "data-iterator state": lambda d: d / "data" / "metadata",
+    "digest": lambda d: d / "digest" / "metadata",
+}
+
+
+@pytest.mark.parametrize("kind", ["truncate", "empty", "flip"])
+def test_damaged_newest_step_falls_back_or_fails_in_one_line(pristine, tmp_path, kind, capsys):
+  outcomes = {}
+  for name, pick in FILES.items():
+    workdir = tmp_path / name.replace(" ", "_")
+    shutil.copytree(pristine, workdir)
+    _damage(pick(workdir / "checkpoints" / "2"), kind)
+    for writer in (False, True):
+      before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+      try:
+        if writer:
+          manager = checkpoint.create_writer(str(workdir), async_save=False)
+        else:
+          manager = checkpoint.open_reader(str(workdir))
+        step, result = checkpoint.restore_newest(manager, _restore_fn(manager),
+                                                 move_damaged=writer)
+        manager.close()
+      except checkpoint.CheckpointError as e:
+        assert "\n" not in str(e)
+        outcomes[name, writer] = "error"
+        continue
+      # Whatever step comes back holds exactly the values saved at it.
+      _assert_is_step(result, step)
+      outcomes[name, writer] = step
+      moved = workdir / "checkpoints" / "damaged" / "2"
+      if writer:
+        assert moved.is_dir() == (step == 1)
+      else:
+        assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
+  err = capsys.readouterr().err
+  for line in err.splitlines():
+    if "damaged" in line:
+      assert line.startswith("warning: checkpoint 2 in ")
+  # The step metadata holds only timestamps; every other file's damage is caught, never
+  # passed off as step 2.
+  for name in FILES:
+    if name != "step metadata":
+      assert outcomes[name, False] == 1 and outcomes[name, True] == 1, (name, outcomes)
+
+
+def test_every_step_damaged_is_one_line(pristine, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(pristine, workdir)
+  for s in ("1", "2"):
+    _damage(_array_files(workdir / "checkpoints" / s)[0], "flip")
+  manager = checkpoint.open_reader(str(workdir))
+  with pytest.raises(checkpoint.CheckpointError, match="every checkpoint") as e:
+    checkpoint.restore_newest(manager, _restore_fn(manager), move_damaged=False)
+  manager.close()
+  assert "\n" not in str(e.value)
+
+
+def test_other_model_is_a_mismatch_not_damage(pristine):
+  manager = checkpoint.open_reader(str(pristine))
+  other = {"params": {"w": np.zeros((8, 8), np.float32), "b": np.zeros(8, np.float32)},
+           "step": np.array(0, np.int32)}
+  with pytest.raises(checkpoint.CheckpointError, match="does not match this model"):
+    checkpoint.restore(manager, 2, other)
+  manager.close()
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+  manager = checkpoint.create_writer(str(tmp_path), async_save=False)
+  checkpoint.save(manager, 1, _state(1), data_state={}, config_json="{}")
+  bad = _state(2)
+  bad["params"]["b"][3] = np.inf
+  with pytest.raises(checkpoint.NonFiniteStateError, match=r"step 2 .*\['params'\]\['b'\]"):
+    checkpoint.save(manager, 2, bad, data_state={}, config_json="{}")
+  checkpoint.wait(manager)
+  assert checkpoint.all_steps(manager) == [1]
+  manager.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def test_writer_refuses_keep_zero(tmp_path):
+  with pytest.raises(ValueError, match="keep_checkpoints=0"):
+    checkpoint.create_writer(str(tmp_path), keep=0)
+  assert not (tmp_path / "checkpoints").exists()

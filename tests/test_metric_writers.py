@@ -1,0 +1,28 @@
+"""Metric logs after a resume: no rows past the restored step, one TensorBoard run."""
+
+import time
+
+from tensorboard.backend.event_processing import event_accumulator
+
+from score_jax.metric_writers import MetricWriter, read_jsonl
+
+
+def test_resume_continues_logs_from_the_restored_step(tmp_path):
+  first = MetricWriter(str(tmp_path), start_step=0)
+  for step in (10, 20, 30):
+    first.write(step, {"loss": float(step)})
+  first.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 40, "lo')  # a row cut short by a kill
+  time.sleep(1.1)  # a new event file name (seconds resolution)
+  second = MetricWriter(str(tmp_path), start_step=20)
+  for step in (30, 40):
+    second.write(step, {"loss": -float(step)})
+  second.close()
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [(r["step"], r["loss"]) for r in rows] == [(10, 10.0), (20, 20.0), (30, -30.0),
+                                                    (40, -40.0)]
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "metrics"))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(10, 10.0), (20, 20.0),
+                                                              (30, -30.0), (40, -40.0)]
