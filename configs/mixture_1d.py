@@ -15,7 +15,7 @@ def get_config():
   config.noise.num_scales = 10
   config.sampling.als.step_lr = 1e-3
   config.sampling.cas.n_sigma = 5
-  config.sampling.cas.step_lr = 0.002  # eta = 0.2, about 2 (1 - gamma) on this finer ladder
+  config.sampling.cas.step_lr = 0.003  # eta = 0.3: feasible on the finer ladders of get_sweep too
   config.sampling.denoise = False  # denoising at sigma 0.1 shrinks the 0.5-std modes' variance
   return config
 

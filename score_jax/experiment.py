@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from score_jax import checkpoint, configs_dir, data, gan, models, noise, parallel, samplers, steps
