@@ -52,8 +52,16 @@ def cache_dir() -> pathlib.Path:
 
 
 def configs_dir() -> pathlib.Path:
-  """The folder of the shipped configs (`default.py` is the schema): `score_jax/configs` of an
-  installed package, else `configs/` of the source checkout that holds this package."""
+  """The folder of the shipped configs (`default.py` is the schema): `configs/` of the source
+  checkout that holds this package, else `score_jax/configs` of an installed package.
+
+  The checkout comes first: an editable install maps `score_jax.configs` to the checkout it was
+  made from, which is not this package's when the package is imported from another checkout
+  (a git worktree) with the same environment.
+  """
+  checkout = pathlib.Path(__file__).resolve().parent.parent
+  if (checkout / "configs" / "default.py").is_file() and (checkout / "pyproject.toml").is_file():
+    return checkout / "configs"
   try:
     from score_jax import configs  # installed (also in editable mode): maps configs/ in
   except ImportError:
