@@ -2,7 +2,10 @@
 
 The embedded default is the two-mode Gaussian mixture of the NCSN paper (Song & Ermon 2019,
 Section 3: 1/5 N((-5,-5), I) + 4/5 N((5,5), I)) learned by a noise-conditional MLP over a
-geometric ladder sigma 20 -> 1, then sampled with ALS and CAS.
+geometric ladder sigma 20 -> 0.1 (20 levels: the last level is a tenth of the modes' unit std, so
+the final Tweedie step shrinks their variance by 1 %, not by half as it does from sigma 1), then
+sampled with ALS (100 steps per level, 2001 NFE), CAS (10 levels per trained interval, 191 NFE)
+and EDM's stochastic Heun sampler (50-level rho-schedule with churn, 99 NFE).
 
     python main.py                                   # this config, workdir runs/default
     python main.py --config=configs/mnist_cpu.py     # an experiment config (overrides this one)
@@ -61,8 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.noise = noise = ml_collections.ConfigDict()
   noise.schedule = "geometric"  # geometric | linear spacing of the ladder.
   noise.sigma_max = 20.0  # sigma_1, largest noise std (data units).
-  noise.sigma_min = 1.0  # sigma_L, smallest noise std (data units).
-  noise.num_scales = 10  # L, number of noise levels.
+  noise.sigma_min = 0.1  # sigma_L, smallest noise std (data units).
+  noise.num_scales = 20  # L, number of noise levels.
   noise.level_sampling = "uniform"  # uniform | stratified | antithetic draw of each example's level.
   noise.weight_power = 2.0  # lambda(sigma) = sigma^power; 2 is the DSM convention of NCSN.
 
@@ -83,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.ssm_projection = "gaussian"  # ssm: gaussian | rademacher projections.
   training.ssm_num_projections = 1  # ssm: projections per example.
   training.batch_size = 512  # global batch size (all devices, all hosts).
-  training.num_train_steps = 3000  # total optimizer steps.
+  training.num_train_steps = 6000  # total optimizer steps.
   training.steps_per_dispatch = 1  # optimizer steps fused into one compiled call (lax.scan).
   training.log_every_steps = 250  # metrics averaging/logging interval (steps).
   training.eval_every_steps = 1000  # test-loss interval (steps); None disables.
@@ -97,8 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- sampling ---------------------------------------------------------------------------------
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc.
-  sampling.methods = ("als", "cas")  # samplers the train job runs after training, in this order.
+  sampling.method = "als"  # sampler of --mode=sample/eval, inpainting and make_sampler: als | cas | pc | euler | heun | dpm_solver_pp_2m | adaptive.
+  sampling.methods = ("als", "cas", "heun")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
   sampling.use_ema = True  # sample (and evaluate) with the EMA weights ema_decays[0]; False: the raw weights (NCSN v1).
   sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
@@ -109,14 +112,52 @@ def get_config() -> ml_collections.ConfigDict:
   # One sub-group per sampler, holding exactly the keyword arguments of its function in
   # score_jax.samplers; a new sampler adds its own sub-group here.
   sampling.als = als = ml_collections.ConfigDict()  # annealed Langevin (samplers.annealed_langevin).
-  als.step_lr = 0.1  # epsilon, reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2.
+  als.step_lr = 0.0005  # epsilon, reference-code convention: alpha_i = step_lr (sigma_i/sigma_L)^2.
   als.steps_per_sigma = 100  # Langevin steps per level.
   sampling.cas = cas = ml_collections.ConfigDict()  # consistent annealed (samplers.consistent_annealed).
-  cas.step_lr = 0.3  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
-  cas.n_sigma = 1  # levels per trained interval (>1 samples a finer geometric ladder).
+  cas.step_lr = 0.00055  # epsilon; must lie in the CAS feasibility interval sigma_L^2 (1 -+ gamma).
+  cas.n_sigma = 10  # levels per trained interval (>1 samples a finer geometric ladder).
+  cas.eta = placeholder(tuple)  # instead of step_lr (set it None): eta per level of the sampling ladder, or one value.
   sampling.pc = pc = ml_collections.ConfigDict()  # predictor-corrector (samplers.predictor_corrector).
   pc.snr = 0.16  # corrector signal-to-noise ratio.
   pc.corrector_steps = 100  # Langevin corrector steps per level.
+  sampling.euler = euler = ml_collections.ConfigDict()  # PF-ODE Euler (samplers.euler), NFE = N.
+  euler.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
+  euler.num_steps = config_dict.FieldReference(50, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  euler.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
+  euler.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
+  euler.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
+  euler.s_churn = 0.0  # EDM S_churn: stochasticity, gamma = min(S_churn / N, sqrt(2) - 1); 0: deterministic.
+  euler.s_tmin = 0.0  # churn only at levels in [s_tmin, s_tmax].
+  euler.s_tmax = placeholder(float)  # see s_tmin; None: no upper bound.
+  euler.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
+  sampling.heun = heun = ml_collections.ConfigDict()  # EDM Algorithm 2 (samplers.heun), NFE = 2N - 1.
+  heun.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
+  heun.num_steps = config_dict.FieldReference(50, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  heun.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
+  heun.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
+  heun.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
+  heun.s_churn = 10.0  # EDM S_churn: stochasticity, gamma = min(S_churn / N, sqrt(2) - 1); 0: deterministic.
+  heun.s_tmin = 0.0  # churn only at levels in [s_tmin, s_tmax].
+  heun.s_tmax = placeholder(float)  # see s_tmin; None: no upper bound.
+  heun.s_noise = 1.0  # EDM S_noise: std factor of the churn noise.
+  sampling.dpm_solver_pp_2m = dpm = ml_collections.ConfigDict()  # DPM-Solver++(2M), NFE = N.
+  dpm.ladder = "karras"  # trained | geometric | karras (EDM rho-schedule): the levels stepped through, then 0.
+  dpm.num_steps = config_dict.FieldReference(25, field_type=int)  # N, levels of a geometric/karras ladder; None for trained.
+  dpm.rho = 7.0  # karras: the schedule's exponent (EDM: 7).
+  dpm.sigma_max = placeholder(float)  # geometric/karras: first level (and prior std); None: noise.sigma_max.
+  dpm.sigma_min = placeholder(float)  # geometric/karras: last level before 0; None: noise.sigma_min.
+  sampling.adaptive = adaptive = ml_collections.ConfigDict()  # Gotta Go Fast (samplers.adaptive).
+  adaptive.sigma_max = placeholder(float)  # first noise level (and prior std); None: noise.sigma_max.
+  adaptive.sigma_min = placeholder(float)  # last noise level; None: noise.sigma_min.
+  adaptive.abs_tol = 0.0039  # absolute tolerance (one 8-bit level of data in [0, 1]).
+  adaptive.rel_tol = 0.05  # relative tolerance (paper: 0.01 to 0.1).
+  adaptive.h_init = 0.01  # first step in t in [0, 1].
+  adaptive.safety = 0.9  # step-size controller safety factor.
+  adaptive.exponent = 0.9  # step-size controller exponent.
+  adaptive.h_max_factor = placeholder(float)  # cap on the step's growth per attempt; None: none (the paper).
+  adaptive.max_iters = 10_000  # bound on solver iterations.
+  adaptive.denoise = True  # final Tweedie denoising at sigma_min (one more evaluation).
 
   # --- adversarial (Jolicoeur-Martineau et al. 2020) -----------------------------------------------
   config.adversarial = adversarial = ml_collections.ConfigDict()
@@ -147,7 +188,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.reference_num_images = placeholder(int)  # first N images of that split; None: eval.num_samples.
   ev.sweep_step_lrs = (0.05, 0.1, 0.2)  # sampler_sweep: step_lr grid.
   ev.sweep_steps_per_sigma = (100,)  # sampler_sweep: grid of ALS steps and PC corrector steps per level.
-  ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds.
+  ev.sweep_methods = ("als", "cas")  # sampler_sweep: sampler kinds (any of sampling.method's).
+  ev.sweep_num_steps = (10, 25, 50)  # sampler_sweep: ladder lengths N of euler, heun, dpm_solver_pp_2m.
+  ev.sweep_rel_tols = (0.05, 0.1)  # sampler_sweep: rel_tol grid of the adaptive solver.
   ev.sweep_denoise = (False, True)  # sampler_sweep: with/without the final denoising step.
   ev.sweep_vmap = True  # sampler_sweep: settings differing only in step_lr run as one vmapped program.
 

@@ -11,6 +11,7 @@ def get_config():
   config.name = "test"
   config.model.hidden = 32
   config.model.num_layers = 2
+  config.noise.sigma_min = 1.0
   config.noise.num_scales = 4
   config.training.batch_size = 64
   config.training.num_train_steps = 20
@@ -22,7 +23,10 @@ def get_config():
   config.sampling.als.steps_per_sigma = 5
   config.sampling.num_samples = 64
   config.sampling.batch_size = 64
+  config.sampling.als.step_lr = 0.1
   config.sampling.cas.step_lr = 1.0
+  config.sampling.cas.n_sigma = 1
+  config.sampling.methods = ("als", "cas")
   return config
 
 

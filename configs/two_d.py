@@ -26,6 +26,7 @@ def get_config(dataset: str = "eight_gaussians"):
   config.sampling.als.step_lr = 2e-5
   config.sampling.als.steps_per_sigma = 100
   config.sampling.cas.step_lr = 8e-5
+  config.sampling.cas.n_sigma = 1  # step_lr is set for the trained ladder itself
   config.sampling.init = "gaussian"
   return config
 

@@ -25,6 +25,7 @@ import pathlib
 import socket
 import sys
 
+import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -166,14 +167,19 @@ def _summary_table(results: dict) -> str:
   if not any("mmd_rbf" in m for m in results.values()):  # images: point at the outputs
     return "\n".join(f"{method:<7} {m['num_samples']} samples in samples/{method}_step{m['step']}"
                      "*.png/.npz" for method, m in results.items())
-  rows = ["method  step_lr   mmd_rbf   energy    mode_weights (true)"]
+  fmt = lambda values, spec: " ".join(format(v, spec) for v in values)
+  rows = [f"{'method':<17} {'nfe':>7}  {'mmd_rbf':<9} {'energy':<9} mode_weights (true)  "
+          "mode_mean_err  mode_vars (true)"]
   for method, m in results.items():
-    weights = m.get("mode_weights")
-    w = "" if weights is None else (" ".join(f"{v:.3f}" for v in weights) + "  (" +
-                                     " ".join(f"{v:.3f}" for v in m["true_mode_weights"]) + ")")
-    rows.append(f"{method:<7} {m.get('step_lr', float('nan')):<9.4g} "
-                f"{m.get('mmd_rbf', float('nan')):<9.4f} "
-                f"{m.get('energy_distance', float('nan')):<9.4f} {w}")
+    nfe = m.get("nfe")
+    line = (f"{method:<17} {'-' if nfe is None else format(nfe, '.1f'):>7}  "
+            f"{m.get('mmd_rbf', float('nan')):<9.4f} {m.get('energy_distance', float('nan')):<9.4f}")
+    if m.get("mode_weights") is not None:
+      mode_vars = [np.mean(v) for v in m["mode_vars"]]
+      true_vars = [np.mean(v) for v in m["true_mode_vars"]]
+      line += (f" {fmt(m['mode_weights'], '.3f')} ({fmt(m['true_mode_weights'], '.3f')})  "
+               f"{m['mode_mean_error']:<13.3f}  {fmt(mode_vars, '.3f')} ({fmt(true_vars, '.3f')})")
+    rows.append(line)
   return "\n".join(rows)
 
 

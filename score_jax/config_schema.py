@@ -73,7 +73,7 @@ def _choice(*choices: str, **kw) -> Field:
 _BOOL = Field("bool")
 _STR = Field("str")
 _OPT_STR = Field("str", optional=True)
-_SAMPLER_NAMES = ("als", "cas", "pc")
+_SAMPLER_NAMES = ("als", "cas", "pc", "euler", "heun", "dpm_solver_pp_2m", "adaptive")
 
 
 FIELDS: dict[str, Field] = {
@@ -153,10 +153,44 @@ FIELDS: dict[str, Field] = {
     "sampling.inpaint_examples": _int(0),
     "sampling.als.step_lr": _pos_float(),
     "sampling.als.steps_per_sigma": _pos_int(),
-    "sampling.cas.step_lr": _pos_float(),
+    "sampling.cas.step_lr": _pos_float(optional=True),  # None: per-level sampling.cas.eta
+    "sampling.cas.eta": Field("tuple", 0.0, 2.0, item="float", min_len=1, optional=True),
     "sampling.cas.n_sigma": _pos_int(),
     "sampling.pc.snr": _pos_float(),
     "sampling.pc.corrector_steps": _int(0),
+    "sampling.euler.ladder": _choice("trained", "geometric", "karras"),
+    "sampling.euler.num_steps": _int(2, optional=True),
+    "sampling.euler.rho": _pos_float(),
+    "sampling.euler.sigma_max": _pos_float(optional=True),
+    "sampling.euler.sigma_min": _pos_float(optional=True),
+    "sampling.euler.s_churn": _float(0.0),
+    "sampling.euler.s_tmin": _float(0.0),
+    "sampling.euler.s_tmax": _float(0.0, optional=True),
+    "sampling.euler.s_noise": _float(0.0),
+    "sampling.heun.ladder": _choice("trained", "geometric", "karras"),
+    "sampling.heun.num_steps": _int(2, optional=True),
+    "sampling.heun.rho": _pos_float(),
+    "sampling.heun.sigma_max": _pos_float(optional=True),
+    "sampling.heun.sigma_min": _pos_float(optional=True),
+    "sampling.heun.s_churn": _float(0.0),
+    "sampling.heun.s_tmin": _float(0.0),
+    "sampling.heun.s_tmax": _float(0.0, optional=True),
+    "sampling.heun.s_noise": _float(0.0),
+    "sampling.dpm_solver_pp_2m.ladder": _choice("trained", "geometric", "karras"),
+    "sampling.dpm_solver_pp_2m.num_steps": _int(2, optional=True),
+    "sampling.dpm_solver_pp_2m.rho": _pos_float(),
+    "sampling.dpm_solver_pp_2m.sigma_max": _pos_float(optional=True),
+    "sampling.dpm_solver_pp_2m.sigma_min": _pos_float(optional=True),
+    "sampling.adaptive.sigma_max": _pos_float(optional=True),
+    "sampling.adaptive.sigma_min": _pos_float(optional=True),
+    "sampling.adaptive.abs_tol": _pos_float(),
+    "sampling.adaptive.rel_tol": _float(0.0),
+    "sampling.adaptive.h_init": _float(0.0, 1.0, open_low=True),
+    "sampling.adaptive.safety": _float(0.0, 1.0, open_low=True),
+    "sampling.adaptive.exponent": _pos_float(),
+    "sampling.adaptive.h_max_factor": _float(1.0, open_low=True, optional=True),
+    "sampling.adaptive.max_iters": _pos_int(),
+    "sampling.adaptive.denoise": _BOOL,
     # adversarial
     "adversarial.enabled": _BOOL,
     "adversarial.gan_loss": _choice(*gan.GAN_LOSSES),
@@ -195,6 +229,9 @@ FIELDS: dict[str, Field] = {
     "likelihood.repeats": _pos_int(),
     "likelihood.batch_size": _pos_int(),
     "likelihood.split": _STR,
+
+    "eval.sweep_num_steps": Field("tuple", 2, None, item="int"),
+    "eval.sweep_rel_tols": Field("tuple", 0.0, None, item="float"),
 }
 
 # The modes a config is validated for (`sweep` validates each of its runs for "train").
@@ -418,7 +455,20 @@ def _check_samplers(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -
     if method == "cas":
       ladder = np.asarray(samplers.cas_ladder(experiment.sigmas_from_config(config),
                                               s.cas.n_sigma))
+      if (s.cas.step_lr is None) == (s.cas.eta is None):
+        raise UsageError("sampling.cas: set exactly one of step_lr and eta (the other None)")
+      if s.cas.eta is not None:
+        eta = np.asarray(s.cas.eta, np.float64)
+        _wrap("sampling.cas.eta", f"give one value or {len(ladder)} (one per level)",
+              samplers.check_cas_eta, ladder, eta.reshape(()) if eta.size == 1 else eta, "eta")
+        continue
       low, high = noise.cas_step_lr_interval(ladder)
       _wrap("sampling.cas.step_lr", f"set --config.sampling.cas.step_lr in ({low:.4g}, "
             f"{high:.4g}) or change noise.* / sampling.cas.n_sigma", noise.check_cas_step_lr,
             ladder, s.cas.step_lr)
+    if method in experiment.ODE_SAMPLERS:
+      g = s[method]
+      _wrap(f"sampling.{method}", "choose ladder='trained' with num_steps=None, or 'geometric'/"
+            "'karras' with num_steps >= 2", experiment.sampling_ladder,
+            experiment.sigmas_from_config(config), ladder=g.ladder, num_steps=g.num_steps,
+            rho=g.rho, sigma_max=g.sigma_max, sigma_min=g.sigma_min)

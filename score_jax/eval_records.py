@@ -202,6 +202,27 @@ def plot_sweep(rows: list[dict], main: str, path: str) -> None:
     xs.append(float(r["step_lr"]))
     ys.append(as_float(r.get(main)))
   plots.save_lines(curves, path, xlabel="step_lr", ylabel=main, logx=True, levels=levels)
+  by_nfe = nfe_frontier(rows, main)
+  if by_nfe:
+    root, ext = os.path.splitext(path)
+    plots.save_lines(by_nfe, root + "_nfe" + ext, xlabel="NFE (network evaluations per sample)",
+                     ylabel=main, logx=True)
+
+
+def nfe_frontier(rows: list[dict], main: str) -> dict[str, tuple[list, list]]:
+  """Per sampler (method): the best main metric at each NFE over its other settings.
+
+  Rows without `nfe` (stored before it was recorded), skipped rows and NaN metrics are left out.
+  """
+  best: dict[str, dict[float, float]] = {}
+  for r in rows:
+    y = as_float(r.get(main))
+    if "skipped" in r or r.get("nfe") is None or not math.isfinite(y):
+      continue
+    per_nfe = best.setdefault(r["method"], {})
+    x = float(r["nfe"])
+    per_nfe[x] = min(y, per_nfe.get(x, math.inf))
+  return {m: (sorted(v), [v[x] for x in sorted(v)]) for m, v in best.items()}
 
 
 def write_outputs(rows: list[dict], main: str, workdir: str, name: str,

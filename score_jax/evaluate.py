@@ -74,11 +74,12 @@ from score_jax.train_state import TrainState
 _EVAL_TAG = 0xE7A1
 _SAMPLE_TAG, _REFERENCE_TAG, _KID_TAG = 0, 1, 2
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
-_METHODS = ("als", "cas", "pc")
 # Sampler arguments the sweep grid sets per sampler (others are recorded as None and not swept);
 # `eval.sweep_steps_per_sigma` gives ALS's steps and PC's corrector steps per level.
 _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
-                 "pc": ("corrector_steps",)}
+                 "pc": ("corrector_steps",), "euler": ("num_steps",), "heun": ("num_steps",),
+                 "dpm_solver_pp_2m": ("num_steps",), "adaptive": ("rel_tol",)}
+_METHODS = tuple(_METHOD_KNOBS)
 FETCH_COMMAND = "python -m score_jax.fetch_inception"
 CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
@@ -527,8 +528,14 @@ def draw_features_stacked(sample_batch: Callable[[int, int], np.ndarray], evalua
     for i in range(num_batches):
       if i in parts:
         continue
-      xs = np.asarray(sample_batch(i * batch, batch))[:keep[i]]
+      out = sample_batch(i * batch, batch)
+      xs, nfe = out if isinstance(out, tuple) else (out, None)
+      xs = np.asarray(xs)[:keep[i]]
       parts[i] = [evaluator.featurize(xs[:, j]) for j in range(xs.shape[1])]
+      if nfe is not None:  # network evaluations per sample, `[n]` or `[n, k]`
+        nfe = np.asarray(nfe, np.float64).reshape(len(nfe), -1)
+        for j, features in enumerate(parts[i]):
+          features["nfe"] = np.broadcast_to(nfe[:, min(j, nfe.shape[1] - 1)], (batch,))[:keep[i]]
       if cache_dir is not None and parallel.is_main_process():
         _save_batch(cache_dir, i, parts[i])
       pbar.update(keep[i])
@@ -641,8 +648,24 @@ def _checkpoint_sampler(config: ml_collections.ConfigDict, method: str | None = 
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config),
                                  method=method, init=experiment.sampler_init(config, method),
+                                 return_info=True,
                                  **{**experiment.sampler_kwargs(config, method), **overrides})
-  return parallel.shard_sampler(fn, parallel.make_mesh())
+  count = {}
+
+  def with_nfe(params, keys):
+    x, info = fn(params, keys)
+    if isinstance(info["nfe"], int):  # fixed-step samplers: one count, known when traced
+      count["nfe"] = info["nfe"]
+      return x
+    return x, info["nfe"]  # the adaptive solver: a count per sample
+
+  p_sample = parallel.shard_sampler(with_nfe, parallel.make_mesh())
+
+  def sample(params, rng, start, n):
+    out = p_sample(params, rng, start, n)
+    return out if isinstance(out, tuple) else (out, np.full((len(out),), count["nfe"]))
+
+  return sample
 
 
 def _evaluate_sampler(p_sample, params: Any, evaluator: Evaluator, entry: dict,
@@ -655,8 +678,15 @@ def _evaluate_sampler(p_sample, params: Any, evaluator: Evaluator, entry: dict,
   features = draw_features(lambda first, n: p_sample(params, sample_rng, first, n), evaluator,
                            num_samples=config.eval.num_samples,
                            batch_size=config.eval.batch_size, cache_dir=cache_dir, desc=desc)
-  measured = {**score_finite(evaluator, features), "seconds": time.time() - start}
+  measured = {**_score(evaluator, features), "seconds": time.time() - start}
   return measured, cache_dir
+
+
+def _score(evaluator: Evaluator, features: Features) -> dict[str, Any]:
+  """`score_finite`'s metrics, plus `nfe` (mean network evaluations per sample) when drawn."""
+  nfe = features.pop("nfe", None)
+  return {**score_finite(evaluator, features),
+          **({} if nfe is None else {"nfe": float(np.mean(nfe))})}
 
 
 def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
@@ -671,14 +701,27 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   kwargs = {**experiment.sampler_kwargs(config, e0["method"]), **_sampler_args(e0)}
   fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
                                  experiment.example_shape(config), method=e0["method"],
-                                 init=experiment.sampler_init(config, e0["method"]), **kwargs)
+                                 init=experiment.sampler_init(config, e0["method"]),
+                                 return_info=True, **kwargs)
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
 
+  count = {}
+
+  def one_lr(params, keys, lr):
+    x, info = fn(params, keys, step_lr=lr)
+    count["nfe"] = info["nfe"]  # ALS/CAS: one count, known when traced, the same for every lr
+    return x
+
   def many(params, keys):
-    xs = jax.vmap(lambda lr: fn(params, keys, step_lr=lr))(lrs)
+    xs = jax.vmap(lambda lr: one_lr(params, keys, lr))(lrs)
     return jax.numpy.moveaxis(xs, 0, 1)
 
-  p_sample = parallel.shard_sampler(many, parallel.make_mesh())
+  p_many = parallel.shard_sampler(many, parallel.make_mesh())
+
+  def p_sample(params, rng, start, n):
+    xs = p_many(params, rng, start, n)
+    return xs, np.full((len(xs),), count["nfe"])
+
   params = experiment.sampling_params(config, state)
   sample_rng = jax.random.fold_in(rng, _SAMPLE_TAG)
   cache_dir = batch_cache_dir(workdir, entries, config.eval.batch_size)
@@ -688,7 +731,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
                                    batch_size=config.eval.batch_size, cache_dir=cache_dir,
                                    desc=f"sweep {e0['method']} x{len(entries)} step_lr")
   seconds = (time.time() - start) / len(entries)
-  return [{**score_finite(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
+  return [{**_score(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
           for f in features], cache_dir
 
 
@@ -783,7 +826,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   rows = _in_order(entries, fresh, done)
   if main:
     paths = write_outputs(rows, main_metric, workdir, "eval_metrics", plot_eval)
-    print(format_table(rows, ["step", "method", "step_lr"] + table_metric_columns(rows, main_metric)))
+    print(format_table(rows, ["step", "method", "nfe", "step_lr"] +
+                       table_metric_columns(rows, main_metric)))
     best = min(rows, key=rank_key(main_metric))
     print(f"best checkpoint by {main_metric}: step {best['step']} "
           f"({main_metric}={as_float(best.get(main_metric)):.4g}); "
@@ -793,11 +837,14 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
 
 
 def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
-               steps_per_sigma: tuple[int, ...], denoise: tuple[bool, ...]) -> list[dict]:
+               steps_per_sigma: tuple[int, ...], denoise: tuple[bool, ...],
+               num_steps: tuple[int, ...] = (), rel_tols: tuple[float, ...] = ()) -> list[dict]:
   """The distinct sampler settings of the grid, in grid order.
 
   A knob the method does not read (CAS has no steps per level, PC no step_lr) is None, so the
-  grid holds each real setting once.
+  grid holds each real setting once. The ODE samplers (euler, heun, dpm_solver_pp_2m) take
+  `num_steps` (the length of their configured ladder), the adaptive solver `rel_tols`; neither
+  reads the shared `denoise`.
   """
   unknown = [m for m in methods if m not in _METHODS]
   if unknown:
@@ -805,6 +852,18 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
   settings: list[dict] = []
   for method in methods:
     knobs = _METHOD_KNOBS[method]
+    if method in experiment.ODE_SAMPLERS or method == "adaptive":
+      grid = num_steps if "num_steps" in knobs else rel_tols
+      if not grid:
+        raise ValueError(f"eval.sweep_methods has {method}: give its grid in "
+                         f"eval.{'sweep_num_steps' if 'num_steps' in knobs else 'sweep_rel_tols'}")
+      for value in grid:
+        s = {"method": method, "step_lr": None, "steps_per_sigma": None,
+             "corrector_steps": None, "denoise": None,
+             knobs[0]: int(value) if knobs[0] == "num_steps" else float(value)}
+        if s not in settings:
+          settings.append(s)
+      continue
     for lr in step_lrs:
       for spp in steps_per_sigma:
         for den in denoise:
@@ -837,7 +896,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   """
   ev = config.eval
   settings = sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
-                        tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise))
+                        tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise),
+                        tuple(ev.sweep_num_steps), tuple(ev.sweep_rel_tols))
   step = _checkpoint_steps(workdir)[-1]
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
@@ -897,8 +957,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   if main:
     paths = write_outputs(rows, main_metric, workdir, "sampler_sweep", plot_sweep)
     ranked = sorted(rows, key=rank_key(main_metric))
-    print(format_table(ranked, ["method", "step_lr", "steps_per_sigma", "corrector_steps",
-                                "denoise"] +
+    print(format_table(ranked, ["method", "nfe", "step_lr", "steps_per_sigma", "corrector_steps",
+                                "num_steps", "rel_tol", "denoise"] +
                        table_metric_columns(rows, main_metric) + ["skipped"]))
     print(f"checkpoint step {step}; {len(done)} of {len(rows)} rows reused")
     print(f"rows in {paths['jsonl']}; table {paths['csv']}; plot {paths['png']}")

@@ -212,23 +212,33 @@ def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
   return config
 
 
-# The samplers a config can name, and the keyword arguments each takes from its sub-group of
-# `config.sampling` (besides `denoise`, which all share).
+# The samplers a config can name. Each takes the keyword arguments of its sub-group
+# `config.sampling.<method>`; the annealed samplers also take the shared `sampling.denoise`, and
+# the ODE samplers' sub-groups also choose the ladder they step through (`sampling_ladder`).
 SAMPLERS = {"als": samplers.annealed_langevin, "cas": samplers.consistent_annealed,
-            "pc": samplers.predictor_corrector}
+            "pc": samplers.predictor_corrector, "euler": samplers.euler, "heun": samplers.heun,
+            "dpm_solver_pp_2m": samplers.dpm_solver_pp_2m, "adaptive": samplers.adaptive}
+ANNEALED_SAMPLERS = ("als", "cas", "pc")  # step through the trained ladder; keep trajectories.
+ODE_SAMPLERS = ("euler", "heun", "dpm_solver_pp_2m")  # step through `sampling_ladder`, end at 0.
+LADDERS = ("trained", "geometric", "karras")
+_LADDER_KEYS = ("ladder", "num_steps", "rho", "sigma_max", "sigma_min")
 
 
 def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
   """The plain keyword arguments of sampler `method` (default `sampling.method`).
 
   Returns:
-    Its sub-group `sampling.<method>` as a dict, plus the shared `denoise`.
+    Its sub-group `sampling.<method>` as a dict, plus the shared `denoise` for the annealed
+    samplers (ALS, CAS, PC).
   """
   s = config.sampling
   method = method or s.method
   if method not in SAMPLERS:
     raise ValueError(f"sampler {method!r} is unknown; use one of {', '.join(SAMPLERS)}")
-  return {**s[method].to_dict(), "denoise": s.denoise}
+  kwargs = s[method].to_dict()
+  if method in ANNEALED_SAMPLERS:
+    kwargs["denoise"] = s.denoise
+  return kwargs
 
 
 def sampler_init(config: ml_collections.ConfigDict, method: str | None = None) -> str:
@@ -255,9 +265,39 @@ def sampling_params(config: ml_collections.ConfigDict, state: TrainState) -> Any
   return state.ema_params[0] if config.sampling.use_ema else state.params
 
 
+def sampling_ladder(sigmas: jax.Array, *, ladder: str = "trained", num_steps: int | None = None,
+                    rho: float = 7.0, sigma_max: float | None = None,
+                    sigma_min: float | None = None) -> jax.Array:
+  """The descending ladder `[N]` a fixed-step ODE sampler steps through (then to sigma = 0).
+
+  Args:
+    sigmas: `[L]` the trained ladder (concrete).
+    ladder: "trained" (the trained ladder itself), "geometric" (`num_steps` levels spaced
+      geometrically) or "karras" (EDM's rho-schedule, Karras et al. 2022, Eq. 5).
+    num_steps: N for "geometric" and "karras"; must be None for "trained".
+    rho: the exponent of "karras".
+    sigma_max, sigma_min: the ends of "geometric" and "karras"; None: the trained ones.
+  """
+  if ladder not in LADDERS:
+    raise ValueError(f"ladder={ladder!r} is unknown; use one of {', '.join(LADDERS)}")
+  if ladder == "trained":
+    if num_steps is not None or sigma_max is not None or sigma_min is not None:
+      raise ValueError("ladder='trained' steps through the trained sigmas: leave num_steps, "
+                       "sigma_max and sigma_min None, or choose ladder='geometric' or 'karras'")
+    return jnp.asarray(sigmas, jnp.float32)
+  if num_steps is None:
+    raise ValueError(f"ladder={ladder!r} needs num_steps (the number of levels, >= 2)")
+  hi = float(sigmas[0]) if sigma_max is None else float(sigma_max)
+  lo = float(sigmas[-1]) if sigma_min is None else float(sigma_min)
+  if ladder == "geometric":
+    return noise.geometric_sigmas(hi, lo, num_steps)
+  return noise.karras_sigmas(hi, lo, num_steps, rho)
+
+
 def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
                    init: str = "gaussian", return_trajectory: bool = False,
-                   save_every: int | None = None, **kwargs) -> Callable[..., Any]:
+                   save_every: int | None = None, return_info: bool = False,
+                   **kwargs) -> Callable[..., Any]:
   """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
 
   `rng` is either one key (shape `()`: the batch's noise is drawn together, the fastest path) or
@@ -273,8 +313,12 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
     shape: shape of one sample.
     method: a key of `SAMPLERS`.
     init: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
-      N(0, sigma_1^2 I).
-    return_trajectory, save_every: passed to the sampler.
+      N(0, sigma_start^2 I) with sigma_start the first level the sampler steps through (the
+      trained sigma_1, or the sub-group's `sigma_max`).
+    return_trajectory, save_every: passed to the annealed samplers (ALS, CAS, PC); the others
+      keep no per-level statistics and ignore them.
+    return_info: return `(samples, info)` with info["nfe"] (network evaluations per sample;
+      `[n]` for the adaptive solver). `return_trajectory` implies it.
     **kwargs: the sampler's own keyword arguments (`sampler_kwargs`).
 
   `sample(params, rng, n, **changes)` replaces sampler arguments at call time (they may be traced,
@@ -284,21 +328,47 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
     raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(SAMPLERS)}")
   if init not in ("uniform", "gaussian"):
     raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
+  kwargs = dict(kwargs)
+  if method == "cas" and kwargs.get("step_lr") is not None:
+    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
+                            kwargs["step_lr"])
+  if method == "cas" and kwargs.get("eta") is not None:
+    eta = np.asarray(kwargs["eta"], np.float32)
+    kwargs["eta"] = float(eta.reshape(())) if eta.size == 1 else tuple(eta.tolist())
+    samplers.check_cas_eta(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
+                           np.asarray(kwargs["eta"]), "eta")
+  for unbounded in ("s_tmax", "h_max_factor"):  # None in the config: the sampler's default, inf
+    if unbounded in kwargs and kwargs[unbounded] is None:
+      del kwargs[unbounded]
+  ladder, start = sigmas, sigmas[0]
+  if method in ANNEALED_SAMPLERS:
+    options = dict(return_trajectory=return_trajectory, save_every=save_every,
+                   return_info=return_info)
+  else:
+    options = dict(return_info=return_info or return_trajectory)
+  if method in ODE_SAMPLERS:
+    ladder = sampling_ladder(sigmas, **{k: kwargs.pop(k) for k in _LADDER_KEYS if k in kwargs})
+    start = ladder[0]
+  elif method == "adaptive":
+    for end, default in (("sigma_max", sigmas[0]), ("sigma_min", sigmas[-1])):
+      kwargs[end] = float(default) if kwargs.get(end) is None else float(kwargs[end])
+    start = kwargs["sigma_max"]
   sampler = SAMPLERS[method]
-  with_info = return_trajectory or save_every is not None
   # One example per program under vmap where a batch would couple examples: PC's step size
   # (batch-mean norms) and the trajectory statistics (batch means) are then per example.
-  one_at_a_time = with_info or method == "pc"
+  one_at_a_time = return_trajectory or save_every is not None or method == "pc"
 
   def init_state(rng, n):
     if init == "uniform":
       return jax.random.uniform(rng, (n, *shape))
-    return sigmas[0] * jax.random.normal(rng, (n, *shape))
+    return start * jax.random.normal(rng, (n, *shape))
 
   def draw(params, x0, rng, changes):
-    return sampler(make_score_fn(model, params), x0, sigmas, rng,
-                   return_trajectory=return_trajectory, save_every=save_every,
-                   **{**kwargs, **changes})
+    args = {**kwargs, **changes, **options}
+    score_fn = make_score_fn(model, params)
+    if method == "adaptive":
+      return sampler(score_fn, x0, rng, **args)
+    return sampler(score_fn, x0, ladder, rng, **args)
 
   def per_example(params, keys, changes):
     pairs = jax.vmap(jax.random.split)(keys)
@@ -309,7 +379,7 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
 
     def one(x, key):
       out = draw(params, x[None], key[None], changes)
-      if not with_info:
+      if not isinstance(out, tuple):
         return out[0]
       x, info = out
       nfe.append(info.pop("nfe"))
@@ -318,7 +388,7 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
       return x[0], info
 
     out = jax.vmap(one)(x0, pairs[:, 1])
-    return (out[0], {**out[1], "nfe": nfe[0]}) if with_info else out
+    return (out[0], {**out[1], "nfe": nfe[0]}) if nfe else out
 
   def sample(params, rng, n=None, **changes):
     if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -386,6 +456,7 @@ def load_checkpoint(workdir: str, step: int | None = None
 def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
                  method: str | None = None, init: str | None = None,
                  return_trajectory: bool = False, save_every: int | None = None,
+                 return_info: bool = False,
                  **overrides) -> Callable[..., Any]:
   """`(rng, n) -> samples` with the configured weights and sampler, on all devices.
 
@@ -395,11 +466,12 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
   `[n, ...]`. `sample(rng, n, start=s)` draws samples s..s+n-1 of the same sequence;
   `on_batch(count)` is called after each batch (progress bars).
 
-  `method` ("als", "cas", "pc") and `init` replace the config's; keyword overrides replace the
-  sampler's own arguments (`sampler_kwargs`: step_lr, steps_per_sigma, n_sigma, snr,
-  corrector_steps, denoise); `return_trajectory=True` makes it return `(samples, trajectory)`:
-  per-level statistics `[L']` averaged over the samples (x_std and noise_std are computed per
-  sample, then averaged), snapshots `[L' // save_every, n, ...]` and `nfe`.
+  `method` (a key of `SAMPLERS`) and `init` replace the config's; keyword overrides replace the
+  sampler's own arguments (`sampler_kwargs`: e.g. step_lr, steps_per_sigma, n_sigma, snr,
+  corrector_steps, denoise, ladder, num_steps, s_churn, rel_tol); `return_info=True` makes it
+  return `(samples, info)` with info["nfe"] (the mean per sample for the adaptive solver), and
+  `return_trajectory=True` adds per-level statistics `[L']` averaged over the samples (x_std and
+  noise_std are computed per sample, then averaged) and snapshots `[L' // save_every, n, ...]`.
   """
   method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
@@ -410,14 +482,16 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
   kwargs.update(overrides)
   fn = make_sample_fn(models.build(config), sigmas_from_config(config), example_shape(config),
                       method=method, init=init or sampler_init(config, method),
-                      return_trajectory=return_trajectory, save_every=save_every, **kwargs)
+                      return_trajectory=return_trajectory, save_every=save_every,
+                      return_info=return_info, **kwargs)
   per_sample = {}
 
   def arrays_only(params, keys):
     out = fn(params, keys)
-    if isinstance(out, tuple):  # info["nfe"] is a count per sample, not a per-example array
+    if isinstance(out, tuple):
       x, info = out
-      per_sample["nfe"] = info.pop("nfe")
+      if isinstance(info.get("nfe"), int):  # a count per sample, not a per-example array
+        per_sample["nfe"] = info.pop("nfe")
       return x, info
     return out
 

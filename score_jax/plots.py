@@ -70,9 +70,15 @@ def save_inpainting_grid(masked: np.ndarray, completed: np.ndarray, path: str, *
   save_image_grid(pairs, path, ncol=2 * min(n, 4), centered=centered)
 
 
-def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], path: str) -> None:
-  """Scatter (2-D) or histogram (1-D) panels: ground truth, then each sampler."""
-  panels = {"ground truth": truth, **{k.upper(): v for k, v in samples.items()}}
+def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], path: str, *,
+                        nfe: Mapping[str, float | None] | None = None) -> None:
+  """Scatter (2-D) or histogram (1-D) panels: ground truth, then each sampler.
+
+  `nfe` (network evaluations per sample, by sampler) goes into the sampler panels' titles.
+  """
+  nfe = nfe or {}
+  title = lambda k: k.upper() if nfe.get(k) is None else f"{k.upper()} ({nfe[k]:.4g} NFE)"
+  panels = {"ground truth": truth, **{title(k): v for k, v in samples.items()}}
   fig = Figure(figsize=(4 * len(panels), 4))
   axes = fig.subplots(1, len(panels), squeeze=False)
   finite = truth[np.isfinite(truth).all(axis=1)]

@@ -24,7 +24,8 @@ from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
 from score_jax.train_state import TrainState
 
-_METHOD_IDS = {"als": 1, "cas": 2, "pc": 3}
+_METHOD_IDS = {"als": 1, "cas": 2, "pc": 3, "euler": 4, "heun": 5, "dpm_solver_pp_2m": 6,
+               "adaptive": 7}
 
 
 # Samples whose trajectory statistics and snapshots are kept (the first ones of the sequence).
@@ -32,15 +33,16 @@ _TRAJECTORY_SAMPLES = 64
 
 
 def _draw(config: ml_collections.ConfigDict, state: TrainState, method: str, num: int,
-          rng: jax.Array, **overrides) -> tuple[np.ndarray, dict]:
+          rng: jax.Array, **overrides) -> tuple[np.ndarray, dict | None, float | None]:
   """`num` samples over all devices, and the trajectory of the first `_TRAJECTORY_SAMPLES`.
 
   Sample k comes from the key folded from `(rng, k)` whichever sampler draws it, so the samples
   drawn with trajectories are those the plain sampler would draw.
 
   Returns:
-    `(samples [num, ...], trajectory)`: per-level statistics averaged over the traced samples
-    (`[L']` each) and snapshots `[L' // save_every, t, ...]` of them.
+    `(samples [num, ...], trajectory, nfe)`: per-level statistics averaged over the traced
+    samples (`[L']` each) and snapshots `[L' // save_every, t, ...]` of them (None for samplers
+    that keep none), and the mean number of network evaluations per sample.
   """
   s = config.sampling
   traced = min(num, _TRAJECTORY_SAMPLES)
@@ -52,7 +54,9 @@ def _draw(config: ml_collections.ConfigDict, state: TrainState, method: str, num
     if num > traced:
       rest = [experiment.make_sampler(config, state, method=method, **overrides)(
           rng, num - traced, start=traced, on_batch=pbar.update)]
-  return np.concatenate([first, *rest]), info
+  nfe = info.pop("nfe", None)
+  nfe = None if nfe is None else float(np.mean(nfe))
+  return np.concatenate([first, *rest]), (info if "sigma" in info else None), nfe
 
 
 def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workdir: str, *,
@@ -72,11 +76,12 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
   # step and `_denoise_in_batches` applies the same x + sigma_L^2 s(x, sigma_L) afterwards.
   denoise_after = not is_toy and s.denoise
   for method in methods:
-    samples, trajectory = _draw(config, state, method, s.num_samples,
-                                jax.random.fold_in(rng, _METHOD_IDS[method]),
-                                **({"denoise": False} if denoise_after else {}))
+    shared_denoise = denoise_after and method in experiment.ANNEALED_SAMPLERS
+    samples, trajectory, nfe = _draw(config, state, method, s.num_samples,
+                                     jax.random.fold_in(rng, _METHOD_IDS[method]),
+                                     **({"denoise": False} if shared_denoise else {}))
     raw = None
-    if denoise_after:
+    if shared_denoise:
       raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
     tag = f"{method}_step{step}"
     # Metrics use the finite samples only; none finite is an error, some a warning.
@@ -91,6 +96,7 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
             "use the finite ones", file=sys.stderr)
     all_samples[method], trajectories[method] = samples, trajectory
     metrics = {"step": step, "num_samples": int(len(samples)),
+               "nfe": None if nfe is None else nfe + int(shared_denoise),
                **experiment.sampler_settings(config, method)}
     if is_toy:
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
@@ -124,7 +130,8 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
       distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
       truth = np.asarray(distribution.sample(jax.random.fold_in(rng, 11), s.num_samples))
       plots.save_toy_comparison(truth, all_samples,
-                                paths.join(out_dir, f"comparison_step{step}.png"))
+                                paths.join(out_dir, f"comparison_step{step}.png"),
+                                nfe={m: r["nfe"] for m, r in results.items()})
     plots.save_trajectories(trajectories, paths.join(out_dir, f"trajectory_step{step}.png"))
     writer = MetricWriter(workdir, name="sample_metrics", tensorboard=False)
     for method, m in results.items():

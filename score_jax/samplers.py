@@ -297,7 +297,7 @@ def cas_ladder(sigmas, n_sigma: int = 1) -> jax.Array:
 _BETA2_FLOOR = 1e-6
 
 
-def _check_cas_eta(ladder: np.ndarray, eta: np.ndarray, source: str) -> None:
+def check_cas_eta(ladder: np.ndarray, eta: np.ndarray, source: str) -> None:
   """Host check that beta_i is real wherever noise follows: 1 - gamma_i <= eta_i <= 1 + gamma_i."""
   if eta.ndim not in (0, 1) or (eta.ndim == 1 and eta.shape[0] != ladder.shape[0]):
     raise ValueError(f"CAS eta must be a scalar or have one value per level ({ladder.shape[0]}); "
@@ -354,7 +354,7 @@ def consistent_annealed(score_fn: ScoreFn, x_init: Float[Array, "b ..."],
     source = "eta"
   eta_host, ladder_host = _concrete_array(eta), _concrete_array(ladder)
   if eta_host is not None and ladder_host is not None and num_levels > 1:
-    _check_cas_eta(ladder_host, eta_host, source)
+    check_cas_eta(ladder_host, eta_host, source)
   eta = jnp.broadcast_to(jnp.asarray(eta, jnp.float32), (num_levels,))
   rng = _as_keys(rng, b)
   next_sigmas = jnp.concatenate([ladder[1:], ladder[-1:]])

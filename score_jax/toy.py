@@ -209,9 +209,34 @@ def gaussian_moment_errors(x, mean, std) -> dict[str, float]:
           "std_error": float(np.abs(x.std(0) - std).max())}
 
 
+def mode_moments(x, means) -> tuple[np.ndarray, np.ndarray]:
+  """Per-mode mean `[K, d]` and per-coordinate variance `[K, d]` of the samples nearest each mode.
+
+  Non-finite samples are dropped; a mode no sample is nearest to gets NaN.
+  """
+  x = np.asarray(x, np.float64)
+  means = np.asarray(means, np.float64)
+  x = x[np.isfinite(x).all(axis=1)]
+  nearest = np.argmin(((x[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+  mu = np.full(means.shape, np.nan)
+  var = np.full(means.shape, np.nan)
+  for k in range(len(means)):
+    xk = x[nearest == k]
+    if len(xk) > 1:
+      mu[k], var[k] = xk.mean(0), xk.var(0, ddof=1)
+  return mu, var
+
+
 def sample_metrics(samples: np.ndarray, distribution: GaussianMixture, rng: jax.Array
                    ) -> dict[str, Any]:
-  """Sample-quality metrics of a toy: MMD, energy distance, and mixture mode weights."""
+  """Sample-quality metrics of a toy: MMD, energy distance, and for mixtures the mode weights.
+
+  For mixtures also each mode's mean and per-coordinate variance (samples assigned to the nearest
+  mean) beside the component's own (`true_mode_means`, `true_mode_vars` = std_k^2; the nearest-mean
+  split matches the components when the modes are well separated), and the largest errors:
+  `mode_weight_error` (absolute), `mode_mean_error` (absolute, any coordinate) and
+  `mode_var_rel_error` (|var / std_k^2 - 1|, modes with std_k > 0 only).
+  """
   reference = np.asarray(distribution.sample(rng, min(len(samples), 4000)))
   x = samples[:4000]
   out = {"mmd_rbf": float(mmd_rbf(x, reference)),
@@ -221,4 +246,15 @@ def sample_metrics(samples: np.ndarray, distribution: GaussianMixture, rng: jax.
   if means is not None:
     out["mode_weights"] = np.asarray(mode_weights(samples, np.asarray(means))).tolist()
     out["true_mode_weights"] = np.asarray(distribution.weights).tolist()
+    mu, var = mode_moments(samples, means)
+    true_var = np.broadcast_to((np.asarray(distribution.stds, np.float64) ** 2)[:, None], var.shape)
+    out.update(mode_means=mu.tolist(), mode_vars=var.tolist(),
+               true_mode_means=np.asarray(means, np.float64).tolist(),
+               true_mode_vars=true_var.tolist())
+    out["mode_weight_error"] = float(np.max(np.abs(np.asarray(out["mode_weights"]) -
+                                                   np.asarray(distribution.weights))))
+    out["mode_mean_error"] = float(np.max(np.abs(mu - np.asarray(means))))
+    positive = true_var > 0
+    out["mode_var_rel_error"] = (float(np.max(np.abs(var[positive] / true_var[positive] - 1.0)))
+                                 if positive.any() else None)
   return out

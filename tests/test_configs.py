@@ -13,10 +13,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_sampler_kwargs_are_the_samplers_own_arguments():
   config = experiment.config_from_dict({})
-  assert experiment.sampler_kwargs(config, "als") == {"step_lr": 0.1, "steps_per_sigma": 100,
+  assert experiment.sampler_kwargs(config, "als") == {"step_lr": 0.0005, "steps_per_sigma": 100,
                                                       "denoise": True}
-  assert experiment.sampler_kwargs(config, "cas") == {"step_lr": 0.3, "n_sigma": 1,
-                                                      "denoise": True}
+  assert experiment.sampler_kwargs(config, "cas") == {"step_lr": 0.00055, "n_sigma": 10,
+                                                      "eta": None, "denoise": True}
+  assert experiment.sampler_kwargs(config, "dpm_solver_pp_2m") == {
+      "ladder": "karras", "num_steps": 25, "rho": 7.0, "sigma_max": None, "sigma_min": None}
+  assert "denoise" not in experiment.sampler_kwargs(config, "heun")
   assert experiment.sampler_kwargs(config, "pc") == {"snr": 0.16, "corrector_steps": 100,
                                                      "denoise": True}
   with pytest.raises(ValueError, match="'ald' is unknown"):
