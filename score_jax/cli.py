@@ -102,9 +102,12 @@ def _check_workdir(workdir: str, mode: str) -> None:
 
 def _check_run_dir(workdir: str) -> None:
   """UsageError unless `workdir` holds checkpoints to read (sample, eval and sweep modes)."""
+  fix = f"train first (python main.py --workdir={workdir}) or pick the run's directory"
+  if not paths.isdir(workdir):
+    raise UsageError(f"--workdir={workdir} does not exist, so it holds no checkpoints/; {fix}")
   if not paths.isdir(paths.join(workdir, "checkpoints")):
-    raise UsageError(f"--workdir={workdir} holds no checkpoints/; train first "
-                     f"(python main.py --workdir={workdir}) or pick the run's directory")
+    raise UsageError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}: --workdir={workdir} "
+                     f"holds no checkpoints/; {fix}")
 
 
 def _default_workdir() -> str:

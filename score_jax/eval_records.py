@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import os
 from typing import Any, Callable
 
 

@@ -490,10 +490,16 @@ def draw_features(sample_batch: Callable[[int, int], np.ndarray], evaluator: Eva
   """Features of samples 0..num_samples-1 drawn in batches (see `draw_features_stacked`).
 
   Args:
-    sample_batch: `(start, n) -> samples [n, ...]`, samples start..start+n-1 of one sequence.
+    sample_batch: `(start, n) -> samples [n, ...]` (or `(samples, nfe [n])`), samples
+      start..start+n-1 of one sequence.
   """
-  return draw_features_stacked(lambda start, n: np.asarray(sample_batch(start, n))[:, None],
-                               evaluator, num_samples=num_samples, batch_size=batch_size,
+  def stacked(start: int, n: int):
+    out = sample_batch(start, n)
+    if isinstance(out, tuple):  # (samples, nfe per sample)
+      return np.asarray(out[0])[:, None], out[1]
+    return np.asarray(out)[:, None]
+
+  return draw_features_stacked(stacked, evaluator, num_samples=num_samples, batch_size=batch_size,
                                cache_dir=cache_dir, desc=desc)[0]
 
 

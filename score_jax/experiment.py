@@ -512,9 +512,10 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
       return out
     x, info = out
     # Per-example trajectories as the samplers' batch layout: statistics averaged over the
-    # samples `[L']`, snapshots `[L' // save_every, n, ...]`.
-    info = {k: np.swapaxes(v, 0, 1) if k == "samples" else np.mean(v, axis=0)
-            for k, v in info.items()}
+    # samples `[L']`, snapshots `[L' // save_every, n, ...]`; per-sample counts (the adaptive
+    # solver's nfe, accepted and rejected steps) stay `[n]`.
+    info = {k: np.swapaxes(v, 0, 1) if k == "samples" else
+            (np.mean(v, axis=0) if np.ndim(v) >= 2 else v) for k, v in info.items()}
     return x, {**info, **per_sample}
 
   return sample

@@ -185,9 +185,10 @@ def _config(name, image_size, channels=3, **model):
 
 
 def test_build_reads_the_config():
-  m = models.build(_config("ncsn", 28, 1, ngf=64))
+  config = _config("ncsn", 28, 1, ngf=64)
+  m = models.build(config)
   assert isinstance(cpu.unwrap(m), ncsn.RefineNet) and m.ngf == 64
-  assert len(m.level_sigmas) == 10
+  assert len(m.level_sigmas) == config.noise.num_scales
   assert m.pool == "avg" and not m.scale_by_sigma
   m = models.build(_config("ncsnv2_deeper", 128, dtype="bfloat16", remat=True))
   assert m.dtype == jnp.bfloat16 and m.remat and len(m.encoder) == 5

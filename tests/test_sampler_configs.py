@@ -86,7 +86,7 @@ def test_eval_rows_carry_the_samplers_nfe(tiny, tmp_path):
   evaluator = evaluate.make_evaluator(config, str(tmp_path), jax.random.key(0))
   params = experiment.sampling_params(config, state)
   for method, nfe in (("heun", 7.0), ("adaptive", None)):
-    entry = {"step": 0, "method": method}
+    entry = {"step": 0, "method": method, "num_samples": config.eval.num_samples}
     row, _ = evaluate._evaluate_sampler(evaluate._checkpoint_sampler(config, method), params,
                                         evaluator, entry, config, str(tmp_path),
                                         jax.random.key(3), desc=method)
