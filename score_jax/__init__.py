@@ -60,13 +60,17 @@ def configs_dir() -> pathlib.Path:
   made from, which is not this package's when the package is imported from another checkout
   (a git worktree) with the same environment.
   """
+  try:
+    # Installed (also in editable mode). Importing it also makes `configs`, the name the config
+    # files import each other by, resolve outside a checkout.
+    from score_jax import configs
+  except ImportError:
+    configs = None
   checkout = pathlib.Path(__file__).resolve().parent.parent
   if (checkout / "configs" / "default.py").is_file() and (checkout / "pyproject.toml").is_file():
     return checkout / "configs"
-  try:
-    from score_jax import configs  # installed (also in editable mode): maps configs/ in
-  except ImportError:
-    return pathlib.Path(__file__).resolve().parent.parent / "configs"
+  if configs is None:
+    return checkout / "configs"
   return pathlib.Path(configs.__file__).resolve().parent
 
 
