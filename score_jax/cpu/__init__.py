@@ -46,8 +46,15 @@ _OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("score_j
                                                                       default=None)
 
 
+# The jaxpr rewrite binds equations with the parameter API of jax 0.8 and newer; older JAX
+# (Colab's 0.7.2) runs the networks' own XLA operations.
+_REWRITE_SUPPORTED = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 8)
+
+
 def enabled() -> bool:
   """Whether `accelerate`d networks take the fast CPU path when traced now."""
+  if not _REWRITE_SUPPORTED:
+    return False
   override = _OVERRIDE.get()
   if override is not None:
     return override and parallel.default_platform() == "cpu"
