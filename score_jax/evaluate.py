@@ -591,8 +591,8 @@ def _drop_batches(cache_dir: str) -> None:
   if parallel.is_main_process():
     try:
       storage.as_path(cache_dir).rmtree(missing_ok=True)
-    except OSError:
-      pass  # a batch cache left behind is only disk space: the rows are already written
+    except OSError as e:  # the rows are already written; a cache left behind is only disk space
+      print(f"warning: could not remove the batch cache {cache_dir}: {e}", file=sys.stderr)
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:

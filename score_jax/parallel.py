@@ -162,8 +162,8 @@ def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding
 # Dispatched but unfinished steps the host may queue. Unbounded run-ahead deadlocks XLA:CPU
 # (jax 0.10.2) when a step has an all-reduce and the devices are simulated (the test setup):
 # queued executions block the runtime's worker threads until the all-reduce waits for devices
-# that no thread is left to run. Reproduced on 2026-11-26: a tiny pmean step dispatched 1000
-# times without syncing hung at once; with this bound, 20,000 steps ran (bench/NOTES.md).
+# that no thread is left to run; with this bound the loop never blocks (bench/NOTES.md, the
+# run-ahead deadlock section).
 MAX_STEPS_IN_FLIGHT = 2
 
 
