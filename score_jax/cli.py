@@ -186,6 +186,19 @@ def _summary_table(results: dict) -> str:
   return "\n".join(rows)
 
 
+def _reader_config(config, workdir: str, mode: str):
+  """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
+  against the checkpoint, or else the checkpoint's config with this command's overrides."""
+  from score_jax import experiment
+  loaded_config, state = experiment.load_checkpoint(workdir)
+  if FLAGS["config"].present:
+    experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
+  else:
+    config = _with_cli_overrides(loaded_config, config)
+    validate(config, mode, FLAGS.num_devices)
+  return config, state
+
+
 def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> None:
   """Runs one mode on a validated config (the importable body of the CLI).
 
@@ -200,12 +213,7 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       print(_summary_table(results))
       print(f"results in {paths.as_str(workdir)}")
   elif mode == "sample":
-    loaded_config, state = experiment.load_checkpoint(workdir)
-    if FLAGS["config"].present:
-      experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
-    else:
-      config = _with_cli_overrides(loaded_config, config)
-      validate(config, mode, FLAGS.num_devices)
+    config, state = _reader_config(config, workdir, mode)
     results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
       print(_summary_table(results))
@@ -220,12 +228,7 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
     if mode == "export" and not os.access(os.path.dirname(os.path.abspath(export_path)), os.W_OK):
       raise UsageError(f"--export_path={export_path}: its folder does not exist or is not "
                        "writable; pass a path in an existing, writable folder")
-    loaded_config, state = experiment.load_checkpoint(workdir)
-    if FLAGS["config"].present:
-      experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
-    else:
-      config = _with_cli_overrides(loaded_config, config)
-      validate(config, mode, FLAGS.num_devices)
+    config, state = _reader_config(config, workdir, mode)
     if mode == "likelihood":
       from score_jax import likelihood_eval
       row = likelihood_eval.run(config, state, workdir)
