@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.methods = ("als", "cas", "heun")  # samplers the train job runs after training, in this order.
   sampling.denoise = True  # final denoising step x + sigma_L^2 s(x, sigma_L).
   sampling.use_ema = True  # sample (and evaluate) with the EMA weights ema_decays[0]; False: the raw weights (NCSN v1).
-  sampling.init = "gaussian"  # uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys, VE prior).
+  sampling.init = "gaussian"  # ALS/CAS start: uniform: U[0,1] (NCSN images) | gaussian: N(0, sigma_max^2) (toys); the other samplers start from the VE prior.
   sampling.num_samples = 2000  # samples written per sampling run.
   sampling.batch_size = 2000  # samples per compiled call.
   sampling.save_every_levels = placeholder(int)  # keep intermediate samples every k levels; None keeps none.

@@ -242,14 +242,18 @@ def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None)
 
 
 def sampler_init(config: ml_collections.ConfigDict, method: str | None = None) -> str:
-  """The initial state of sampler `method`: `sampling.init`, but the VE prior for PC.
+  """The initial state of sampler `method`: `sampling.init` for ALS and CAS, else the VE prior.
 
-  The predictor-corrector discretizes the reverse VE SDE, which starts at its prior
-  N(0, sigma_1^2 I) (Song et al. 2021; score_sde `sde_lib.py` `prior_sampling`), whatever the
-  ALS/CAS images start from.
+  ALS and CAS are Markov chains whose image configs start from U[0, 1] in the reference code
+  (ermongroup/ncsn `anneal_runner.py`, ermongroup/ncsnv2 `runners/ncsn_runner.py`). The other
+  samplers discretize the reverse VE SDE or its probability-flow ODE from sigma_max, whose marginal
+  they assume at the start: the prior N(0, sigma_max^2 I) (Song et al. 2021, score_sde
+  `sde_lib.py` `prior_sampling`; Karras et al. 2022, Algorithm 2, line 1; Jolicoeur-Martineau et
+  al. 2021, Algorithm 1). A deterministic ODE sampler started from U[0, 1] would carry that
+  mismatch into every sample.
   """
   method = method or config.sampling.method
-  return "gaussian" if method == "pc" else config.sampling.init
+  return config.sampling.init if method in ("als", "cas") else "gaussian"
 
 
 def sampler_settings(config: ml_collections.ConfigDict, method: str | None = None) -> dict:

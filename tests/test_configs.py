@@ -26,6 +26,14 @@ def test_sampler_kwargs_are_the_samplers_own_arguments():
     experiment.sampler_kwargs(config, "ald")
 
 
+def test_only_the_annealed_chains_start_from_sampling_init():
+  """ALS and CAS start where `sampling.init` says (U[0, 1] for NCSN images); PC, the ODE samplers
+  and the adaptive solver discretize the VE SDE/ODE and start from its prior N(0, sigma_max^2)."""
+  config = experiment.config_from_dict({"sampling": {"init": "uniform"}})
+  inits = {m: experiment.sampler_init(config, m) for m in experiment.SAMPLERS}
+  assert inits == {m: "uniform" if m in ("als", "cas") else "gaussian" for m in experiment.SAMPLERS}
+
+
 def test_stored_config_with_one_step_lr_loads_into_the_sampler_groups():
   old = {"sampling": {"method": "als", "step_lr": 2e-5, "steps_per_sigma": 7, "n_sigma": 20,
                       "snr": 0.2, "also_cas": True, "cas_step_lr": 3e-5, "num_samples": 64}}
