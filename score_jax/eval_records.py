@@ -21,8 +21,12 @@ from score_jax import plots
 from score_jax.metric_writers import MetricWriter
 
 # The sampler settings of a row (`experiment.sampler_settings`): part of what identifies an entry.
+# Every sampler's arguments are listed (tests/test_evaluate.py checks that against the config's
+# sampler groups): two settings that differ only in a knob left out here would share one row.
 SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "corrector_steps",
-                "denoise", "init")
+                "denoise", "init", "eta", "ladder", "num_steps", "rho", "sigma_max", "sigma_min",
+                "s_churn", "s_tmin", "s_tmax", "s_noise", "abs_tol", "rel_tol", "h_init", "safety",
+                "exponent", "h_max_factor", "max_iters")
 # What a row was evaluated at, as opposed to what it measured (the CSV's first columns).
 # What a row was measured against: the feature network's weights and the reference statistics
 # (digests; absent for toys, whose reference is the exact distribution).
@@ -49,11 +53,17 @@ def entry_key(row: dict) -> tuple:
       `SETTING_KEYS` (and `IDENTITY_KEYS` for image features).
 
   Returns:
-    `(step, method, step_lr, steps_per_sigma, n_sigma, snr, corrector_steps, denoise, init,
-    num_samples, features, seed, features_digest, reference_digest)`.
+    `(step, *SETTING_KEYS values, num_samples, features, seed, features_digest,
+    reference_digest)`.
   """
-  return (int(row["step"]), *(row.get(k) for k in SETTING_KEYS), int(row["num_samples"]),
-          row.get("features"), row.get("seed"), *(row.get(k) for k in IDENTITY_KEYS))
+  return (int(row["step"]), *(_hashable(row.get(k)) for k in SETTING_KEYS),
+          int(row["num_samples"]), row.get("features"), row.get("seed"),
+          *(row.get(k) for k in IDENTITY_KEYS))
+
+
+def _hashable(v: Any) -> Any:
+  # A per-level eta is a tuple in an entry and a list in its stored JSON row.
+  return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def _from_json(v: Any) -> Any:

@@ -50,9 +50,20 @@ def test_entry_key_ignores_measurements_and_survives_json():
     {"step": 10}, {"method": "cas"}, {"step_lr": 0.2}, {"steps_per_sigma": 6}, {"n_sigma": 2},
     {"snr": 0.1}, {"denoise": False}, {"init": "uniform"}, {"num_samples": 128},
     {"features": "inception"}, {"seed": 1}, {"features_digest": "ab12"},
-    {"reference_digest": "cd34"}])
+    {"reference_digest": "cd34"}, {"num_steps": 25}, {"rel_tol": 0.1}, {"s_churn": 10.0},
+    {"ladder": "karras"}, {"eta": (0.5, 0.4)}])
 def test_entry_key_tells_apart_every_setting(change):
   assert eval_records.entry_key(_entry(**change)) != eval_records.entry_key(_entry())
+
+
+def test_entry_key_reads_every_argument_of_every_sampler():
+  """A knob missing from the key would let two settings of a sweep share one row."""
+  from score_jax import experiment
+  config = experiment.config_from_dict({})
+  knobs = {k for m in experiment.SAMPLERS for k in experiment.sampler_kwargs(config, m)}
+  assert knobs <= set(eval_records.SETTING_KEYS)
+  eta = _entry(method="cas", eta=(0.5, 0.4))
+  assert eval_records.entry_key(json.loads(json.dumps(eta))) == eval_records.entry_key(eta)
 
 
 def test_entry_key_counts_an_absent_knob_as_none():
