@@ -166,7 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
   adversarial.lambda_dsm = 1.0  # weight of the DSM term in the score network's loss.
   adversarial.lambda_g = 1.0  # weight of the generator loss in the score network's loss.
   adversarial.lambda_d = 1.0  # weight of the discriminator loss.
-  adversarial.d_steps = 1  # discriminator updates per score-network update.
+  adversarial.d_steps = 1  # D updates per score-network update, each on its own data batch.
   adversarial.d_arch = "biggan"  # biggan | dcgan | mlp (toys).
   adversarial.d_ch = 64  # discriminator base width.
   adversarial.d_lr = 1e-4  # discriminator Adam learning rate.

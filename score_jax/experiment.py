@@ -133,6 +133,11 @@ def step_fn_from_config(config: ml_collections.ConfigDict, loss_kwargs: dict) ->
                            d_steps=a.d_steps, clamp=clamp, **loss_kwargs)
 
 
+def batches_per_step(config: ml_collections.ConfigDict) -> int:
+  """Data batches one training step consumes: one per discriminator update when adversarial."""
+  return config.adversarial.d_steps if config.adversarial.enabled else 1
+
+
 # Fields whose change makes an existing checkpoint unusable for this run.
 _COMPAT_FIELDS = (("model",), ("data", "dataset"), ("data", "toy_dim"), ("data", "image_size"),
                   ("data", "num_channels"), ("noise", "num_scales"), ("training", "ema_decays"),

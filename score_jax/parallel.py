@@ -5,8 +5,10 @@ the batch and averages with `lax.pmean(x, BATCH_AXIS)`. `data_parallel` turns su
 SPMD program with `jax.shard_map` under `jax.jit` (the supported successor of `pmap`): the state
 and key are replicated, the batch is split over `BATCH_AXIS`, and the state is donated.
 
-Batches are global `jax.Array`s of shape `[global_b, ...]` (or `[k, global_b, ...]` when `k`
-steps are fused into one dispatch) sharded along the batch dimension; each process contributes
+Batches are global `jax.Array`s of shape `[global_b, ...]` sharded along the batch dimension,
+with up to two leading axes in front: `k` steps fused into one dispatch (`fused_steps=k`), then
+`m` batches that one step consumes (`batches_per_step=m`, e.g. one per discriminator update of
+the adversarial step), so `[k, m, global_b, ...]` at most; each process contributes
 its own rows (`shard_batch`), so multi-host runs read disjoint data. `shard_batch` also adds
 `batch["index"]`, each example's global position in the batch, from which steps fold per-example
 keys: the same config then draws the same noise on 1, 2 or 8 devices.
@@ -92,30 +94,49 @@ def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def _lead_axes(fused_steps: int | None, batches_per_step: int) -> tuple[int, ...]:
+  """The leading axes in front of the batch axis: fused steps, then batches per step."""
+  if batches_per_step < 1:
+    raise ValueError(f"batches_per_step={batches_per_step} must be >= 1")
+  return ((() if fused_steps is None else (fused_steps,))
+          + (() if batches_per_step == 1 else (batches_per_step,)))
+
+
+def _batch_spec(fused_steps: int | None, batches_per_step: int) -> P:
+  return P(*[None] * len(_lead_axes(fused_steps, batches_per_step)), BATCH_AXIS)
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, *,
-                fused_steps: int | None = None) -> dict[str, jax.Array]:
+                fused_steps: int | None = None, batches_per_step: int = 1
+                ) -> dict[str, jax.Array]:
   """Turns this process's rows into a global batch sharded over `BATCH_AXIS`, adding `index`.
 
   Args:
-    batch: host arrays `[local_b, ...]`, or `[k, local_b, ...]` when `fused_steps=k`.
+    batch: host arrays `[local_b, ...]`; `[k, local_b, ...]` when `fused_steps=k`;
+      `[m, local_b, ...]` when `batches_per_step=m > 1`; `[k, m, local_b, ...]` with both.
     mesh: the mesh of `make_mesh`.
     fused_steps: number of steps stacked on a leading axis, or None.
+    batches_per_step: number of batches one step consumes, stacked on the axis just before the
+      batch axis when > 1.
 
   Returns:
-    The batch as global arrays plus `index` (int32 `[global_b]` or `[k, global_b]`), the global
-    position of each example, identical whatever the device count.
+    The batch as global arrays plus `index` (int32, the leading axes then `[global_b]`), the
+    global position of each example within its batch, identical whatever the device count.
   """
-  batch_dim = 0 if fused_steps is None else 1
+  lead = _lead_axes(fused_steps, batches_per_step)
+  batch_dim = len(lead)
+  for k, v in batch.items():
+    if tuple(np.shape(v)[:batch_dim]) != lead:
+      raise ValueError(f"batch[{k!r}] has shape {np.shape(v)}; with fused_steps={fused_steps} and "
+                       f"batches_per_step={batches_per_step} it needs the leading axes {lead} "
+                       "before the batch axis")
   local_b = next(iter(batch.values())).shape[batch_dim]
   global_b = local_b * jax.process_count()
   if global_b % mesh.size:
     raise ValueError(f"global batch {global_b} is not divisible by the {mesh.size} devices in use")
   start = jax.process_index() * local_b
-  index = np.arange(start, start + local_b, dtype=np.int32)
-  if fused_steps is not None:
-    index = np.broadcast_to(index, (fused_steps, local_b))
-  spec = P(BATCH_AXIS) if fused_steps is None else P(None, BATCH_AXIS)
-  sharding = NamedSharding(mesh, spec)
+  index = np.broadcast_to(np.arange(start, start + local_b, dtype=np.int32), (*lead, local_b))
+  sharding = NamedSharding(mesh, _batch_spec(fused_steps, batches_per_step))
 
   def put(x):
     x = np.asarray(x)
@@ -139,16 +160,18 @@ def per_device(tree: PyTree) -> PyTree:
 
 
 def data_parallel(step: Callable[..., tuple[PyTree, PyTree]], mesh: jax.sharding.Mesh, *,
-                  fused_steps: int | None = None,
+                  fused_steps: int | None = None, batches_per_step: int = 1,
                   donate_state: bool = True) -> Callable[..., tuple[PyTree, PyTree]]:
   """Builds `p_step(state, batch, rng) -> (state, metrics)` running `step` on every device.
 
   `step(state, batch, rng)` is the per-device body: it sees its slice of the batch, must
   `lax.pmean` gradients and metrics over `BATCH_AXIS`, and returns a replicated state and
-  metrics. With `fused_steps=k` the batch carries a leading axis of k steps and the body runs k
-  times inside one `lax.scan` (one dispatch); metrics are stacked over the k steps.
+  metrics. With `batches_per_step=m > 1` each step's batch carries a leading axis of m batches
+  (the body sees `[m, b, ...]`). With `fused_steps=k` the batch carries a leading axis of k steps
+  in front of that and the body runs k times inside one `lax.scan` (one dispatch); metrics are
+  stacked over the k steps.
   """
-  batch_spec = P(BATCH_AXIS) if fused_steps is None else P(None, BATCH_AXIS)
+  batch_spec = _batch_spec(fused_steps, batches_per_step)
 
   def body(state, batch, rng):
     if fused_steps is None:

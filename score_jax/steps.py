@@ -13,19 +13,26 @@ A step whose loss or gradient is not finite leaves the state unchanged and raise
 Adversarial score matching (Jolicoeur-Martineau et al. 2020, Sec. 4), `adversarial_train_step`:
 A discriminator D compares real data x with the network's denoised samples
 x_hat = x_tilde + sigma^2 s(x_tilde, sigma) (the expected denoised sample), optionally clamped
-to the data range. One call of `adversarial_train_step` does, in this order:
+to the data range. One call of `adversarial_train_step` consumes `d_steps` data batches
+(stacked on a leading axis `[d_steps, b, ...]` when `d_steps > 1`, a plain `[b, ...]` batch when
+`d_steps == 1`) and does, in this order:
 
-1. `d_steps` discriminator updates, each on the batch's real data and on denoised samples from
+1. `d_steps` discriminator updates, update k on batch k's real data and on denoised samples from
    fresh noise draws (the score network frozen): minimize lambda_D * L_D(D(x), D(x_hat')).
-2. One score-network update on lambda_DSM * L_DSM + lambda_G * L_G(D(x), D(x_hat)), where x_hat
-   comes from the same forward pass as the DSM term (D frozen and in eval mode), then the EMA.
+2. One score-network update on the last batch, batch `d_steps - 1`: lambda_DSM * L_DSM +
+   lambda_G * L_G(D(x), D(x_hat)), where x_hat comes from the same forward pass as the DSM term
+   (D frozen and in eval mode), then the EMA.
+
+This is the reference's order (AlexiaJM/AdversarialConsistentScoreMatching,
+`runners/train_runner.py`, `TrainRunner.run`): every data batch gets one discriminator update,
+and on every `D_steps`-th batch the score network also steps, on that same batch, right after
+the discriminator's update. Here those `d_steps` batches form one compiled step, so `state.step`
+counts score-network updates and the data iterator advances `d_steps` batches per step (a
+resumed step k reads the batches step k read).
 
 The DSM term draws its levels and noise exactly as the plain step (`train_step`) does, so
-with lambda_G = 0 the score network's update is the plain DSM update. The discriminator draws from
-its own keys. Deviation from the reference (`train_runner.py`): there, each D update consumes its
-own data batch and the score network steps every `D_steps` batches; here the `d_steps` D updates
-share the batch's real images (with independent noise), so every step has the same structure and
-`state.step` counts score-network updates.
+with lambda_G = 0 the score network's update is the plain DSM update on the last batch. The
+discriminator draws from its own keys, one per update.
 
 Spectral-norm power iterations run in each D forward pass during D updates (twice per update:
 real, then fake); they depend on the weights only, so every device computes the same vectors.
@@ -184,6 +191,18 @@ def _d_update(state: AdversarialState, batch: dict, rng: jax.Array, *, d_model: 
   return state.replace(disc=disc), metrics
 
 
+def _split_d_batches(batch: dict[str, jax.Array], d_steps: int) -> list[dict[str, jax.Array]]:
+  """The batches of the `d_steps` discriminator updates, in order (see `adversarial_train_step`)."""
+  if d_steps == 1:
+    return [batch]
+  if batch["index"].ndim != 2 or batch["index"].shape[0] != d_steps:
+    raise ValueError(f"adversarial.d_steps={d_steps} needs {d_steps} batches stacked on a leading "
+                     f"axis (index shape [{d_steps}, b]), got index shape "
+                     f"{tuple(batch['index'].shape)}; build it with parallel.shard_batch(..., "
+                     f"batches_per_step={d_steps})")
+  return [jax.tree.map(lambda v, k=k: v[k], batch) for k in range(d_steps)]
+
+
 def adversarial_train_step(state: AdversarialState, batch: dict[str, jax.Array], rng: jax.Array,
                            *, ema_decays: tuple[float, ...], d_model: nn.Module, gan_loss: str,
                            lambda_dsm: float, lambda_g: float, lambda_d: float, d_steps: int,
@@ -191,17 +210,24 @@ def adversarial_train_step(state: AdversarialState, batch: dict[str, jax.Array],
                            ) -> tuple[AdversarialState, dict[str, jax.Array]]:
   """One adversarial step on this device's slice (see the module docstring for the order).
 
+  `batch` is one batch (`x` `[b, ...]`, `index` `[b]`) when `d_steps == 1`, else `d_steps`
+  batches stacked on a leading axis (`[d_steps, b, ...]`, as `parallel.shard_batch(...,
+  batches_per_step=d_steps)` builds them): discriminator update k uses batch k, the
+  score-network update the last one.
+
   Returns the new state and device-reduced metrics: the DSM `loss` (and per-level sums), `d_loss`,
   `g_loss`, `d_acc_real`, `d_acc_fake` (averages over the `d_steps` updates), per-level
   discriminator accuracy on denoised samples (`level_d_acc_fake_sum` / `level_d_count`),
   gradient norms and `nonfinite`.
   """
+  d_batches = _split_d_batches(batch, d_steps)
+  batch = d_batches[-1]
   old = state
   rng = jax.random.fold_in(rng, state.step)
   d_rng = jax.random.fold_in(rng, _D_KEY)
   d_metrics = []
-  for k in range(d_steps):
-    state, m = _d_update(state, batch, jax.random.fold_in(d_rng, k), d_model=d_model,
+  for k, d_batch in enumerate(d_batches):
+    state, m = _d_update(state, d_batch, jax.random.fold_in(d_rng, k), d_model=d_model,
                          gan_loss=gan_loss, lambda_d=lambda_d, clamp=clamp,
                          loss_kwargs=loss_kwargs)
     d_metrics.append(m)

@@ -150,7 +150,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   k = t.steps_per_dispatch
   fused = None if k == 1 else k
   step_fn = experiment.step_fn_from_config(config, loss_kwargs)
-  p_train_step = parallel.data_parallel(step_fn, mesh, fused_steps=fused)
+  # The adversarial step reads one batch per discriminator update (steps.py). The data state
+  # saved with step k is past all the batches of steps 1..k, so a run resumed there reads next
+  # exactly the batches the uninterrupted run's step k + 1 read.
+  per_step = experiment.batches_per_step(config)
+  p_train_step = parallel.data_parallel(step_fn, mesh, fused_steps=fused,
+                                       batches_per_step=per_step)
   p_eval_step = parallel.data_parallel(
       lambda p, b, r: (p, steps.eval_step(p, b, r, **loss_kwargs)), mesh, donate_state=False)
   run_rng = jax.random.key(config.seed)
@@ -164,12 +169,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   window = parallel.DispatchWindow()
   last_log_time, last_log_step = time.time(), step
 
+  def stacked(batches: list[dict]) -> dict:
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+  def step_batch():
+    """One step's data: a batch, or `per_step` of them stacked in reading order."""
+    if per_step == 1:
+      return next(train_iter)
+    return stacked([next(train_iter) for _ in range(per_step)])
+
   def next_batch():
     if fused is None:
-      return parallel.shard_batch(next(train_iter), mesh)
-    rows = [next(train_iter) for _ in range(k)]
-    return parallel.shard_batch({key: np.stack([r[key] for r in rows]) for key in rows[0]}, mesh,
-                                fused_steps=k)
+      return parallel.shard_batch(step_batch(), mesh, batches_per_step=per_step)
+    return parallel.shard_batch(stacked([step_batch() for _ in range(k)]), mesh, fused_steps=k,
+                                batches_per_step=per_step)
 
   def raise_if_nonfinite():
     # On the host: `device_get` only waits, where jnp.sum would queue more device programs.
