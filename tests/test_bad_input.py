@@ -140,7 +140,7 @@ def test_override_of_no_field_or_wrong_type_is_a_usage_error():
 
 def test_incompatible_checkpoint_names_the_field():
   stored = json.loads(test_config.get_config().to_json())
-  config = _config({"model.hidden": 16})
+  config = _config({"model.mlp.hidden": 16})
   with pytest.raises(checkpoint.CheckpointError, match="incompatible run.*model"):
     experiment.check_compatible(stored, config, "runs/x")
 
