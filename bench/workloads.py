@@ -92,12 +92,13 @@ def _config(**overrides):
 
 
 def _toy_config():
-  return _config(**{"model.hidden": 128, "model.num_layers": 3, "model.activation": "softplus"})
+  return _config(**{"model.mlp.hidden": 128, "model.mlp.num_layers": 3,
+                    "model.mlp.activation": "softplus"})
 
 
 def _ncsn_mnist_config():
   return _config(**{"data.dataset": "mnist", "data.image_size": 28, "data.num_channels": 1,
-                    "model.name": "ncsn", "model.ngf": 64, "noise.sigma_max": 1.0,
+                    "model.name": "ncsn", "model.ncsn.ngf": 64, "noise.sigma_max": 1.0,
                     "noise.sigma_min": 0.01, "noise.num_scales": 10})
 
 
@@ -109,7 +110,7 @@ def _mnist_cpu_config():
 
 def _ncsnv2_cifar_config(dtype="float32"):
   return _config(**{"data.dataset": "cifar10", "data.image_size": 32, "data.num_channels": 3,
-                    "model.name": "ncsnv2", "model.ngf": 128, "noise.sigma_max": 50.0,
+                    "model.name": "ncsnv2", "model.ncsn.ngf": 128, "noise.sigma_max": 50.0,
                     "noise.sigma_min": 0.01, "noise.num_scales": 232, "model.dtype": dtype})
 
 

@@ -17,11 +17,11 @@ def get_config():
   config = adversarial_cifar10.get_config()
   config.name = "adversarial_cifar10_unet"
   config.model.name = "unet"
-  config.model.ngf = 128
-  config.model.ch_mult = (1, 2, 2, 2)
-  config.model.num_res_blocks = 2
-  config.model.attn_resolutions = (16,)
-  config.model.conditional = False
+  config.model.unet.ch = 128
+  config.model.unet.ch_mult = (1, 2, 2, 2)
+  config.model.unet.num_res_blocks = 2
+  config.model.unet.attn_resolutions = (16,)
+  config.model.unet.conditional = False
   config.adversarial.d_steps = 2
   config.sampling.cas.n_sigma = 5
   config.sampling.cas.step_lr = 1.05e-6

@@ -47,18 +47,24 @@ def get_config() -> ml_collections.ConfigDict:
   # --- model ------------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
   model.name = "mlp"  # mlp | ncsn | ncsnv2 | ncsnv2_deeper | ncsnv2_deepest | unet.
-  model.hidden = 128  # mlp: width of each hidden layer.
-  model.num_layers = 3  # mlp: number of hidden layers.
-  model.activation = "softplus"  # mlp: softplus | elu | swish | relu. Image nets: see nonlinearity.
-  model.ngf = 128  # image nets: base number of feature maps (64 for MNIST NCSN).
-  model.nonlinearity = "elu"  # ncsn/ncsnv2: elu | relu | lrelu | swish.
-  model.ch_mult = (1, 2, 2, 2)  # unet: channel multiplier per resolution.
-  model.num_res_blocks = 2  # unet: residual blocks per resolution (down path; up path has one more).
-  model.attn_resolutions = (16,)  # unet: resolutions (pixels) with self-attention.
-  model.dropout = 0.0  # unet: dropout rate.
-  model.conditional = False  # unet: whether the net receives the noise level.
-  model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and loss stay float32).
-  model.remat = False  # rematerialize residual blocks to save memory (large variants).
+  model.dtype = "float32"  # image nets: compute dtype float32 | bfloat16 (params and loss stay float32).
+  model.remat = False  # image nets: rematerialize residual blocks to save memory (large variants).
+  # One sub-group per network module, holding the hyperparameters that module takes;
+  # score_jax.models.build reads only the sub-group of model.name. A new network adds its own.
+  model.mlp = mlp = ml_collections.ConfigDict()  # mlp (models.mlp.NoiseConditionalMLP).
+  mlp.hidden = 128  # width of each hidden layer.
+  mlp.num_layers = 3  # number of hidden layers.
+  mlp.activation = "softplus"  # softplus | elu | swish | relu.
+  model.ncsn = ncsn = ml_collections.ConfigDict()  # ncsn, ncsnv2, ncsnv2_deeper, ncsnv2_deepest (models.ncsn).
+  ncsn.ngf = 128  # base number of feature maps (64 for MNIST NCSN).
+  ncsn.nonlinearity = "elu"  # elu | relu | lrelu | swish.
+  model.unet = unet = ml_collections.ConfigDict()  # unet (models.unet.UNet).
+  unet.ch = 128  # base number of channels.
+  unet.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution.
+  unet.num_res_blocks = 2  # residual blocks per resolution (down path; up path has one more).
+  unet.attn_resolutions = (16,)  # resolutions (pixels) with self-attention.
+  unet.dropout = 0.0  # dropout rate.
+  unet.conditional = False  # whether the net receives the noise level.
 
   # --- noise ------------------------------------------------------------------------------------
   config.noise = noise = ml_collections.ConfigDict()

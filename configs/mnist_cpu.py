@@ -22,7 +22,7 @@ def get_config():
   config.data.image_size = 28
   config.data.num_channels = 1
   config.model.name = "ncsnv2"
-  config.model.ngf = 16
+  config.model.ncsn.ngf = 16
   config.noise.sigma_max = 1.0
   config.noise.sigma_min = 0.01
   config.noise.num_scales = 10

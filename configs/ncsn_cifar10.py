@@ -26,7 +26,7 @@ def get_config():
   config.data.random_flip = True
   config.data.uniform_dequantization = True
   config.model.name = "ncsn"
-  config.model.ngf = 128
+  config.model.ncsn.ngf = 128
   config.noise.sigma_max = 1.0
   config.noise.sigma_min = 0.01
   config.noise.num_scales = 10

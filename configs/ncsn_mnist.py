@@ -22,7 +22,7 @@ def get_config():
   config.data.num_channels = 1
   config.data.uniform_dequantization = True
   config.model.name = "ncsn"
-  config.model.ngf = 64
+  config.model.ncsn.ngf = 64
   config.noise.sigma_max = 1.0
   config.noise.sigma_min = 0.01
   config.noise.num_scales = 10

@@ -23,7 +23,7 @@ def get_config():
   config.data.num_channels = 3
   config.data.random_flip = True
   config.model.name = "ncsnv2"
-  config.model.ngf = 128
+  config.model.ncsn.ngf = 128
   config.noise.sigma_max = 50.0
   config.noise.sigma_min = 0.01
   config.noise.num_scales = 232

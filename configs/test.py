@@ -9,8 +9,8 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.name = "test"
-  config.model.hidden = 32
-  config.model.num_layers = 2
+  config.model.mlp.hidden = 32
+  config.model.mlp.num_layers = 2
   config.noise.sigma_min = 1.0
   config.noise.num_scales = 4
   config.training.batch_size = 64

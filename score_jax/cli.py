@@ -135,7 +135,9 @@ def _apply_overrides(config, overrides: dict):
         raise UsageError(f"override {dotted!r} names no config field")
       node = node[p]
     if leaf not in node:
-      raise UsageError(f"override {dotted!r} names no config field")
+      from score_jax import experiment
+      raise UsageError(f"override {dotted!r} names no config field"
+                       f"{experiment.moved_field_hint(dotted)}")
     try:
       node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
     except TypeError as e:
@@ -277,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
   """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
   status. `argv` defaults to `sys.argv`."""
   argv = _shipped_configs(sys.argv if argv is None else argv)
+  for key in _cli_override_keys(argv):
+    if key.startswith("model.") and key not in config_schema.FIELDS:
+      from score_jax import experiment
+      hint = experiment.moved_field_hint(key, prefix="--config.")
+      if hint:
+        print(f"error: --config.{key} is not a config field{hint}", file=sys.stderr)
+        return 2
   try:
     FLAGS(argv)
   except flags.Error as e:

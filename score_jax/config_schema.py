@@ -95,20 +95,21 @@ FIELDS: dict[str, Field] = {
     "data.centered": _BOOL,
     "data.num_workers": _int(0),
     "data.prefetch": _int(0),
-    # model
+    # model: shared settings, then one sub-group per network module
     "model.name": _choice("mlp", "ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet"),
-    "model.hidden": _pos_int(),
-    "model.num_layers": _pos_int(),
-    "model.activation": _choice("softplus", "elu", "swish", "relu"),
-    "model.ngf": _pos_int(),
-    "model.nonlinearity": _choice("elu", "relu", "lrelu", "swish"),
-    "model.ch_mult": Field("tuple", 1, None, item="int", min_len=1),
-    "model.num_res_blocks": _pos_int(),
-    "model.attn_resolutions": Field("tuple", 1, None, item="int"),
-    "model.dropout": _float(0.0, 1.0, open_high=True),
-    "model.conditional": _BOOL,
     "model.dtype": _choice("float32", "bfloat16"),
     "model.remat": _BOOL,
+    "model.mlp.hidden": _pos_int(),
+    "model.mlp.num_layers": _pos_int(),
+    "model.mlp.activation": _choice("softplus", "elu", "swish", "relu"),
+    "model.ncsn.ngf": _pos_int(),
+    "model.ncsn.nonlinearity": _choice("elu", "relu", "lrelu", "swish"),
+    "model.unet.ch": _pos_int(),
+    "model.unet.ch_mult": Field("tuple", 1, None, item="int", min_len=1),
+    "model.unet.num_res_blocks": _pos_int(),
+    "model.unet.attn_resolutions": Field("tuple", 1, None, item="int"),
+    "model.unet.dropout": _float(0.0, 1.0, open_high=True),
+    "model.unet.conditional": _BOOL,
     # noise
     "noise.schedule": _choice("geometric", "linear"),
     "noise.sigma_max": _pos_float(),
@@ -395,11 +396,12 @@ def _check_data_and_model(config: ml_collections.ConfigDict) -> None:
   from score_jax import image_data
   _wrap("data", "", image_data._check_shape, d.dataset, d.image_size, d.num_channels)
   if m.name == "unet":
-    factor = 2 ** (len(m.ch_mult) - 1)
+    ch_mult = m.unet.ch_mult
+    factor = 2 ** (len(ch_mult) - 1)
     if d.image_size % factor:
-      raise UsageError(f"data.image_size={d.image_size}: the UNet with model.ch_mult={m.ch_mult} "
-                       f"halves it {len(m.ch_mult) - 1} times; use a multiple of {factor} or "
-                       "fewer entries in model.ch_mult")
+      raise UsageError(f"data.image_size={d.image_size}: the UNet with model.unet.ch_mult="
+                       f"{ch_mult} halves it {len(ch_mult) - 1} times; use a multiple of "
+                       f"{factor} or fewer entries in model.unet.ch_mult")
   else:
     from score_jax import models
     _wrap("data.image_size", f"pick an image size {m.name} can take", models.build, config)

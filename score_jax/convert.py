@@ -320,9 +320,11 @@ def _source_hint(source: str, keys) -> str:
     return "the file has spectral-norm weights (model.spec_norm), which are not supported"
   if guess and guess != source:
     return f"the file looks like --source={guess}"
-  return ("check --source and the config's model.ngf, data.num_channels, data.image_size, "
-          "noise.num_scales" + (", model.ch_mult and model.attn_resolutions"
-                                if source == "ac_unet" else ""))
+  if source == "ac_unet":
+    return ("check --source and the config's model.unet.ch, model.unet.ch_mult, "
+            "model.unet.attn_resolutions, data.num_channels, data.image_size, noise.num_scales")
+  return ("check --source and the config's model.ncsn.ngf, data.num_channels, data.image_size, "
+          "noise.num_scales")
 
 
 def check_config(source: str, config) -> None:
@@ -340,18 +342,18 @@ def check_config(source: str, config) -> None:
                           f"{config.model.name!r}; use a {want} config or "
                           f"--config.model.name={want}")
   if source == "ac_unet":
-    m = config.model
+    m = config.model.unet
     if m.conditional:
       raise ConversionError("--source=ac_unet: the AC UNet is trained without a noise-level input; "
-                            "set --config.model.conditional=False")
+                            "set --config.model.unet.conditional=False")
     if m.num_res_blocks != 2:
       raise ConversionError(f"--source=ac_unet: the AC UNet has 2 residual blocks per level; "
-                            f"model.num_res_blocks={m.num_res_blocks}, set it to 2")
+                            f"model.unet.num_res_blocks={m.num_res_blocks}, set it to 2")
     attn = (config.data.image_size // 2,) if len(m.ch_mult) > 1 else ()
     if tuple(m.attn_resolutions) != attn:
       raise ConversionError(
           f"--source=ac_unet: the AC UNet has attention at level 1 ({attn or 'none'} px at "
-          f"data.image_size={config.data.image_size}); model.attn_resolutions="
+          f"data.image_size={config.data.image_size}); model.unet.attn_resolutions="
           f"{tuple(m.attn_resolutions)}, set it to {list(attn)}")
 
 
@@ -394,7 +396,8 @@ def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
     checkpoint_path: a runner checkpoint (`checkpoint.pth`, `checkpoint_<step>.pth`) or a bare
       model state_dict.
     config: a score_jax config whose `model.name` is `MODEL_OF_SOURCE[source]` and whose model,
-      data and noise fields describe the checkpoint's network (ngf, channels, image size, ladder).
+      data and noise fields describe the checkpoint's network (width, channels, image size,
+      ladder).
     ema: take the EMA shadow where the file has one (the weights the reference samples with);
       False takes the raw model weights. Files without an EMA element give the raw weights.
 
@@ -435,7 +438,7 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
   weights = {k: v for k, v in weights.items() if k not in buffers}
 
   if source == "ac_unet":
-    modules = _unet_modules(tuple(config.model.ch_mult))
+    modules = _unet_modules(tuple(config.model.unet.ch_mult))
     rule = lambda p: _unet_rule(p, modules)
     unused = {k for k in weights if _UNET_UNUSED.fullmatch(k)}
   else:

@@ -145,7 +145,12 @@ _COMPAT_FIELDS = (("model",), ("data", "dataset"), ("data", "toy_dim"), ("data",
 
 
 def check_compatible(stored: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """Raises `checkpoint.CheckpointError` naming the first field that differs."""
+  """Raises `checkpoint.CheckpointError` naming the first field that differs.
+
+  `stored` is read as `config_from_dict` reads it, so a config stored in an older layout is
+  compared field by field with the current one.
+  """
+  stored = json.loads(config_from_dict(stored).to_json())
   current = json.loads(config.to_json())
   for path in _COMPAT_FIELDS:
     a, b = stored, current
@@ -194,11 +199,44 @@ def _migrate_sampling(stored: dict) -> dict:
   return {**stored, "sampling": s}
 
 
+# The fields of the flat `model` group of older configs and the sub-group field each is now (a
+# UNet's `model.ngf` became `model.unet.ch`): stored configs are read through this table, and the
+# CLI names the new field when a flag still names an old one.
+FLAT_MODEL_FIELDS = {
+    "hidden": "mlp.hidden", "num_layers": "mlp.num_layers", "activation": "mlp.activation",
+    "ngf": "ncsn.ngf", "nonlinearity": "ncsn.nonlinearity", "ch_mult": "unet.ch_mult",
+    "num_res_blocks": "unet.num_res_blocks", "attn_resolutions": "unet.attn_resolutions",
+    "dropout": "unet.dropout", "conditional": "unet.conditional",
+}
+
+
+def moved_field_hint(name: str, prefix: str = "") -> str:
+  """Where the old flat model field `name` (dotted, e.g. "model.ngf") is now, as a clause to
+  append to an error, each new name written after `prefix` (e.g. "--config."); "" for other
+  names."""
+  group, _, key = name.partition(".")
+  if group != "model" or key not in FLAT_MODEL_FIELDS:
+    return ""
+  hint = f"; it is now {prefix}model.{FLAT_MODEL_FIELDS[key]}"
+  return hint + (f" ({prefix}model.unet.ch for the UNet)" if key == "ngf" else "")
+
+
+def _migrate_model(stored: dict) -> dict:
+  """A stored config's `model` group in the per-network layout (`FLAT_MODEL_FIELDS`)."""
+  m = dict(stored.get("model") or {})
+  for key, new in FLAT_MODEL_FIELDS.items():
+    if key in m:
+      group, field = ("unet", "ch") if (key, m.get("name")) == ("ngf", "unet") else new.split(".")
+      m[group] = {**(m.get(group) or {}), field: m.pop(key)}
+  return {**stored, "model": m}
+
+
 def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
   """The schema of configs/default.py with the stored values written over it (locked, typed).
 
   Fields the schema no longer has are ignored; configs stored with the single-`step_lr`
-  sampling group are read into the per-sampler sub-groups.
+  sampling group are read into the per-sampler sub-groups, and those with the flat `model` group
+  into the per-network sub-groups (`FLAT_MODEL_FIELDS`).
   """
   config = _default_config()
 
@@ -213,7 +251,7 @@ def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
           value = tuple(value)
         node[key] = value
 
-  assign(config, _migrate_sampling(stored))
+  assign(config, _migrate_model(_migrate_sampling(stored)))
   return config
 
 

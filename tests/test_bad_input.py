@@ -138,9 +138,17 @@ def test_override_of_no_field_or_wrong_type_is_a_usage_error():
     _config({"training.batch_size": "abc"})
 
 
+def test_override_of_an_old_flat_model_field_names_its_new_place():
+  with pytest.raises(UsageError, match=r"'model.hidden' names no config field; it is now "
+                     r"model.mlp.hidden$"):
+    _config({"model.hidden": 16})
+  with pytest.raises(UsageError, match=r"it is now model.ncsn.ngf \(model.unet.ch for the UNet"):
+    _config({"model.ngf": 16})
+
+
 def test_incompatible_checkpoint_names_the_field():
   stored = json.loads(test_config.get_config().to_json())
-  config = _config({"model.hidden": 16})
+  config = _config({"model.mlp.hidden": 16})
   with pytest.raises(checkpoint.CheckpointError, match="incompatible run.*model"):
     experiment.check_compatible(stored, config, "runs/x")
 
@@ -164,6 +172,9 @@ def test_command_line_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path)
       "unknown config file": (["--config=configs/nope.py"], "nope.py"),
       "wrong type": (["--config=configs/test.py", "--config.training.batch_size=abc"],
                      "batch_size"),
+      "old flat model field": (["--config=configs/test.py", "--config.model.num_layers=4"],
+                               ("--config.model.num_layers is not a config field; it is now "
+                                "--config.model.mlp.num_layers")),
       "schema on existing workdir": (["--config=configs/test.py", f"--workdir={existing}",
                                       "--config.training.keep_checkpoints=0"],
                                      "training.keep_checkpoints"),

@@ -48,6 +48,61 @@ def test_stored_config_with_one_step_lr_loads_into_the_sampler_groups():
   assert cas_only.sampling.cas.step_lr == 5e-6 and cas_only.sampling.methods == ("cas",)
 
 
+# The `model` group as configs stored it before the per-network sub-groups (every network's
+# fields side by side), here with a 16-wide MLP.
+FLAT_MODEL = {"name": "mlp", "hidden": 16, "num_layers": 2, "activation": "elu", "ngf": 64,
+              "nonlinearity": "swish", "ch_mult": [1, 2], "num_res_blocks": 1,
+              "attn_resolutions": [8], "dropout": 0.1, "conditional": True, "dtype": "float32",
+              "remat": True}
+
+
+def test_stored_config_with_the_flat_model_group_loads_into_the_network_groups():
+  m = experiment.config_from_dict({"model": FLAT_MODEL}).model
+  assert (m.name, m.dtype, m.remat) == ("mlp", "float32", True)
+  assert (m.mlp.hidden, m.mlp.num_layers, m.mlp.activation) == (16, 2, "elu")
+  assert (m.ncsn.ngf, m.ncsn.nonlinearity) == (64, "swish")
+  assert (m.unet.ch, m.unet.ch_mult, m.unet.num_res_blocks, m.unet.attn_resolutions,
+          m.unet.dropout, m.unet.conditional) == (128, (1, 2), 1, (8,), 0.1, True)
+  # A UNet's width was `ngf` too; it is `unet.ch` now.
+  m = experiment.config_from_dict({"model": {**FLAT_MODEL, "name": "unet"}}).model
+  assert (m.unet.ch, m.ncsn.ngf) == (64, 128)
+
+
+def test_checkpoint_with_the_flat_model_group_loads_and_resumes(tmp_path):
+  """A workdir written before the per-network groups: `load_checkpoint` reads it, and a run of
+  the same network in the new layout may resume it (`check_compatible`), another may not."""
+  import jax
+  import numpy as np
+
+  from configs import test as test_config
+  from score_jax import checkpoint, models
+  config = test_config.get_config()
+  config.model.mlp.hidden, config.model.mlp.activation = 16, "elu"
+  state = experiment.init_state(config, models.build(config))
+  state = state.replace(step=jax.numpy.asarray(3, jax.numpy.int32))  # as training saves it
+  stored = {**json.loads(config.to_json()), "model": FLAT_MODEL}
+  manager = checkpoint.create_writer(str(tmp_path), async_save=False)
+  checkpoint.save(manager, 3, state, data_state={}, config_json=json.dumps(stored))
+  checkpoint.wait(manager)
+  manager.close()
+
+  loaded, restored = experiment.load_checkpoint(str(tmp_path))
+  assert (loaded.model.mlp.hidden, loaded.model.mlp.activation) == (16, "elu")
+  assert int(restored.step) == int(state.step)
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  manager = checkpoint.open_reader(str(tmp_path))
+  try:
+    raw = checkpoint.restore_config(manager, 3)
+  finally:
+    manager.close()
+  assert "hidden" in raw["model"]  # the file keeps its layout; readers translate it
+  experiment.check_compatible(raw, loaded, "runs/x")
+  loaded.model.mlp.hidden = 32
+  with pytest.raises(checkpoint.CheckpointError, match="incompatible run.*model"):
+    experiment.check_compatible(raw, loaded, "runs/x")
+
+
 def test_stored_config_of_the_current_layout_round_trips():
   config = experiment.config_from_dict({})
   config.sampling.cas.n_sigma = 5

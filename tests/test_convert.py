@@ -33,12 +33,15 @@ def fixture_overrides(name: str) -> dict:
   """Dotted config overrides that describe fixture `name`'s network."""
   m = _meta(name)
   out = {"data.dataset": "cifar10", "model.name": convert.MODEL_OF_SOURCE[m["source"]],
-         "model.ngf": m["ngf"], "data.image_size": m["image_size"],
+         "data.image_size": m["image_size"],
          "data.num_channels": m["num_channels"], "noise.sigma_max": m["sigma_max"],
          "noise.sigma_min": m["sigma_min"], "noise.num_scales": m["num_scales"]}
   if "ch_mult" in m:
-    out["model.ch_mult"] = tuple(m["ch_mult"])
-    out["model.attn_resolutions"] = tuple(m["attn_resolutions"])
+    out["model.unet.ch"] = m["ngf"]
+    out["model.unet.ch_mult"] = tuple(m["ch_mult"])
+    out["model.unet.attn_resolutions"] = tuple(m["attn_resolutions"])
+  else:
+    out["model.ncsn.ngf"] = m["ngf"]
   return out
 
 
@@ -141,7 +144,7 @@ def test_cli_writes_a_workdir_that_restores_as_training_writes_it(tmp_path, caps
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert report["weights"] == "EMA"
   config, state = restore_workdir(workdir)
-  assert config.model.name == "ncsnv2" and config.model.ngf == 4
+  assert config.model.name == "ncsnv2" and config.model.ncsn.ngf == 4
   want = convert.convert("ncsnv2", FIXTURES / "ncsnv2.pth", fixture_config("ncsnv2"))
   for tree in (state.params, state.ema_params[0]):
     got = jax.tree.map(np.asarray, flax.core.unfreeze(tree))
@@ -184,7 +187,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, ex
   elif case == "wrong_source":  # an NCSN v1 file converted as NCSNv2
     args = cli_args("ncsn", workdir, source="ncsnv2", **{"model.name": "ncsnv2"})
   elif case == "shape_mismatch":
-    args = cli_args("ncsnv2", workdir, **{"model.ngf": 8})
+    args = cli_args("ncsnv2", workdir, **{"model.ncsn.ngf": 8})
   elif case == "truncated":
     _truncated(tmp_path / "t.pth")
     args = cli_args("ncsnv2", workdir, checkpoint=tmp_path / "t.pth")

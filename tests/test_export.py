@@ -80,7 +80,7 @@ def test_bad_files_give_one_line_errors(tmp_path, content, expect):
 def test_params_that_do_not_fit_the_config_are_refused(tmp_path):
   config = test_config.get_config()
   params = init_state(config, models.build(config)).params
-  config.model.hidden = 16
+  config.model.mlp.hidden = 16
   path = tmp_path / "m.msgpack"
   export.write(path, config, params)
   with pytest.raises(export.ExportError, match="do not fit the network"):

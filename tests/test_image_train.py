@@ -26,7 +26,7 @@ def _run(*args, timeout=600):
   return proc.returncode, proc.stdout, proc.stderr
 
 
-TINY = ["--config.model.ngf=4", "--config.training.batch_size=32",
+TINY = ["--config.model.ncsn.ngf=4", "--config.training.batch_size=32",
         "--config.training.num_train_steps=60", "--config.training.log_every_steps=20",
         "--config.training.eval_every_steps=60", "--config.training.ckpt_every_steps=60",
         "--config.training.progress_bar=False", "--config.training.async_checkpoint=False",

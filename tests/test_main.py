@@ -54,7 +54,7 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   # Another model on this workdir: one line, exit 2, the run's files untouched.
   before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
   code, _, err = _finish(_main("--config=configs/test.py", f"--workdir={workdir}",
-                               "--config.model.hidden=16"))
+                               "--config.model.mlp.hidden=16"))
   lines = [l for l in err.strip().splitlines() if l.strip()]
   assert code == 2 and len(lines) == 1 and "incompatible" in lines[0], err[-2000:]
   assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before

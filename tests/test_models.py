@@ -173,32 +173,47 @@ def test_torch_default_initialization_bounds():
     assert float(jnp.max(jnp.abs(p))) > 0.8 * bound  # uniform over the whole interval
 
 
-def _config(name, image_size, channels=3, **model):
+def _config(name, image_size, channels=3, model=()):
+  """An image config of network `name`; `model` maps fields under `model.` ("ncsn.ngf") to values."""
   config = default.get_config()
   config.data.dataset = "mnist" if channels == 1 else "cifar10"
   config.data.image_size = image_size
   config.data.num_channels = channels
   config.model.name = name
-  for k, v in model.items():
-    config.model[k] = v
+  for dotted, value in dict(model).items():
+    *groups, leaf = dotted.split(".")
+    node = config.model
+    for group in groups:
+      node = node[group]
+    node[leaf] = value
   return config
 
 
 def test_build_reads_the_config():
-  config = _config("ncsn", 28, 1, ngf=64)
+  # Each network reads its own sub-group only: the other groups' widths are set to tell them apart.
+  others = {"mlp.hidden": 3, "unet.ch": 8, "ncsn.ngf": 4}
+  config = _config("ncsn", 28, 1, {**others, "ncsn.ngf": 64, "ncsn.nonlinearity": "swish"})
   m = models.build(config)
-  assert isinstance(cpu.unwrap(m), ncsn.RefineNet) and m.ngf == 64
+  assert isinstance(cpu.unwrap(m), ncsn.RefineNet) and m.ngf == 64 and m.nonlinearity == "swish"
   assert len(m.level_sigmas) == config.noise.num_scales
   assert m.pool == "avg" and not m.scale_by_sigma
-  m = models.build(_config("ncsnv2_deeper", 128, dtype="bfloat16", remat=True))
+  m = models.build(_config("ncsnv2_deeper", 128, model={"dtype": "bfloat16", "remat": True}))
   assert m.dtype == jnp.bfloat16 and m.remat and len(m.encoder) == 5
+  m = models.build(_config("mlp", 32, model={**others, "mlp.hidden": 16, "mlp.num_layers": 2,
+                                             "mlp.activation": "elu"}))
+  assert (m.hidden, m.num_layers, m.activation) == (16, 2, "elu")
+  m = models.build(_config("unet", 32, model={
+      **others, "unet.ch": 32, "unet.ch_mult": (1, 2), "unet.num_res_blocks": 1,
+      "unet.attn_resolutions": (), "unet.dropout": 0.1, "unet.conditional": True}))
+  assert (m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.conditional) == (
+      32, (1, 2), 1, (), 0.1, True)
 
 
 def test_build_rejects_image_sizes_the_network_cannot_take():
   with pytest.raises(ValueError, match="image_size=18 cannot be pooled 2 times"):
     models.build(_config("ncsnv2_deeper", 18))
   with pytest.raises(ValueError, match="dtype"):
-    models.build(_config("ncsnv2", 32, dtype="float16"))
+    models.build(_config("ncsnv2", 32, model={"dtype": "float16"}))
 
 
 def test_ddpm_unet_has_the_published_parameter_count():
@@ -224,5 +239,5 @@ def test_unet_shapes_dropout_and_conditioning():
   b = out(1.0, train=True, rngs={"dropout": jax.random.key(4)})
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
   assert m.output_convention == "scaled_score"
-  built = models.build(_config("unet", 32, ngf=32, ch_mult=(1, 2)))
+  built = models.build(_config("unet", 32, model={"unet.ch": 32, "unet.ch_mult": (1, 2)}))
   assert isinstance(cpu.unwrap(built), unet.UNet)

@@ -25,7 +25,7 @@ NOTEBOOK = REPO / "notebooks" / "tour.ipynb"
 # notebook's computations 8 times on the machine's cores.
 ONE_DEVICE = xla_flags(1)
 
-TINY = ["--config.model.ngf=4", "--config.noise.num_scales=4", "--config.training.batch_size=16",
+TINY = ["--config.model.ncsn.ngf=4", "--config.noise.num_scales=4", "--config.training.batch_size=16",
         "--config.training.log_every_steps=5", "--config.training.eval_every_steps=10",
         "--config.training.ckpt_every_steps=10", "--config.training.async_checkpoint=False",
         "--config.sampling.als.steps_per_sigma=2", "--config.sampling.num_samples=4",

@@ -132,7 +132,7 @@ def test_restore_onto_other_device_count(tmp_path):
 def test_incompatible_checkpoint_is_refused(tmp_path):
   config = test_config.get_config()
   train.train_and_evaluate(config, str(tmp_path))
-  config.model.hidden = 16
+  config.model.mlp.hidden = 16
   with pytest.raises(checkpoint.CheckpointError, match="model"):
     train.train_and_evaluate(config, str(tmp_path))
 

@@ -25,7 +25,12 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def build(config) -> cpu.Accelerated:
   """The flax module that `config.model` (with `config.data` and `config.noise`) describes,
-  through `cpu.accelerate` (`init` and attributes are the module's own)."""
+  through `cpu.accelerate` (`init` and attributes are the module's own).
+
+  The network's hyperparameters come from its own sub-group: `model.mlp` for the MLP,
+  `model.ncsn` for the RefineNet family (ncsn, ncsnv2, ncsnv2_deeper, ncsnv2_deepest),
+  `model.unet` for the UNet; `model.dtype` and `model.remat` are shared by the image networks.
+  """
   return cpu.accelerate(_build(config))
 
 
@@ -34,18 +39,21 @@ def _build(config) -> nn.Module:
   if m.name not in MODEL_NAMES:
     raise ValueError(f"model.name={m.name!r} is unknown; use one of {MODEL_NAMES}")
   if m.name == "mlp":
-    return NoiseConditionalMLP(hidden=m.hidden, num_layers=m.num_layers, activation=m.activation)
+    g = m.mlp
+    return NoiseConditionalMLP(hidden=g.hidden, num_layers=g.num_layers, activation=g.activation)
   if m.dtype not in _DTYPES:
     raise ValueError(f"model.dtype={m.dtype!r} is unknown; use one of {sorted(_DTYPES)}")
   common = dict(num_channels=config.data.num_channels, dtype=_DTYPES[m.dtype], remat=m.remat)
   if m.name == "unet":
     from score_jax.models import unet
-    return unet.UNet(ch=m.ngf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                     attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-                     conditional=m.conditional, centered_input=config.data.centered, **common)
+    g = m.unet
+    return unet.UNet(ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks,
+                     attn_resolutions=tuple(g.attn_resolutions), dropout=g.dropout,
+                     conditional=g.conditional, centered_input=config.data.centered, **common)
   if config.data.image_size < 8:
     raise ValueError(f"data.image_size={config.data.image_size}: image networks need >= 8 px")
-  common.update(ngf=m.ngf, nonlinearity=m.nonlinearity, centered_input=config.data.centered)
+  common.update(ngf=m.ncsn.ngf, nonlinearity=m.ncsn.nonlinearity,
+                centered_input=config.data.centered)
   if m.name == "ncsn":
     n = config.noise
     ladder = noise.ladder(n.schedule, n.sigma_max, n.sigma_min, n.num_scales)
