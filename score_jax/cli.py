@@ -36,8 +36,15 @@ from score_jax.config_schema import UsageError
 _MODES = ("train", "sample", "eval", "sampler_sweep", "sweep", "likelihood", "export")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", str(score_jax.configs_dir() / "default.py"),
-                                "Experiment config file, optionally file.py:arg.", lock_config=True)
+try:
+  config_flags.DEFINE_config_file("config", str(score_jax.configs_dir() / "default.py"),
+                                  "Experiment config file, optionally file.py:arg.",
+                                  lock_config=True)
+  _CONFIG_FLAG_ERROR = None
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+  # ml_collections applies the command line's --config.* overrides to the default config as soon
+  # as the flag is defined, at import; `main` reports such a failure as a one-line usage error.
+  _CONFIG_FLAG_ERROR = e
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples). "
                     "Default: runs/<config file name>.")
 flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
@@ -286,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
       if hint:
         print(f"error: --config.{key} is not a config field{hint}", file=sys.stderr)
         return 2
+  if _CONFIG_FLAG_ERROR is not None:
+    unknown = [k for k in _cli_override_keys(argv) if k not in config_schema.FIELDS]
+    what = (f"--config.{unknown[0]} is not a config field (the fields are in configs/default.py)"
+            if unknown else f"--config: {' '.join(str(_CONFIG_FLAG_ERROR).split())}")
+    print(f"error: {what}", file=sys.stderr)
+    return 2
   try:
     FLAGS(argv)
   except flags.Error as e:

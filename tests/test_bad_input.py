@@ -175,6 +175,10 @@ def test_command_line_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path)
       "old flat model field": (["--config=configs/test.py", "--config.model.num_layers=4"],
                                ("--config.model.num_layers is not a config field; it is now "
                                 "--config.model.mlp.num_layers")),
+      "unknown field without a config file": (["--config.training.nope=4"],
+                                              "--config.training.nope is not a config field"),
+      "old flat model field without a config file": (["--config.model.ngf=4"],
+                                                     "it is now --config.model.ncsn.ngf"),
       "schema on existing workdir": (["--config=configs/test.py", f"--workdir={existing}",
                                       "--config.training.keep_checkpoints=0"],
                                      "training.keep_checkpoints"),
