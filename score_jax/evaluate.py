@@ -12,7 +12,7 @@
   sorted by the main metric is printed and written to `sampler_sweep.csv`, and the main metric
   against step_lr (one line per method, steps per level and denoising) to `sampler_sweep.png`.
 
-Both modes resume: an entry whose `eval_records.entry_key` (checkpoint step, sampler settings,
+Both modes resume: an entry whose `eval.records.entry_key` (checkpoint step, sampler settings,
 number of samples, feature space, seed, digests of the feature weights and of the reference
 statistics) already has a row in the JSON lines is not evaluated again; its stored row joins the
 table, the CSV, the plot and the ranking. Within an entry, the features of each finished batch
@@ -25,7 +25,7 @@ from the key folded from (seed, k), so the numbers do not depend on the device c
 or `eval.batch_size`. Inception and classifier features run over every device too
 (`parallel.batch_map`). Progress bars (`tqdm.auto`) show the rate and the time left.
 
-Metrics (`score_jax.metrics`, `score_jax.toy`):
+Metrics (`score_jax.eval.metrics`, `score_jax.toy`):
 * toys: unbiased RBF-kernel MMD^2 (main metric) and energy distance against samples of the true
   distribution, plus mode weights for mixtures (`toy.sample_metrics`);
 * images: FID (main metric; Heusel et al. 2017, the pytorch-fid computation), KID (Binkowski et al.
@@ -38,7 +38,7 @@ Metrics (`score_jax.metrics`, `score_jax.toy`):
   under `<workdir>/eval_cache/`;
 * MNIST (`eval.features="mnist_classifier"`, 28x28x1 images only): the same FID formula and KID
   (`fid_mnist`, the main metric, and `kid_mnist`) on the 128-d penultimate features of the
-  project's digit classifier (`score_jax.mnist_classifier`), with samples mapped and quantized as
+  project's digit classifier (`score_jax.eval.mnist_classifier`), with samples mapped and quantized as
   above (one channel). The weights come from `eval.mnist_classifier_weights` or the classifier's
   cache file; reference statistics are made as for Inception and cached keyed by a digest of the
   weights.
@@ -61,11 +61,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, data, experiment, fetch_inception, image_data, inception,
-                       metrics, mnist_classifier, models, noise, parallel, progress, samplers, toy)
+from score_jax import (checkpoint, data, experiment, image_data, models, noise, parallel, progress,
+                       samplers, toy)
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError
-from score_jax.eval_records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
+from score_jax.eval import fetch_inception, inception, metrics, mnist_classifier
+from score_jax.eval.records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
 from score_jax.metric_writers import MetricWriter
@@ -80,8 +81,8 @@ _METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
                  "pc": ("corrector_steps",), "euler": ("num_steps",), "heun": ("num_steps",),
                  "dpm_solver_pp_2m": ("num_steps",), "adaptive": ("rel_tol",)}
 _METHODS = tuple(_METHOD_KNOBS)
-FETCH_COMMAND = "python -m score_jax.fetch_inception"
-CLASSIFIER_COMMAND = "python -m score_jax.mnist_classifier --manual_dir={manual_dir}"
+FETCH_COMMAND = "python -m score_jax.eval.fetch_inception"
+CLASSIFIER_COMMAND = "python -m score_jax.eval.mnist_classifier --manual_dir={manual_dir}"
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
 MAIN_METRICS = {"toy": "mmd_rbf", "inception": "fid", "mnist_classifier": "fid_mnist"}
 # `image_metrics` names -> names in the classifier's feature space (not comparable to Inception's).

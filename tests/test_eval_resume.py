@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import eval_records, evaluate, mnist_classifier, parallel
+from score_jax import evaluate, parallel
+from score_jax.eval import mnist_classifier, records
 
 
 def _noise_sampler(calls: list[int]):
@@ -98,7 +99,7 @@ def test_changed_reference_or_weights_are_evaluated_again(tmp_path, classifier_p
     entry = evaluate._entry(config, evaluator, "mnist_classifier", step=10, method="als")
     assert entry["protocol"] == f"{config.eval.num_samples} samples against statistics file " \
                                 f"{reference}"
-    return eval_records.entry_key(entry)
+    return records.entry_key(entry)
 
   base = key(weights[0], "a.npz")
   assert key(weights[0], "a.npz") == base

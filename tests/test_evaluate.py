@@ -22,7 +22,8 @@ from conftest import run_main
 from PIL import Image
 
 from configs import test as test_config
-from score_jax import eval_records, evaluate, image_data, mnist_classifier
+from score_jax import evaluate, image_data
+from score_jax.eval import mnist_classifier, records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL_EVAL = {"num_samples": 64, "batch_size": 64}
@@ -42,8 +43,8 @@ def _entry(**changes) -> dict:
 def test_entry_key_ignores_measurements_and_survives_json():
   entry = _entry()
   stored = json.loads(json.dumps({**entry, "time": 1.0, "mmd_rbf": 0.5, "seconds": 2.0}))
-  assert eval_records.entry_key(stored) == eval_records.entry_key(entry)
-  assert eval_records.entry_key(_entry(step_lr=1)) == eval_records.entry_key(_entry(step_lr=1.0))
+  assert records.entry_key(stored) == records.entry_key(entry)
+  assert records.entry_key(_entry(step_lr=1)) == records.entry_key(_entry(step_lr=1.0))
 
 
 @pytest.mark.parametrize("change", [
@@ -52,26 +53,26 @@ def test_entry_key_ignores_measurements_and_survives_json():
     {"features": "inception"}, {"seed": 1}, {"features_digest": "ab12"},
     {"reference_digest": "cd34"}])
 def test_entry_key_tells_apart_every_setting(change):
-  assert eval_records.entry_key(_entry(**change)) != eval_records.entry_key(_entry())
+  assert records.entry_key(_entry(**change)) != records.entry_key(_entry())
 
 
 def test_entry_key_counts_an_absent_knob_as_none():
   entry = _entry(steps_per_sigma=None)
   del entry["features"]
   absent = {k: v for k, v in entry.items() if k != "steps_per_sigma"}
-  assert eval_records.entry_key(absent) == eval_records.entry_key(entry)
-  assert eval_records.entry_key(absent) != eval_records.entry_key(_entry())
+  assert records.entry_key(absent) == records.entry_key(entry)
+  assert records.entry_key(absent) != records.entry_key(_entry())
 
 
 def test_stored_rows_keep_the_last_row_and_skip_broken_lines(tmp_path):
   path = tmp_path / "eval_metrics.jsonl"
-  assert eval_records.stored_rows(str(path)) == {}
+  assert records.stored_rows(str(path)) == {}
   lines = [json.dumps({**_entry(), "mmd_rbf": 1.0}), json.dumps({"step": 5, "loss": 1.0}),
            json.dumps({**_entry(), "mmd_rbf": "nan"}), '{"step": 30, "method": "al']
   path.write_text("\n".join(lines))
-  rows = eval_records.stored_rows(str(path))
-  assert list(rows) == [eval_records.entry_key(_entry())]
-  assert math.isnan(rows[eval_records.entry_key(_entry())]["mmd_rbf"])
+  rows = records.stored_rows(str(path))
+  assert list(rows) == [records.entry_key(_entry())]
+  assert math.isnan(rows[records.entry_key(_entry())]["mmd_rbf"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +159,8 @@ def test_eval_writes_a_csv_matching_the_jsonl_and_a_png(workdir, capsys):
   table = _csv_rows(os.path.join(workdir, "eval_metrics.csv"))
   assert len(table) == len(stored) == 2
   header = list(table[0])
-  assert header[:len(eval_records.SETTING_COLUMNS)] == list(eval_records.SETTING_COLUMNS)
-  assert header[len(eval_records.SETTING_COLUMNS)] == "mmd_rbf"
+  assert header[:len(records.SETTING_COLUMNS)] == list(records.SETTING_COLUMNS)
+  assert header[len(records.SETTING_COLUMNS)] == "mmd_rbf"
   for csv_row, json_row in zip(table, stored):
     assert json_row["features"] == "toy" and json_row["num_samples"] == 64
     _assert_csv_matches(csv_row, json_row)
@@ -244,12 +245,12 @@ def test_vmapped_sweep_equals_one_setting_at_a_time(workdir, tmp_path):
 
 def test_plot_sweep_draws_samplers_without_step_lr_as_levels(tmp_path, monkeypatch):
   drawn = {}
-  monkeypatch.setattr(eval_records.plots, "save_lines",
+  monkeypatch.setattr(records.plots, "save_lines",
                       lambda curves, path, **kw: drawn.update(curves=curves, **kw))
   rows = [_entry(step_lr=0.2, mmd_rbf=0.3), _entry(step_lr=0.1, mmd_rbf="nan"),
           _entry(method="pc", step_lr=None, mmd_rbf=0.5),
           _entry(method="cas", steps_per_sigma=None, step_lr=0.5, skipped="infeasible")]
-  eval_records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
+  records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
   name = "als steps_per_sigma=5 denoise=True"
   assert list(drawn["curves"]) == [name]
   assert drawn["curves"][name][0] == [0.2, 0.1]
@@ -319,7 +320,7 @@ def test_missing_classifier_weights_name_the_training_command(tmp_path, monkeypa
   config.eval.features = "mnist_classifier"
   monkeypatch.setenv("SCORE_JAX_CACHE", str(tmp_path / "cache"))
   default = str(tmp_path / "cache" / mnist_classifier.CACHE_NAME)
-  with pytest.raises(ValueError, match="python -m score_jax.mnist_classifier --manual_dir=") as e:
+  with pytest.raises(ValueError, match="python -m score_jax.eval.mnist_classifier --manual_dir=") as e:
     evaluate.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
   assert default in str(e.value)
   config.eval.mnist_classifier_weights = str(tmp_path / "absent.npz")

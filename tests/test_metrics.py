@@ -1,4 +1,4 @@
-"""Tests for `score_jax.metrics` (closed forms) and `score_jax.evaluate` (CLI modes, real FID)."""
+"""Tests for `score_jax.eval.metrics` (closed forms) and `score_jax.evaluate` (CLI modes, real FID)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import run_main
 from PIL import Image
 
 from configs import test as test_config
-from score_jax import evaluate, fetch_inception, inception, metrics
+from score_jax import evaluate
+from score_jax.eval import fetch_inception, inception, metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_PNG = REPO.parent / "shared" / "data" / "cifar10" / "cifar10_batch_0.png"
@@ -138,7 +139,7 @@ def test_feature_kind_and_missing_weights_fail_with_clear_messages(tmp_path):
   with pytest.raises(ValueError, match="needs 28x28x1 images"):
     evaluate.feature_kind(config)
   config.eval.inception_weights = str(tmp_path / "absent.npz")
-  with pytest.raises(ValueError, match="python -m score_jax.fetch_inception"):
+  with pytest.raises(ValueError, match="python -m score_jax.eval.fetch_inception"):
     evaluate.inception_weights_path(config)
 
 
@@ -270,7 +271,7 @@ def test_fid_of_real_halves_is_far_below_real_versus_noise():
   weights = fetch_inception.default_npz_path()
   if not weights.is_file():
     pytest.skip(f"FID Inception weights absent at {weights}; run `python -m "
-                "score_jax.fetch_inception`")
+                "score_jax.eval.fetch_inception`")
   if not CIFAR_PNG.is_file():
     pytest.skip(f"real CIFAR-10 images absent at {CIFAR_PNG}")
   n = 64

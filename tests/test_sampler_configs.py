@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import cli, eval_records, evaluate, experiment, models, noise, toy
+from score_jax import cli, evaluate, experiment, models, noise, toy
+from score_jax.eval import records
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_sweep_grid_takes_the_fast_samplers_and_plots_against_nfe(tmp_path):
           {"method": "heun", "nfe": 49, "mmd_rbf": 0.1},
           {"method": "heun", "nfe": 19, "mmd_rbf": 0.4},
           {"method": "cas", "mmd_rbf": 0.5}, {"method": "pc", "nfe": 8, "skipped": "infeasible"}]
-  assert eval_records.nfe_frontier(rows, "mmd_rbf") == {"als": ([21.0], [0.2]),
+  assert records.nfe_frontier(rows, "mmd_rbf") == {"als": ([21.0], [0.2]),
                                                         "heun": ([19.0, 49.0], [0.4, 0.1])}
-  eval_records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
+  records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
   assert (tmp_path / "sweep_nfe.png").is_file()

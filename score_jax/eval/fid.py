@@ -1,7 +1,7 @@
 """FID, KID and IS between any two image sources, and reference statistics files.
 
-    python -m score_jax.fid A B [--num_images=N] [--batch_size=250] [--inception_weights=...]
-    python -m score_jax.fid cifar10:train --save_stats=cifar10_train_stats.npz
+    python -m score_jax.eval.fid A B [--num_images=N] [--batch_size=250] [--inception_weights=...]
+    python -m score_jax.eval.fid cifar10:train --save_stats=cifar10_train_stats.npz
 
 A source is one of:
 * a folder of images (`.png`, `.jpg`, `.jpeg`, read in sorted file-name order);
@@ -13,7 +13,7 @@ A source is one of:
   (`--image_size`, `--num_channels`, `--data_dir`), unshuffled, not dequantized.
 
 Images are quantized to 8 bits as if saved to PNG and go through the project's port of the
-pytorch-fid Inception network (`score_jax.inception`) over every device; FID is Heusel et al.
+pytorch-fid Inception network (`score_jax.eval.inception`) over every device; FID is Heusel et al.
 2017 (the pytorch-fid computation), KID Binkowski et al. 2018 (needs features on both sides), IS
 Salimans et al. 2016 (needs images and weights with the 1008-way logits). With `--save_stats`,
 the first source's statistics (`mu`, `sigma`, `features`) are written: on all 50k CIFAR-10
@@ -31,7 +31,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from score_jax import evaluate, fetch_inception, image_data, inception, metrics, progress
+from score_jax import evaluate, image_data, progress
+from score_jax.eval import fetch_inception, inception, metrics
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _KID_TAG = 2
