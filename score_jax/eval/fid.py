@@ -31,8 +31,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from score_jax import evaluate, image_data, progress
-from score_jax.eval import fetch_inception, inception, metrics
+from score_jax import image_data, progress
+from score_jax.eval import feature_nets, fetch_inception, inception, metrics
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _KID_TAG = 2
@@ -136,13 +136,13 @@ def save_statistics(stats: Source, path: str) -> None:
 
 
 def inception_featurize(weights: str | None) -> Callable[[np.ndarray], dict]:
-  """Inception features (`evaluate.image_features`) of images `[b, h, w, c]` in [0, 1]."""
+  """Inception features (`feature_nets.image_features`) of images `[b, h, w, c]` in [0, 1]."""
   path = weights or os.fspath(fetch_inception.default_npz_path())
   if not os.path.isfile(path):
     raise ValueError(f"FID Inception weights not found at {path}: run "
-                     f"`{evaluate.FETCH_COMMAND}` first (or pass --inception_weights)")
-  net = evaluate.make_inception_fn(inception.load_params(path))
-  return lambda x: evaluate.image_features(net, x, centered=False)
+                     f"`{fetch_inception.COMMAND}` first (or pass --inception_weights)")
+  net = feature_nets.make_inception_fn(inception.load_params(path))
+  return lambda x: feature_nets.image_features(net, x, centered=False)
 
 
 def check_sources(sources: list[str], save_stats: str | None) -> None:

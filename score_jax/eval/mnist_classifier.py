@@ -1,8 +1,8 @@
 """A small MNIST classifier: the feature space of FID-like distances on MNIST, and mode counts.
 
-Inception features (`score_jax.eval.inception`) are the published FID protocol, but they are slow on a
-CPU and were never meant for 28x28 digits; a common substitute on MNIST is the feature space of a
-small digit classifier. StackedMNIST mode counts (Metz et al. 2017, "Unrolled Generative
+Inception features (`score_jax.eval.inception`) are the published FID protocol, but they are slow
+on a CPU and were never meant for 28x28 digits; a common substitute on MNIST is the feature space
+of a small digit classifier. StackedMNIST mode counts (Metz et al. 2017, "Unrolled Generative
 Adversarial Networks"; Srivastava et al. 2017, VEEGAN; Lin et al. 2018, PacGAN; see
 `score_jax.eval.stacked_mnist`) classify each colour channel with such a net. This is the project's
 one such classifier:
@@ -47,6 +47,8 @@ import score_jax
 from score_jax import image_data, paths
 
 CACHE_NAME = "mnist_classifier_v1.npz"
+# The command that trains and caches the classifier, named in errors where it is missing.
+COMMAND = "python -m score_jax.eval.mnist_classifier --manual_dir={manual_dir}"
 NUM_FEATURES = 128
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
