@@ -188,7 +188,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.end_step = placeholder(int)  # last checkpoint step to evaluate; None: the latest.
   ev.features = "auto"  # auto | inception | mnist_classifier | toy: the feature space of FID/KID.
   ev.inception_weights = placeholder(str)  # .npz of converted Inception weights; None: the cache dir.
-  ev.mnist_classifier_weights = placeholder(str)  # .npz of the MNIST classifier (features=mnist_classifier); None: the cache dir (python -m score_jax.mnist_classifier writes it).
+  ev.mnist_classifier_weights = placeholder(str)  # .npz of the MNIST classifier (features=mnist_classifier); None: the cache dir (python -m score_jax.eval.mnist_classifier writes it).
   ev.reference_stats = placeholder(str)  # .npz of reference statistics; None: computed and cached.
   ev.reference_split = placeholder(str)  # split of computed reference statistics; None: data.eval_split.
   ev.reference_num_images = placeholder(int)  # first N images of that split; None: eval.num_samples.

@@ -70,8 +70,8 @@ def validate(config, mode: str, num_devices: int | None = None) -> None:
   if mode in ("train", "sweep"):
     config_schema.check_data_source(config)
   if mode in ("eval", "sampler_sweep"):
-    from score_jax import evaluate
-    evaluate.feature_kind(config)
+    from score_jax.eval import evaluators
+    evaluators.feature_kind(config)
 
 
 def _check_workdir(workdir: str, mode: str) -> None:

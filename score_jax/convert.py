@@ -79,7 +79,7 @@ def read_checkpoint(path: str | os.PathLike) -> RunnerCheckpoint:
     ConversionError: the file is missing, malformed, refers to a forbidden pickle global, or holds
       elements this converter does not take (an adversarial discriminator).
   """
-  from score_jax import torch_weights
+  from score_jax.eval import torch_weights
   path = os.fspath(path)
   if not paths.isfile(path):
     raise ConversionError(f"--checkpoint={path}: no such file")

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import (data, eval_records, experiment, likelihood, models, parallel, plots,
-                       toy)
+from score_jax import data, experiment, likelihood, models, parallel, plots, toy
+from score_jax.eval import records
 from score_jax.metric_writers import read_jsonl
 from score_jax.score import make_score_fn
 
@@ -290,7 +290,7 @@ def _write_row(row: dict, workdir: str) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   os.replace(tmp, path)
-  eval_records.write_csv(rows, list(CSV_COLUMNS), os.path.join(workdir, "likelihood.csv"))
+  records.write_csv(rows, list(CSV_COLUMNS), os.path.join(workdir, "likelihood.csv"))
 
 
 def protocol_keys() -> tuple[str, ...]:

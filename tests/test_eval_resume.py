@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import eval_records, evaluate, mnist_classifier, parallel
+from score_jax import evaluate, parallel
+from score_jax.eval import batches, evaluators, feature_nets, mnist_classifier, records
 
 
 def _noise_sampler(calls: list[int]):
@@ -27,7 +28,7 @@ class _Interrupt(Exception):
   pass
 
 
-def _evaluator(fail_after: int | None = None) -> evaluate.Evaluator:
+def _evaluator(fail_after: int | None = None) -> evaluators.Evaluator:
   seen = []
 
   def featurize(x):
@@ -36,8 +37,8 @@ def _evaluator(fail_after: int | None = None) -> evaluate.Evaluator:
     seen.append(len(x))
     return {"x": 2.0 * x}
 
-  return evaluate.Evaluator(main_metric="m", featurize=featurize,
-                            score=lambda f: {"m": float(f["x"].mean())})
+  return evaluators.Evaluator(main_metric="m", featurize=featurize,
+                              score=lambda f: {"m": float(f["x"].mean())})
 
 
 def test_interrupted_evaluation_redraws_only_unfinished_batches(tmp_path):
@@ -45,22 +46,22 @@ def test_interrupted_evaluation_redraws_only_unfinished_batches(tmp_path):
   kwargs = dict(num_samples=50, batch_size=8, cache_dir=cache)  # 7 batches, the last short
   calls = []
   with pytest.raises(_Interrupt):
-    evaluate.draw_features(_noise_sampler(calls), _evaluator(fail_after=3), **kwargs)
+    batches.draw_features(_noise_sampler(calls), _evaluator(fail_after=3), **kwargs)
   assert calls == [0, 8, 16, 24]  # the fourth batch was drawn, its features never finished
   calls.clear()
-  resumed = evaluate.draw_features(_noise_sampler(calls), _evaluator(), **kwargs)
+  resumed = batches.draw_features(_noise_sampler(calls), _evaluator(), **kwargs)
   assert calls == [24, 32, 40, 48]
-  whole = evaluate.draw_features(_noise_sampler([]), _evaluator(), num_samples=50, batch_size=8)
+  whole = batches.draw_features(_noise_sampler([]), _evaluator(), num_samples=50, batch_size=8)
   np.testing.assert_array_equal(resumed["x"], whole["x"])
   assert resumed["x"].shape == (50, 3)
 
 
 def test_batch_cache_dirs_differ_by_entry_and_batch_size(tmp_path):
   entry = {"step": 1, "method": "als", "num_samples": 10, "features": "toy", "seed": 0}
-  a = evaluate.batch_cache_dir(str(tmp_path), [entry], 8)
-  assert a == evaluate.batch_cache_dir(str(tmp_path), [dict(entry)], 8)
-  assert a != evaluate.batch_cache_dir(str(tmp_path), [entry], 16)
-  assert a != evaluate.batch_cache_dir(str(tmp_path), [{**entry, "reference_digest": "x"}], 8)
+  a = batches.batch_cache_dir(str(tmp_path), [entry], 8)
+  assert a == batches.batch_cache_dir(str(tmp_path), [dict(entry)], 8)
+  assert a != batches.batch_cache_dir(str(tmp_path), [entry], 16)
+  assert a != batches.batch_cache_dir(str(tmp_path), [{**entry, "reference_digest": "x"}], 8)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def classifier_params():
 
 def test_classifier_features_on_eight_devices_equal_one(classifier_params):
   images = np.asarray(jax.random.uniform(jax.random.key(0), (13, 28, 28, 1)))
-  one = evaluate.classifier_features_fn(classifier_params, parallel.make_mesh(1))(images)
-  eight = evaluate.classifier_features_fn(classifier_params, parallel.make_mesh(8))(images)
+  one = feature_nets.classifier_features_fn(classifier_params, parallel.make_mesh(1))(images)
+  eight = feature_nets.classifier_features_fn(classifier_params, parallel.make_mesh(8))(images)
   assert eight.shape == (13, mnist_classifier.NUM_FEATURES)
   np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)
 
@@ -94,11 +95,11 @@ def test_changed_reference_or_weights_are_evaluated_again(tmp_path, classifier_p
   def key(weights_path, reference):
     config.eval.mnist_classifier_weights = str(weights_path)
     config.eval.reference_stats = str(tmp_path / reference)
-    evaluator = evaluate.make_evaluator(config, str(tmp_path), jax.random.key(0))
+    evaluator = evaluators.make_evaluator(config, str(tmp_path), jax.random.key(0))
     entry = evaluate._entry(config, evaluator, "mnist_classifier", step=10, method="als")
     assert entry["protocol"] == f"{config.eval.num_samples} samples against statistics file " \
                                 f"{reference}"
-    return eval_records.entry_key(entry)
+    return records.entry_key(entry)
 
   base = key(weights[0], "a.npz")
   assert key(weights[0], "a.npz") == base

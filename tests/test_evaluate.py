@@ -22,7 +22,8 @@ from conftest import run_main
 from PIL import Image
 
 from configs import test as test_config
-from score_jax import eval_records, evaluate, image_data, mnist_classifier
+from score_jax import evaluate, experiment, image_data
+from score_jax.eval import batches, evaluators, feature_nets, mnist_classifier, records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL_EVAL = {"num_samples": 64, "batch_size": 64}
@@ -42,8 +43,8 @@ def _entry(**changes) -> dict:
 def test_entry_key_ignores_measurements_and_survives_json():
   entry = _entry()
   stored = json.loads(json.dumps({**entry, "time": 1.0, "mmd_rbf": 0.5, "seconds": 2.0}))
-  assert eval_records.entry_key(stored) == eval_records.entry_key(entry)
-  assert eval_records.entry_key(_entry(step_lr=1)) == eval_records.entry_key(_entry(step_lr=1.0))
+  assert records.entry_key(stored) == records.entry_key(entry)
+  assert records.entry_key(_entry(step_lr=1)) == records.entry_key(_entry(step_lr=1.0))
 
 
 @pytest.mark.parametrize("change", [
@@ -53,7 +54,7 @@ def test_entry_key_ignores_measurements_and_survives_json():
     {"reference_digest": "cd34"}, {"num_steps": 25}, {"rel_tol": 0.1}, {"s_churn": 10.0},
     {"ladder": "karras"}, {"eta": (0.5, 0.4)}])
 def test_entry_key_tells_apart_every_setting(change):
-  assert eval_records.entry_key(_entry(**change)) != eval_records.entry_key(_entry())
+  assert records.entry_key(_entry(**change)) != records.entry_key(_entry())
 
 
 def test_entry_key_reads_every_argument_of_every_sampler():
@@ -70,19 +71,19 @@ def test_entry_key_counts_an_absent_knob_as_none():
   entry = _entry(steps_per_sigma=None)
   del entry["features"]
   absent = {k: v for k, v in entry.items() if k != "steps_per_sigma"}
-  assert eval_records.entry_key(absent) == eval_records.entry_key(entry)
-  assert eval_records.entry_key(absent) != eval_records.entry_key(_entry())
+  assert records.entry_key(absent) == records.entry_key(entry)
+  assert records.entry_key(absent) != records.entry_key(_entry())
 
 
 def test_stored_rows_keep_the_last_row_and_skip_broken_lines(tmp_path):
   path = tmp_path / "eval_metrics.jsonl"
-  assert eval_records.stored_rows(str(path)) == {}
+  assert records.stored_rows(str(path)) == {}
   lines = [json.dumps({**_entry(), "mmd_rbf": 1.0}), json.dumps({"step": 5, "loss": 1.0}),
            json.dumps({**_entry(), "mmd_rbf": "nan"}), '{"step": 30, "method": "al']
   path.write_text("\n".join(lines))
-  rows = eval_records.stored_rows(str(path))
-  assert list(rows) == [eval_records.entry_key(_entry())]
-  assert math.isnan(rows[eval_records.entry_key(_entry())]["mmd_rbf"])
+  rows = records.stored_rows(str(path))
+  assert list(rows) == [records.entry_key(_entry())]
+  assert math.isnan(rows[records.entry_key(_entry())]["mmd_rbf"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,8 +170,8 @@ def test_eval_writes_a_csv_matching_the_jsonl_and_a_png(workdir, capsys):
   table = _csv_rows(os.path.join(workdir, "eval_metrics.csv"))
   assert len(table) == len(stored) == 2
   header = list(table[0])
-  assert header[:len(eval_records.SETTING_COLUMNS)] == list(eval_records.SETTING_COLUMNS)
-  assert header[len(eval_records.SETTING_COLUMNS)] == "mmd_rbf"
+  assert header[:len(records.SETTING_COLUMNS)] == list(records.SETTING_COLUMNS)
+  assert header[len(records.SETTING_COLUMNS)] == "mmd_rbf"
   for csv_row, json_row in zip(table, stored):
     assert json_row["features"] == "toy" and json_row["num_samples"] == 64
     _assert_csv_matches(csv_row, json_row)
@@ -255,12 +256,12 @@ def test_vmapped_sweep_equals_one_setting_at_a_time(workdir, tmp_path):
 
 def test_plot_sweep_draws_samplers_without_step_lr_as_levels(tmp_path, monkeypatch):
   drawn = {}
-  monkeypatch.setattr(eval_records.plots, "save_lines",
+  monkeypatch.setattr(records.plots, "save_lines",
                       lambda curves, path, **kw: drawn.update(curves=curves, **kw))
   rows = [_entry(step_lr=0.2, mmd_rbf=0.3), _entry(step_lr=0.1, mmd_rbf="nan"),
           _entry(method="pc", step_lr=None, mmd_rbf=0.5),
           _entry(method="cas", steps_per_sigma=None, step_lr=0.5, skipped="infeasible")]
-  eval_records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
+  records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
   name = "als steps_per_sigma=5 denoise=True"
   assert list(drawn["curves"]) == [name]
   assert drawn["curves"][name][0] == [0.2, 0.1]
@@ -314,14 +315,14 @@ def test_mnist_classifier_features_need_28x28x1_images():
   config = test_config.get_config()
   config.eval.features = "mnist_classifier"
   with pytest.raises(ValueError, match="28x28x1.*toy points"):
-    evaluate.feature_kind(config)
+    evaluators.feature_kind(config)
   config.data.dataset = "cifar10"
   with pytest.raises(ValueError, match="28x28x1.*32x32x3"):
-    evaluate.feature_kind(config)
+    evaluators.feature_kind(config)
   config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
-  assert evaluate.feature_kind(config) == "mnist_classifier"
+  assert evaluators.feature_kind(config) == "mnist_classifier"
   config.eval.features = "auto"
-  assert evaluate.feature_kind(config) == "inception"
+  assert evaluators.feature_kind(config) == "inception"
 
 
 def test_missing_classifier_weights_name_the_training_command(tmp_path, monkeypatch):
@@ -330,17 +331,18 @@ def test_missing_classifier_weights_name_the_training_command(tmp_path, monkeypa
   config.eval.features = "mnist_classifier"
   monkeypatch.setenv("SCORE_JAX_CACHE", str(tmp_path / "cache"))
   default = str(tmp_path / "cache" / mnist_classifier.CACHE_NAME)
-  with pytest.raises(ValueError, match="python -m score_jax.mnist_classifier --manual_dir=") as e:
-    evaluate.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
+  command = "python -m score_jax.eval.mnist_classifier --manual_dir="
+  with pytest.raises(ValueError, match=command) as e:
+    evaluators.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
   assert default in str(e.value)
   config.eval.mnist_classifier_weights = str(tmp_path / "absent.npz")
   config.data.manual_dir = "/data/mnist"
   with pytest.raises(ValueError, match="absent.npz.*--manual_dir=/data/mnist"):
-    evaluate.classifier_weights_path(config)
+    evaluators.classifier_weights_path(config)
   np.savez(tmp_path / "other.npz", w=np.zeros(3))
   config.eval.mnist_classifier_weights = str(tmp_path / "other.npz")
   with pytest.raises(ValueError, match="MnistClassifier parameters"):
-    evaluate.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
+    evaluators.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -349,7 +351,7 @@ def test_classifier_evaluator_end_to_end_with_an_untrained_classifier(tmp_path, 
   weights = _fresh_classifier(tmp_path / "classifier.npz")
   config = _mnist_config(tmp_path, digits, weights, centered=centered, num_samples=160)
   workdir = str(tmp_path / "run")
-  evaluator = evaluate.make_evaluator(config, workdir, jax.random.key(0))
+  evaluator = evaluators.make_evaluator(config, workdir, jax.random.key(0))
   assert evaluator.main_metric == "fid_mnist"
   cache = pathlib.Path(workdir) / "eval_cache" / "ref_stats_mnist_classifier_npz_test_160.npz"
   assert cache.is_file()
@@ -365,7 +367,7 @@ def test_classifier_evaluator_end_to_end_with_an_untrained_classifier(tmp_path, 
                            minval=-1.0 if centered else 0.0)
     return x.at[:4].set(jnp.nan)
 
-  drawn = evaluate.draw_features(noise_sampler, evaluator, num_samples=100, batch_size=64)
+  drawn = batches.draw_features(noise_sampler, evaluator, num_samples=100, batch_size=64)
   assert drawn["pool"].shape == (100, mnist_classifier.NUM_FEATURES)
   noisy = evaluator.score(drawn)
   assert math.isfinite(noisy["fid_mnist"]) and noisy["fid_mnist"] > 0
@@ -380,23 +382,23 @@ def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatc
                          centered=False, num_samples=64)
   workdir = str(tmp_path / "run")
   calls = []
-  real = evaluate.experiment.iterator_from_config
-  monkeypatch.setattr(evaluate.experiment, "iterator_from_config",
+  real = experiment.iterator_from_config
+  monkeypatch.setattr(experiment, "iterator_from_config",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
-  evaluate.make_evaluator(config, workdir, jax.random.key(0))
-  evaluate.make_evaluator(config, workdir, jax.random.key(0))
+  evaluators.make_evaluator(config, workdir, jax.random.key(0))
+  evaluators.make_evaluator(config, workdir, jax.random.key(0))
   assert len(calls) == 1  # the second evaluator read the cache
   config.eval.mnist_classifier_weights = _fresh_classifier(tmp_path / "b.npz", seed=1)
-  evaluate.make_evaluator(config, workdir, jax.random.key(0))
+  evaluators.make_evaluator(config, workdir, jax.random.key(0))
   assert len(calls) == 2  # other weights: other features, recomputed
   a = mnist_classifier.load_params(tmp_path / "a.npz")[0]
-  assert evaluate.params_digest(a) == evaluate.params_digest(jax.tree.map(np.copy, a))
-  assert evaluate.params_digest(a) != evaluate.params_digest(
+  assert feature_nets.params_digest(a) == feature_nets.params_digest(jax.tree.map(np.copy, a))
+  assert feature_nets.params_digest(a) != feature_nets.params_digest(
       mnist_classifier.load_params(tmp_path / "b.npz")[0])
   np.savez(tmp_path / "inception_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
   config.eval.reference_stats = str(tmp_path / "inception_stats.npz")
   with pytest.raises(ValueError, match="2048-d statistics"):
-    evaluate.make_evaluator(config, workdir, jax.random.key(0))
+    evaluators.make_evaluator(config, workdir, jax.random.key(0))
 
 
 def test_classifier_fid_on_real_mnist_digits(tmp_path, mnist_dir):
@@ -408,7 +410,7 @@ def test_classifier_fid_on_real_mnist_digits(tmp_path, mnist_dir):
   test_images, _ = image_data.load_mnist_raw(mnist_dir, "test")
   config = _mnist_config(tmp_path, test_images[:1000], str(weights), centered=True,
                          num_samples=500)
-  evaluator = evaluate.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
+  evaluator = evaluators.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
   score = lambda images: evaluator.score(
       evaluator.featurize(_to_data_range(images, centered=True)))["fid_mnist"]
   same = score(test_images[:500])

@@ -1,4 +1,4 @@
-"""Tests for `python -m score_jax.fid`: every source kind, saved statistics, bad input.
+"""Tests for `python -m score_jax.eval.fid`: every source kind, saved statistics, bad input.
 
 A fixed random projection of the quantized pixels stands in for the Inception network (the
 command's logic does not depend on which features it compares); the CLI's own Inception path
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from score_jax import evaluate, fid
+from score_jax.eval import feature_nets, fid
 
 _PROJECTION = np.random.default_rng(0).normal(size=(8 * 8 * 3, 16)).astype(np.float32)
 
 
 def _featurize(x):
-  images, finite = evaluate.to_inception_input(x, centered=False)
+  images, finite = feature_nets.to_inception_input(x, centered=False)
   return {"pool": images.reshape(len(images), -1) @ _PROJECTION, "finite": finite}
 
 

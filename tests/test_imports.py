@@ -95,3 +95,13 @@ def test_host_loops_do_not_import_each_other():
     assert "score_jax.train" not in graph[reader], f"{reader} imports score_jax.train"
   assert "score_jax.evaluate" not in graph["score_jax.sample"]
   assert "score_jax.sample" not in graph["score_jax.evaluate"]
+
+
+def test_eval_package_does_not_import_the_host_loops():
+  graph = import_graph()
+  eval_modules = [m for m in graph if m == "score_jax.eval" or m.startswith("score_jax.eval.")]
+  assert {"score_jax.eval.inception", "score_jax.eval.evaluators"} <= set(eval_modules)
+  loops = {"score_jax.train", "score_jax.sample", "score_jax.evaluate", "score_jax.likelihood_eval",
+           "score_jax.cli"}
+  for module in eval_modules:
+    assert not graph[module] & loops, f"{module} imports {sorted(graph[module] & loops)}"

@@ -1,5 +1,5 @@
-"""Tests for the FID Inception port (`score_jax.inception`) and its weight readers
-(`score_jax.torch_weights`, `score_jax.fetch_inception`).
+"""Tests for the FID Inception port (`score_jax.eval.inception`) and its weight readers
+(`score_jax.eval.torch_weights`, `score_jax.eval.fetch_inception`).
 
 The PyTorch archives here are written by small hand-made writers that mimic `torch.save` (zip and
 legacy) and `torch.jit.save` layouts; `torch` itself is never imported: stand-in `torch` /
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from score_jax import inception, torch_weights
+from score_jax.eval import inception, torch_weights
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""Tests for `score_jax.metrics` (closed forms) and `score_jax.evaluate` (CLI modes, real FID)."""
+"""Tests for `score_jax.eval.metrics` (closed forms) and the eval modes (CLI, real FID)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import run_main
 from PIL import Image
 
 from configs import test as test_config
-from score_jax import evaluate, fetch_inception, inception, metrics
+from score_jax.eval import (evaluators, feature_nets, fetch_inception, inception, metrics,
+                            reference_stats, sweep)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_PNG = REPO.parent / "shared" / "data" / "cifar10" / "cifar10_batch_0.png"
@@ -115,40 +116,41 @@ def test_inception_score_of_confident_diverse_predictions_is_the_class_count(sca
 
 
 def test_sweep_grid_drops_knobs_a_sampler_ignores():
-  grid = evaluate.sweep_grid(("als", "cas", "pc"), (0.1, 0.2), (5, 10), (True,))
+  grid = sweep.sweep_grid(("als", "cas", "pc"), (0.1, 0.2), (5, 10), (True,))
   assert len([s for s in grid if s["method"] == "als"]) == 4
   assert [s["step_lr"] for s in grid if s["method"] == "cas"] == [0.1, 0.2]
   assert all(s["steps_per_sigma"] is None for s in grid if s["method"] == "cas")
   assert [s["corrector_steps"] for s in grid if s["method"] == "pc"] == [5, 10]
   assert all(s["corrector_steps"] is None for s in grid if s["method"] != "pc")
   with pytest.raises(ValueError, match="unknown samplers"):
-    evaluate.sweep_grid(("ald",), (0.1,), (5,), (True,))
+    sweep.sweep_grid(("ald",), (0.1,), (5,), (True,))
 
 
 def test_feature_kind_and_missing_weights_fail_with_clear_messages(tmp_path):
   config = test_config.get_config()
-  assert evaluate.feature_kind(config) == "toy"
+  assert evaluators.feature_kind(config) == "toy"
   config.eval.features = "inception"
   with pytest.raises(ValueError, match="does not fit"):
-    evaluate.feature_kind(config)
+    evaluators.feature_kind(config)
   config.data.dataset = "cifar10"
   config.eval.features = "auto"
-  assert evaluate.feature_kind(config) == "inception"
+  assert evaluators.feature_kind(config) == "inception"
   config.eval.features = "mnist_classifier"
   with pytest.raises(ValueError, match="needs 28x28x1 images"):
-    evaluate.feature_kind(config)
+    evaluators.feature_kind(config)
   config.eval.inception_weights = str(tmp_path / "absent.npz")
-  with pytest.raises(ValueError, match="python -m score_jax.fetch_inception"):
-    evaluate.inception_weights_path(config)
+  with pytest.raises(ValueError, match="python -m score_jax.eval.fetch_inception"):
+    evaluators.inception_weights_path(config)
 
 
 def test_inception_input_maps_ranges_quantizes_and_repeats_gray():
   x = np.array([-1.0, 0.0, 1.0, 3.0, np.nan], np.float32).reshape(5, 1, 1, 1)
-  images, finite = evaluate.to_inception_input(x, centered=True)
+  images, finite = feature_nets.to_inception_input(x, centered=True)
   assert images.shape == (5, 1, 1, 3)
   np.testing.assert_allclose(images[:, 0, 0, 0], [0.0, 128 / 255, 1.0, 1.0, 0.0])
   assert finite.tolist() == [True, True, True, True, False]
-  images, _ = evaluate.to_inception_input(np.full((1, 2, 2, 3), 0.3, np.float32), centered=False)
+  images, _ = feature_nets.to_inception_input(np.full((1, 2, 2, 3), 0.3, np.float32),
+                                              centered=False)
   np.testing.assert_allclose(images, np.round(0.3 * 255) / 255)
 
 
@@ -164,21 +166,21 @@ def test_reference_statistics_read_clean_eval_images_once_then_the_cache(tmp_pat
 
   def featurize(x):
     calls.append(len(x))
-    images01, _ = evaluate.to_inception_input(x, centered=True)
+    images01, _ = feature_nets.to_inception_input(x, centered=True)
     return {"pool": images01.reshape(len(x), -1)[:, :6]}
 
   workdir = str(tmp_path / "run")
-  ref = evaluate.reference_statistics(config, workdir, featurize, "weights_a.npz")
+  ref = reference_stats.reference_statistics(config, workdir, featurize, "weights_a.npz")
   assert calls == [16, 16, 16]  # 40 images in full batches of 16, surplus dropped
   # Unshuffled and not dequantized: exactly the first 40 images, back in [0, 1].
   expected = images[:40].reshape(40, -1)[:, :6] / 255.0
   np.testing.assert_allclose(ref["features"], expected, atol=1e-6)
   np.testing.assert_allclose(ref["mu"], expected.mean(0), atol=1e-6)
   assert (tmp_path / "run" / "eval_cache" / "ref_stats_npz_test_40.npz").is_file()
-  cached = evaluate.reference_statistics(config, workdir, featurize, "weights_a.npz")
+  cached = reference_stats.reference_statistics(config, workdir, featurize, "weights_a.npz")
   assert len(calls) == 3
   np.testing.assert_array_equal(cached["sigma"], ref["sigma"])
-  evaluate.reference_statistics(config, workdir, featurize, "weights_b.npz")
+  reference_stats.reference_statistics(config, workdir, featurize, "weights_b.npz")
   assert len(calls) == 6  # other weights: recomputed
 
 
@@ -189,12 +191,12 @@ def test_image_metrics_of_features_against_reference():
   reference = {"mu": mu, "sigma": sigma, "features": ref_features}
   feats = {"pool": ref_features[:40] + 3.0, "finite": np.array([True] * 30 + [False] * 10),
            "logits": np.zeros((40, inception.NUM_LOGITS))}
-  out = evaluate.image_metrics(feats, reference, jax.random.key(0))
+  out = evaluators.image_metrics(feats, reference, jax.random.key(0))
   assert out["finite_fraction"] == 0.75
   assert out["fid"] > 8 * 9 * 0.9 and out["kid"] > 0  # mean shift of 3 in 8 dims
   assert out["inception_score"] == pytest.approx(1.0)
-  no_kid = evaluate.image_metrics({"pool": feats["pool"], "finite": feats["finite"]},
-                                  {"mu": mu, "sigma": sigma, "features": None}, jax.random.key(0))
+  no_kid = evaluators.image_metrics({"pool": feats["pool"], "finite": feats["finite"]},
+                                    {"mu": mu, "sigma": sigma, "features": None}, jax.random.key(0))
   assert "kid" not in no_kid and "inception_score" not in no_kid
 
 
@@ -270,15 +272,15 @@ def test_fid_of_real_halves_is_far_below_real_versus_noise():
   weights = fetch_inception.default_npz_path()
   if not weights.is_file():
     pytest.skip(f"FID Inception weights absent at {weights}; run `python -m "
-                "score_jax.fetch_inception`")
+                "score_jax.eval.fetch_inception`")
   if not CIFAR_PNG.is_file():
     pytest.skip(f"real CIFAR-10 images absent at {CIFAR_PNG}")
   n = 64
   images = np.asarray(Image.open(CIFAR_PNG).convert("RGB")).reshape(1000, 32, 32, 3)
   real = images[:2 * n].astype(np.float32) / 255.0
   noise_images = np.random.default_rng(0).uniform(size=(n, 32, 32, 3)).astype(np.float32)
-  net = evaluate.make_inception_fn(inception.load_params(weights))
-  feats = [evaluate.image_features(net, x, centered=False)["pool"]
+  net = feature_nets.make_inception_fn(inception.load_params(weights))
+  feats = [feature_nets.image_features(net, x, centered=False)["pool"]
            for x in (real[:n], real[n:], noise_images)]
   stats = [metrics.feature_stats(f) for f in feats]
   # "eigh" is the same trace as pytorch-fid's sqrtm (checked above), ~10x faster at d = 2048.

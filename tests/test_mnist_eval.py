@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import image_data, metrics, mnist_classifier, stacked_mnist
+from score_jax import image_data
+from score_jax.eval import metrics, mnist_classifier, stacked_mnist
 
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

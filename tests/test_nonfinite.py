@@ -46,14 +46,14 @@ def test_all_nonfinite_samples_are_an_error_and_nothing_is_written(tmp_path):
 
 
 def test_metrics_use_the_finite_samples_only():
-  from score_jax import evaluate
+  from score_jax.eval import evaluators
   seen = []
-  evaluator = evaluate.Evaluator(main_metric="m", featurize=lambda x: {"x": x},
-                                 score=lambda f: seen.append(f["x"]) or {"m": f["x"].mean()})
+  evaluator = evaluators.Evaluator(main_metric="m", featurize=lambda x: {"x": x},
+                                   score=lambda f: seen.append(f["x"]) or {"m": f["x"].mean()})
   x = np.arange(8, dtype=np.float32).reshape(4, 2)
   x[1, 0] = np.nan
-  row = evaluate.score_finite(evaluator, {"x": x})
+  row = evaluators.score_finite(evaluator, {"x": x})
   assert row == {"m": np.delete(x, 1, axis=0).mean(), "finite_fraction": 0.75}
-  none = evaluate.score_finite(evaluator, {"x": np.full_like(x, np.inf)})
+  none = evaluators.score_finite(evaluator, {"x": np.full_like(x, np.inf)})
   assert none == {"finite_fraction": 0.0}
   assert len(seen) == 1  # no metric computed on all-non-finite samples

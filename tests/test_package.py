@@ -87,6 +87,16 @@ def test_the_shipped_configs_are_found_and_import_each_other():
   assert config_flags.get_config_filename(cli.FLAGS["config"]) == str(folder / "default.py")
 
 
+def test_every_source_folder_is_a_package_that_setup_py_ships():
+  # setup.py lists `find_packages(include=["score_jax", "score_jax.*"])`, which skips a folder
+  # without an __init__.py: its modules would be missing from an installed package.
+  assert 'find_packages(include=["score_jax", "score_jax.*"])' in (REPO / "setup.py").read_text()
+  folders = {p.parent for p in (REPO / "score_jax").rglob("*.py")}
+  assert {"eval", "models", "cpu"} <= {f.name for f in folders}
+  for folder in folders:
+    assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py; setup.py skips it"
+
+
 def _run_cli(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
   # The folder holding the imported score_jax: the checkout, or site-packages when installed.
   env = {**os.environ, "PYTHONPATH": str(pathlib.Path(score_jax.__file__).parents[1]),

@@ -82,15 +82,16 @@ def test_sampling_params_follow_use_ema():
     ("ncsn_cifar10", 50_000, "train", 50_000), ("ncsnv2_celeba", 50_000, "test", 19_962),
     ("adversarial_cifar10", 10_000, "train", 50_000)])
 def test_paper_configs_default_to_the_papers_fid_protocol(name, samples, split, images):
-  from score_jax import evaluate
+  from score_jax.eval import reference_stats
   config = _module(name).get_config()
   assert config.eval.num_samples == samples
-  assert evaluate.reference_split(config) == (split, images)
+  assert reference_stats.reference_split(config) == (split, images)
   assert config.training.keep_every_steps == 5000
 
 
 def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
-  from score_jax import evaluate
+  from score_jax import image_data
+  from score_jax.eval import reference_stats
   config = _module("test").get_config()
   config.data.dataset, config.data.image_size, config.data.num_channels = "cifar10", 8, 3
   config.eval.num_samples, config.eval.batch_size = 10, 4
@@ -102,14 +103,14 @@ def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
     while True:
       yield {"x": np.ones((batch_size, 8, 8, 3), np.float32)}
 
-  monkeypatch.setattr(evaluate.experiment, "iterator_from_config", fake_iterator)
-  monkeypatch.setattr(evaluate.image_data, "num_records", lambda **kw: 6 if kw["split"] == "train"
-                      else 0)
-  ref = evaluate.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]},
-                                      "w")
+  monkeypatch.setattr(experiment, "iterator_from_config", fake_iterator)
+  monkeypatch.setattr(image_data, "num_records", lambda **kw: 6 if kw["split"] == "train" else 0)
+  ref = reference_stats.reference_statistics(config, str(tmp_path),
+                                             lambda x: {"pool": x[:, 0, 0]}, "w")
   assert seen == [("train", 4, False, False)] and len(ref["features"]) == 6
   assert ref["protocol"] == "cifar10:train first 6 images"
   assert (tmp_path / "eval_cache" / "ref_stats_cifar10_train_6.npz").is_file()
   config.eval.reference_num_images = 7
   with pytest.raises(ValueError, match="eval.reference_num_images=7 exceeds the 6 images"):
-    evaluate.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]}, "w")
+    reference_stats.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]},
+                                         "w")

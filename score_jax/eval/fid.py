@@ -1,7 +1,7 @@
 """FID, KID and IS between any two image sources, and reference statistics files.
 
-    python -m score_jax.fid A B [--num_images=N] [--batch_size=250] [--inception_weights=...]
-    python -m score_jax.fid cifar10:train --save_stats=cifar10_train_stats.npz
+    python -m score_jax.eval.fid A B [--num_images=N] [--batch_size=250] [--inception_weights=...]
+    python -m score_jax.eval.fid cifar10:train --save_stats=cifar10_train_stats.npz
 
 A source is one of:
 * a folder of images (`.png`, `.jpg`, `.jpeg`, read in sorted file-name order);
@@ -13,7 +13,7 @@ A source is one of:
   (`--image_size`, `--num_channels`, `--data_dir`), unshuffled, not dequantized.
 
 Images are quantized to 8 bits as if saved to PNG and go through the project's port of the
-pytorch-fid Inception network (`score_jax.inception`) over every device; FID is Heusel et al.
+pytorch-fid Inception network (`score_jax.eval.inception`) over every device; FID is Heusel et al.
 2017 (the pytorch-fid computation), KID Binkowski et al. 2018 (needs features on both sides), IS
 Salimans et al. 2016 (needs images and weights with the 1008-way logits). With `--save_stats`,
 the first source's statistics (`mu`, `sigma`, `features`) are written: on all 50k CIFAR-10
@@ -31,7 +31,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from score_jax import evaluate, fetch_inception, image_data, inception, metrics, progress
+from score_jax import image_data, progress
+from score_jax.eval import feature_nets, fetch_inception, inception, metrics
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _KID_TAG = 2
@@ -135,13 +136,13 @@ def save_statistics(stats: Source, path: str) -> None:
 
 
 def inception_featurize(weights: str | None) -> Callable[[np.ndarray], dict]:
-  """Inception features (`evaluate.image_features`) of images `[b, h, w, c]` in [0, 1]."""
+  """Inception features (`feature_nets.image_features`) of images `[b, h, w, c]` in [0, 1]."""
   path = weights or os.fspath(fetch_inception.default_npz_path())
   if not os.path.isfile(path):
     raise ValueError(f"FID Inception weights not found at {path}: run "
-                     f"`{evaluate.FETCH_COMMAND}` first (or pass --inception_weights)")
-  net = evaluate.make_inception_fn(inception.load_params(path))
-  return lambda x: evaluate.image_features(net, x, centered=False)
+                     f"`{fetch_inception.COMMAND}` first (or pass --inception_weights)")
+  net = feature_nets.make_inception_fn(inception.load_params(path))
+  return lambda x: feature_nets.image_features(net, x, centered=False)
 
 
 def check_sources(sources: list[str], save_stats: str | None) -> None:

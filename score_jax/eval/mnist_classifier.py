@@ -1,10 +1,10 @@
 """A small MNIST classifier: the feature space of FID-like distances on MNIST, and mode counts.
 
-Inception features (`score_jax.inception`) are the published FID protocol, but they are slow on a
-CPU and were never meant for 28x28 digits; a common substitute on MNIST is the feature space of a
-small digit classifier. StackedMNIST mode counts (Metz et al. 2017, "Unrolled Generative
+Inception features (`score_jax.eval.inception`) are the published FID protocol, but they are slow
+on a CPU and were never meant for 28x28 digits; a common substitute on MNIST is the feature space
+of a small digit classifier. StackedMNIST mode counts (Metz et al. 2017, "Unrolled Generative
 Adversarial Networks"; Srivastava et al. 2017, VEEGAN; Lin et al. 2018, PacGAN; see
-`score_jax.stacked_mnist`) classify each colour channel with such a net. This is the project's
+`score_jax.eval.stacked_mnist`) classify each colour channel with such a net. This is the project's
 one such classifier:
 
   conv5x5(32, stride 2) - relu -> conv5x5(64, stride 2) - relu -> flatten (7 x 7 x 64)
@@ -23,7 +23,7 @@ of the project measures in the same feature space and a changed dataset retrains
 below does that once (about 25 s on two cores); `main.py --mode=eval` with
 `eval.features="mnist_classifier"` then reads the cached file (`load_checked`):
 
-  python -m score_jax.mnist_classifier --manual_dir=../shared/data/mnist [--cache_dir DIR]
+  python -m score_jax.eval.mnist_classifier --manual_dir=../shared/data/mnist [--cache_dir DIR]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ import score_jax
 from score_jax import image_data, paths
 
 CACHE_NAME = "mnist_classifier_v1.npz"
+# The command that trains and caches the classifier, named in errors where it is missing.
+COMMAND = "python -m score_jax.eval.mnist_classifier --manual_dir={manual_dir}"
 NUM_FEATURES = 128
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -277,7 +279,7 @@ def load_checked(path: str | os.PathLike) -> Params:
     raise ValueError(f"cannot read MNIST classifier weights {path}: {e}") from e
   if not _matches_model(params):
     raise ValueError(f"{path} does not hold MnistClassifier parameters of this version "
-                     "(retrain: python -m score_jax.mnist_classifier --manual_dir=...)")
+                     "(retrain: python -m score_jax.eval.mnist_classifier --manual_dir=...)")
   return params
 
 

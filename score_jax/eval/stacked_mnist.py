@@ -16,7 +16,7 @@ generation"; AC `runners/stackedmnist_runner.py`, `compute_score`) evaluate scor
 with this recipe. Two differences from AC: the dataset draws its digits independently and
 uniformly with replacement (AC/IVGAN zip three shuffled copies of the MNIST training set, so each
 digit appears once per channel), and the classifier is this project's
-`score_jax.mnist_classifier` (AC uses the PyTorch MNIST example net, as PacGAN).
+`score_jax.eval.mnist_classifier` (AC uses the PyTorch MNIST example net, as PacGAN).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Array, Float, Int, UInt8
 
-from score_jax import mnist_classifier
+from score_jax.eval import mnist_classifier
 
 NUM_MODES = 1000
 _CHANNEL_WEIGHTS = np.array([100, 10, 1])
@@ -69,7 +69,7 @@ def classify_modes(samples: Float[np.ndarray | Array, "n 28 28 3"],
 
   Args:
     samples: `[n, 28, 28, 3]` float images in [0, 1].
-    classifier_params: `score_jax.mnist_classifier` parameters.
+    classifier_params: `score_jax.eval.mnist_classifier` parameters.
 
   Returns:
     `[n]` int64 modes in 0..999.
@@ -112,7 +112,7 @@ def count_modes(samples: Float[np.ndarray | Array, "n 28 28 3"],
 
   Args:
     samples: `[n, 28, 28, 3]` float images in [0, 1] (uint8 data: divide by 255).
-    classifier_params: `score_jax.mnist_classifier` parameters (`load_or_train`).
+    classifier_params: `score_jax.eval.mnist_classifier` parameters (`load_or_train`).
 
   Returns:
     `{"modes_covered": int, "kl_to_uniform": float, "mode_histogram": int64 [1000]}`.

@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature arrays: FID, KID and Inception Score.
 
 Pure functions of feature (or logit) arrays; which network makes the features is not their
-business (see `score_jax.inception` and `score_jax.evaluate`).
+business (see `score_jax.eval.feature_nets` and `score_jax.eval.evaluators`).
 
 * Frechet distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to
   a Local Nash Equilibrium", Eq. 6): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), computed as
