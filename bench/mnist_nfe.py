@@ -10,7 +10,7 @@ finished rows); this script then prints the table of all of them, sorted by samp
 the fewest NFE that match the quality of the config's own ALS setting, and plots the distance
 against NFE, one line per sampler, to `<workdir>/mnist_nfe.png`.
 
-    python -m score_jax.mnist_classifier --manual_dir=../shared/data/mnist     # once
+    python -m score_jax.eval.mnist_classifier --manual_dir=../shared/data/mnist     # once
     .venv/bin/python bench/mnist_nfe.py --workdir=runs/mnist_cpu [--num_samples=500]
 
 bench/NOTES.md and the README have the numbers.

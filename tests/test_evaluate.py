@@ -59,12 +59,11 @@ def test_entry_key_tells_apart_every_setting(change):
 
 def test_entry_key_reads_every_argument_of_every_sampler():
   """A knob missing from the key would let two settings of a sweep share one row."""
-  from score_jax import experiment
   config = experiment.config_from_dict({})
   knobs = {k for m in experiment.SAMPLERS for k in experiment.sampler_kwargs(config, m)}
-  assert knobs <= set(eval_records.SETTING_KEYS)
+  assert knobs <= set(records.SETTING_KEYS)
   eta = _entry(method="cas", eta=(0.5, 0.4))
-  assert eval_records.entry_key(json.loads(json.dumps(eta))) == eval_records.entry_key(eta)
+  assert records.entry_key(json.loads(json.dumps(eta))) == records.entry_key(eta)
 
 
 def test_entry_key_counts_an_absent_knob_as_none():
