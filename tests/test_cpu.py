@@ -14,6 +14,8 @@ import pytest
 from score_jax import cpu
 from tests.test_param_trees import tiny_networks
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 IMAGE_NETWORKS = ("ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet_conditional",
                   "biggan32", "biggan64_attn", "dcgan32")
 
