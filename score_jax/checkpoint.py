@@ -26,7 +26,8 @@ written on 8 devices restores onto 1 and vice versa.
 
 A workdir may be a `gs://` URL. Orbax then needs `google-cloud-storage` (it asks the bucket's
 layout) and writes arrays through TensorStore's own GCS driver, not through fsspec, so checkpoints
-there need real Cloud Storage; a missing package is reported before anything is written.
+there need Cloud Storage itself, or a server speaking its JSON API that every client is pointed at
+(tests/fake_gcs.py); a missing package is reported before anything is written.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def fast_compile():
 # The end-to-end tests take a minute or more each; started first, they do not become the tail
 # of a parallel (pytest-xdist) run.
 _LONG_MODULES = ("test_notebook.py", "test_image_train.py", "test_main.py", "test_metrics.py",
-                 "test_mnist_eval.py", "test_adversarial.py")
+                 "test_mnist_eval.py", "test_adversarial.py", "test_paths.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,12 +2,16 @@
 
 fsspec's in-memory file system stands in for Cloud Storage under the `gs` and `gcs` protocols:
 without TensorFlow, `etils.epath` serves `gs://` paths with `fsspec.filesystem("gcs")`, and
-TensorBoard's event writer opens them through fsspec too, so both meet this backend.
+TensorBoard's event writer opens them through fsspec too, so both meet this backend. Orbax's
+checkpoints go through google-cloud-storage and TensorStore instead; the last tests run a Cloud
+Storage server on 127.0.0.1 (fake_gcs.py) that all three clients reach, and `main.py` on it.
 """
 
 import io
 import json
 import os
+import subprocess
+import sys
 
 import fsspec
 import jax
@@ -134,14 +138,10 @@ def test_samples_are_written_to_the_bucket(gs):
       assert Image.open(io.BytesIO(f.read())).format == "PNG"
 
 
-def test_checkpoints_on_gs_need_real_cloud_storage_and_say_so(gs):
-  """Orbax reaches Cloud Storage through google-cloud-storage and TensorStore's own GCS driver,
-  not fsspec, so the fake bucket cannot hold checkpoints; the missing layer is named up front."""
-  try:
-    from google.cloud import storage  # noqa: F401
-    pytest.skip("google-cloud-storage is installed: Orbax would call the real Cloud Storage")
-  except ImportError:
-    pass
+def test_checkpoints_on_gs_without_google_cloud_storage_say_so(gs, monkeypatch):
+  """Orbax asks the bucket's layout through google-cloud-storage, not fsspec; where that package
+  is missing (None in sys.modules makes its import fail), the run stops before writing."""
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
   with pytest.raises(paths.CloudStorageError, match="pip install google-cloud-storage"):
     checkpoint.create_writer(RUN)
   with pytest.raises(cli.UsageError, match="--workdir=gs://bucket/run: Orbax"):
@@ -189,3 +189,125 @@ def test_tfds_builders_read_manual_files_from_the_bucket(gs):
   assert examples["test_batch.bin_1"]["label"] == int(rows[1, 0])
   np.testing.assert_array_equal(examples["test_batch.bin_1"]["image"],
                                 rows[1, 1:].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_a_run_checkpoints_resumes_and_samples_on_a_cloud_storage_server(tmp_path):
+  """`main.py` trains, resumes and samples with `--workdir=gs://bucket/run` against one Cloud
+  Storage server on 127.0.0.1 (tests/fake_gcs.py) that gcsfs, google-cloud-storage and
+  TensorStore all reach: Orbax's checkpoints and every log land in the bucket, nothing on disk."""
+  for module, package in (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage")):
+    pytest.importorskip(module, reason=f"the gcs extra's {package} is not installed "
+                        "(pip install -e '.[test]', or the lock requirements.txt)")
+  from conftest import REPO, main_env
+  from fake_gcs import FakeGcs
+
+  server = FakeGcs(["bucket"])
+  env = dict(main_env(devices=1), **server.environment())
+  fast = ["--config.training.log_every_steps=1", "--config.training.ckpt_every_steps=1",
+          "--config.training.eval_every_steps=1", "--config.training.keep_checkpoints=2",
+          "--config.sampling.methods=('als',)", "--config.sampling.als.steps_per_sigma=1",
+          "--config.sampling.num_samples=16", "--config.sampling.batch_size=16"]
+
+  def main(*args: str) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "main.py"), f"--workdir={RUN}", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc.stdout
+
+  def read(name: str) -> bytes:
+    return server.buckets["bucket"]["run/" + name].data
+
+  def als_samples() -> tuple[np.ndarray, int]:
+    """The step-3 samples and the generation of their object (a rewrite changes it)."""
+    obj = server.buckets["bucket"]["run/samples/als_step3.npz"]
+    return np.load(io.BytesIO(obj.data))["x"], obj.generation
+
+  try:
+    config = f"--config={REPO / 'configs' / 'test.py'}"
+    main(config, "--config.training.num_train_steps=2", *fast)
+    assert "resumed from checkpoint 2 in gs://bucket/run" in main(
+        config, "--config.training.num_train_steps=3", *fast)
+    trained = als_samples()
+    main("--mode=sample")
+    names = server.names("bucket")
+    assert not server.unsupported, server.unsupported
+  finally:
+    server.close()
+
+  # Checkpoints 2 and 3 are complete (Orbax's commit marker, TensorStore's OCDBT arrays);
+  # checkpoint 1 was deleted when 3 came, and the writer's lock object is gone.
+  steps = sorted({int(n.split("/")[2]) for n in names if n.startswith("run/checkpoints/")})
+  assert steps == [2, 3]
+  for step in steps:
+    assert f"run/checkpoints/{step}/commit_success.txt" in names
+    assert f"run/checkpoints/{step}/state/manifest.ocdbt" in names
+  assert "run/train.lock" not in names
+  rows = [json.loads(line) for line in read("metrics.jsonl").decode().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+  assert len([n for n in names if n.startswith("run/tb/metrics/events.out.tfevents")]) == 2
+  # --mode=sample restored step 3 through TensorStore and wrote again the same samples the run
+  # drew from its own state.
+  sampled_x, generation = als_samples()
+  assert generation != trained[1]
+  np.testing.assert_array_equal(sampled_x, trained[0])
+  sampled = [json.loads(line) for line in read("sample_metrics.jsonl").decode().splitlines()]
+  assert [(r["method"], r["step"]) for r in sampled] == [("als", 2), ("als", 3), ("als", 3)]
+  assert os.listdir(tmp_path) == [], f"a URL became local files: {os.listdir(tmp_path)}"
+  assert not [p for p in os.listdir(REPO) if p.startswith("gs:")]
+
+
+@pytest.fixture
+def gcs_server(monkeypatch):
+  """A Cloud Storage server on 127.0.0.1 with bucket `bucket`, and this process's clients pointed
+  at it; skips where the gcs extra is missing."""
+  for module, package in (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage")):
+    pytest.importorskip(module, reason=f"the gcs extra's {package} is not installed "
+                        "(pip install -e '.[test]', or the lock requirements.txt)")
+  from fake_gcs import FakeGcs
+  server = FakeGcs(["bucket"])
+  for key, value in server.environment().items():
+    monkeypatch.setenv(key, value)
+  yield server
+  server.close()
+
+
+def test_the_three_cloud_storage_clients_share_one_store(gcs_server):
+  import tensorstore as ts
+  from gcsfs.core import GCSFileSystem  # the plain one, as the environment selects for main.py
+  from google.cloud import storage
+  kv = ts.KvStore.open({"driver": "gcs", "bucket": "bucket", "path": "run/"}).result()
+  kv.write("a", b"x" * 10).result()
+  kv.write("b/c", b"yz").result()
+  first = kv.read("a").result().stamp.generation
+  # A conditional write against a stale generation is refused (412), as on Cloud Storage;
+  # TensorStore reports that as a write without a generation.
+  assert kv.write("a", b"new", if_equal=first).result().generation not in (b"", first)
+  assert kv.write("a", b"lost", if_equal=first).result().generation == b""
+  assert kv.read("a").result().value == b"new"
+  assert sorted(kv.list().result()) == [b"a", b"b/c"]
+  assert kv.read("a", byte_range=slice(1, 3)).result().value == b"ew"
+  current = kv.read("a").result().stamp.generation
+  assert kv.read("a", if_not_equal=current).result().state == "unspecified"  # 304, unchanged
+  fs = GCSFileSystem(token="anon", endpoint_url=gcs_server.url)
+  fs.pipe("bucket/run/d.txt", b"from gcsfs")
+  assert fs.cat("bucket/run/b/c") == b"yz"
+  assert sorted(fs.ls("bucket/run", detail=False)) == ["bucket/run/a", "bucket/run/b",
+                                                       "bucket/run/d.txt"]
+  bucket = storage.Client().bucket("bucket")
+  assert bucket.blob("run/d.txt").download_as_bytes() == b"from gcsfs"
+  assert not storage.Client().get_bucket("bucket").hierarchical_namespace_enabled
+  # Resumable uploads in flight together, one finishing before another starts (as gcsfs's
+  # writers of a checkpoint's JSON items do from several threads).
+  chunk = 2**18 + 1
+  first, second = (fs.open(f"bucket/up/{n}", "wb", block_size=2**18) for n in ("1", "2"))
+  first.write(b"1" * chunk)
+  second.write(b"2" * chunk)
+  first.close()
+  with fs.open("bucket/up/3", "wb", block_size=2**18) as third:
+    third.write(b"3" * chunk)
+    second.close()
+  assert [fs.cat(f"bucket/up/{n}") for n in "123"] == [n.encode() * chunk for n in "123"]
+  fs.rm(["bucket/run/a", "bucket/run/b/c"])  # one batched request
+  assert gcs_server.names("bucket") == ["run/d.txt", "up/1", "up/2", "up/3"]
+  assert not gcs_server.unsupported
