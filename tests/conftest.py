@@ -97,7 +97,7 @@ def fast_compile():
   their values: the compile takes a third of the time, the numbers stay within float32
   rounding."""
   import jax
-  before = jax.config.jax_disable_most_optimizations
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
