@@ -80,11 +80,11 @@ def main() -> None:
   rows.sort(key=lambda r: (r["method"], r["nfe"]))
   anchor = [r for r in rows if all(r.get(k) == v for k, v in ANCHOR.items())]
   target = anchor[0][METRIC] if anchor else None
-  print("| sampler | setting | NFE | FD (classifier) | KID x 1e3 |\n|---|---|---|---|---|")
+  print("| sampler | setting | NFE | FD (classifier) | KID (classifier) |\n|---|---|---|---|---|")
   for r in rows:
     mark = " *" if target is not None and r[METRIC] <= target else ""
     print(f"| {r['method']} | {setting(r)} | {r['nfe']:.0f} | {r[METRIC]:.1f}{mark} | "
-          f"{1e3 * r.get('kid_mnist', math.nan):.1f} |")
+          f"{r.get('kid_mnist', math.nan):.3g} |")
   if target is not None:
     matching = [r for r in rows if r[METRIC] <= target]
     best = min(matching, key=lambda r: r["nfe"])
