@@ -81,7 +81,7 @@ def mnist_dir(shared_data) -> pathlib.Path:
 @pytest.fixture
 def inception_npz() -> pathlib.Path:
   """The converted FID Inception weights ($SCORE_JAX_INCEPTION_NPZ or the cache), or a skip: a
-  test never downloads them (`.ci/run` fetches them before the suite)."""
+  test never downloads them (`.ci/colab` fetches them for the notebook)."""
   from score_jax.eval import fetch_inception
   env = os.environ.get("SCORE_JAX_INCEPTION_NPZ")
   npz = pathlib.Path(env) if env else fetch_inception.default_npz_path()
