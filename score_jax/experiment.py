@@ -208,6 +208,7 @@ FLAT_MODEL_FIELDS = {
     "num_res_blocks": "unet.num_res_blocks", "attn_resolutions": "unet.attn_resolutions",
     "dropout": "unet.dropout", "conditional": "unet.conditional",
 }
+_FLAT_UNET_FIELDS = {"ngf": "unet.ch"}  # where a UNet's flat field went instead
 
 
 def moved_field_hint(name: str, prefix: str = "") -> str:
@@ -218,7 +219,8 @@ def moved_field_hint(name: str, prefix: str = "") -> str:
   if group != "model" or key not in FLAT_MODEL_FIELDS:
     return ""
   hint = f"; it is now {prefix}model.{FLAT_MODEL_FIELDS[key]}"
-  return hint + (f" ({prefix}model.unet.ch for the UNet)" if key == "ngf" else "")
+  unet = _FLAT_UNET_FIELDS.get(key)
+  return hint + (f" ({prefix}model.{unet} for the UNet)" if unet else "")
 
 
 def _migrate_model(stored: dict) -> dict:
@@ -226,7 +228,9 @@ def _migrate_model(stored: dict) -> dict:
   m = dict(stored.get("model") or {})
   for key, new in FLAT_MODEL_FIELDS.items():
     if key in m:
-      group, field = ("unet", "ch") if (key, m.get("name")) == ("ngf", "unet") else new.split(".")
+      if m.get("name") == "unet":
+        new = _FLAT_UNET_FIELDS.get(key, new)
+      group, field = new.split(".")
       m[group] = {**(m.get(group) or {}), field: m.pop(key)}
   return {**stored, "model": m}
 
