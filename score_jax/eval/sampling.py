@@ -23,6 +23,16 @@ from score_jax.eval.sweep import sampler_args
 SampleFn = Callable[[Any, jax.Array, int, int], tuple[np.ndarray, np.ndarray]]
 
 
+def _sample_fn(config: ml_collections.ConfigDict, method: str, overrides: dict) -> Callable:
+  """`experiment.make_sample_fn` of the configured `method` with `overrides` of its arguments,
+  returning `(samples, info)`."""
+  return experiment.make_sample_fn(
+      models.build(config), experiment.sigmas_from_config(config),
+      experiment.example_shape(config), method=method,
+      init=experiment.sampler_init(config, method), return_info=True,
+      **{**experiment.sampler_kwargs(config, method), **overrides})
+
+
 def make_checkpoint_sampler(config: ml_collections.ConfigDict, method: str | None = None,
                             **overrides) -> SampleFn:
   """`experiment.make_sample_fn` over all devices, taking the params as an argument.
@@ -36,12 +46,7 @@ def make_checkpoint_sampler(config: ml_collections.ConfigDict, method: str | Non
     `p_sample(params, rng, start, n) -> (samples [n, ...], nfe [n])`, one compiled program for
     all checkpoints.
   """
-  method = method or config.sampling.method
-  fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
-                                 experiment.example_shape(config),
-                                 method=method, init=experiment.sampler_init(config, method),
-                                 return_info=True,
-                                 **{**experiment.sampler_kwargs(config, method), **overrides})
+  fn = _sample_fn(config, method or config.sampling.method, overrides)
   count = {}
 
   def with_nfe(params, keys):
@@ -72,12 +77,7 @@ def make_step_lr_sampler(config: ml_collections.ConfigDict, entries: list[dict])
     step sizes; setting j's samples equal those `make_checkpoint_sampler` draws for it alone, up
     to float rounding.
   """
-  e0 = entries[0]
-  kwargs = {**experiment.sampler_kwargs(config, e0["method"]), **sampler_args(e0)}
-  fn = experiment.make_sample_fn(models.build(config), experiment.sigmas_from_config(config),
-                                 experiment.example_shape(config), method=e0["method"],
-                                 init=experiment.sampler_init(config, e0["method"]),
-                                 return_info=True, **kwargs)
+  fn = _sample_fn(config, entries[0]["method"], sampler_args(entries[0]))
   lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
 
   count = {}
