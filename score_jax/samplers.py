@@ -471,10 +471,13 @@ def _churn(x, sigma, step_in, rng, *, gamma_max, s_tmin, s_tmax, s_noise):
   """EDM Algorithm 2, lines 5-6: raise sigma by gamma and add the matching noise."""
   if gamma_max == 0.0:
     return x, sigma
-  gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
-  sigma_hat = sigma * (1.0 + gamma)
+  churned = (sigma >= s_tmin) & (sigma <= s_tmax)
+  sigma_hat = jnp.where(churned, sigma * (1.0 + gamma_max), sigma)
+  # Noise only where gamma > 0 (as k-diffusion's `sample_heun`): at gamma = 0, XLA may evaluate
+  # sigma_hat^2 - sigma^2 as a tiny negative number, whose square root is NaN.
+  std = jnp.where(churned, jnp.sqrt(jnp.maximum(sigma_hat ** 2 - sigma ** 2, 0.0)), 0.0)
   z = _normal(rng, step_in, x)
-  return x + jnp.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * z, sigma_hat
+  return x + std * s_noise * z, sigma_hat
 
 
 def _ode_sampler(score_fn, x_init, sigmas, rng, *, heun, s_churn, s_tmin, s_tmax, s_noise,

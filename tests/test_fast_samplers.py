@@ -77,6 +77,45 @@ def test_churned_heun_keys_are_per_example_and_churn_needs_a_key():
     samplers.dpm_solver_pp_2m(MIX.score, x0, sigmas[::-1])
 
 
+def _churned_variance(sigmas, mu_std, sigma_max, gamma, s_tmin, s_tmax, heun):
+  """The output variance of EDM's churned Euler/Heun on N(mu, s^2) data with the exact score.
+
+  With the exact denoiser every step is affine in x - mu: d = k(sigma) (x - mu) with
+  k(sigma) = sigma / (s^2 + sigma^2), so the variance follows v <- A^2 (v + c^2), c the churn std.
+  """
+  k = lambda sigma: sigma / (mu_std ** 2 + sigma ** 2)
+  sigmas = np.append(np.asarray(sigmas, np.float64), 0.0)
+  v = mu_std ** 2 + sigma_max ** 2
+  for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    g = gamma if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (1.0 + g)
+    a = 1.0 + (sigma_next - sigma_hat) * k(sigma_hat)
+    if heun and sigma_next > 0:
+      a = 1.0 + (sigma_next - sigma_hat) * 0.5 * (k(sigma_hat) + k(sigma_next) * a)
+    v = a ** 2 * (v + sigma_hat ** 2 - sigma ** 2)
+  return v
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+@pytest.mark.parametrize("batch", [4, 64, 1000, 20000])
+def test_churn_with_a_finite_s_tmin_is_finite_and_has_the_closed_form_variance(name, batch):
+  # EDM's ImageNet setting (s_tmin = 0.05) leaves the last levels unchurned: gamma = 0 there,
+  # where sigma_hat^2 - sigma^2 once evaluated to a tiny negative number and NaN.
+  mu, s0, sigma_max = 0.3, 0.5, 20.0
+  g = toy.Gaussian(np.array([mu]), s0)
+  sigmas = noise.karras_sigmas(sigma_max, 0.01, 10)
+  x0 = mu + np.sqrt(s0 ** 2 + sigma_max ** 2) * jax.random.normal(jax.random.key(0), (batch, 1))
+  run = jax.jit(lambda x, r: getattr(samplers, name)(g.score, x, sigmas, r, s_churn=40.0,
+                                                     s_tmin=0.05, s_tmax=50.0))
+  x = np.asarray(run(x0, jax.random.key(1)), np.float64)
+  assert np.all(np.isfinite(x))
+  if batch >= 1000:
+    v = _churned_variance(sigmas, s0, sigma_max, min(40.0 / 10, np.sqrt(2) - 1), 0.05, 50.0,
+                          heun=name == "heun")
+    se = v * np.sqrt(2.0 / (batch - 1))
+    assert abs(x.var() - v) < 5 * se, (x.var(), v, se)
+
+
 def _marginal_samples(mix, n, sigma_max, seed):
   """Exact samples of the data convolved with N(0, sigma_max^2 I)."""
   data_rng, noise_rng = jax.random.split(jax.random.key(seed))
