@@ -164,6 +164,7 @@ def get_config() -> ml_collections.ConfigDict:
   adaptive.h_max_factor = placeholder(float)  # cap on the step's growth per attempt; None: none (the paper).
   adaptive.max_iters = 10_000  # bound on solver iterations.
   adaptive.denoise = True  # final Tweedie denoising at sigma_min (one more evaluation).
+  adaptive.noise = "brownian_tree"  # brownian_tree (path fixed across rejections) | redraw (the paper's fresh draw: biased in low dimension).
 
   # --- adversarial (Jolicoeur-Martineau et al. 2020) -----------------------------------------------
   config.adversarial = adversarial = ml_collections.ConfigDict()

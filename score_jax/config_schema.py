@@ -192,6 +192,7 @@ FIELDS: dict[str, Field] = {
     "sampling.adaptive.h_max_factor": _float(1.0, open_low=True, optional=True),
     "sampling.adaptive.max_iters": _pos_int(),
     "sampling.adaptive.denoise": _BOOL,
+    "sampling.adaptive.noise": _choice("brownian_tree", "redraw"),
     # adversarial
     "adversarial.enabled": _BOOL,
     "adversarial.gan_loss": _choice(*gan.GAN_LOSSES),
