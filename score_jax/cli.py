@@ -286,13 +286,12 @@ def main(argv: list[str] | None = None) -> int:
   """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
   status. `argv` defaults to `sys.argv`."""
   argv = _shipped_configs(sys.argv if argv is None else argv)
-  for key in _cli_override_keys(argv):
-    if key.startswith("model.") and key not in config_schema.FIELDS:
-      from score_jax import experiment
-      hint = experiment.moved_field_hint(key, prefix="--config.")
-      if hint:
-        print(f"error: --config.{key} is not a config field{hint}", file=sys.stderr)
-        return 2
+  if any(key.startswith("model.") for key in _cli_override_keys(argv)):
+    from score_jax import experiment
+    moved = experiment.moved_flag_error(argv)
+    if moved:
+      print(f"error: {moved}", file=sys.stderr)
+      return 2
   if _CONFIG_FLAG_ERROR is not None:
     unknown = [k for k in _cli_override_keys(argv) if k not in config_schema.FIELDS]
     what = (f"--config.{unknown[0]} is not a config field (the fields are in configs/default.py)"

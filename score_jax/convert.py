@@ -527,6 +527,11 @@ def main(argv: list[str]) -> int:
   from absl import flags
   from ml_collections import config_flags
 
+  from score_jax import experiment
+  moved = experiment.moved_flag_error(argv)
+  if moved:
+    print(f"error: {moved}", file=sys.stderr)
+    return 2
   fv = flags.FlagValues()
   argv = ["--noema" if a == "--no-ema" else a for a in argv]
   config_flags.DEFINE_config_file("config", None, "score_jax config describing the network.",

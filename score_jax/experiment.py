@@ -223,6 +223,21 @@ def moved_field_hint(name: str, prefix: str = "") -> str:
   return hint + (f" ({prefix}model.{unet} for the UNet)" if unet else "")
 
 
+def moved_flag_error(argv: list[str]) -> str:
+  """The one-line error for the first `--config.model.X=...` flag in `argv` that names an old flat
+  model field (with the field it is now), or "" when there is none; every command checks its
+  flags with it before ml_collections reports a bare AttributeError."""
+  from score_jax import config_schema
+  for arg in argv:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in config_schema.FIELDS:
+        hint = moved_field_hint(key, prefix="--config.")
+        if hint:
+          return f"--config.{key} is not a config field{hint}"
+  return ""
+
+
 def _migrate_model(stored: dict) -> dict:
   """A stored config's `model` group in the per-network layout (`FLAT_MODEL_FIELDS`)."""
   m = dict(stored.get("model") or {})

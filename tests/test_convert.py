@@ -179,6 +179,7 @@ def _truncated(path: pathlib.Path) -> None:
     ("forbidden_global", "forbidden global 'os.system'"),
     ("wrong_sigmas", "sigmas buffer"),
     ("model_name", "converts to model.name='ncsnv2'"),
+    ("old_field", "--config.model.ngf is not a config field; it is now --config.model.ncsn.ngf"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, expect):
   workdir = tmp_path / "out"
@@ -196,6 +197,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, ex
     args = cli_args("ncsnv2", workdir, checkpoint=tmp_path / "f.pth")
   elif case == "wrong_sigmas":
     args = cli_args("ncsnv2", workdir, **{"noise.sigma_max": 2.0})
+  elif case == "old_field":  # a flag of the flat model group of older configs
+    args = cli_args("ncsnv2", workdir, **{"model.ngf": 32})
   else:
     args = cli_args("ncsnv2", workdir, **{"model.name": "ncsn"})
   assert convert.main(args) == 2
