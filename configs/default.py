@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   unet.attn_resolutions = (16,)  # resolutions (pixels) with self-attention.
   unet.dropout = 0.0  # dropout rate.
   unet.conditional = False  # whether the net receives the noise level.
+  unet.input_range = "centered"  # what the first conv sees: centered ([-1, 1], DDPM) | unit ([0, 1], the AC UNet: no rescaling of its [0, 1] data).
 
   # --- noise ------------------------------------------------------------------------------------
   config.noise = noise = ml_collections.ConfigDict()

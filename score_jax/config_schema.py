@@ -110,6 +110,7 @@ FIELDS: dict[str, Field] = {
     "model.unet.attn_resolutions": Field("tuple", 1, None, item="int"),
     "model.unet.dropout": _float(0.0, 1.0, open_high=True),
     "model.unet.conditional": _BOOL,
+    "model.unet.input_range": _choice("centered", "unit"),
     # noise
     "noise.schedule": _choice("geometric", "linear"),
     "noise.sigma_max": _pos_float(),

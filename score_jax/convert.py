@@ -8,7 +8,9 @@ Sources and the reference files that define their module names:
   (ermongroup/ncsnv2 `models/ncsnv2.py`, `models/layers.py`, `models/normalization.py`); the same
   networks in AlexiaJM/AdversarialConsistentScoreMatching `models/ncsnv2.py` (no `sigmas` buffer).
 - `ac_unet`: the DDPM-style UNet of AlexiaJM/AdversarialConsistentScoreMatching `models/UNet.py`
-  (unconditional: its `temb_dense` layers exist but are never used, and are not converted).
+  (unconditional: its `temb_dense` layers exist but are never used, and are not converted). It
+  sees its [0, 1] data unrescaled (`rescaled: false` in the AC configs), so the config needs
+  `model.unet.input_range=unit`.
 
 Checkpoint layouts (the runners' `torch.save(states, 'checkpoint.pth')`):
 
@@ -346,6 +348,9 @@ def check_config(source: str, config) -> None:
     if m.conditional:
       raise ConversionError("--source=ac_unet: the AC UNet is trained without a noise-level input; "
                             "set --config.model.unet.conditional=False")
+    if m.input_range != "unit":
+      raise ConversionError("--source=ac_unet: the AC UNet sees its [0, 1] data unrescaled; "
+                            "set --config.model.unet.input_range=unit")
     if m.num_res_blocks != 2:
       raise ConversionError(f"--source=ac_unet: the AC UNet has 2 residual blocks per level; "
                             f"model.unet.num_res_blocks={m.num_res_blocks}, set it to 2")

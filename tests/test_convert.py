@@ -40,6 +40,7 @@ def fixture_overrides(name: str) -> dict:
     out["model.unet.ch"] = m["ngf"]
     out["model.unet.ch_mult"] = tuple(m["ch_mult"])
     out["model.unet.attn_resolutions"] = tuple(m["attn_resolutions"])
+    out["model.unet.input_range"] = "unit"
   else:
     out["model.ncsn.ngf"] = m["ngf"]
   return out
@@ -102,12 +103,22 @@ def test_scores_match_the_reference(name):
     assert_parity(got_raw, d["score_raw"])
 
 
-def test_unet_outputs_match_the_reference():
+def test_unet_outputs_match_the_reference_which_does_not_rescale_its_input():
+  """The AC UNet applies its first conv to the [0, 1] data as they are (AC `models/UNet.py`,
+  `rescaled: false`); the fixture's inputs span [-1, 1], so [0, 1] and the range 2x - 1 makes."""
   config = fixture_config("ac_unet")
-  params = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", config)
+  ema = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", config)
+  raw = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", config, ema=False)
+  got_ema, got_raw = network_outputs("ac_unet", config, [ema, raw], raw_output=True)
   with np.load(FIXTURES / "ac_unet.npz") as d:
-    want = d["score_ema"]
-  assert_parity(network_outputs("ac_unet", config, [params], raw_output=True)[0], want)
+    x, want_ema, want_raw = d["x"], d["score_ema"], d["score_raw"]
+  assert x.min() < 0.0 < x.max() and not config.data.centered
+  assert_parity(got_ema, want_ema)
+  assert_parity(got_raw, want_raw)
+  # The DDPM range instead (2x - 1 inside, the converter's old network) is far off.
+  centered = fixture_config("ac_unet", **{"model.unet.input_range": "centered"})
+  off = network_outputs("ac_unet", centered, [ema], raw_output=True)[0]
+  assert np.abs(off - want_ema).max() > 0.1 * np.abs(want_ema).max()
 
 
 def test_unet_names_and_shapes_convert_strictly():
@@ -180,6 +191,7 @@ def _truncated(path: pathlib.Path) -> None:
     ("wrong_sigmas", "sigmas buffer"),
     ("model_name", "converts to model.name='ncsnv2'"),
     ("old_field", "--config.model.ngf is not a config field; it is now --config.model.ncsn.ngf"),
+    ("unet_range", "set --config.model.unet.input_range=unit"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, expect):
   workdir = tmp_path / "out"
@@ -197,6 +209,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, ex
     args = cli_args("ncsnv2", workdir, checkpoint=tmp_path / "f.pth")
   elif case == "wrong_sigmas":
     args = cli_args("ncsnv2", workdir, **{"noise.sigma_max": 2.0})
+  elif case == "unet_range":  # the AC UNet converted into a network that rescales its input
+    args = cli_args("ac_unet", workdir, **{"model.unet.input_range": "centered"})
   elif case == "old_field":  # a flag of the flat model group of older configs
     args = cli_args("ncsnv2", workdir, **{"model.ngf": 32})
   else:

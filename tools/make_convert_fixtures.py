@@ -15,10 +15,15 @@ with tiny widths, random weights and non-trivial norm parameters. Each network i
   EMA shadow is keyed by parameter name without the `module.` prefix. NCSNv2's state_dict holds
   the `sigmas` buffer.
 
-Next to each `<name>.pth`, `<name>.npz` holds the inputs (`x` NHWC in [0, 1], `sigma`, `level`)
-and the reference outputs computed here: `score_ema` and `score_raw` (NHWC), the score (NCSN,
+Next to each `<name>.pth`, `<name>.npz` holds the inputs (`x` NHWC, `sigma`, `level`) and the
+reference outputs computed here: `score_ema` and `score_raw` (NHWC), the score (NCSN,
 NCSNv2: the network's output, divided by sigma for NCSNv2) or the raw network output (UNet, which
-outputs sigma * score). The optimizer is Adam before its first step, so its state is small.
+outputs sigma * score). The inputs are in [0, 1], the data range of all these networks; the UNet's
+are 2u - 1 with u ~ U[0, 1): the AC UNet sees its [0, 1] data unrescaled (AC `models/UNet.py`
+forward; `configs/cifar10_unet_9999_1e-4.yml` sets `rescaled: false`, and
+`datasets/__init__.py` maps 2x - 1 only when `rescaled`), and inputs over [-1, 1] also cover the
+range a wrongly inserted 2x - 1 would produce. The optimizer is Adam before its first step, so its
+state is small.
 
 torch is a tool for regenerating these files only, never a dependency of score_jax or its tests:
 
@@ -386,8 +391,7 @@ class UNet(nn.Module):
                                     nn.SiLU())
 
   def forward(self, x, y=None):
-    del y
-    x = 2 * x - 1.  # the runner's data_transform for data in [0, 1] that the network sees centered
+    del y  # unconditional; and no rescaling of the input, as the reference
     hs = []
     for m in self.downblocks:
       x = m(x)
@@ -445,17 +449,20 @@ def deflate(path: str) -> None:
 
 
 def write(out: str, name: str, net: nn.Module, *, sigmas, levels, ema: bool, seed: int,
-          meta: dict, legacy: bool = False) -> None:
+          meta: dict, legacy: bool = False, wide_inputs: bool = False) -> None:
   """Saves `net` (random weights) in its runner's layout and its outputs on fixed inputs.
 
   `legacy`: the pre-1.6 `torch.save` format, as checkpoints of the PyTorch 1.0 era (NCSN v1)
-  were written; otherwise the zip format, with deflated members.
+  were written; otherwise the zip format, with deflated members. `wide_inputs`: inputs in
+  [-1, 1) instead of [0, 1).
   """
   gen = torch.Generator().manual_seed(seed)
   randomize(net, gen)
   model = nn.DataParallel(net)
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
   x = torch.rand(len(levels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+  if wide_inputs:
+    x = 2 * x - 1
   y = torch.tensor(levels, dtype=torch.long)
   with torch.no_grad():
     score_raw = net(x, y).numpy()
@@ -505,7 +512,8 @@ def main():
   write(args.out, "ncsnv2_deepest", ncsnv2_deepest(2, sigmas), sigmas=sigmas, levels=[0, 2],
         ema=True, seed=5, meta=dict(meta, source="ncsnv2_deepest", ngf=2))
   write(args.out, "ac_unet", UNet(32, (1, 1)), sigmas=sigmas, levels=[0, 3], ema=True, seed=4,
-        meta=dict(meta, source="ac_unet", ngf=32, ch_mult=[1, 1], attn_resolutions=[8]))
+        meta=dict(meta, source="ac_unet", ngf=32, ch_mult=[1, 1], attn_resolutions=[8]),
+        wide_inputs=True)
 
 
 if __name__ == "__main__":

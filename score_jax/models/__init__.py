@@ -49,7 +49,8 @@ def _build(config) -> nn.Module:
     g = m.unet
     return unet.UNet(ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks,
                      attn_resolutions=tuple(g.attn_resolutions), dropout=g.dropout,
-                     conditional=g.conditional, centered_input=config.data.centered, **common)
+                     conditional=g.conditional, centered_input=config.data.centered,
+                     input_range=g.input_range, **common)
   if config.data.image_size < 8:
     raise ValueError(f"data.image_size={config.data.image_size}: image networks need >= 8 px")
   common.update(ngf=m.ncsn.ngf, nonlinearity=m.ncsn.nonlinearity,

@@ -100,6 +100,9 @@ class UNet(nn.Module):
   dropout: float = 0.0
   conditional: bool = False
   centered_input: bool = False
+  # What the first conv sees: "centered" ([-1, 1], DDPM) or "unit" ([0, 1]: the AC UNet, which
+  # takes its [0, 1] data unrescaled, AC `models/UNet.py` forward with `rescaled: false`).
+  input_range: str = "centered"
   dtype: Any = jnp.float32
   remat: bool = False
   output_convention = "scaled_score"
@@ -113,7 +116,12 @@ class UNet(nn.Module):
       emb = sinusoidal_embedding(jnp.log(sigma), self.ch)
       emb = nn.Dense(4 * self.ch, kernel_init=_INIT, name="emb_0")(emb)
       emb = nn.Dense(4 * self.ch, kernel_init=_INIT, name="emb_1")(nn.swish(emb))
-    h = x if self.centered_input else 2.0 * x - 1.0
+    if self.input_range not in ("centered", "unit"):
+      raise ValueError(f"input_range={self.input_range!r} must be 'centered' or 'unit'")
+    if self.input_range == "centered":
+      h = x if self.centered_input else 2.0 * x - 1.0
+    else:
+      h = 0.5 * (x + 1.0) if self.centered_input else x
     hs = [_conv(self.ch, dtype=self.dtype, name="conv_in")(h.astype(self.dtype))]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
