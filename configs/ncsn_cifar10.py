@@ -5,8 +5,10 @@ steps, random horizontal flips; ALS step_lr 2e-5, 100 steps per level, U[0, 1] i
 denoising (the paper's setting; the NCSNv2 paper reports FID 29.8 with denoising). As the
 reference (ermongroup/ncsn `anneal_runner.py`, config `anneal.yml`): training data uniformly
 dequantized (x 255/256 + U/256) and samples drawn from the raw weights (no EMA,
-`sampling.use_ema=False`). Reproduces the NCSN row of the NCSNv2 paper's Table 1 / score_sde's
-Table 3 (IS 8.87, FID 25.32; 50k samples against the training-set statistics):
+`sampling.use_ema=False`).
+
+FID anchor: the NCSN row of the NCSNv2 paper's Table 1 / score_sde's Table 3 (IS 8.87, FID
+25.32), 50,000 samples against the statistics of the 50,000 CIFAR-10 training images:
 
     python main.py --config=configs/ncsn_cifar10.py --workdir=runs/ncsn_cifar10 --mode=eval
 

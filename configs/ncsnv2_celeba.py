@@ -2,9 +2,10 @@
 
 NCSNv2 at 64 px, sigma 90 -> 0.01 over 500 levels, Adam 1e-4, batch 128, 210k steps, EMA 0.999;
 ALS step_lr 3.3e-6, 5 steps per level, final denoising. Reference config: ermongroup/ncsnv2
-`configs/celeba.yml`. Evaluation protocol: FID of 50k samples against the statistics of the CelebA
-test set, best of the kept 5000-step checkpoints. Preparing celeb_a needs TensorFlow
-(requirements-prepare.txt).
+`configs/celeba.yml`. Preparing celeb_a needs TensorFlow (requirements-prepare.txt).
+
+FID anchor: the paper's Table 1, FID 10.23 (best of the kept 5000-step checkpoints), 50,000
+samples against the statistics of the 19,962 CelebA test images.
 
     python main.py --config=configs/ncsnv2_celeba.py --workdir=runs/ncsnv2_celeba
     python main.py --config=configs/ncsnv2_celeba.py --workdir=runs/ncsnv2_celeba --mode=eval

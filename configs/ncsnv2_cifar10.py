@@ -3,9 +3,10 @@
 NCSNv2 (ngf 128, 29,694,083 parameters), sigma 50 -> 0.01 over 232 geometric levels (Techniques
 1-2), Adam lr 1e-4 (eps 1e-8), batch 128, 300k steps, EMA 0.999 (Technique 5), random flips; ALS
 step_lr 6.2e-6 with 5 steps per level (Technique 4) and the final denoising step. Reference
-config: ermongroup/ncsnv2 `configs/cifar10.yml`. Evaluation protocol (the paper's): FID of 50k
-samples against the statistics of the 50k training images, at every kept 5000-step checkpoint;
-the best checkpoint is the reported number.
+config: ermongroup/ncsnv2 `configs/cifar10.yml`.
+
+FID anchor: the paper's Table 1, FID 10.87 (the best kept 5000-step checkpoint), 50,000 samples
+against the statistics of the 50,000 CIFAR-10 training images.
 
     python -m score_jax.prepare_data --dataset=cifar10 --manual_dir=DIR_WITH_cifar-10-binary.tar.gz
     python main.py --config=configs/ncsnv2_cifar10.py --workdir=runs/ncsnv2_cifar10

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -78,15 +79,30 @@ def test_sampling_params_follow_use_ema():
 
 
 @pytest.mark.parametrize("name, samples, split, images", [
-    ("ncsnv2_cifar10", 50_000, "train", 50_000), ("cas_cifar10", 50_000, "train", 50_000),
+    ("ncsnv2_cifar10", 50_000, "train", 50_000), ("cas_cifar10", 10_000, "train", 50_000),
     ("ncsn_cifar10", 50_000, "train", 50_000), ("ncsnv2_celeba", 50_000, "test", 19_962),
-    ("adversarial_cifar10", 10_000, "train", 50_000)])
+    ("adversarial_cifar10", 10_000, "train", 50_000),
+    ("adversarial_cifar10_unet", 2_000, "train", 50_000),
+    ("adversarial_church", 5_000, "train", 126_227)])
 def test_paper_configs_default_to_the_papers_fid_protocol(name, samples, split, images):
   from score_jax.eval import reference_stats
   config = _module(name).get_config()
   assert config.eval.num_samples == samples
   assert reference_stats.reference_split(config) == (split, images)
   assert config.training.keep_every_steps == 5000
+
+
+PAPER_CONFIGS = ("ncsnv2_cifar10", "cas_cifar10", "ncsn_cifar10", "ncsnv2_celeba",
+                 "adversarial_cifar10", "adversarial_cifar10_unet", "adversarial_church")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_evaluate_with_their_docstrings_fid_anchor_count(name):
+  """FID falls as the sample count grows: a config reproduces its anchor only at its count."""
+  doc = " ".join(_module(name).__doc__.split())
+  match = re.search(r"FID anchor: .*?(\d[\d,]*) samples against", doc)
+  assert match, f"configs/{name}.py names no 'FID anchor: ... N samples against ...'"
+  assert _module(name).get_config().eval.num_samples == int(match.group(1).replace(",", ""))
 
 
 def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
