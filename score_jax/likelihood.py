@@ -320,7 +320,7 @@ def bits_per_dim(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray,
   For each repeat r the images are dequantized, y = (255 x + u_r) / 256, and
   bpd_r = (-log p_{sigma_min}(y) / D + log 256) / log 2 (score_sde's `likelihood.py` and its
   bits/dim conversion); the result is the mean over repeats. The density is that of the model's
-  data convolved with N(0, sigma_min^2 I). A model of data in [-1, 1] (`centered`) sees 2y - 1,
+  data convolved with N(0, sigma_min^2 I), which cannot read below `bpd_lower_bound`. A model of data in [-1, 1] (`centered`) sees 2y - 1,
   and log p(y) = log p(2y - 1) + D log 2.
 
   Pure and per example: jit- and vmap-able, and with per-example keys a caller may shard the
@@ -361,6 +361,20 @@ def bits_per_dim(score_fn: ScoreFn, x: Float[Array, "b ..."], rng: PRNGKeyArray,
                        num_probes=int(num_probes), max_steps=int(max_steps))
 
 
+def bpd_lower_bound(sigma_min: float, *, centered: bool = False) -> float:
+  """The least bits/dim any density of the form q * N(0, sigma_min^2 I) can give (`bits_per_dim`).
+
+  A Gaussian convolution is at most the Gaussian's peak, p(y) <= (2 pi sigma_min^2)^(-D/2), so
+  bpd = -log2 p(y) / D + 8 >= 8 + log2(2 pi sigma_min^2) / 2 (8 bits: 256 bins on [0, 1]). A
+  model of data in [-1, 1] (`centered`) smooths by sigma_min there, i.e. by sigma_min / 2 on
+  [0, 1]: one bit less. The probability-flow density of a learned score need not be of this
+  form and can read lower; a number below the bound is not the likelihood of the data smoothed
+  at sigma_min.
+  """
+  scale = 2.0 if centered else 1.0
+  return 8.0 + 0.5 * math.log2(2.0 * math.pi * (float(sigma_min) / scale) ** 2)
+
+
 @functools.partial(jax.jit, static_argnames=("score_fn", "num_repeats", "centered", "trace",
                                              "num_probes", "max_steps"))
 def _bits_per_dim(score_fn, x, keys, sigma_min, sigma_max, rtol, atol, *, num_repeats, centered,
@@ -386,5 +400,5 @@ def _bits_per_dim(score_fn, x, keys, sigma_min, sigma_max, rtol, atol, *, num_re
   return jnp.mean(bpd_r, axis=0), info
 
 
-__all__ = ["TRACES", "log_prob", "encode", "decode", "bits_per_dim", "dequantize",
+__all__ = ["TRACES", "log_prob", "encode", "decode", "bits_per_dim", "bpd_lower_bound", "dequantize",
            "example_keys", "gaussian_prior_logp"]

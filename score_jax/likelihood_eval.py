@@ -42,7 +42,7 @@ from score_jax.score import make_score_fn
 MEASURES = ("the likelihood of the data convolved with N(0, sigma_min^2 I) (probability-flow "
             "ODE from sigma_min to sigma_max, prior N(0, sigma_max^2 I))")
 # Columns of likelihood.csv, in order: what was measured, then the protocol.
-CSV_COLUMNS = ("step", "dataset", "metric", "mean", "se", "true_mean", "true_se",
+CSV_COLUMNS = ("step", "dataset", "metric", "mean", "se", "bpd_bound", "true_mean", "true_se",
                "minus_true_mean", "minus_true_se", "exact_mean", "exact_se", "minus_exact_mean",
                "minus_exact_se", "num_examples", "repeats", "split", "trace",
                "num_probes", "rtol", "atol", "sigma_min", "sigma_max", "nfe_mean", "nfe_max",
@@ -249,6 +249,8 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
                         p_fn is None else p_fn, batch, workdir)
   else:
     row["mean"], row["se"] = _mean_se(np.mean(values["bpd_repeats"], axis=1))
+    row["bpd_bound"] = likelihood.bpd_lower_bound(proto["sigma_min"],
+                                                  centered=bool(config.data.centered))
   if parallel.is_main_process():
     _write_row(row, workdir)
   return row
@@ -304,6 +306,12 @@ def format_row(row: dict) -> str:
   unit = "nats" if row["metric"] == "nll_nats" else "bits/dim"
   name = "NLL" if row["metric"] == "nll_nats" else "bits/dim"
   text = f"{name} {row['mean']:.4f} +- {row['se']:.4f} {unit}"
+  if row.get("bpd_bound") is not None:
+    bound = (f"the least any density smoothed by N(0, sigma_min^2 I) gives is "
+             f"{row['bpd_bound']:.4f}")
+    if row["mean"] < row["bpd_bound"]:
+      bound += "; below it, this is not the likelihood of the data smoothed at sigma_min"
+    text += f" ({bound})"
   if row.get("true_mean") is not None:
     text += (f" (truth {row['true_mean']:.4f}; exact score, same protocol "
              f"{row['exact_mean']:.4f}; model - exact score {row['minus_exact_mean']:.4f} +- "

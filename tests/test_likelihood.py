@@ -179,6 +179,42 @@ def test_bits_per_dim_known_gaussian_and_conventions():
   np.testing.assert_allclose(bpd_c, bpd, atol=2e-3)
 
 
+def test_bits_per_dim_at_sigma_min_is_never_below_its_bound_on_exact_scores():
+  # 8-bit images that are point masses of the data: the density of the data smoothed at
+  # sigma_min peaks there at (2 pi sigma_min^2)^(-D/2), the bound, and the dequantized images lie
+  # within 1/256 of the peaks, so the exact score reads just above the bound plus the two
+  # components' weights (1/2 each: log2(2) / D = 0.25 bits for D = 4); centered, the offsets
+  # from the peaks double in sigma_min units.
+  assert lik.bpd_lower_bound(0.01) == pytest.approx(8 + 0.5 * math.log2(2 * math.pi * 1e-4))
+  assert lik.bpd_lower_bound(0.01) == pytest.approx(2.6819, abs=1e-4)
+  assert lik.bpd_lower_bound(0.02, centered=True) == pytest.approx(lik.bpd_lower_bound(0.01))
+  images = np.array([[0, 255, 128, 7], [200, 3, 90, 255]], np.uint8)
+  x = np.repeat(images, 3, axis=0).reshape(6, 2, 2, 1)
+  rng = jax.random.key(3)
+  for centered in (False, True):
+    means = images / 255.0 * (2.0 if centered else 1.0) - (1.0 if centered else 0.0)
+    mix = toy.GaussianMixture((0.5, 0.5), tuple(map(tuple, means)), (0.0, 0.0))
+    score = lambda y, sigma: mix.score(y.reshape(len(y), 4), sigma).reshape(y.shape)
+    bpd, info = lik.bits_per_dim(score, jnp.asarray(x), rng, sigma_min=SIGMA_MIN,
+                                 sigma_max=100.0, num_repeats=2, centered=centered,
+                                 trace="exact")
+    bound = lik.bpd_lower_bound(SIGMA_MIN, centered=centered)
+    assert np.all(np.asarray(info["success"]))
+    assert np.all(np.asarray(info["bpd_repeats"]) >= bound), (info["bpd_repeats"], bound)
+    assert np.all(np.asarray(bpd) < bound + 0.25 + 0.2), (bpd, bound)
+
+
+def test_likelihood_rows_state_the_bound_beside_bits_per_dim():
+  from score_jax import likelihood_eval
+  row = dict(metric="bits_per_dim", mean=2.30, se=0.03, bpd_bound=lik.bpd_lower_bound(0.01),
+             step=3000, num_examples=192, repeats=1, trace="rademacher", num_probes=1,
+             rtol=1e-5, atol=1e-5, nfe_mean=152.0, nfe_max=188, sigma_min=0.01, sigma_max=1.0)
+  text = likelihood_eval.format_row(row)
+  assert "smoothed by N(0, sigma_min^2 I) gives is 2.6819" in text
+  assert "not the likelihood of the data smoothed at sigma_min" in text
+  assert "bpd_bound" in likelihood_eval.CSV_COLUMNS
+
+
 def test_bad_input_fails_before_work():
   score = toy.ncsn_mixture().score
   x = jnp.zeros((2, 2))
