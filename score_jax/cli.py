@@ -24,16 +24,29 @@ import os
 import pathlib
 import socket
 import sys
+import textwrap
 
 import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
 import score_jax
-from score_jax import config_schema, paths, workdir_lock
+from score_jax import config_schema, help_flags, paths, workdir_lock
 from score_jax.config_schema import UsageError
 
-_MODES = ("train", "sample", "eval", "sampler_sweep", "sweep", "likelihood", "export")
+# Each mode with the one line `--help` shows for it.
+_MODE_HELP = {
+    "train": "train (resuming the workdir's checkpoint), then sample with each of "
+             "sampling.methods and print the results table",
+    "sample": "sample the latest checkpoint with sampling.method",
+    "eval": "FID/KID (IS) of every kept checkpoint against eval.reference_split; reports the best",
+    "sampler_sweep": "the main metric of the latest checkpoint over a grid of sampler settings "
+                     "(eval.sweep_*)",
+    "sweep": "train each run of the config file's get_sweep() into <workdir>/sweep_<i>_<overrides>",
+    "likelihood": "test-set NLL and bits per dim of the latest checkpoint (probability-flow ODE)",
+    "export": "the latest checkpoint's EMA parameters and config as one file (--export_path)",
+}
+_MODES = tuple(_MODE_HELP)
 
 FLAGS = flags.FLAGS
 try:
@@ -51,6 +64,45 @@ flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
 flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
+
+
+def _usage() -> str:
+  """The text of `--help`: usage, the modes, examples and where the config fields are."""
+  configs = score_jax.configs_dir()
+  where = os.path.relpath(configs) if configs.is_relative_to(os.getcwd()) else str(configs)
+  shipped = textwrap.fill(" ".join(sorted(p.stem for p in configs.glob("*.py")
+                                           if p.stem != "__init__")), 100,
+                          initial_indent="  ", subsequent_indent="  ")
+  modes = "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<14} ",
+                                   subsequent_indent=" " * 17)
+                     for name, text in _MODE_HELP.items())
+  return f"""\
+usage: score-jax [--config=FILE.py[:ARG]] [--config.GROUP.FIELD=VALUE ...] [--mode=MODE]
+                 [--workdir=DIR] [flags]
+       (the same command: python main.py, python -m score_jax)
+
+Score-based generative modeling (NCSN, NCSNv2, CAS, adversarial score matching) in JAX.
+
+modes (--mode, default train):
+{modes}
+
+examples:
+  score-jax                                             # train + sample the embedded default
+  score-jax --config=configs/mnist_cpu.py --workdir=runs/mnist
+  score-jax --config=configs/two_d.py:swiss_roll --config.training.num_train_steps=500
+  score-jax --mode=sample --workdir=runs/default --config.sampling.method=cas
+
+config: --config names a config file (default: configs/default.py, the schema: every field with
+its default and a one-line comment). Any field is set with --config.GROUP.FIELD=VALUE, groups
+data, model, noise, optim, training, sampling, adversarial, eval. The shipped configs,
+--config=configs/NAME.py (in {where}):
+{shipped}
+Reading modes without --config reuse the checkpoint's config with the --config.* flags on top.
+Bad input prints one line `error: ...` and exits with status 2 before anything is written.
+"""
+
+
+help_flags.define(_usage, lambda: FLAGS.get_flags_for_module(sys.modules[__name__]))
 
 
 # Modes that read an existing workdir; without --config they start from the checkpoint's config.

@@ -1,4 +1,4 @@
-"""Prepare a dataset offline as TFDS ArrayRecord files.
+"""Prepare a dataset as TFDS ArrayRecord files from its original files.
 
     python -m score_jax.prepare_data --dataset=mnist --manual_dir=../shared/data/mnist \
         --data_dir=~/tensorflow_datasets
@@ -9,20 +9,48 @@ Never downloads. Exit status 2 with a one-line message on bad input.
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 
-from absl import app, flags
+from absl import flags
 
-from score_jax import image_data
+from score_jax import help_flags, image_data
 
-flags.DEFINE_string("dataset", None, f"One of {sorted(k for k, v in image_data.DATASETS.items() if v.tfds_name)}.")
+_PREPARABLE = sorted(k for k, v in image_data.DATASETS.items() if v.tfds_name)
+flags.DEFINE_string("dataset", None, f"One of {', '.join(_PREPARABLE)}.")
 flags.DEFINE_string("manual_dir", None, "Folder with the dataset's original files.")
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
+def _usage() -> str:
+  rows = "\n".join(textwrap.fill(
+      ", ".join(image_data.DATASETS[name].manual_files) or "the files TFDS's own builder reads",
+      100, initial_indent=f"  {name:<20} ", subsequent_indent=" " * 23) for name in _PREPARABLE)
+  return f"""\
+usage: python -m score_jax.prepare_data --dataset=NAME --manual_dir=DIR [--data_dir=DIR]
+
+Builds a dataset's TFDS ArrayRecord files (what training and evaluation read) under --data_dir from
+its original files in --manual_dir.
+
+datasets (--dataset) and the original files --manual_dir must hold:
+{rows}
+
+example:
+  python -m score_jax.prepare_data --dataset=mnist --manual_dir=../shared/data/mnist
+"""
+
+
+help_flags.define(_usage, lambda: [FLAGS[n] for n in ("dataset", "manual_dir", "data_dir")])
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m score_jax.prepare_data`; returns the exit status."""
+  try:
+    FLAGS(sys.argv if argv is None else argv)
+  except flags.Error as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
   start = time.time()
   try:
     image_data.prepare(FLAGS.dataset or "", data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
@@ -35,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main())

@@ -177,7 +177,10 @@ def convert_pth(pth: Path, cache_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m score_jax.eval.fetch_inception",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--helpfull", action="help", help="the same as --help")
   parser.add_argument("--cache_dir", type=Path, default=None,
                       help="output folder (default: $SCORE_JAX_CACHE or ~/.cache/score_jax)")
   parser.add_argument("--pth", type=Path, default=None,

@@ -173,7 +173,9 @@ def run(sources: list[str], *, featurize: Callable[[np.ndarray], dict], batch_si
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m score_jax.eval.fid", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--helpfull", action="help", help="the same as --help")
   parser.add_argument("sources", nargs="+", help="folder, .npz (images or statistics), or "
                       "dataset:split")
   parser.add_argument("--save_stats", help="write the first source's statistics to this .npz")
