@@ -362,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
-  from score_jax import checkpoint, experiment, train
   try:
     config = FLAGS.config
     config.get("name")
@@ -383,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     if mode in _READER_MODES:
       _check_run_dir(workdir)
     _check_workdir(workdir, mode)
+  except (UsageError, workdir_lock.WorkdirLockedError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  # The library (Flax, Orbax, TFDS, the models) is imported once the command is known to be
+  # valid, so a usage error costs only the imports its own check needs.
+  from score_jax import checkpoint, experiment, train
+  try:
     run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -82,3 +82,37 @@ def test_readme_shows_the_real_help(tmp_path):
   assert shown.group(1) == out.stdout, (
       "README.md's `main.py --help` block differs from the command's output; paste the output "
       "of `python main.py --help` (run in the checkout) into it")
+
+
+# Imported only once a command is known to be valid: a usage error must not wait for them.
+_HEAVY = ("flax", "orbax", "tensorflow_datasets", "tensorflow", "tensorboard", "grain",
+          "matplotlib", "score_jax.models", "score_jax.experiment", "score_jax.train")
+
+_REPORT_IMPORTS = """
+import atexit, runpy, sys
+heavy = {heavy!r}
+atexit.register(lambda: print("imported:", [m for m in heavy if m in sys.modules], file=sys.stderr))
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.training.batch_size=-1"], "training.batch_size=-1 must be >= 1"),
+    (["--config.noise.sigma_max=0.01"], "noise.sigma_max=0.01 must be > noise.sigma_min"),
+    (["--config.training.batch_size=12"], "multiple of the 8 devices"),
+    (["--config.training.num_train_steps=many"], "num_train_steps"),
+    (["--mode=sample", "--workdir={tmp}/missing"], "does not exist"),
+])
+def test_usage_error_comes_before_the_library_imports(args, message, tmp_path):
+  args = [a.format(tmp=tmp_path) for a in args]
+  argv = [str(REPO / "main.py"), f"--workdir={tmp_path}/run", *args]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  out = _run([sys.executable, "-c", _REPORT_IMPORTS.format(heavy=_HEAVY, argv=argv)], tmp_path)
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  assert out.returncode == 2, out.stderr
+  error, imported = out.stderr.strip().splitlines()[-2:]
+  assert error.startswith("error: ") and message in error, out.stderr
+  assert imported == "imported: []", imported
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  assert cpu < 5, f"a usage error took {cpu:.1f} s of CPU time"
