@@ -247,6 +247,50 @@ def _summary_table(results: dict) -> str:
   return "\n".join(rows)
 
 
+# What the files a sampling run writes under <workdir>/samples hold, by the end of their name.
+_OUTPUT_KINDS = (
+    ("_denoised_grid.png", "sample grid after the final denoising step"),
+    ("_grid.png", "sample grid"),
+    ("_intermediates.png", "samples along the sampler's trajectory"),
+    ("comparison_step", "ground truth next to each sampler's samples"),
+    ("trajectory_step", "per-level sampler statistics against sigma"),
+    ("inpainting_step", "inpainted test images"),
+    (".npz", "samples (x), and the sigma ladder"),
+    ("metrics_step", "the table above, as JSON"),
+)
+
+
+def _sample_count_line(results: dict) -> str:
+  """Which samples the table measures: how many, on how many devices."""
+  import jax
+  counts = sorted({m["num_samples"] for m in results.values()})
+  n = " or ".join(str(c) for c in counts)
+  return (f"{n} samples per sampler, drawn over {jax.device_count()} device(s) with per-sample "
+          "keys (the values depend on the sample count, not on the devices)")
+
+
+def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
+  """The lines naming what the run wrote: this step's sample files, the logs and TensorBoard."""
+  step = next(iter(results.values()))["step"]
+  samples = paths.as_path(paths.join(workdir, "samples"))
+  lines = [f"wrote to {paths.as_str(workdir)}:"]
+  names = sorted(p.name for p in samples.iterdir() if f"step{step}" in p.name) \
+      if samples.is_dir() else []
+  for name in names:
+    what = next((text for end, text in _OUTPUT_KINDS if end in name), "")
+    lines.append(f"  samples/{name:<38} {what}")
+  logs = [(name, text) for name, text in (
+      ("metrics.jsonl", "training metrics, one JSON row per logging step"),
+      ("sample_metrics.jsonl", "the table's rows, one per sampler and run")) if
+      paths.exists(paths.join(workdir, name)) and (trained or name != "metrics.jsonl")]
+  for name, text in logs:
+    lines.append(f"  {name:<46} {text}")
+  if trained and paths.isdir(paths.join(workdir, "tb")):
+    lines.append(f"  {'tb/':<46} TensorBoard: tensorboard --logdir "
+                 f"{paths.as_str(paths.join(workdir, 'tb'))}")
+  return "\n".join(lines)
+
+
 def _reader_config(config, workdir: str, mode: str):
   """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
   against the checkpoint, or else the checkpoint's config with this command's overrides."""
@@ -271,13 +315,16 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
     state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
     results = sample.sample_and_write(config, state, workdir)
     if parallel.is_main_process():
+      print(_sample_count_line(results))
       print(_summary_table(results))
-      print(f"results in {paths.as_str(workdir)}")
+      print(_outputs(workdir, results, trained=True))
   elif mode == "sample":
     config, state = _reader_config(config, workdir, mode)
     results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
+      print(_sample_count_line(results))
       print(_summary_table(results))
+      print(_outputs(workdir, results, trained=False))
   elif mode in ("eval", "sampler_sweep"):
     from score_jax import evaluate
     if not FLAGS["config"].present:

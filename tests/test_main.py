@@ -33,7 +33,14 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   workdir = tmp_path / "run"
   code, out, err = _finish(_main("--config=configs/test.py", f"--workdir={workdir}"))
   assert code == 0, err
-  assert "results in" in out and "mode_weights" in out
+  assert "mode_weights" in out
+  # The output names what was written, and what the table measured.
+  assert "64 samples per sampler, drawn over 8 device(s)" in out, out
+  for written in ("samples/als_step20.npz", "samples/cas_step20.npz",
+                  "samples/comparison_step20.png", "samples/trajectory_step20.png",
+                  "samples/metrics_step20.json", "  metrics.jsonl", "sample_metrics.jsonl",
+                  f"tensorboard --logdir {workdir}/tb"):
+    assert written in out, (written, out)
   samples = sorted((workdir / "samples").glob("*.npz"))
   assert [p.name for p in samples] == ["als_step20.npz", "cas_step20.npz"]
   assert (workdir / "samples" / "comparison_step20.png").is_file()
