@@ -114,3 +114,16 @@ def test_python_m_score_jax_resolves_shipped_configs_outside_a_checkout(tmp_path
   assert not (tmp_path / "run").exists()
   proc = _run_cli(["--config=configs/no_such_config.py"], tmp_path)
   assert proc.returncode == 2 and "no_such_config.py" in proc.stderr, proc.stderr
+
+
+def test_every_package_lives_where_its_name_says_so_editable_installs_are_one_pth_entry():
+  # setuptools installs an editable checkout as one .pth entry only when package-dir is {"": "."}
+  # and each package sits at its dotted path; any other mapping gets a meta path finder and a
+  # warning on every `pip install -e .` (setuptools/command/editable_wheel.py, _simple_layout).
+  import setuptools
+  assert _pyproject()["tool"]["setuptools"]["package-dir"] == {"": "."}
+  packages = setuptools.find_packages(str(REPO), include=["score_jax", "score_jax.*"])
+  assert {"score_jax", "score_jax.configs", "score_jax.eval"} <= set(packages)
+  for name in packages:
+    assert (REPO.joinpath(*name.split(".")) / "__init__.py").is_file(), name
+  assert (REPO / "score_jax" / "configs").resolve() == (REPO / "configs").resolve()
