@@ -133,18 +133,19 @@ class Bar:
     if _COMPILES.count == self._seen[0]:
       self._tqdm.update(n)
       return
-    # Another program compiled since the last update (the loop's second jitted function): the
-    # units are counted, the interval is not, so the rate stays the loop's.
+    # Another program compiled since the last update (the loop's second jitted function): its
+    # compile time is taken out of the interval, so the rate stays the loop's.
     seconds = _COMPILES.seconds - self._seen[1]
     self._seen = (_COMPILES.count, _COMPILES.seconds)
     if seconds >= _REPORTED_COMPILE_S:
       self._tqdm.clear()
       print(f"compiling {self._what}: one more program ... {_seconds(seconds)}",
             file=sys.stderr, flush=True)
-    self._tqdm.n += n
-    self._tqdm.last_print_n = self._tqdm.n
-    self._tqdm.unpause()
-    self._tqdm.refresh()
+    now = self._clock()
+    shift = min(seconds, now - self._tqdm.last_print_t)
+    self._tqdm.start_t += shift
+    self._tqdm.last_print_t += shift
+    self._tqdm.update(n)
 
   @contextlib.contextmanager
   def paused(self, compiling: str | None = None) -> Iterator[None]:

@@ -85,3 +85,21 @@ def test_training_reports_its_compile_phases_before_the_rate(tmp_path, capsys):
   rate = re.search(r"\d[\d.]*(step/s|s/step)", err)
   assert rate and phase.start() < rate.start(), err
   assert re.search(r"compiling eval step \.\.\. \d+(\.\d)? s\n", err), err
+
+
+def test_a_compile_between_two_updates_is_reported_and_left_out_of_the_rate(capsys):
+  now = [0.0]
+  bar = progress.Bar(100, "sample als", clock=lambda: now[0])
+  for _ in range(10):
+    now[0] += 1.0
+    bar.update(1)
+  # The second program of the loop compiles for 100 s (an event as XLA's compiler records it),
+  # then its batch runs for 1 s.
+  jax.monitoring.record_event_duration_secs(progress._COMPILE_EVENT, 100.0)
+  now[0] += 101.0
+  bar.update(1)
+  stats = bar.format_dict
+  bar.close()
+  assert stats["n"] == 11 and stats["elapsed"] == pytest.approx(11.0)
+  assert stats["rate"] == pytest.approx(1.0, rel=0.05)
+  assert "compiling sample als: one more program ... 100 s\n" in capsys.readouterr().err
