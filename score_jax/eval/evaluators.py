@@ -102,8 +102,11 @@ def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
   except ValueError as e:  # A degenerate covariance; the other metrics are still meaningful.
     out["fid"], out["fid_error"] = float("nan"), str(e)
   if reference.get("features") is not None:
-    out["kid"], out["kid_std"] = metrics.kernel_inception_distance(
+    out["kid"], kid_std = metrics.kernel_inception_distance(
         features["pool"], reference["features"], rng=rng)
+    # The spread over subsets only when no subset is a whole set (see `fid.compare`).
+    if min(len(features["pool"]), len(reference["features"])) > metrics.KID_SUBSET_SIZE:
+      out["kid_std"] = kid_std
   if "logits" in features:
     splits = min(10, len(features["logits"]))
     out["inception_score"], out["inception_score_std"] = metrics.inception_score(
