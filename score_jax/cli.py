@@ -273,7 +273,7 @@ def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
   """The lines naming what the run wrote: this step's sample files, the logs and TensorBoard."""
   step = next(iter(results.values()))["step"]
   samples = paths.as_path(paths.join(workdir, "samples"))
-  lines = [f"wrote to {paths.as_str(workdir)}:"]
+  lines = [f"wrote to {workdir}:"]
   names = sorted(p.name for p in samples.iterdir() if f"step{step}" in p.name) \
       if samples.is_dir() else []
   for name in names:
@@ -286,8 +286,7 @@ def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
   for name, text in logs:
     lines.append(f"  {name:<46} {text}")
   if trained and paths.isdir(paths.join(workdir, "tb")):
-    lines.append(f"  {'tb/':<46} TensorBoard: tensorboard --logdir "
-                 f"{paths.as_str(paths.join(workdir, 'tb'))}")
+    lines.append(f"  {'tb/':<46} TensorBoard: tensorboard --logdir {workdir.rstrip('/')}/tb")
   return "\n".join(lines)
 
 
