@@ -150,10 +150,10 @@ def save_statistics(stats: Source, path: str) -> None:
 
 def inception_featurize(weights: str | None) -> Callable[[np.ndarray], dict]:
   """Inception features (`feature_nets.image_features`) of images `[b, h, w, c]` in [0, 1]."""
-  path = weights or os.fspath(fetch_inception.default_npz_path())
-  if not os.path.isfile(path):
-    raise ValueError(f"FID Inception weights not found at {path}: run "
-                     f"`{fetch_inception.COMMAND}` first (or pass --inception_weights)")
+  try:
+    path = os.fspath(fetch_inception.ensure_weights(weights))  # fetched on first use
+  except fetch_inception.FetchError as e:
+    raise ValueError(str(e)) from None
   net = feature_nets.make_inception_fn(inception.load_params(path))
   return lambda x: feature_nets.image_features(net, x, centered=False)
 
