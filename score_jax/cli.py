@@ -285,8 +285,9 @@ def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
       paths.exists(paths.join(workdir, name)) and (trained or name != "metrics.jsonl")]
   for name, text in logs:
     lines.append(f"  {name:<46} {text}")
-  if trained and paths.isdir(paths.join(workdir, "tb")):
-    lines.append(f"  {'tb/':<46} TensorBoard: tensorboard --logdir {workdir.rstrip('/')}/tb")
+  if paths.isdir(paths.join(workdir, "tb")):
+    lines.append(f"  {'tb/':<46} TensorBoard (scalars, sample images): tensorboard --logdir "
+                 f"{workdir.rstrip('/')}/tb")
   return "\n".join(lines)
 
 

@@ -50,6 +50,10 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   assert len(records[0]["loss_per_level"]) == 4
   assert any(p.name.startswith("events") for p in (workdir / "tb" / "metrics").iterdir())
   sample_records = [json.loads(l) for l in (workdir / "sample_metrics.jsonl").read_text().splitlines()]
+  from tensorboard.backend.event_processing import event_accumulator
+  images = event_accumulator.EventAccumulator(str(workdir / "tb" / "sample_metrics"))
+  images.Reload()
+  assert {"samples/comparison", "samples/trajectory"} <= set(images.Tags()["images"])
   assert {r["method"] for r in sample_records} == {"als", "cas"}
   # Same command again: resumes at the end, trains nothing more, samples again.
   code, _, err = _finish(_main("--config=configs/test.py", f"--workdir={workdir}",
