@@ -27,6 +27,9 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The timeout of every test subprocess: a bound against a hang, never an expectation of speed (a
+# loaded 2-core machine runs the end-to-end jobs many times slower than an idle one).
+HANG_TIMEOUT_S = 3600
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -49,8 +52,8 @@ def start_main(*args: str, devices: int = 8, env: dict | None = None, **kwargs
                           stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def run_main(*args: str, devices: int = 8, env: dict | None = None, timeout: float = 600
-             ) -> subprocess.CompletedProcess:
+def run_main(*args: str, devices: int = 8, env: dict | None = None,
+             timeout: float = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
   """Runs `python main.py *args` to the end; returns its exit code, stdout and stderr."""
   proc = start_main(*args, devices=devices, env=env)
   try:

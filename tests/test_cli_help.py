@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, main_env
+from conftest import HANG_TIMEOUT_S, REPO, main_env
 
 # Every `python -m score_jax.X` command: the modules with a `__main__` block.
 MODULES = sorted(
@@ -26,7 +26,7 @@ MODULES = sorted(
 
 def _run(cmd: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
   env = dict(main_env(), PYTHONPATH=str(REPO))
-  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def test_the_commands_are_found():

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_main
+from conftest import HANG_TIMEOUT_S, run_main
 from PIL import Image
 
 from configs import test as test_config
@@ -95,7 +95,7 @@ def trained(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("trained") / "run"
   proc = run_main("--config=configs/test.py", f"--workdir={workdir}",
                   "--config.sampling.methods=(\"als\",)", "--config.sampling.num_samples=8",
-                  "--config.sampling.batch_size=8", timeout=300)
+                  "--config.sampling.batch_size=8", timeout=HANG_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr
   return workdir
 

@@ -12,6 +12,7 @@ import sys
 import tomllib
 
 import pytest
+from conftest import HANG_TIMEOUT_S
 from packaging.requirements import Requirement
 
 import score_jax
@@ -102,7 +103,7 @@ def _run_cli(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(pathlib.Path(score_jax.__file__).parents[1]),
          "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.run([sys.executable, "-m", "score_jax", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def test_python_m_score_jax_resolves_shipped_configs_outside_a_checkout(tmp_path):
