@@ -193,7 +193,7 @@ def save_lines(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
   if curves or levels:
     ax.legend(fontsize="small")
   fig.tight_layout()
-  return fig
+  _savefig(fig, path)
 
 
 def density_grid(lo: Sequence[float], hi: Sequence[float], n: int) -> np.ndarray:

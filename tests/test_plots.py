@@ -23,3 +23,9 @@ def test_trajectories_are_plotted_against_each_samplers_sigma(tmp_path):
     np.testing.assert_allclose(lines["CAS (191 levels)"], cas_sigma)
   plots.save_trajectories(trajectories, str(tmp_path / "t.png"))
   assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_save_lines_writes_its_png(tmp_path):
+  plots.save_lines({"als": ([1e-5, 1e-4], [3.0, 2.0])}, str(tmp_path / "l.png"), xlabel="step_lr",
+                   ylabel="fid", logx=True, levels={"pc": 2.5})
+  assert (tmp_path / "l.png").stat().st_size > 1000
