@@ -6,7 +6,6 @@ the timeouts only bound a hang.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import resource
