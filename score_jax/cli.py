@@ -24,16 +24,29 @@ import os
 import pathlib
 import socket
 import sys
+import textwrap
 
 import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
 import score_jax
-from score_jax import config_schema, paths, workdir_lock
+from score_jax import config_schema, help_flags, paths, workdir_lock
 from score_jax.config_schema import UsageError
 
-_MODES = ("train", "sample", "eval", "sampler_sweep", "sweep", "likelihood", "export")
+# Each mode with the one line `--help` shows for it.
+_MODE_HELP = {
+    "train": "train (resuming the workdir's checkpoint), then sample with each of "
+             "sampling.methods and print the results table",
+    "sample": "sample the latest checkpoint with sampling.method",
+    "eval": "FID/KID (IS) of every kept checkpoint against eval.reference_split; reports the best",
+    "sampler_sweep": "the main metric of the latest checkpoint over a grid of sampler settings "
+                     "(eval.sweep_*)",
+    "sweep": "train each run of the config file's get_sweep() into <workdir>/sweep_<i>_<overrides>",
+    "likelihood": "test-set NLL and bits per dim of the latest checkpoint (probability-flow ODE)",
+    "export": "the latest checkpoint's EMA parameters and config as one file (--export_path)",
+}
+_MODES = tuple(_MODE_HELP)
 
 FLAGS = flags.FLAGS
 try:
@@ -51,6 +64,45 @@ flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
 flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
+
+
+def _usage() -> str:
+  """The text of `--help`: usage, the modes, examples and where the config fields are."""
+  configs = score_jax.configs_dir()
+  where = os.path.relpath(configs) if configs.is_relative_to(os.getcwd()) else str(configs)
+  shipped = textwrap.fill(" ".join(sorted(p.stem for p in configs.glob("*.py")
+                                           if p.stem != "__init__")), 100,
+                          initial_indent="  ", subsequent_indent="  ")
+  modes = "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<14} ",
+                                   subsequent_indent=" " * 17)
+                     for name, text in _MODE_HELP.items())
+  return f"""\
+usage: score-jax [--config=FILE.py[:ARG]] [--config.GROUP.FIELD=VALUE ...] [--mode=MODE]
+                 [--workdir=DIR] [flags]
+       (the same command: python main.py, python -m score_jax)
+
+Score-based generative modeling (NCSN, NCSNv2, CAS, adversarial score matching) in JAX.
+
+modes (--mode, default train):
+{modes}
+
+examples:
+  score-jax                                             # train + sample the embedded default
+  score-jax --config=configs/mnist_cpu.py --workdir=runs/mnist
+  score-jax --config=configs/two_d.py:swiss_roll --config.training.num_train_steps=500
+  score-jax --mode=sample --workdir=runs/default --config.sampling.method=cas
+
+config: --config names a config file (default: configs/default.py, the schema: every field with
+its default and a one-line comment). Any field is set with --config.GROUP.FIELD=VALUE, groups
+data, model, noise, optim, training, sampling, adversarial, eval. The shipped configs,
+--config=configs/NAME.py (in {where}):
+{shipped}
+Reading modes without --config reuse the checkpoint's config with the --config.* flags on top.
+Bad input prints one line `error: ...` and exits with status 2 before anything is written.
+"""
+
+
+help_flags.define(_usage, lambda: FLAGS.get_flags_for_module(sys.modules[__name__]))
 
 
 # Modes that read an existing workdir; without --config they start from the checkpoint's config.
@@ -195,6 +247,50 @@ def _summary_table(results: dict) -> str:
   return "\n".join(rows)
 
 
+# What the files a sampling run writes under <workdir>/samples hold, by the end of their name.
+_OUTPUT_KINDS = (
+    ("_denoised_grid.png", "sample grid after the final denoising step"),
+    ("_grid.png", "sample grid"),
+    ("_intermediates.png", "samples along the sampler's trajectory"),
+    ("comparison_step", "ground truth next to each sampler's samples"),
+    ("trajectory_step", "per-level sampler statistics against sigma"),
+    ("inpainting_step", "inpainted test images"),
+    (".npz", "samples (x), and the sigma ladder"),
+    ("metrics_step", "the table above, as JSON"),
+)
+
+
+def _sample_count_line(results: dict) -> str:
+  """Which samples the table measures: how many, on how many devices."""
+  import jax
+  counts = sorted({m["num_samples"] for m in results.values()})
+  n = " or ".join(str(c) for c in counts)
+  return (f"{n} samples per sampler, drawn over {jax.device_count()} device(s) with per-sample "
+          "keys (the values depend on the sample count, not on the devices)")
+
+
+def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
+  """The lines naming what the run wrote: this step's sample files, the logs and TensorBoard."""
+  step = next(iter(results.values()))["step"]
+  samples = paths.as_path(paths.join(workdir, "samples"))
+  lines = [f"wrote to {workdir}:"]
+  names = sorted(p.name for p in samples.iterdir() if f"step{step}" in p.name) \
+      if samples.is_dir() else []
+  for name in names:
+    what = next((text for end, text in _OUTPUT_KINDS if end in name), "")
+    lines.append(f"  samples/{name:<38} {what}")
+  logs = [(name, text) for name, text in (
+      ("metrics.jsonl", "training metrics, one JSON row per logging step"),
+      ("sample_metrics.jsonl", "the table's rows, one per sampler and run")) if
+      paths.exists(paths.join(workdir, name)) and (trained or name != "metrics.jsonl")]
+  for name, text in logs:
+    lines.append(f"  {name:<46} {text}")
+  if paths.isdir(paths.join(workdir, "tb")):
+    lines.append(f"  {'tb/':<46} TensorBoard (scalars, sample images): tensorboard --logdir "
+                 f"{workdir.rstrip('/')}/tb")
+  return "\n".join(lines)
+
+
 def _reader_config(config, workdir: str, mode: str):
   """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
   against the checkpoint, or else the checkpoint's config with this command's overrides."""
@@ -219,13 +315,16 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
     state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
     results = sample.sample_and_write(config, state, workdir)
     if parallel.is_main_process():
+      print(_sample_count_line(results))
       print(_summary_table(results))
-      print(f"results in {paths.as_str(workdir)}")
+      print(_outputs(workdir, results, trained=True))
   elif mode == "sample":
     config, state = _reader_config(config, workdir, mode)
     results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
     if parallel.is_main_process():
+      print(_sample_count_line(results))
       print(_summary_table(results))
+      print(_outputs(workdir, results, trained=False))
   elif mode in ("eval", "sampler_sweep"):
     from score_jax import evaluate
     if not FLAGS["config"].present:
@@ -309,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
-  from score_jax import checkpoint, experiment, train
   try:
     config = FLAGS.config
     config.get("name")
@@ -330,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     if mode in _READER_MODES:
       _check_run_dir(workdir)
     _check_workdir(workdir, mode)
+  except (UsageError, workdir_lock.WorkdirLockedError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  # The library (Flax, Orbax, TFDS, the models) is imported once the command is known to be
+  # valid, so a usage error costs only the imports its own check needs.
+  from score_jax import checkpoint, experiment, train
+  try:
     run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from score_jax import paths
+from score_jax import help_flags, paths
 
 SOURCES = ("ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "ac_unet")
 # The score_jax `model.name` each source converts to.
@@ -527,6 +527,22 @@ def _has_checkpoints(workdir: str) -> bool:
   return d.is_dir() and any(d.iterdir())
 
 
+_USAGE = f"""\
+usage: python -m score_jax.convert --source=SOURCE --checkpoint=FILE.pth --config=FILE.py
+                                   --workdir=NEW_DIR [--no-ema]
+
+Converts a released PyTorch checkpoint of NCSN, NCSNv2 or the adversarial/CAS UNet into a new
+score_jax workdir (step 0; sample or evaluate it with main.py --workdir=NEW_DIR).
+
+sources (--source), the network each converts to (model.name of --config):
+{chr(10).join(f"  {s:<15} {MODEL_OF_SOURCE[s]}" for s in SOURCES)}
+
+example:
+  python -m score_jax.convert --source=ncsnv2 --checkpoint=checkpoint.pth \\
+      --config=configs/ncsnv2_cifar10.py --workdir=runs/ncsnv2_cifar10_released
+"""
+
+
 def main(argv: list[str]) -> int:
   """`python -m score_jax.convert`: one-line errors on stderr with exit status 2."""
   from absl import flags
@@ -546,6 +562,8 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_string("workdir", None, "New score_jax workdir to write.", flag_values=fv)
   flags.DEFINE_boolean("ema", True, "Use the EMA weights where present (--no-ema: raw weights).",
                        flag_values=fv)
+  own = ("config", "source", "checkpoint", "workdir", "ema")
+  help_flags.define(lambda: _USAGE, lambda: [fv[n] for n in own], fv)
   try:
     fv(argv)
     config = fv.config

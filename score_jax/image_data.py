@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from score_jax import paths
+from score_jax import downloads, paths
 from score_jax.idx import read_idx
 
 
@@ -142,8 +142,18 @@ def _tfds_source(dataset: str, split: str, data_dir: str | None):
   builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record") \
       if prepared else None
   if builder is None or not builder.is_prepared():
-    raise ValueError(f"data_dir={data_dir} holds no prepared {dataset}; prepare it offline with: "
-                     f"{prepare_command(dataset, data_dir)}")
+    if dataset not in downloads.SOURCES:
+      raise ValueError(f"data_dir={data_dir} holds no prepared {dataset}; prepare it offline "
+                       f"with: {prepare_command(dataset, data_dir)}")
+    # First use: the original files are downloaded (and checked), then prepared here.
+    try:
+      manual_dir = downloads.fetch(dataset)
+    except downloads.DownloadError as e:
+      raise ValueError(f"data_dir={data_dir} holds no prepared {dataset}, and its files were not "
+                       f"downloaded: {e}; prepare it offline with: "
+                       f"{prepare_command(dataset, data_dir)}") from None
+    prepare(dataset, data_dir=data_dir, manual_dir=str(manual_dir))
+    builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
   if split not in builder.info.splits:
     raise ValueError(f"split={split!r} is not a split of {dataset}; "
                      f"use one of {sorted(builder.info.splits)}")

@@ -213,10 +213,10 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   todo = [s for s in starts if not os.path.isfile(paths[s])]
   p_fn = make_batch_fn(config, proto) if todo else None
   params = state.ema_params[0]
-  from tqdm import auto
-  with auto.tqdm(total=len(x), initial=len(x) - sum(min(batch, len(x) - s) for s in todo),
-                 desc="likelihood", unit="example", dynamic_ncols=True,
-                 disable=not (progress and parallel.is_main_process())) as pbar:
+  from score_jax import progress as progress_lib
+  with progress_lib.bar(len(x), "likelihood", unit="example",
+                        initial=len(x) - sum(min(batch, len(x) - s) for s in todo),
+                        enabled=progress) as pbar:
     for s in todo:
       n = min(batch, len(x) - s)
       out = p_fn(params, _padded(x[s:s + n], batch), np.arange(s, s + batch, dtype=np.int32))

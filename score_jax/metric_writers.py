@@ -16,12 +16,14 @@ whole JSON lines object.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
 from typing import Mapping
 
 import numpy as np
+from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -88,6 +90,22 @@ class MetricWriter:
       self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                          summary=summary_pb2.Summary(value=values)))
       self._tb.flush()
+
+  def write_images(self, step: int, images: Mapping[str, bytes]) -> None:
+    """Logs PNG files' bytes as TensorBoard images at `step` (tag -> PNG bytes), beside the
+    scalars; nothing without TensorBoard."""
+    if self._tb is None or not images:
+      return
+    values = []
+    for tag, png in images.items():
+      with Image.open(io.BytesIO(png)) as im:
+        width, height = im.size
+        channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}.get(im.mode, 3)
+      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
+          height=height, width=width, colorspace=channels, encoded_image_string=png)))
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                       summary=summary_pb2.Summary(value=values)))
+    self._tb.flush()
 
   def close(self) -> None:
     if self._jsonl is not None:

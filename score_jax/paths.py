@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from typing import IO, Any
 
 import numpy as np
@@ -126,7 +126,10 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   if not is_local(p):
     p.write_bytes(data)
     return
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(p.parent), prefix=f".{p.name}.")
+  # Created with mode 0o666 for the umask to reduce, as every tool creates files (mkstemp's 0600
+  # would hide the outputs from the user's group); O_EXCL keeps the name this call's own.
+  tmp = os.path.join(os.fspath(p.parent), f".{p.name}.{os.getpid()}.{secrets.token_hex(6)}")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)

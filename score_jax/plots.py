@@ -98,29 +98,46 @@ def save_toy_comparison(truth: np.ndarray, samples: Mapping[str, np.ndarray], pa
 
 
 def save_trajectories(trajectories: Mapping[str, Mapping[str, np.ndarray] | None], path: str) -> None:
-  """Per-level statistics of each sampler (one panel per statistic, one line per sampler)."""
-  trajectories = {k: v for k, v in trajectories.items() if v}
+  """Writes `trajectory_figure(trajectories)` to `path` (nothing when there is nothing to plot)."""
+  fig = trajectory_figure(trajectories)
+  if fig is not None:
+    _savefig(fig, path)
+
+
+def trajectory_figure(trajectories: Mapping[str, Mapping[str, np.ndarray] | None]
+                      ) -> Figure | None:
+  """Per-level statistics of each sampler against its noise level sigma (one panel per
+  statistic, one line per sampler); None without statistics.
+
+  The x axis is sigma (log scale, decreasing to the right, as sampling proceeds), not the level
+  index: samplers step through different ladders (ALS's 20 trained levels, CAS's 191 steps,
+  Heun's 50), and sigma puts their points where they are comparable.
+  """
+  trajectories = {k: v for k, v in trajectories.items() if v and "sigma" in v}
   keys = sorted({k for t in trajectories.values() for k, v in t.items()
                  if k not in ("samples", "sigma") and np.ndim(v) == 1})
   if not keys:
-    return
+    return None
   fig = Figure(figsize=(4 * len(keys), 3.5))
   axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for name, t in trajectories.items():
       if key in t:
-        ax.plot(np.asarray(t[key]), label=name.upper())
+        ax.plot(np.asarray(t["sigma"]), np.asarray(t[key]), marker=".", markersize=3,
+                label=f"{name.upper()} ({len(t[key])} levels)")
     if key == "noise_std":
-      sigma = next(iter(trajectories.values())).get("sigma")
-      if sigma is not None:
-        ax.plot(np.asarray(sigma), "k--", label="sigma_i (target)")
-    if key in ("sigma", "noise_std", "x_std", "score_norm"):
+      sigma = np.concatenate([np.asarray(t["sigma"]) for t in trajectories.values()])
+      ends = np.array([sigma.max(), sigma.min()])
+      ax.plot(ends, ends, "k--", label="sigma (target)")
+    if key in ("noise_std", "x_std", "score_norm"):
       ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
     ax.set_title(key)
-    ax.set_xlabel("level")
-    ax.legend()
+    ax.set_xlabel("sigma")
+    ax.legend(fontsize="small")
   fig.tight_layout()
-  _savefig(fig, path)
+  return fig
 
 
 def save_metric_panels(xs: Sequence[float], panels: Mapping[str, Sequence[float]], path: str, *,

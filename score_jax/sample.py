@@ -133,9 +133,13 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
                                 paths.join(out_dir, f"comparison_step{step}.png"),
                                 nfe={m: r["nfe"] for m, r in results.items()})
     plots.save_trajectories(trajectories, paths.join(out_dir, f"trajectory_step{step}.png"))
-    writer = MetricWriter(workdir, name="sample_metrics", tensorboard=False)
+    writer = MetricWriter(workdir, name="sample_metrics")
     for method, m in results.items():
       writer.write(step, {}, **{k: v for k, v in m.items() if k != "step"})
+    # This step's PNGs (grids, comparison, trajectories) in TensorBoard beside the scalars.
+    pngs = sorted(paths.as_path(out_dir).glob(f"*step{step}*.png"))
+    writer.write_images(step, {f"samples/{p.name.replace(f'_step{step}', '').removesuffix('.png')}":
+                               p.read_bytes() for p in pngs})
     writer.close()
     paths.write_text(paths.join(out_dir, f"metrics_step{step}.json"),
                      json.dumps(results, indent=2))

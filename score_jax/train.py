@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from score_jax import checkpoint, experiment, models, parallel, steps, workdir_lock
+from score_jax import progress as progress_lib
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState, param_count
 
@@ -54,26 +55,6 @@ def _level_scalars(loss_per_level: np.ndarray, max_tags: int = 10,
     if vals.size:
       out[f"{tag}_by_level/{g[0]:04d}-{g[-1]:04d}"] = float(vals.mean())
   return out
-
-
-class _Progress:
-  """A tqdm bar on the main process (steps/s and ETA), or nothing."""
-
-  def __init__(self, enabled: bool, total: int, initial: int):
-    self.bar = None
-    if enabled and parallel.is_main_process():
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-  def update(self, n: int, **postfix):
-    if self.bar is not None:
-      self.bar.update(n)
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
 
 
 def _check_intervals(t: ml_collections.ConfigDict) -> None:
@@ -163,7 +144,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   config_json = config.to_json()
 
   step = int(jax.device_get(state.step))
-  progress = _Progress(t.progress_bar, t.num_train_steps, step)
+  progress = progress_lib.bar(t.num_train_steps, "train", unit="step", initial=step,
+                              compiling="train step", enabled=t.progress_bar)
   history: list[dict] = []
   eval_batch = None
   window = parallel.DispatchWindow()
@@ -226,8 +208,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
                                                       shuffle=False)
           eval_batch = parallel.shard_batch(next(eval_iter), mesh)
         # Finished before the next step is launched (see parallel.MAX_STEPS_IN_FLIGHT).
-        _, eval_metrics = jax.block_until_ready(
-            p_eval_step(state.ema_params[0], eval_batch, eval_rng))
+        with progress.paused(compiling="eval step"):
+          _, eval_metrics = jax.block_until_ready(
+              p_eval_step(state.ema_params[0], eval_batch, eval_rng))
         if writer:
           writer.write(step, {"eval_loss_ema": eval_metrics["loss"]})
         if not math.isfinite(float(eval_metrics["loss"])):
@@ -239,8 +222,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
       if step % t.ckpt_every_steps == 0 or step == t.num_train_steps:
         raise_if_nonfinite()
         try:
-          checkpoint.save(manager, step, state, data_state=train_iter.get_state(),
-                          config_json=config_json)
+          with progress.paused():
+            checkpoint.save(manager, step, state, data_state=train_iter.get_state(),
+                            config_json=config_json)
         except checkpoint.NonFiniteStateError as e:
           # E.g. a finite loss and gradient whose update overflows the parameters.
           raise TrainingError(f"{e}; training stopped ({last_good()}). Lower optim.lr, set "

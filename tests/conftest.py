@@ -19,6 +19,9 @@ def xla_flags(devices: int) -> str:
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# No test reaches the internet: datasets and weights are never downloaded (score_jax.downloads,
+# fetch_inception.ensure_weights); the tests of those paths serve files on 127.0.0.1.
+os.environ["SCORE_JAX_OFFLINE"] = "1"
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -27,6 +30,9 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The timeout of every test subprocess: a bound against a hang, never an expectation of speed (a
+# loaded 2-core machine runs the end-to-end jobs many times slower than an idle one).
+HANG_TIMEOUT_S = 3600
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -36,7 +42,7 @@ def main_env(devices: int = 8, *, inherit: bool = True) -> dict[str, str]:
   `inherit=False` starts from PATH and HOME only (no user cache or data variables).
   """
   base = dict(os.environ) if inherit else {"PATH": "/usr/bin:/bin", "HOME": str(pathlib.Path.home())}
-  env = dict(base, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+  env = dict(base, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", SCORE_JAX_OFFLINE="1")
   env.pop("SCORE_JAX_DEBUG", None)
   return env
 
@@ -49,8 +55,8 @@ def start_main(*args: str, devices: int = 8, env: dict | None = None, **kwargs
                           stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def run_main(*args: str, devices: int = 8, env: dict | None = None, timeout: float = 600
-             ) -> subprocess.CompletedProcess:
+def run_main(*args: str, devices: int = 8, env: dict | None = None,
+             timeout: float = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
   """Runs `python main.py *args` to the end; returns its exit code, stdout and stderr."""
   proc = start_main(*args, devices=devices, env=env)
   try:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import main_env, run_main
+from conftest import HANG_TIMEOUT_S, main_env, run_main
 
 from configs import adversarial_toy
 from configs import test as test_config
@@ -238,7 +238,7 @@ def test_toy_config_trains_and_samples_through_the_cli(tmp_path):
           "--config.training.async_checkpoint=False", "--config.sampling.num_samples=64",
           "--config.sampling.batch_size=64", "--config.sampling.als.steps_per_sigma=5"]
   proc = run_main("--config=configs/adversarial_toy.py", f"--workdir={tmp_path}", *args,
-                  env=main_env(8, inherit=False), timeout=600)
+                  env=main_env(8, inherit=False), timeout=HANG_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   logged = [r for r in records if "d_loss" in r]

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import HANG_TIMEOUT_S, xla_flags
 from PIL import Image
 
 from configs import default
@@ -66,7 +66,7 @@ def test_reading_modes_on_a_missing_or_empty_workdir_create_nothing(tmp_path):
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for case in cases}
   for case, proc in procs.items():
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HANG_TIMEOUT_S)
     lines = [l for l in err.splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1, (case, err[-2000:])
     assert lines[0].startswith("error:") and cases[case] in lines[0], (case, lines[0])

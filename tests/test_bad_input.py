@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 
 import pytest
-from conftest import start_main
+from conftest import HANG_TIMEOUT_S, start_main
 
 from configs import test as test_config
 from score_jax import checkpoint, cli, experiment
@@ -193,7 +193,7 @@ def test_command_line_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path)
     procs[name] = start_main(*args, devices=8)
   for name, proc in procs.items():
     try:
-      _, err = proc.communicate(timeout=300)
+      _, err = proc.communicate(timeout=HANG_TIMEOUT_S)
     except subprocess.TimeoutExpired:
       proc.kill()
       raise

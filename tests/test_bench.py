@@ -3,12 +3,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import HANG_TIMEOUT_S, REPO
 
 RUN = REPO / "bench" / "run.py"
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device, as the bench runs
   return subprocess.run([sys.executable, str(RUN), *args], env=env, capture_output=True,
                         text=True, timeout=timeout, cwd=REPO)

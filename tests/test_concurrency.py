@@ -8,7 +8,7 @@ import textwrap
 
 import jax
 import numpy as np
-from conftest import xla_flags
+from conftest import HANG_TIMEOUT_S, xla_flags
 
 from configs import test as test_config
 from score_jax import train, workdir_lock
@@ -77,7 +77,7 @@ def test_readers_and_a_second_trainer_leave_training_bit_identical(tmp_path):
     got = jax.device_get(train.train_and_evaluate(config, str(disturbed)))
   finally:
     stop.touch()
-  out, err = poller.communicate(timeout=600)
+  out, err = poller.communicate(timeout=HANG_TIMEOUT_S)
   assert poller.returncode == 0, err[-2000:]
   words = out.split()
   assert int(words[words.index("loads") + 1]) > 0, out
@@ -86,7 +86,7 @@ def test_readers_and_a_second_trainer_leave_training_bit_identical(tmp_path):
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
 
-  out, err = second.communicate(timeout=300)
+  out, err = second.communicate(timeout=HANG_TIMEOUT_S)
   assert _tree(undisturbed) == before
   lock.release()
   lines = [l for l in err.splitlines() if l.strip()]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from configs import default
 from score_jax import checkpoint, convert, experiment, models
@@ -247,7 +248,7 @@ def test_module_entry_point_exits_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, "-m", "score_jax.convert", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
   assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import score_jax
-from conftest import xla_flags
+from conftest import HANG_TIMEOUT_S, xla_flags
 from configs import test as test_config
 from score_jax import checkpoint, models
 from score_jax.experiment import init_state
@@ -23,7 +23,7 @@ def _main(*args) -> subprocess.CompletedProcess:
   env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
   env.pop("SCORE_JAX_DEBUG", None)
   return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def _workdir(root: pathlib.Path) -> pathlib.Path:

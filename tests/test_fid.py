@@ -67,3 +67,27 @@ def test_bad_sources_are_one_line_errors(tmp_path, capsys):
   assert "--save_stats" in capsys.readouterr().err
   assert fid.main(["a.npz", "b.npz", "--inception_weights", str(tmp_path / "none.npz")]) == 2
   assert "fetch_inception" in capsys.readouterr().err
+
+
+def test_kid_spread_is_reported_only_when_the_subsets_differ():
+  a, b = _images(40, 0), _images(40, 1)
+  sa, sb = (fid.source_statistics({"images": x.astype(np.float32) / 255, "name": n}, _featurize,
+                                  batch_size=16) for x, n in ((a, "a"), (b, "b")))
+  rng = fid.jax.random.key(0)
+  whole = fid.compare(sa, sb, rng=rng)
+  assert "kid" in whole and "kid_std" not in whole
+  assert "40 images are not more than the KID subset size 1000" in whole["kid_note"]
+  subsets = fid.compare(sa, sb, rng=rng, kid_subset_size=10)
+  assert subsets["kid_std"] > 0 and "kid_note" not in subsets
+
+
+def test_eval_rows_carry_kid_spread_only_beyond_the_subset_size():
+  from score_jax.eval import evaluators, metrics
+  rng = np.random.default_rng(0)
+  n = metrics.KID_SUBSET_SIZE
+  pool = rng.normal(size=(n, 4))
+  reference = {"mu": pool.mean(0), "sigma": np.cov(pool, rowvar=False),
+               "features": rng.normal(size=(n + 50, 4))}
+  row = evaluators.image_metrics({"pool": pool, "finite": np.ones(n, bool)}, reference,
+                                 fid.jax.random.key(0))
+  assert "kid" in row and "kid_std" not in row

@@ -5,7 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import main_env, run_main
+from conftest import HANG_TIMEOUT_S, main_env, run_main
 from PIL import Image
 
 from score_jax import image_data
@@ -21,7 +21,7 @@ def mnist_data_dir(tmp_path_factory):
   return image_data.prepare_cached("mnist", str(MNIST), str(tmp_path_factory.mktemp("tfds")))
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=HANG_TIMEOUT_S):
   proc = run_main(*args, env=main_env(8, inherit=False), timeout=timeout)
   return proc.returncode, proc.stdout, proc.stderr
 
@@ -61,7 +61,7 @@ def test_bad_image_input_is_one_line_exit_2(tmp_path, args, message):
   (tmp_path / "empty").mkdir()
   args = [a.format(empty=tmp_path / "empty") for a in args]
   workdir = tmp_path / "run"
-  code, _, err = _run("--config=configs/mnist_cpu.py", f"--workdir={workdir}", *args, timeout=120)
+  code, _, err = _run("--config=configs/mnist_cpu.py", f"--workdir={workdir}", *args)
   assert code == 2, err
   lines = err.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], err

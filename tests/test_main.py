@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import numpy as np
-from conftest import start_main
+from conftest import HANG_TIMEOUT_S, start_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _main = start_main
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def _finish(proc: subprocess.Popen, timeout: float = HANG_TIMEOUT_S) -> tuple[int, str, str]:
   out, err = proc.communicate(timeout=timeout)
   return proc.returncode, out, err
 
@@ -33,7 +33,14 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   workdir = tmp_path / "run"
   code, out, err = _finish(_main("--config=configs/test.py", f"--workdir={workdir}"))
   assert code == 0, err
-  assert "results in" in out and "mode_weights" in out
+  assert "mode_weights" in out
+  # The output names what was written, and what the table measured.
+  assert "64 samples per sampler, drawn over 8 device(s)" in out, out
+  for written in ("samples/als_step20.npz", "samples/cas_step20.npz",
+                  "samples/comparison_step20.png", "samples/trajectory_step20.png",
+                  "samples/metrics_step20.json", "  metrics.jsonl", "sample_metrics.jsonl",
+                  f"tensorboard --logdir {workdir}/tb"):
+    assert written in out, (written, out)
   samples = sorted((workdir / "samples").glob("*.npz"))
   assert [p.name for p in samples] == ["als_step20.npz", "cas_step20.npz"]
   assert (workdir / "samples" / "comparison_step20.png").is_file()
@@ -43,6 +50,10 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   assert len(records[0]["loss_per_level"]) == 4
   assert any(p.name.startswith("events") for p in (workdir / "tb" / "metrics").iterdir())
   sample_records = [json.loads(l) for l in (workdir / "sample_metrics.jsonl").read_text().splitlines()]
+  from tensorboard.backend.event_processing import event_accumulator
+  images = event_accumulator.EventAccumulator(str(workdir / "tb" / "sample_metrics"))
+  images.Reload()
+  assert {"samples/comparison", "samples/trajectory"} <= set(images.Tags()["images"])
   assert {r["method"] for r in sample_records} == {"als", "cas"}
   # Same command again: resumes at the end, trains nothing more, samples again.
   code, _, err = _finish(_main("--config=configs/test.py", f"--workdir={workdir}",
@@ -60,6 +71,15 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
 
 
+def _wait_for_checkpoints(proc: subprocess.Popen, workdir: pathlib.Path, more: int) -> None:
+  """Returns once `workdir/checkpoints` holds `more` entries more than now (or `proc` ended)."""
+  folder = workdir / "checkpoints"
+  count = lambda: len(list(folder.iterdir())) if folder.is_dir() else 0
+  target = count() + more
+  while proc.poll() is None and count() < target:
+    time.sleep(0.02)
+
+
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   """SIGKILL at arbitrary moments (mid-save included), rerun: same final params, bit for bit."""
   args = ["--config=configs/test.py", "--config.training.num_train_steps=400",
@@ -70,9 +90,11 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   code, _, err = _finish(_main(*args, f"--workdir={full}"))
   assert code == 0, err
   interrupted = tmp_path / "interrupted"
-  for delay in (6.0, 8.5):
+  # Killed on events, not after delays: once the first checkpoint save has begun, then once two
+  # more have (async saves: the kill can land mid-save).
+  for more in (1, 2):
     proc = _main(*args, f"--workdir={interrupted}")
-    time.sleep(delay)
+    _wait_for_checkpoints(proc, interrupted, more)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
   code, _, err = _finish(_main(*args, f"--workdir={interrupted}"))

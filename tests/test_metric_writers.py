@@ -26,3 +26,23 @@ def test_resume_continues_logs_from_the_restored_step(tmp_path):
   acc.Reload()
   assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(10, 10.0), (20, 20.0),
                                                               (30, -30.0), (40, -40.0)]
+
+
+def test_sample_images_go_to_tensorboard_beside_the_scalars(tmp_path):
+  import io
+
+  import numpy as np
+  from PIL import Image
+  png = io.BytesIO()
+  Image.fromarray(np.zeros((6, 10, 3), np.uint8)).save(png, format="PNG")
+  writer = MetricWriter(str(tmp_path), name="sample_metrics")
+  writer.write(30, {"mmd": 0.5})
+  writer.write_images(30, {"samples/als_grid": png.getvalue()})
+  writer.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "sample_metrics"))
+  acc.Reload()
+  assert acc.Tags()["images"] == ["samples/als_grid"]
+  (image,) = acc.Images("samples/als_grid")
+  assert (image.step, image.width, image.height) == (30, 10, 6)
+  assert image.encoded_image_string == png.getvalue()
+  assert [e.step for e in acc.Scalars("mmd")] == [30]

@@ -10,7 +10,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from conftest import run_main
+from conftest import HANG_TIMEOUT_S, run_main
 from PIL import Image
 
 from configs import test as test_config
@@ -205,7 +205,7 @@ def test_image_metrics_of_features_against_reference():
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-  return run_main("--config=configs/test.py", *args, timeout=300)
+  return run_main("--config=configs/test.py", *args, timeout=HANG_TIMEOUT_S)
 
 
 def _rows(path: pathlib.Path) -> list[dict]:

@@ -16,7 +16,7 @@ import pathlib
 import re
 
 import nbformat
-from conftest import xla_flags
+from conftest import HANG_TIMEOUT_S, xla_flags
 from nbclient import NotebookClient
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_tour_notebook_trains_samples_inpaints_and_scores(tmp_path, mnist_dir, m
               "IPYTHONDIR": str(tmp_path / "ipython")})
   monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter_runtime"))
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = NotebookClient(nb, timeout=600, startup_timeout=120, kernel_name="python3",
+  client = NotebookClient(nb, timeout=HANG_TIMEOUT_S, startup_timeout=HANG_TIMEOUT_S, kernel_name="python3",
                           resources={"metadata": {"path": str(NOTEBOOK.parent)}})
   try:
     client.execute(env=env)  # raises CellExecutionError on the first failing cell

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import REPO
+from conftest import HANG_TIMEOUT_S, REPO
 from score_jax.cpu import conv, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
@@ -114,7 +114,7 @@ def test_the_switch_and_other_dtypes_use_xla():
           "print(onednn.TARGET in f(x, w) + f(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))")
   env = dict(os.environ, SCORE_JAX_ONEDNN="0", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
+                       timeout=HANG_TIMEOUT_S, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False"
   x, w = _arrays((1, 5, 5, 2), (3, 3, 2, 2))

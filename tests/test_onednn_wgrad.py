@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import REPO
+from conftest import HANG_TIMEOUT_S, REPO
 from score_jax.cpu import conv, onednn_wgrad
 
 needs_wgrad = pytest.mark.skipif(not onednn_wgrad.available(),
@@ -191,7 +191,7 @@ def test_first_asked_inside_a_traced_gradient():
           "t = jax.jit(jax.grad(lambda w: jnp.sum(conv.same_conv(x, w) ** 2))).lower(w)"
           ".compile().as_text(); print(onednn.TARGET in t, onednn_wgrad.TARGET in t)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       timeout=HANG_TIMEOUT_S, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["True", str(onednn_wgrad.available())]
 
@@ -212,6 +212,6 @@ def test_the_switch_and_a_failed_build_fall_back_to_xla(env, tmp_path):
   # A fresh cache, so the failing compiler is really asked to build.
   env = dict(os.environ, JAX_PLATFORMS="cpu", SCORE_JAX_CACHE=str(tmp_path), **env)
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
+                       timeout=HANG_TIMEOUT_S, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False"

@@ -12,6 +12,7 @@ import sys
 import tomllib
 
 import pytest
+from conftest import HANG_TIMEOUT_S
 from packaging.requirements import Requirement
 
 import score_jax
@@ -102,7 +103,7 @@ def _run_cli(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(pathlib.Path(score_jax.__file__).parents[1]),
          "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.run([sys.executable, "-m", "score_jax", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def test_python_m_score_jax_resolves_shipped_configs_outside_a_checkout(tmp_path):
@@ -114,3 +115,16 @@ def test_python_m_score_jax_resolves_shipped_configs_outside_a_checkout(tmp_path
   assert not (tmp_path / "run").exists()
   proc = _run_cli(["--config=configs/no_such_config.py"], tmp_path)
   assert proc.returncode == 2 and "no_such_config.py" in proc.stderr, proc.stderr
+
+
+def test_every_package_lives_where_its_name_says_so_editable_installs_are_one_pth_entry():
+  # setuptools installs an editable checkout as one .pth entry only when package-dir is {"": "."}
+  # and each package sits at its dotted path; any other mapping gets a meta path finder and a
+  # warning on every `pip install -e .` (setuptools/command/editable_wheel.py, _simple_layout).
+  import setuptools
+  assert _pyproject()["tool"]["setuptools"]["package-dir"] == {"": "."}
+  packages = setuptools.find_packages(str(REPO), include=["score_jax", "score_jax.*"])
+  assert {"score_jax", "score_jax.configs", "score_jax.eval"} <= set(packages)
+  for name in packages:
+    assert (REPO.joinpath(*name.split(".")) / "__init__.py").is_file(), name
+  assert (REPO / "score_jax" / "configs").resolve() == (REPO / "configs").resolve()

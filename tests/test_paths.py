@@ -17,6 +17,7 @@ import fsspec
 import jax
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
@@ -210,7 +211,7 @@ def test_a_run_checkpoints_resumes_and_samples_on_a_cloud_storage_server(tmp_pat
 
   def main(*args: str) -> str:
     proc = subprocess.run([sys.executable, str(REPO / "main.py"), f"--workdir={RUN}", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc.stdout

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from configs import test as test_config
 from score_jax import checkpoint, experiment, models, parallel, steps, train
@@ -192,7 +193,7 @@ def test_dispatch_window_prevents_the_run_ahead_deadlock():
   env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   try:
     out = subprocess.run([sys.executable, "-c", _RUN_AHEAD], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=240)
+                         capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
   except subprocess.TimeoutExpired:
     pytest.fail("the 8-device step loop hung despite parallel.DispatchWindow")
   assert out.returncode == 0, out.stderr[-2000:]

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from score_jax import workdir_lock
 
@@ -54,7 +55,7 @@ def test_a_killed_holder_releases_the_lock(tmp_path, capfd):
   workdir = tmp_path / "run"
   workdir.mkdir()
   subprocess.run([sys.executable, "-c", _holder_script(workdir, "os._exit(9)")], check=False,
-                 timeout=60)
+                 timeout=HANG_TIMEOUT_S)
   with workdir_lock.WorkdirLock(str(workdir)):
     pass
   assert "did not exit cleanly; taking over" in capfd.readouterr().err
@@ -71,7 +72,7 @@ def test_stale_holder_is_named_with_how_to_clear_it(tmp_path):
       os._exit(0)
       """
   out = subprocess.run([sys.executable, "-c", _holder_script(workdir, body)],
-                       capture_output=True, text=True, timeout=60, check=True).stdout
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT_S, check=True).stdout
   child = int(out.split()[0])
   try:
     with pytest.raises(workdir_lock.WorkdirLockedError, match="no longer running.*fuser") as e:

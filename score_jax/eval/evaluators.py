@@ -65,13 +65,19 @@ class Evaluator:
 
 
 def inception_weights_path(config: ml_collections.ConfigDict) -> str:
-  """`eval.inception_weights`, else the fetch CLI's default file; ValueError if it is missing."""
-  path = config.eval.inception_weights or os.fspath(fetch_inception.default_npz_path())
-  if not storage.isfile(path):
+  """`eval.inception_weights`, else the fetch CLI's default file, fetched on first use
+  (`fetch_inception.ensure_weights`); UsageError if it is missing or cannot be fetched."""
+  path = config.eval.inception_weights
+  if path is not None and not storage.isfile(path):
     raise UsageError(f"FID Inception weights not found at {path}: run "
                      f"`{fetch_inception.COMMAND}` first (or set --config.eval.inception_weights "
                      "to a converted .npz)")
-  return path
+  if path is not None:
+    return path
+  try:
+    return os.fspath(fetch_inception.ensure_weights())
+  except fetch_inception.FetchError as e:
+    raise UsageError(str(e)) from None
 
 
 def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
@@ -102,8 +108,11 @@ def image_metrics(features: Features, reference: dict[str, np.ndarray | None],
   except ValueError as e:  # A degenerate covariance; the other metrics are still meaningful.
     out["fid"], out["fid_error"] = float("nan"), str(e)
   if reference.get("features") is not None:
-    out["kid"], out["kid_std"] = metrics.kernel_inception_distance(
+    out["kid"], kid_std = metrics.kernel_inception_distance(
         features["pool"], reference["features"], rng=rng)
+    # The spread over subsets only when no subset is a whole set (see `fid.compare`).
+    if min(len(features["pool"]), len(reference["features"])) > metrics.KID_SUBSET_SIZE:
+      out["kid_std"] = kid_std
   if "logits" in features:
     splits = min(10, len(features["logits"]))
     out["inception_score"], out["inception_score_std"] = metrics.inception_score(

