@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
-  from score_jax import checkpoint, experiment, train
+  from score_jax import checkpoint, experiment, export, train
   try:
     config = FLAGS.config
     config.get("name")
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
+  except (train.TrainingError, experiment.NonFiniteSamplesError, export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
