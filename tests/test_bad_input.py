@@ -249,3 +249,40 @@ def test_eval_num_samples_beyond_the_reference_split_is_refused_before_work(tmp_
     cli.validate(config, "eval")
   config.eval.reference_num_images = 4
   cli.validate(config, "eval")
+
+
+def test_non_finite_ema_workdir_is_refused_by_likelihood_and_export(tmp_path, monkeypatch):
+  """A library-side fault, not bad input: one line, exit 1, the workdir unchanged."""
+  import jax
+  import jax.numpy as jnp
+
+  from score_jax import models
+  config = test_config.get_config()
+  state = experiment.init_state(config, models.build(config))
+  nan = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.params)
+  state = state.replace(step=jnp.int32(5), ema_params=(nan,))
+  workdir = tmp_path / "run"
+  # Written as a version that saved without its non-finite check would have (digest included).
+  monkeypatch.setattr(checkpoint, "nonfinite_leaves", lambda tree: [])
+  manager = checkpoint.create_writer(str(workdir), async_save=False)
+  checkpoint.save(manager, 5, state, data_state={"kind": "toy", "step": 5},
+                  config_json=config.to_json())
+  checkpoint.wait(manager)
+  manager.close()
+  monkeypatch.undo()
+  before = _tree_digest(workdir)
+  cases = {"likelihood": ([], "EMA parameters of step 5 are not finite"),
+           "export": ([f"--export_path={tmp_path / 'model.msgpack'}"],
+                      "refusing to export non-finite parameters")}
+  for mode, (extra, expect) in cases.items():
+    proc = start_main(f"--mode={mode}", f"--workdir={workdir}", *extra, devices=8)
+    try:
+      _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      raise
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 1, f"{mode}: exit {proc.returncode}\n{err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], err[-2000:]
+  assert not (tmp_path / "model.msgpack").exists()
+  assert _tree_digest(workdir) == before
