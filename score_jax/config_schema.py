@@ -334,6 +334,18 @@ def sampler_methods(config: ml_collections.ConfigDict, modes: Iterable[str]) -> 
   return tuple(dict.fromkeys(methods))
 
 
+def sampler_fix_hint(method: str) -> str:
+  """What to change when sampler `method` diverged, naming only fields the schema has.
+
+  Built from `FIELDS`, so a hint cannot name a field that was moved or removed.
+  """
+  for knob in ("step_lr", "snr", "rel_tol", "num_steps"):
+    if f"sampling.{method}.{knob}" in FIELDS:
+      return f"lower sampling.{method}.{knob}" if knob != "num_steps" else (
+          f"raise sampling.{method}.num_steps")
+  return f"change sampling.{method}.*"
+
+
 def _toy_names() -> tuple[str, ...]:
   from score_jax import toy
   return tuple(toy.DATASETS)

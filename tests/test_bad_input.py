@@ -286,3 +286,13 @@ def test_non_finite_ema_workdir_is_refused_by_likelihood_and_export(tmp_path, mo
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], err[-2000:]
   assert not (tmp_path / "model.msgpack").exists()
   assert _tree_digest(workdir) == before
+
+
+def test_sampler_hints_name_only_fields_the_schema_has():
+  import re
+
+  from score_jax import config_schema
+  for method in config_schema.FIELDS["sampling.method"].choices:
+    hint = config_schema.sampler_fix_hint(method)
+    named = re.findall(r"sampling\.[a-z_0-9.]*[a-z_0-9*]", hint)
+    assert named and all(n in config_schema.FIELDS or n.endswith(".*") for n in named), hint
