@@ -5,7 +5,9 @@ a test checks the two hold the same fields, so a new field cannot go unchecked. 
 modes=...)` checks every value, then the rules that join fields (the noise ladder, the batch
 split over devices, the network and the image size, and for every sampler the run's modes will
 reach its own rules, e.g. the CAS step interval in which beta of Jolicoeur-Martineau et al. 2020,
-Algorithm 2, is real), and raises `UsageError` naming the field, the value and the fix before any
+Algorithm 2, is real; every other argument check of a reached sampler, by tracing it abstractly),
+the sizes of the arrays a run holds whole against the host's memory, and for evaluations the
+reference split's size, and raises `UsageError` naming the field, the value and the fix before any
 work starts. The cross-field rules call the library's own argument checks (`noise`, `data`,
 `image_data`, `models`), so the CLI's one-line errors and a library user's errors come from the
 same code.
