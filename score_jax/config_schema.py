@@ -412,8 +412,8 @@ def _check_sizes(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -> N
 
   The sizes are products of fields (batch sizes and sample counts times one example's shape),
   each value of which may be in range while the product is absurd (data.toy_dim=10**9): the
-  training batch, the samples of a sampling run (kept on the host to be written) and the samples
-  of one evaluation.
+  training batch, the samples of a sampling run (kept on the host to be written) and a batch of
+  evaluation samples.
   """
   shape = _example_shape(config)
   example = math.prod(shape) * 4  # float32
@@ -423,8 +423,8 @@ def _check_sizes(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -> N
   if {"train", "sample"} & set(modes):
     arrays.append(("sampling.num_samples", "the samples of a sampling run",
                    config.sampling.num_samples))
-  if {"eval", "sampler_sweep"} & set(modes):
-    arrays.append(("eval.num_samples", "the samples of an evaluation", config.eval.num_samples))
+  if {"eval", "sampler_sweep"} & set(modes):  # evaluations hold one batch of samples at a time
+    arrays.append(("eval.batch_size", "a batch of evaluation samples", config.eval.batch_size))
   memory = _memory_bytes()
   for field, what, count in arrays:
     if count * example > memory:

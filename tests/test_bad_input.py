@@ -120,7 +120,7 @@ BAD_CONFIGS = {
     "toy_dim 1e9": ({"data.dataset": "gaussian", "data.toy_dim": 10 ** 9}, "train",
                     "training.batch_size=64: a training batch of shape (1000000000,)"),
     "num_samples 1e12": ({"sampling.num_samples": 10 ** 12}, "sample", "sampling.num_samples="),
-    "eval num_samples 1e12": ({"eval.num_samples": 10 ** 12}, "eval", "eval.num_samples="),
+    "eval batch 1e12": ({"eval.batch_size": 10 ** 12}, "eval", "eval.batch_size="),
 }
 
 
