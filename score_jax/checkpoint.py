@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -82,6 +83,17 @@ def create_writer(workdir: str, *, keep: int = 3, keep_every_steps: int | None =
       max_to_keep=keep, keep_period=keep_every_steps, create=True,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager is read only: readers are read only by design, and the
+  line would precede every reader's output."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 def open_reader(workdir: str) -> ocp.CheckpointManager:

@@ -433,13 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   # The library (Flax, Orbax, TFDS, the models) is imported once the command is known to be
   # valid, so a usage error costs only the imports its own check needs.
-  from score_jax import checkpoint, experiment, train
+  from score_jax import checkpoint, experiment, export, train
   try:
     run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
-  except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
+  except (train.TrainingError, experiment.NonFiniteSamplesError, export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -5,7 +5,9 @@ a test checks the two hold the same fields, so a new field cannot go unchecked. 
 modes=...)` checks every value, then the rules that join fields (the noise ladder, the batch
 split over devices, the network and the image size, and for every sampler the run's modes will
 reach its own rules, e.g. the CAS step interval in which beta of Jolicoeur-Martineau et al. 2020,
-Algorithm 2, is real), and raises `UsageError` naming the field, the value and the fix before any
+Algorithm 2, is real; every other argument check of a reached sampler, by tracing it abstractly),
+the sizes of the arrays a run holds whole against the host's memory, and for evaluations the
+reference split's size, and raises `UsageError` naming the field, the value and the fix before any
 work starts. The cross-field rules call the library's own argument checks (`noise`, `data`,
 `image_data`, `models`), so the CLI's one-line errors and a library user's errors come from the
 same code.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -186,7 +189,7 @@ FIELDS: dict[str, Field] = {
     "sampling.adaptive.sigma_max": _pos_float(optional=True),
     "sampling.adaptive.sigma_min": _pos_float(optional=True),
     "sampling.adaptive.abs_tol": _pos_float(),
-    "sampling.adaptive.rel_tol": _float(0.0),
+    "sampling.adaptive.rel_tol": _pos_float(),
     "sampling.adaptive.h_init": _float(0.0, 1.0, open_low=True),
     "sampling.adaptive.safety": _float(0.0, 1.0, open_low=True),
     "sampling.adaptive.exponent": _pos_float(),
@@ -234,7 +237,7 @@ FIELDS: dict[str, Field] = {
     "likelihood.split": _STR,
 
     "eval.sweep_num_steps": Field("tuple", 2, None, item="int"),
-    "eval.sweep_rel_tols": Field("tuple", 0.0, None, item="float"),
+    "eval.sweep_rel_tols": Field("tuple", 0.0, None, open_low=True, item="float"),
 }
 
 # The modes a config is validated for (`sweep` validates each of its runs for "train").
@@ -252,11 +255,17 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any
   return out
 
 
+# numpy, JAX (keys) and tf.data (seeds) take Python ints as 64-bit integers; a larger one is an
+# OverflowError deep inside whichever library meets it first.
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
 def _type_ok(kind: str, value: Any) -> bool:
   if kind == "bool":
     return isinstance(value, bool)
   if kind == "int":
-    return isinstance(value, int) and not isinstance(value, bool)
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and _INT64[0] <= value <= _INT64[1])
   if kind == "float":
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   return isinstance(value, str)
@@ -303,6 +312,9 @@ def check_field(name: str, value: Any) -> None:
 
 def _check_value(name: str, kind: str, field: Field, value: Any, what: str) -> None:
   if not _type_ok(kind, value):
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+      raise UsageError(f"{name}={value!r}{what} does not fit a 64-bit integer; use a value in "
+                       f"[-2**63, 2**63 - 1]")
     raise UsageError(f"{name}={value!r}{what} must be a finite {kind}")
   if field.choices is not None and value not in field.choices:
     raise UsageError(f"{name}={value!r}{what} is not allowed; use one of "
@@ -324,6 +336,18 @@ def sampler_methods(config: ml_collections.ConfigDict, modes: Iterable[str]) -> 
     elif mode in ("sample", "eval"):
       methods.append(s.method)
   return tuple(dict.fromkeys(methods))
+
+
+def sampler_fix_hint(method: str) -> str:
+  """What to change when sampler `method` diverged, naming only fields the schema has.
+
+  Built from `FIELDS`, so a hint cannot name a field that was moved or removed.
+  """
+  for knob in ("step_lr", "snr", "rel_tol", "num_steps"):
+    if f"sampling.{method}.{knob}" in FIELDS:
+      return f"lower sampling.{method}.{knob}" if knob != "num_steps" else (
+          f"raise sampling.{method}.num_steps")
+  return f"change sampling.{method}.*"
 
 
 def _toy_names() -> tuple[str, ...]:
@@ -370,11 +394,84 @@ def validate(config: ml_collections.ConfigDict, *, modes: Iterable[str] = ("trai
   for name, value in values.items():
     check_field(name, value)
   _check_data_and_model(config)
+  _check_sizes(config, modes)
   _check_noise(config)
   _check_training(config, num_devices)
   if config.adversarial.enabled:
     _check_adversarial(config)
   _check_samplers(config, modes)
+  if "eval" in modes or "sampler_sweep" in modes:
+    _check_reference_size(config)
+
+
+def _memory_bytes() -> int:
+  """The host's physical memory: every batch, sample set and feature set passes through it."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_sizes(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -> None:
+  """UsageError when an array the run holds whole cannot fit in memory.
+
+  The sizes are products of fields (batch sizes and sample counts times one example's shape),
+  each value of which may be in range while the product is absurd (data.toy_dim=10**9): the
+  training batch, the samples of a sampling run (kept on the host to be written) and a batch of
+  evaluation samples.
+  """
+  shape = _example_shape(config)
+  example = math.prod(shape) * 4  # float32
+  arrays = [("data.*", "one example", 1)]
+  if "train" in modes:
+    arrays.append(("training.batch_size", "a training batch", config.training.batch_size))
+  if {"train", "sample"} & set(modes):
+    arrays.append(("sampling.num_samples", "the samples of a sampling run",
+                   config.sampling.num_samples))
+  if {"eval", "sampler_sweep"} & set(modes):  # evaluations hold one batch of samples at a time
+    arrays.append(("eval.batch_size", "a batch of evaluation samples", config.eval.batch_size))
+  memory = _memory_bytes()
+  for field, what, count in arrays:
+    if count * example > memory:
+      raise UsageError(
+          f"{field}={count}: {what} of shape {shape} (data.dataset={config.data.dataset!r}, "
+          f"data.toy_dim / image_size / num_channels) is {count * example / 2 ** 30:.1f} GiB, "
+          f"more than this machine's {memory / 2 ** 30:.1f} GiB of memory; use smaller sizes")
+
+
+def _example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """One example's shape, without building a toy distribution of data.toy_dim dimensions.
+
+  A toy's dimension follows data.toy_dim when it differs between dims 1 and 2 (gaussian,
+  point_mass); the other toys have their own.
+  """
+  from score_jax import data, toy
+  d = config.data
+  if not data.is_toy(d.dataset):
+    return (d.image_size, d.image_size, d.num_channels)
+  one, two = toy.get_toy(d.dataset, dim=1).dim, toy.get_toy(d.dataset, dim=2).dim
+  return (d.toy_dim,) if one != two else (one,)
+
+
+def _check_reference_size(config: ml_collections.ConfigDict) -> None:
+  """UsageError when computed reference statistics would need more images than their split.
+
+  Checked here rather than when the statistics are first needed, which is after the feature
+  network is loaded and samples are drawn.
+  """
+  from score_jax import data, image_data
+  from score_jax.eval import reference_stats
+  d, ev = config.data, config.eval
+  if data.is_toy(d.dataset) or ev.reference_stats:
+    return
+  split, n = _wrap("eval.reference_num_images", "", reference_stats.reference_split, config)
+  try:
+    available = image_data.num_records(dataset=d.dataset, split=split, data_dir=d.data_dir,
+                                       path=d.path)
+  except (ValueError, OSError):
+    return  # unreadable data: the run reports it where it reads them (a cache may serve instead)
+  if n > available:
+    setting = "eval.reference_num_images" if ev.reference_num_images else "eval.num_samples"
+    raise UsageError(f"{setting}={n} exceeds the {available} images of {d.dataset}/{split} (the "
+                     f"reference statistics would repeat images); lower {setting} or give "
+                     "eval.reference_stats")
 
 
 def _check_data_and_model(config: ml_collections.ConfigDict) -> None:
@@ -476,3 +573,26 @@ def _check_samplers(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -
             "'karras' with num_steps >= 2", experiment.sampling_ladder,
             experiment.sigmas_from_config(config), ladder=g.ladder, num_steps=g.num_steps,
             rho=g.rho, sigma_max=g.sigma_max, sigma_min=g.sigma_min)
+    _wrap(f"sampling.{method}", f"fix the values of --config.sampling.{method}.*",
+          _trace_sampler, config, method)
+
+
+def _trace_sampler(config: ml_collections.ConfigDict, method: str) -> None:
+  """Runs every argument check of sampler `method` with the config's arguments, computing nothing.
+
+  The samplers check their arguments (e.g. EDM's s_tmin <= s_tmax, the adaptive solver's
+  tolerances) on the host when they are traced; tracing the configured sampler abstractly
+  (`jax.eval_shape`) with a one-unit MLP score network on one-dimensional data reaches all of
+  those checks, present and future, before any work, without repeating them here.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from score_jax import experiment, models
+  net = models.NoiseConditionalMLP(hidden=1, num_layers=1)
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 1)),
+                                           jnp.ones((1,)))["params"])
+  sample = experiment.make_sample_fn(net, experiment.sigmas_from_config(config), (1,),
+                                     method=method, init=experiment.sampler_init(config, method),
+                                     **experiment.sampler_kwargs(config, method))
+  jax.eval_shape(lambda p: sample(p, jax.random.key(0), 1), params)

@@ -49,7 +49,7 @@ import numpy as np
 
 from score_jax import checkpoint, experiment, noise, parallel, samplers
 from score_jax import paths as storage
-from score_jax.config_schema import UsageError
+from score_jax.config_schema import UsageError, sampler_fix_hint
 from score_jax.eval import sweep
 from score_jax.eval.batches import (batch_cache_dir, draw_features, draw_features_stacked,
                                     drop_batches)
@@ -85,8 +85,8 @@ def _check_finite(row: dict, *, fatal: bool) -> None:
   if fraction == 0.0 and fatal:
     raise experiment.NonFiniteSamplesError(
         f"all {row['num_samples']} samples at step {row['step']} are non-finite "
-        f"({row['method']}, step_lr={row['step_lr']}); no metrics computed. Lower "
-        "sampling.step_lr or check the checkpoint")
+        f"({row['method']}, step_lr={row['step_lr']}); no metrics computed. "
+        f"{sampler_fix_hint(row['method']).capitalize()} or check the checkpoint")
   if fraction < 1.0 and parallel.is_main_process():
     print(f"warning: {1 - fraction:.1%} of the samples at step {row['step']} ({row['method']}, "
           f"step_lr={row['step_lr']}) are non-finite; metrics use the finite ones",

@@ -448,7 +448,10 @@ def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: 
       if not isinstance(out, tuple):
         return out[0]
       x, info = out
-      nfe.append(info.pop("nfe"))
+      if isinstance(info["nfe"], jax.Array):  # per-example counts (adaptive): out through vmap
+        info["nfe"] = info["nfe"].reshape(())
+      else:  # one static count for every example
+        nfe.append(info.pop("nfe"))
       if "samples" in info:
         info["samples"] = info["samples"][:, 0]
       return x[0], info

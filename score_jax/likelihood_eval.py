@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -52,6 +53,23 @@ GRID_POINTS = 48
 # Folded into the seed for the toy test set and for the per-example keys.
 _TEST_SET_ID = 0x7E57
 _KEYS_ID = 0x11C
+
+
+class NothingFiniteError(experiment.NonFiniteSamplesError):
+  """Nothing finite to measure: non-finite parameters, or no solve ended in a finite value.
+
+  A `NonFiniteSamplesError`, so the command line reports it in one line with exit status 1.
+  """
+
+
+def _check_params_finite(params: Any, step: int) -> None:
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  bad = [jax.tree_util.keystr(path) for path, leaf in leaves
+         if not bool(jnp.all(jnp.isfinite(leaf)))]
+  if bad:
+    raise NothingFiniteError(
+        f"the EMA parameters of step {step} are not finite ({len(bad)} of {len(leaves)} arrays, "
+        f"e.g. {bad[0]}): no likelihood can be measured; evaluate an earlier checkpoint")
 
 
 def resolve_trace(config: ml_collections.ConfigDict) -> str:
@@ -199,6 +217,7 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   """
   check_config(config)
   step = int(jax.device_get(state.step))
+  _check_params_finite(state.ema_params[0], step)
   proto = protocol(config, step)
   is_toy = data.is_toy(config.data.dataset)
   x = eval_examples(config)
@@ -227,8 +246,11 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   values = {k: np.concatenate([f[k] for f in stored]) for k in stored[0].files}
   row = dict(proto)
   nfe = values["nfe"]
+  value = values["logp"] if is_toy else values["bpd_repeats"]
+  failed = ~values["success"].astype(bool) | ~np.isfinite(value)
   row.update(nfe_mean=float(np.mean(nfe)), nfe_max=int(np.max(nfe)),
-             num_failed=int(np.sum(~values["success"].astype(bool))))
+             num_failed=int(np.sum(failed)))
+  _check_solves(failed, step, folder)
   if is_toy:
     nll = -np.mean(values["logp"], axis=1)
     row["mean"], row["se"] = _mean_se(nll)
@@ -254,6 +276,23 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   if parallel.is_main_process():
     _write_row(row, workdir)
   return row
+
+
+def _check_solves(failed: np.ndarray, step: int, folder: str) -> None:
+  """Refuses a result none of whose solves succeeded; warns when some failed.
+
+  Args:
+    failed: `[examples, repeats]` True where the ODE solve failed or its value is not finite.
+  """
+  fix = ("loosen likelihood.rtol / likelihood.atol, or check the checkpoint; the stored batches "
+         f"are in {folder}")
+  if failed.all():
+    raise NothingFiniteError(f"every one of the {failed.size} likelihood solves at step {step} "
+                             f"failed or gave a non-finite value: no likelihood to report; {fix}")
+  if failed.any() and parallel.is_main_process():
+    print(f"warning: {int(failed.sum())} of the {failed.size} likelihood solves at step {step} "
+          f"failed or gave a non-finite value; the mean includes them (row's num_failed); {fix}",
+          file=sys.stderr)
 
 
 def _plot_log_density(config, proto, dist, x, params, p_fn, batch, workdir) -> None:

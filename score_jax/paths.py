@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import zipfile
 from typing import IO, Any
 
 import numpy as np
@@ -152,7 +153,21 @@ def save_npz(path: PathLike, *, compressed: bool = False, **arrays: np.ndarray) 
 
 
 def load_npz(path: PathLike) -> dict[str, np.ndarray]:
-  """All arrays of the `.npz` file at `path`, read into memory."""
+  """All arrays of the `.npz` file at `path`, read into memory.
+
+  Raises:
+    OSError: the file cannot be opened.
+    ValueError: its bytes are not a readable `.npz` of plain arrays (one line naming the file;
+      numpy's own message for such bytes advises enabling pickles, which is never right here).
+  """
   with open_file(path, "rb") as f:
-    with np.load(io.BytesIO(f.read()), allow_pickle=False) as data:
+    content = f.read()
+  try:
+    with np.load(io.BytesIO(content), allow_pickle=False) as data:
+      if not hasattr(data, "files"):
+        raise ValueError("a single .npy array, not an .npz archive")
       return {k: data[k] for k in data.files}
+  except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    why = ("it holds object arrays (pickles), which are not read" if "allow_pickle" in str(e)
+           and content[:2] == b"PK" else "damaged, truncated or not written by numpy.savez")
+    raise ValueError(f"{as_str(path)} is not a readable .npz file ({why})") from None

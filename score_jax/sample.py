@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from score_jax import data, experiment, models, parallel, paths, plots, progress, toy
+from score_jax.config_schema import sampler_fix_hint
 from score_jax.experiment import sampler_kwargs, sigmas_from_config
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
@@ -89,8 +90,8 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     if not finite.any():
       raise experiment.NonFiniteSamplesError(
           f"all {len(samples)} samples of {method} at step {step} are non-finite "
-          f"({sampler_kwargs(config, method)}); none written for it. Lower sampling.step_lr "
-          "(sampling.cas_step_lr for CAS) or check the checkpoint")
+          f"({sampler_kwargs(config, method)}); none written for it. "
+          f"{sampler_fix_hint(method).capitalize()} or check the checkpoint")
     if not finite.all() and main:
       print(f"warning: {1 - finite.mean():.1%} of the {method} samples are non-finite; metrics "
             "use the finite ones", file=sys.stderr)

@@ -674,7 +674,8 @@ def adaptive(score_fn: ScoreFn, x_init: Float[Array, "b ..."], rng: jax.Array, *
     x_init: `[b, ...]` samples at sigma_max (e.g. the prior N(0, sigma_max^2 I)).
     rng: one key or `[b]` per-example keys.
     sigma_max, sigma_min: the noise levels of t = 1 and t = 0.
-    abs_tol, rel_tol: the mixed tolerance.
+    abs_tol, rel_tol: the mixed tolerance, both > 0 (rel_tol = 0 would hold every coordinate to
+      abs_tol alone, at sigma_max too, for many times the network evaluations).
     h_init, safety, exponent, h_max_factor: step-size control.
     max_iters: a bound on loop iterations (a sample not finished by then is returned as it is;
       info["done"] tells).
@@ -689,7 +690,7 @@ def adaptive(score_fn: ScoreFn, x_init: Float[Array, "b ..."], rng: jax.Array, *
   """
   checks = (("sigma_min", sigma_min, sigma_min > 0, "> 0"),
             ("sigma_max", sigma_max, sigma_max > sigma_min, f"> sigma_min={sigma_min}"),
-            ("abs_tol", abs_tol, abs_tol > 0, "> 0"), ("rel_tol", rel_tol, rel_tol >= 0, ">= 0"),
+            ("abs_tol", abs_tol, abs_tol > 0, "> 0"), ("rel_tol", rel_tol, rel_tol > 0, "> 0"),
             ("h_init", h_init, 0 < h_init <= 1, "in (0, 1]"),
             ("safety", safety, 0 < safety <= 1, "in (0, 1]"),
             ("exponent", exponent, exponent > 0, "> 0"),

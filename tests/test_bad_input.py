@@ -9,6 +9,7 @@ import json
 import pathlib
 import subprocess
 
+import numpy as np
 import pytest
 from conftest import HANG_TIMEOUT_S, start_main
 
@@ -103,6 +104,23 @@ BAD_CONFIGS = {
     "unknown sweep sampler": ({"eval.sweep_methods": ("als", "ald")}, "sampler_sweep",
                               "eval.sweep_methods"),
     "eval batch 0": ({"eval.batch_size": 0}, "eval", "eval.batch_size"),
+    # issue 29: values in range whose combination or size reached a traceback
+    "adaptive rel_tol 0": ({"sampling.method": "adaptive", "sampling.adaptive.rel_tol": 0.0},
+                           "sample", "sampling.adaptive.rel_tol"),
+    "sweep rel_tol 0": ({"eval.sweep_rel_tols": (0.0, 0.1)}, "sampler_sweep",
+                        "eval.sweep_rel_tols"),
+    "heun s_tmin > s_tmax": ({"sampling.method": "heun", "sampling.heun.s_tmin": 5.0,
+                              "sampling.heun.s_tmax": 1.0}, "sample",
+                             "sampling.heun: s_tmin=5.0 must be <= s_tmax=1.0"),
+    "euler s_tmin > s_tmax after training": ({"sampling.methods": ("als", "euler"),
+                                              "sampling.euler.s_tmin": 2.0,
+                                              "sampling.euler.s_tmax": 1.0}, "train",
+                                             "sampling.euler: s_tmin=2.0"),
+    "seed 2**70": ({"seed": 2 ** 70}, "train", "seed=1180591620717411303424 does not fit"),
+    "toy_dim 1e9": ({"data.dataset": "gaussian", "data.toy_dim": 10 ** 9}, "train",
+                    "training.batch_size=64: a training batch of shape (1000000000,)"),
+    "num_samples 1e12": ({"sampling.num_samples": 10 ** 12}, "sample", "sampling.num_samples="),
+    "eval batch 1e12": ({"eval.batch_size": 10 ** 12}, "eval", "eval.batch_size="),
 }
 
 
@@ -185,6 +203,19 @@ def test_command_line_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path)
       "sample without a run": (["--mode=sample"], "holds no checkpoints"),
       "unwritable workdir": (["--config=configs/test.py", "--workdir=/proc/score_jax_run"],
                              "not a writable directory"),
+      "seed out of range on existing workdir": (["--config=configs/test.py",
+                                                 f"--workdir={existing}",
+                                                 "--config.seed=1180591620717411303424"],
+                                                "does not fit a 64-bit integer"),
+      "absurd toy_dim": (["--config=configs/test.py", "--config.data.dataset=gaussian",
+                          "--config.data.toy_dim=1000000000"], "GiB of memory"),
+      "heun churn window": (["--config=configs/test.py", "--config.sampling.methods=('als','heun')",
+                             "--config.sampling.heun.s_tmin=5.0",
+                             "--config.sampling.heun.s_tmax=1.0"],
+                            "s_tmin=5.0 must be <= s_tmax=1.0"),
+      "adaptive rel_tol 0": (["--config=configs/test.py", "--config.sampling.methods=('adaptive',)",
+                              "--config.sampling.adaptive.rel_tol=0.0"],
+                             "sampling.adaptive.rel_tol=0.0 must be > 0.0"),
   }
   procs = {}
   for name, (args, _) in cases.items():
@@ -203,3 +234,65 @@ def test_command_line_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path)
     assert cases[name][1] in lines[0], f"{name}: {lines[0]}"
     assert not (tmp_path / name.replace(" ", "_")).exists(), f"{name} wrote its workdir"
   assert _tree_digest(existing) == before
+
+
+def test_eval_num_samples_beyond_the_reference_split_is_refused_before_work(tmp_path):
+  from PIL import Image
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(5):
+    Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+  config = _config({"data.dataset": "folder", "data.path": str(folder), "data.num_channels": 3,
+                    "data.image_size": 32, "model.name": "ncsnv2", "eval.features": "inception",
+                    "eval.num_samples": 10, "sampling.method": "als"})
+  with pytest.raises(UsageError, match=r"eval.num_samples=10 exceeds the 5 images of folder/"):
+    cli.validate(config, "eval")
+  config.eval.reference_num_images = 4
+  cli.validate(config, "eval")
+
+
+def test_non_finite_ema_workdir_is_refused_by_likelihood_and_export(tmp_path, monkeypatch):
+  """A library-side fault, not bad input: one line, exit 1, the workdir unchanged."""
+  import jax
+  import jax.numpy as jnp
+
+  from score_jax import models
+  config = test_config.get_config()
+  state = experiment.init_state(config, models.build(config))
+  nan = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.params)
+  state = state.replace(step=jnp.int32(5), ema_params=(nan,))
+  workdir = tmp_path / "run"
+  # Written as a version that saved without its non-finite check would have (digest included).
+  monkeypatch.setattr(checkpoint, "nonfinite_leaves", lambda tree: [])
+  manager = checkpoint.create_writer(str(workdir), async_save=False)
+  checkpoint.save(manager, 5, state, data_state={"kind": "toy", "step": 5},
+                  config_json=config.to_json())
+  checkpoint.wait(manager)
+  manager.close()
+  monkeypatch.undo()
+  before = _tree_digest(workdir)
+  cases = {"likelihood": ([], "EMA parameters of step 5 are not finite"),
+           "export": ([f"--export_path={tmp_path / 'model.msgpack'}"],
+                      "refusing to export non-finite parameters")}
+  for mode, (extra, expect) in cases.items():
+    proc = start_main(f"--mode={mode}", f"--workdir={workdir}", *extra, devices=8)
+    try:
+      _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      raise
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 1, f"{mode}: exit {proc.returncode}\n{err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], err[-2000:]
+  assert not (tmp_path / "model.msgpack").exists()
+  assert _tree_digest(workdir) == before
+
+
+def test_sampler_hints_name_only_fields_the_schema_has():
+  import re
+
+  from score_jax import config_schema
+  for method in config_schema.FIELDS["sampling.method"].choices:
+    hint = config_schema.sampler_fix_hint(method)
+    named = re.findall(r"sampling\.[a-z_0-9.]*[a-z_0-9*]", hint)
+    assert named and all(n in config_schema.FIELDS or n.endswith(".*") for n in named), hint

@@ -56,7 +56,7 @@ def test_folder_npz_and_statistics_agree(tmp_path):
 
 def test_bad_sources_are_one_line_errors(tmp_path, capsys):
   np.savez(tmp_path / "two.npz", p=np.zeros(3), q=np.zeros(3))
-  for spec, match in [("nowhere", "neither a folder"), (str(tmp_path / "two.npz"), "'mu'"),
+  for spec, match in [("nowhere", "no such folder or .npz file"), (str(tmp_path / "two.npz"), "'mu'"),
                       (str(tmp_path / "gone.npz"), "does not exist")]:
     with pytest.raises(ValueError, match=match):
       fid.load_source(spec)
@@ -91,3 +91,39 @@ def test_eval_rows_carry_kid_spread_only_beyond_the_subset_size():
   row = evaluators.image_metrics({"pool": pool, "finite": np.ones(n, bool)}, reference,
                                  fid.jax.random.key(0))
   assert "kid" in row and "kid_std" not in row
+
+
+def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(fid, "inception_featurize", lambda weights: _featurize)
+  folder = _folder(tmp_path / "a", _images(4, 0))
+  (tmp_path / "a" / "0002.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"damaged" * 20)
+  np.savez(tmp_path / "b.npz", x=_images(4, 1))
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "b.npz").read_bytes()[:100])
+  np.savez(tmp_path / "objects.npz", x=np.array([{}, 1], dtype=object))
+  _folder(tmp_path / "sizes", _images(3, 2))
+  Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(tmp_path / "sizes" / "0009.png")
+  cases = [(folder, "0002.png is not a readable image"),
+           (str(tmp_path / "cut.npz"), "cut.npz is not a readable .npz"),
+           (str(tmp_path / "objects.npz"), "holds object arrays"),
+           (str(tmp_path / "sizes"), "must share one size"),
+           (str(tmp_path / "typo"), "no such folder or .npz file")]
+  for spec, expect in cases:
+    assert fid.main([spec, str(tmp_path / "b.npz")]) == 2, spec
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
+    assert "allow_pickle" not in err
+
+
+def test_nothing_finite_exits_1_in_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(fid, "inception_featurize", lambda weights: _featurize)
+  np.savez(tmp_path / "nan_images.npz", x=np.full((8, 8, 8, 3), np.nan, np.float32))
+  np.savez(tmp_path / "nan_stats.npz", mu=np.full(16, np.nan), sigma=np.eye(16))
+  np.savez(tmp_path / "b.npz", x=_images(8, 1))
+  for source, expect in (("nan_images.npz", "error: no image of"),
+                         ("nan_stats.npz", "error: the FID is nan")):
+    assert fid.main([str(tmp_path / source), str(tmp_path / "b.npz")]) == 1, source
+    captured = capsys.readouterr()
+    # Progress bars (carriage-return lines) come before the one error line.
+    last = captured.err.rstrip("\n").split("\n")[-1]
+    assert last.startswith(expect) and captured.err.count("error") == 1, captured.err
+    assert source in last and captured.out == ""

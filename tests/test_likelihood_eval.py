@@ -102,3 +102,39 @@ def test_bad_settings_fail_before_any_work(trained, tmp_path, field, value, matc
     likelihood_eval.run(config, state, str(tmp_path / "out"), progress=False)
   assert not (tmp_path / "out").exists()
 
+
+
+def test_non_finite_parameters_stop_before_any_work(trained, tmp_path):
+  import jax
+  config, state = experiment.load_checkpoint(trained)
+  nan = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), state.ema_params[0])
+  state = state.replace(ema_params=(nan,) + tuple(state.ema_params[1:]))
+  with pytest.raises(likelihood_eval.NothingFiniteError, match="are not finite") as info:
+    likelihood_eval.run(_settings(config), state, str(tmp_path / "out"), progress=False)
+  assert "\n" not in str(info.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_every_solve_failed_is_refused(trained, tmp_path):
+  import jax
+  config, state = experiment.load_checkpoint(trained)
+  # Finite parameters whose scores overflow: every solve ends non-finite.
+  huge = jax.tree.map(lambda a: a * 1e30, state.ema_params[0])
+  state = state.replace(ema_params=(huge,) + tuple(state.ema_params[1:]))
+  config = _settings(config)
+  config.likelihood.num_examples = 8
+  config.likelihood.batch_size = 8
+  with pytest.raises(likelihood_eval.NothingFiniteError, match="every one of the 8") as info:
+    likelihood_eval.run(config, state, str(tmp_path / "out"), progress=False)
+  assert "\n" not in str(info.value)
+  assert not (tmp_path / "out" / "likelihood.jsonl").exists()
+
+
+def test_partial_failures_warn_in_one_line(capsys):
+  failed = np.zeros((6, 2), bool)
+  likelihood_eval._check_solves(failed, 5, "lik/x")
+  assert capsys.readouterr().err == ""
+  failed[2, 1] = True
+  likelihood_eval._check_solves(failed, 5, "lik/x")
+  err = capsys.readouterr().err
+  assert err.startswith("warning: 1 of the 12 likelihood solves at step 5") and err.count("\n") == 1

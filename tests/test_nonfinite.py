@@ -41,7 +41,7 @@ def test_all_nonfinite_samples_are_an_error_and_nothing_is_written(tmp_path):
   config.sampling.als.step_lr = 1e30
   with pytest.raises(experiment.NonFiniteSamplesError, match="all 64 samples of als") as e:
     sample.sample_and_write(config, state, workdir, methods=("als",))
-  assert "\n" not in str(e.value)
+  assert "\n" not in str(e.value) and "Lower sampling.als.step_lr or check" in str(e.value)
   assert not list(tmp_path.glob("samples/*"))
 
 

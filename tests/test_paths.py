@@ -312,3 +312,21 @@ def test_the_three_cloud_storage_clients_share_one_store(gcs_server):
   fs.rm(["bucket/run/a", "bucket/run/b/c"])  # one batched request
   assert gcs_server.names("bucket") == ["run/d.txt", "up/1", "up/2", "up/3"]
   assert not gcs_server.unsupported
+
+
+def test_unreadable_npz_is_one_line_without_pickle_advice(tmp_path):
+  np.savez(tmp_path / "good.npz", x=np.arange(3))
+  good = (tmp_path / "good.npz").read_bytes()
+  (tmp_path / "garbage.npz").write_bytes(b"not an npz at all" * 10)
+  (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])
+  np.savez(tmp_path / "objects.npz", x=np.array([{}, 1], dtype=object))
+  for name, why in (("garbage.npz", "damaged"), ("cut.npz", "damaged"),
+                    ("objects.npz", "object arrays")):
+    with pytest.raises(ValueError) as e:
+      paths.load_npz(tmp_path / name)
+    message = str(e.value)
+    assert name in message and why in message and "\n" not in message, message
+    assert "allow_pickle" not in message
+  assert list(paths.load_npz(tmp_path / "good.npz")) == ["x"]
+  with pytest.raises(FileNotFoundError):
+    paths.load_npz(tmp_path / "missing.npz")

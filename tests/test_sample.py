@@ -49,3 +49,15 @@ def test_inpainting_runs_the_named_sampler(toy, tmp_path, monkeypatch):
   # PC is not silently another sampler.
   assert not np.allclose(done["pc"][:, 1], done["als"][:, 1])
   assert not np.allclose(done["pc"][:, 1], done["cas"][:, 1])
+
+
+def test_sample_mode_runs_the_adaptive_solver_with_per_sample_nfe(toy, tmp_path):
+  # The first samples are drawn one per program (trajectory path); the adaptive solver's
+  # per-sample evaluation counts come back through vmap, not out of its trace.
+  config, state = toy
+  config = config.copy_and_resolve_references()
+  config.sampling.num_samples = 12
+  config.sampling.adaptive.max_iters = 50
+  results = sample.sample_and_write(config, state, str(tmp_path), methods=("adaptive",))
+  assert results["adaptive"]["num_samples"] == 12
+  assert results["adaptive"]["nfe"] > 0

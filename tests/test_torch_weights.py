@@ -3,8 +3,10 @@
 import collections
 import io
 import pickle
+import subprocess
 import sys
 import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -59,7 +61,6 @@ def files(tmp_path, monkeypatch):
   _Liar(buf, protocol=2).dump(collections.OrderedDict(w=fake.tensor(big, 0, (1 << 33,), (1,))))
   path = tmp_path / "liar.pth"
   _write_zip(path, {}, [big])
-  import zipfile
   with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
     zf.writestr("archive/data.pkl", buf.getvalue())
     zf.writestr("archive/data/0", big.data.tobytes())
@@ -122,3 +123,111 @@ def test_fetch_inception_pth_reports_malformed_files_in_one_line(files, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("fetch_inception: error: ") and err.count("\n") == 1, err
   assert not (tmp_path / "cache").exists()
+
+
+def _storage_pickle(fake, numel: int, views) -> bytes:
+  """A data.pkl whose tensors `views` (name -> (offset, size, stride)) share one float storage
+  stating `numel` elements."""
+  storage = _Storage("0", fake.torch.FloatStorage, np.zeros(1, np.float32))
+
+  class _Stated(_TorchPickler):
+    def persistent_id(self, obj):
+      pid = super().persistent_id(obj)
+      return pid and pid[:4] + (numel,)
+
+  buf = io.BytesIO()
+  _Stated(buf, protocol=2).dump(collections.OrderedDict(
+      (name, fake.tensor(storage, *view)) for name, view in views.items()))
+  return buf.getvalue()
+
+
+def _deflated_zip(path, data_pkl: bytes, storage_bytes: int) -> None:
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    zf.writestr("archive/data.pkl", data_pkl)
+    zf.writestr("archive/data/0", bytes(storage_bytes))
+
+
+def test_inflated_bytes_are_bounded_before_inflating(tmp_path, monkeypatch):
+  fake = _FakeTorch(monkeypatch)
+  numel = 16 << 20  # a 64 MiB storage that deflates to about 64 KiB
+  path = tmp_path / "bomb.pth"
+  _deflated_zip(path, _storage_pickle(fake, numel, {"w": (0, (numel,), (1,))}), 4 * numel)
+  monkeypatch.delitem(sys.modules, "torch")
+  assert path.stat().st_size < (1 << 20)
+  tracemalloc.start()
+  try:
+    with pytest.raises(torch_weights.MalformedWeightsError, match="inflates to more than") as e:
+      torch_weights.load_state_dict(path, max_bytes=8 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert "\n" not in str(e.value) and str(path) in str(e.value)
+  assert peak < (4 << 20), peak
+
+
+def test_tensors_sharing_a_storage_are_materialized_once(tmp_path, monkeypatch):
+  fake = _FakeTorch(monkeypatch)
+  numel = 4 << 20  # 16 MiB, named by 16 tensors
+  path = tmp_path / "shared.pth"
+  _deflated_zip(path, _storage_pickle(fake, numel, {f"w{i}": (0, (numel,), (1,))
+                                                    for i in range(16)}), 4 * numel)
+  # Distinct overlapping views are each an array of their own: their total is bounded.
+  overlapping = tmp_path / "overlapping.pth"
+  _deflated_zip(overlapping, _storage_pickle(fake, numel, {f"w{i}": (i, (numel - 16,), (1,))
+                                                           for i in range(16)}), 4 * numel)
+  monkeypatch.delitem(sys.modules, "torch")
+  tracemalloc.start()
+  try:
+    got = torch_weights.load_state_dict(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert sorted(got) == sorted(f"w{i}" for i in range(16))
+  assert all(got[name] is got["w0"] for name in got) and got["w0"].shape == (numel,)
+  assert peak < 3 * 4 * numel, peak
+  tracemalloc.start()
+  try:
+    with pytest.raises(torch_weights.MalformedWeightsError, match="tensors total more than") as e:
+      torch_weights.load_state_dict(overlapping, max_bytes=64 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert "\n" not in str(e.value)
+  assert peak < 2 * 4 * numel, peak
+
+
+_LOAD_IN_CHILD = """
+import sys
+from score_jax.eval import torch_weights
+try:
+  torch_weights.load_state_dict(sys.argv[1])
+except torch_weights.MalformedWeightsError as e:
+  print(e)
+  sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("kind", ["shared_levels", "memo_index", "marks", "stack"])
+def test_pickle_structure_is_bounded_before_unpickling(tmp_path, kind):
+  if kind == "shared_levels":
+    # 25 levels, each holding the memoized level below twice: 2^25 paths from ~200 bytes.
+    tree = []
+    for _ in range(25):
+      tree = [tree, tree]
+    data = pickle.dumps(tree, protocol=2)
+  elif kind == "memo_index":
+    # LONG_BINPUT at index 2^30: the C unpickler would grow its memo table to 2^31 slots.
+    data = b"\x80\x02]r" + (1 << 30).to_bytes(4, "little") + b"."
+  elif kind == "marks":
+    data = b"\x80\x02" + b"(" * 5000 + b"."
+  else:
+    data = b"\x80\x02" + b"N" * 200_000 + b"."
+  assert len(data) < 250_000
+  path = tmp_path / f"{kind}.pth"
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", data)
+  # A child process, so that a walk of 2^25 paths fails the test by its timeout, not by hanging.
+  proc = subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(path)], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+  assert proc.stdout.count("\n") == 1 and str(path) in proc.stdout, proc.stdout

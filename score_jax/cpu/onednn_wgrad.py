@@ -10,7 +10,9 @@ How: `onednn_wgrad.cc`, an XLA FFI handler, is compiled on first use with the sy
 compiler against the oneDNN 3.2 wheels pinned in requirements.txt (`onednn-cpu-gomp` and
 `onednn-devel-cpu-gomp`, x86-64 Linux) and jaxlib's FFI headers, into `score_jax.cache_dir()`
 (`$SCORE_JAX_CACHE`, else `~/.cache/score_jax`), named by a hash of everything that goes into
-it; a file lock lets concurrent processes share one build. `make venv` builds it once and says
+it; a file lock lets concurrent processes share one build. A cached library is loaded only if
+this installation built it: its SHA-256 is recorded beside the source (`RECORDS`), not in the
+cache, and the bytes loaded are the bytes checked (`build`, `_load`). `make venv` builds it once and says
 whether it works (`available()`).
 
 `weight_grad_p` lowers to the FFI call on CPU when `available()` (a one-time build, load and
@@ -36,6 +38,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.metadata
+import logging
 import os
 import pathlib
 import re
@@ -167,10 +170,16 @@ def _wheel_file(dist: str, suffix: str) -> pathlib.Path:
   raise RuntimeError(f"{dist} has no file ending in {suffix}; reinstall it")
 
 
-def build() -> pathlib.Path:
-  """Compiles the handler (once per source, compiler, oneDNN and jaxlib) and returns its path.
+# What this installation built, recorded beside the source rather than in the cache: the cache
+# is a directory others may write or hand over (`$SCORE_JAX_CACHE` on a shared disk, a copied
+# home), so a library found there, and any digest next to it, vouch for nothing. A cached library
+# is used only when its SHA-256 equals the record this installation wrote when it built it;
+# otherwise it is rebuilt from SOURCE. The bytes loaded are the bytes hashed (`_load`).
+RECORDS = SOURCE.parent / ".built"
 
-  Raises RuntimeError naming what is missing or the compiler's error."""
+
+def _plan() -> tuple[list[str], str]:
+  """The compiler command (without its output) and the cache key naming its library."""
   if sys.platform != "linux":
     raise RuntimeError(f"the oneDNN weight gradient is built for Linux only, not {sys.platform}")
   compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -185,28 +194,68 @@ def build() -> pathlib.Path:
   key = hashlib.sha256("\0".join(
       [SOURCE.read_text(), jax.__version__, importlib.metadata.version("jaxlib"),
        importlib.metadata.version("onednn-cpu-gomp")] + command).encode()).hexdigest()[:16]
+  return command, key
+
+
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build() -> tuple[pathlib.Path, str]:
+  """The cached library and the SHA-256 this installation vouches for (recorded or just built)."""
+  command, key = _plan()
   cache = score_jax.cache_dir()
   cache.mkdir(parents=True, exist_ok=True)
   target = cache / f"onednn_wgrad-{key}.so"
+  record = RECORDS / f"onednn_wgrad-{key}.sha256"
   with open(cache / f"onednn_wgrad-{key}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # one build; other processes wait for it
-    # The built library's own SHA-256 is recorded next to it: a damaged or replaced file in the
-    # cache is rebuilt, never loaded.
-    digest = target.with_suffix(".so.sha256")
-    if target.exists() and (not digest.exists() or digest.read_text().strip() !=
-                            hashlib.sha256(target.read_bytes()).hexdigest()):
-      target.unlink()
-    if not target.exists():
-      with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        out = pathlib.Path(tmp) / target.name
-        result = subprocess.run(command + ["-o", str(out)], capture_output=True, text=True)
-        if result.returncode != 0:
-          raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
-                             f"{result.stderr[-3000:]}")
-        (pathlib.Path(tmp) / digest.name).write_text(hashlib.sha256(out.read_bytes()).hexdigest())
-        os.replace(pathlib.Path(tmp) / digest.name, digest)
-        os.replace(out, target)
-  return target
+    recorded = record.read_text().strip() if record.is_file() else None
+    if recorded and target.is_file() and _sha256(target) == recorded:
+      return target, recorded
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+      out = pathlib.Path(tmp) / target.name
+      result = subprocess.run(command + ["-o", str(out)], capture_output=True, text=True)
+      if result.returncode != 0:
+        raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n"
+                           f"{result.stderr[-3000:]}")
+      digest = _sha256(out)
+      os.replace(out, target)
+    try:
+      RECORDS.mkdir(exist_ok=True)
+      with tempfile.NamedTemporaryFile("w", dir=RECORDS, delete=False) as f:
+        f.write(digest)
+      os.replace(f.name, record)
+    except OSError as e:  # a read-only installation: correct, but rebuilt in every process
+      logging.getLogger(__name__).info("cannot record the oneDNN weight-gradient build in %s (%s); it is rebuilt "
+                   "in every process", RECORDS, e)
+  return target, digest
+
+
+def build() -> pathlib.Path:
+  """Compiles the handler (once per source, compiler, oneDNN and jaxlib) and returns its path.
+
+  A cached library is reused only if this installation built it (`RECORDS`); any other file at
+  its place in the cache is replaced by a fresh build.
+
+  Raises RuntimeError naming what is missing or the compiler's error."""
+  return _build()[0]
+
+
+def _load() -> tuple[ctypes.CDLL, pathlib.Path]:
+  """Loads the verified library: its bytes are read once, checked against the vouched digest, and
+  loaded from a private in-memory file, so a file swapped in after the check is never loaded."""
+  path, digest = _build()
+  data = path.read_bytes()
+  if hashlib.sha256(data).hexdigest() != digest:
+    raise RuntimeError(f"{path} changed while it was being loaded; run again to rebuild it")
+  fd = os.memfd_create(path.name)
+  try:
+    with open(fd, "wb", closefd=False) as f:
+      f.write(data)
+    return ctypes.CDLL(f"/proc/self/fd/{fd}"), path
+  finally:
+    os.close(fd)
 
 
 _PROBE: dict[str, bool] = {}  # dtype name -> the call works for it here (`onednn.probe`)
@@ -215,8 +264,7 @@ _PROBE: dict[str, bool] = {}  # dtype name -> the call works for it here (`onedn
 @functools.cache
 def _register() -> pathlib.Path:
   """Builds and registers the handler, once per process (a failure is retried next time)."""
-  path = build()
-  library = ctypes.CDLL(str(path))
+  library, path = _load()
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScoreJaxOneDnnWeightGrad),
                               platform="cpu")
   return path

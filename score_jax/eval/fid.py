@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import zipfile
 from typing import Any, Callable
 
 import jax
@@ -57,13 +59,47 @@ def load_source(spec: str, *, centered: bool = False, image_size: int = 32,
     if not names:
       raise ValueError(f"{spec} holds no {'/'.join(_IMAGE_SUFFIXES)} images")
     names = names[:max_images]
-    images = np.stack([np.asarray(Image.open(os.path.join(spec, n)).convert("RGB"))
-                       for n in names])
-    return {"images": images.astype(np.float32) / 255.0, "name": spec}
+    images = [_read_image(os.path.join(spec, n)) for n in names]
+    for n, image in zip(names, images):
+      if image.shape != images[0].shape:
+        raise ValueError(f"{os.path.join(spec, n)} is {image.shape[1]}x{image.shape[0]}, but "
+                         f"{names[0]} is {images[0].shape[1]}x{images[0].shape[0]}: the images of "
+                         "a folder must share one size")
+    return {"images": np.stack(images).astype(np.float32) / 255.0, "name": spec}
   if spec.endswith(".npz"):
     if not os.path.isfile(spec):
       raise ValueError(f"{spec} does not exist")
-    with np.load(spec) as f:
+    try:
+      return _load_npz_source(spec, centered=centered, max_images=max_images)
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+      raise ValueError(f"{spec} is not a readable .npz ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:120]}); is it damaged?") from None
+  dataset, sep, split = spec.partition(":")
+  if not sep or not dataset or not split:
+    raise ValueError(f"source {spec!r}: no such folder or .npz file, and not dataset:split "
+                     "(e.g. cifar10:train)")
+  images = image_data.load_array(dataset=dataset, split=split, image_size=image_size,
+                                 num_channels=num_channels, data_dir=data_dir,
+                                 max_examples=max_images)
+  return {"images": images, "name": spec}
+
+
+def _read_image(path: str) -> np.ndarray:
+  """One image file as `[h, w, 3]` uint8; ValueError naming the file if it cannot be decoded."""
+  from PIL import Image
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged or foreign files
+    raise ValueError(f"{path} is not a readable image ({' '.join(str(e).split())[:120]}); "
+                     "replace or remove it") from None
+
+
+def _load_npz_source(spec: str, *, centered: bool, max_images: int | None) -> Source:
+  # allow_pickle stays False: an object array is refused here, not met with numpy's advice to
+  # enable pickles.
+  with np.load(spec, allow_pickle=False) as f:
+    try:
       if "mu" in f.files and "sigma" in f.files:
         return {"mu": f["mu"], "sigma": f["sigma"], "name": spec,
                 "features": f["features"] if "features" in f.files else None}
@@ -74,15 +110,12 @@ def load_source(spec: str, *, centered: bool = False, image_size: int = 32,
       else:
         raise ValueError(f"{spec} holds {f.files}: give 'mu' and 'sigma' (statistics), 'x' "
                          "(images) or a single image array")
-    return {"images": _unit_images(x[:max_images], centered=centered, where=spec), "name": spec}
-  dataset, sep, split = spec.partition(":")
-  if not sep or not dataset or not split:
-    raise ValueError(f"source {spec!r} is neither a folder, an .npz nor dataset:split "
-                     "(e.g. cifar10:train)")
-  images = image_data.load_array(dataset=dataset, split=split, image_size=image_size,
-                                 num_channels=num_channels, data_dir=data_dir,
-                                 max_examples=max_images)
-  return {"images": images, "name": spec}
+    except ValueError as e:
+      if "allow_pickle" not in str(e):
+        raise
+      raise ValueError(f"{spec} holds object arrays (pickles), which are not read; save plain "
+                       "numeric arrays") from None
+  return {"images": _unit_images(x[:max_images], centered=centered, where=spec), "name": spec}
 
 
 def _unit_images(x: np.ndarray, *, centered: bool, where: str) -> np.ndarray:
@@ -212,8 +245,19 @@ def main(argv: list[str] | None = None) -> int:
               num_channels=args.num_channels, data_dir=args.data_dir,
               max_images=args.num_images)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  # Nothing finite to report: a NaN FID (statistics that are not finite), or a source none of
+  # whose images is finite (its features are those of the stand-in the network gets instead).
+  empty = [args.sources[i] for i, side in enumerate("ab") if out.get(f"finite_fraction_{side}") == 0]
+  if empty:
+    print(f"error: no image of {empty[0]} is finite (NaN or infinite values): nothing to "
+          "measure; check the source", file=sys.stderr)
+    return 1
+  if "fid" in out and not math.isfinite(out["fid"]):
+    print(f"error: the FID is {out['fid']}: the statistics of {args.sources[0]} or "
+          f"{args.sources[1]} hold non-finite values; check the sources", file=sys.stderr)
+    return 1
   print(json.dumps(out))
   return 0
 

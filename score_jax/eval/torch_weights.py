@@ -22,6 +22,19 @@ global raises `ForbiddenGlobalError` before anything is imported or called.
 Robustness: every size a file states (storage element counts, tensor shapes and strides, zip member
 sizes) is checked against the bytes the file really holds before anything is allocated, and a
 malformed file of any kind raises `MalformedWeightsError` (a `ValueError`) with a one-line reason.
+Totals are bounded as well as single sizes, before anything is inflated or materialized:
+
+- bytes: the inflated sizes the zip directory states, summed over the distinct members read
+  (storages shared by many tensors count once), stay within `max_bytes` and within DEFLATE's
+  largest expansion of the archive's own size (directory entries that overlap one compressed
+  member are counted each time); the arrays returned stay within `max_bytes` too, and identical
+  views of one storage (tied weights) are materialized once and shared;
+- pickle structure: every pickle is scanned op by op (`pickletools.genops`, which builds nothing)
+  before it is unpickled, bounding its op count, its MARK nesting, its stack size and its memo
+  (entry count and index: the C unpickler grows its memo table to the largest index written);
+- object tree: collecting tensors from the unpickled tree visits a bounded number of nodes, so a
+  memoized container referenced twice at each of many levels (a tree of 2^depth paths from a
+  pickle of a few hundred bytes) is refused instead of walked.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -68,6 +82,23 @@ class ForbiddenGlobalError(MalformedWeightsError, pickle.UnpicklingError):
 
 # The largest expansion DEFLATE allows; a zip member claiming more is malformed.
 _MAX_DEFLATE_RATIO = 1032
+
+# Default bound on the bytes a file may inflate to and on the arrays it may yield: above the
+# largest checkpoints this project reads (NCSNv2 runner checkpoints with optimizer and EMA states).
+MAX_TOTAL_BYTES = 4 << 30
+# Pickle structure bounds. A state_dict pickles a handful of ops per tensor and nests a few levels;
+# TorchScript module trees nest one level per submodule.
+_MAX_PICKLE_BYTES = 256 << 20
+_MAX_PICKLE_OPS = 5_000_000
+_MAX_PICKLE_DEPTH = 256
+# Pickle batches container items 1000 per MARK, so a genuine pickle's stack stays far below this.
+_MAX_PICKLE_STACK = 1 << 16
+_MAX_MEMO = 1_000_000
+# Tree walk budget: without shared containers a tree has at most one node per op; tied submodules
+# repeat some subtrees, which a small multiple allows while a chain that doubles per level is not.
+_TREE_VISITS_PER_OP = 4
+_MIN_TREE_VISITS = 10_000
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 
 
 @dataclass(frozen=True)
@@ -176,18 +207,72 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return StorageRef(str(key), storage_type.dtype, int(numel))
 
 
+def check_pickle_structure(data: bytes, offset: int = 0) -> tuple[int, int]:
+  """Scans the pickle starting at `data[offset:]` without building any object.
+
+  Returns:
+    (ops, end): the pickle's op count and the offset just past its STOP.
+
+  Raises:
+    MalformedWeightsError: the pickle exceeds the op, depth or memo bounds, or is not a pickle.
+  """
+  depth, marks, ops, memo = 0, [], 0, 0
+  f = io.BytesIO(data)
+  f.seek(offset)
+  end = offset
+  try:
+    for opcode, arg, pos in pickletools.genops(f):
+      ops += 1
+      if ops > _MAX_PICKLE_OPS:
+        raise MalformedWeightsError(f"pickle has more than {_MAX_PICKLE_OPS} ops")
+      if opcode.name in _MEMO_PUTS:
+        memo += 1
+        index = memo if arg is None else arg
+        if memo > _MAX_MEMO or not 0 <= index <= _MAX_MEMO:
+          raise MalformedWeightsError(f"pickle memo exceeds {_MAX_MEMO} entries")
+      before, after = opcode.stack_before, opcode.stack_after
+      if opcode.name == "MARK":
+        marks.append(depth)
+      else:
+        if pickletools.markobject in before:
+          if not marks:
+            raise MalformedWeightsError(f"pickle op {opcode.name} without a MARK")
+          depth = marks.pop()
+          before = before[:before.index(pickletools.markobject)]
+        depth -= len(before)
+        depth += len(after)
+      if depth < 0:
+        raise MalformedWeightsError(f"pickle op {opcode.name} pops an empty stack")
+      if len(marks) > _MAX_PICKLE_DEPTH:
+        raise MalformedWeightsError(f"pickle nests more than {_MAX_PICKLE_DEPTH} MARKs")
+      if depth > _MAX_PICKLE_STACK:
+        raise MalformedWeightsError(f"pickle stack grows beyond {_MAX_PICKLE_STACK} items")
+      end = pos + 1
+  except ValueError as e:
+    if isinstance(e, MalformedWeightsError):
+      raise
+    raise MalformedWeightsError(f"not a pickle ({' '.join(str(e).split())[:120]})") from None
+  return ops, end
+
+
 def restricted_loads(data: bytes) -> Any:
-  """Unpickles `data` with the allow-list; tensors come back as `TensorRef`s.
+  """Unpickles `data` with the allow-list after bounding its structure.
+
+  Tensors come back as `TensorRef`s.
 
   Raises:
     ForbiddenGlobalError: the pickle references a global outside the allow-list.
+    MalformedWeightsError: the pickle exceeds the structure bounds.
   """
-  return _RestrictedUnpickler(io.BytesIO(data)).load()
+  return _restricted_load(data, 0)[0]
 
 
-def restricted_loads_from(f: io.BufferedIOBase) -> Any:
-  """Unpickles one pickle from an open binary file with the allow-list."""
-  return _RestrictedUnpickler(f).load()
+def _restricted_load(data: bytes, offset: int) -> tuple[Any, int, int]:
+  """(object, ops, end offset) of the structure-checked pickle at `data[offset:]`."""
+  ops, end = check_pickle_structure(data, offset)
+  f = io.BytesIO(data)
+  f.seek(offset)
+  return _RestrictedUnpickler(f).load(), ops, end
 
 
 def _materialize(ref: TensorRef, storage_bytes: Callable[[StorageRef], bytes],
@@ -223,134 +308,219 @@ def _materialize(ref: TensorRef, storage_bytes: Callable[[StorageRef], bytes],
   return np.array(view, dtype=st.dtype)
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, TensorRef]) -> None:
-  """Collects the `TensorRef`s of a nested dict / list / ScriptObject tree by dotted path."""
-  if isinstance(obj, TensorRef):
-    out[prefix] = obj
-    return
-  if isinstance(obj, ScriptObject):
-    items = obj.attrs.items()
-  elif isinstance(obj, dict):
-    items = obj.items()
-  elif isinstance(obj, (list, tuple)):
-    items = enumerate(obj)
-  else:
-    return
-  for key, value in items:
-    _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
+def _flatten(obj: Any, prefix: str, out: dict[str, TensorRef], ops: int) -> None:
+  """Collects the `TensorRef`s of a nested dict / list / ScriptObject tree by dotted path.
+
+  Args:
+    obj: the unpickled tree.
+    prefix: the dotted path of `obj`.
+    out: receives path -> `TensorRef`.
+    ops: the op count of the pickle `obj` came from; bounds the nodes visited.
+  """
+  budget = [max(_MIN_TREE_VISITS, _TREE_VISITS_PER_OP * ops)]
+
+  def visit(node: Any, path: str, depth: int) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+      raise MalformedWeightsError("the pickled tree has far more paths than objects (a container "
+                                  "shared between paths at many levels)")
+    if depth > _MAX_PICKLE_DEPTH:
+      raise MalformedWeightsError(f"the pickled tree nests deeper than {_MAX_PICKLE_DEPTH} levels")
+    if isinstance(node, TensorRef):
+      out[path] = node
+      return
+    if isinstance(node, ScriptObject):
+      items = node.attrs.items()
+    elif isinstance(node, dict):
+      items = node.items()
+    elif isinstance(node, (list, tuple)):
+      items = enumerate(node)
+    else:
+      return
+    for key, value in items:
+      visit(value, f"{path}.{key}" if path else str(key), depth + 1)
+
+  visit(obj, prefix, 0)
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, archive_size: int,
-                 need: int | None = None) -> bytes:
-  """A zip member's bytes, after checking its stated size against the archive's real size."""
-  info = zf.getinfo(name)
-  ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
-  if info.compress_size > archive_size or info.file_size > ratio * max(info.compress_size, 1):
-    raise MalformedWeightsError(f"zip member '{name}' states {info.file_size} bytes, more than "
-                                "the archive can hold")
-  if need is not None and info.file_size < need:
-    raise MalformedWeightsError(f"zip member '{name}' has {info.file_size} bytes, its tensors "
-                                f"need {need}")
-  return zf.read(name)
+def _view_key(ref: TensorRef) -> tuple:
+  return ref.storage, ref.offset, ref.size, ref.stride
 
 
-def _load_zip(path: str) -> dict[str, np.ndarray]:
+def _check_output_bytes(views: list[TensorRef], max_bytes: int) -> None:
+  """Refuses before materializing when the distinct `views` would total more than `max_bytes`."""
+  total = 0
+  for ref in views:
+    if any(n < 0 for n in ref.size):
+      raise MalformedWeightsError(f"negative size in {ref}")
+    total += math.prod(ref.size) * ref.storage.dtype.itemsize
+    if total > max_bytes:
+      raise MalformedWeightsError(f"the tensors total more than {max_bytes} bytes; raise "
+                                  "max_bytes if this file is genuine")
+
+
+def _materialize_views(refs: dict[str, tuple[str, TensorRef]], max_bytes: int,
+                       storage_bytes: Callable[[str, StorageRef], bytes],
+                       byteorder: str) -> dict[str, np.ndarray]:
+  """Materializes each distinct (folder, view) once; names of one view (tied weights) share it."""
+  distinct = {(folder, *_view_key(ref)): ref for folder, ref in refs.values()}
+  _check_output_bytes(list(distinct.values()), max_bytes)
+  arrays: dict[tuple, np.ndarray] = {}
+  out = {}
+  for name, (folder, ref) in refs.items():
+    key = (folder, *_view_key(ref))
+    if key not in arrays:
+      arrays[key] = _materialize(ref, lambda st, folder=folder: storage_bytes(folder, st),
+                                 byteorder)
+    out[name] = arrays[key]
+  return out
+
+
+class _ZipReader:
+  """Reads zip members after checking their directory sizes, charging inflated bytes to a budget.
+
+  Every member is charged once, with the size the zip directory states, before it is inflated:
+  the total stays within `max_bytes` and within the largest DEFLATE expansion of the archive.
+  """
+
+  def __init__(self, zf: zipfile.ZipFile, archive_size: int, max_bytes: int) -> None:
+    self.zf, self.archive_size = zf, archive_size
+    self.limit = min(max_bytes, _MAX_DEFLATE_RATIO * max(archive_size, 1))
+    self.charged: dict[str, int] = {}
+
+  def charge(self, name: str, need: int | None = None, limit: int | None = None) -> None:
+    """Checks member `name`'s stated size and adds it to the total (once per member)."""
+    info = self.zf.getinfo(name)
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+    if (info.compress_size > self.archive_size
+        or info.file_size > ratio * max(info.compress_size, 1)):
+      raise MalformedWeightsError(f"zip member '{name}' states {info.file_size} bytes, more than "
+                                  "the archive can hold")
+    if need is not None and info.file_size < need:
+      raise MalformedWeightsError(f"zip member '{name}' has {info.file_size} bytes, its tensors "
+                                  f"need {need}")
+    if limit is not None and info.file_size > limit:
+      raise MalformedWeightsError(f"zip member '{name}' states {info.file_size} bytes, more than "
+                                  f"{limit}")
+    if name not in self.charged:
+      self.charged[name] = info.file_size
+      total = sum(self.charged.values())
+      if total > self.limit:
+        raise MalformedWeightsError(
+            f"the archive inflates to more than {self.limit} bytes (max_bytes {self.limit}, or "
+            f"{_MAX_DEFLATE_RATIO}x its {self.archive_size} bytes)")
+
+  def read(self, name: str, limit: int | None = None) -> bytes:
+    self.charge(name, limit=limit)
+    return self.zf.read(name)
+
+
+def _load_zip(path: str, max_bytes: int) -> dict[str, np.ndarray]:
   archive_size = paths.as_path(path).stat().length
   with paths.open_file(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
-    names = zf.namelist()
-    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    names = set(zf.namelist())
+    pkls = sorted(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
     if len(pkls) != 1:
       raise MalformedWeightsError(f"expected one '<archive>/data.pkl', found {pkls[:3]}")
     prefix = pkls[0][: -len("data.pkl")]
+    reader = _ZipReader(zf, archive_size, max_bytes)
     byteorder = "little"
     if prefix + "byteorder" in names:
-      byteorder = _read_member(zf, prefix + "byteorder", archive_size).decode().strip()
+      byteorder = reader.read(prefix + "byteorder", limit=16).decode().strip()
       if byteorder not in ("little", "big"):
         raise MalformedWeightsError(f"byteorder {byteorder[:20]!r} is neither little nor big")
 
-    refs: dict[str, TensorRef] = {}
+    refs: dict[str, tuple[str, TensorRef]] = {}
     # TorchScript keeps constant tensors (not parameters) in constants.pkl; their storages live
     # in `constants/` in newer archives and in `data/` in older ones.
     sources = [("data.pkl", "data/", "")]
     if prefix + "constants.pkl" in names:
       folder = "constants/" if any(n.startswith(prefix + "constants/") for n in names) else "data/"
       sources.append(("constants.pkl", folder, "constants"))
-    folder_of: dict[int, str] = {}
     for pkl, folder, path_prefix in sources:
-      tree = restricted_loads(_read_member(zf, prefix + pkl, archive_size))
+      tree, ops, _ = _restricted_load(reader.read(prefix + pkl, limit=_MAX_PICKLE_BYTES), 0)
       found: dict[str, TensorRef] = {}
-      _flatten(tree, path_prefix, found)
-      for name, ref in found.items():
-        refs[name] = ref
-        folder_of[id(ref)] = folder
+      _flatten(tree, path_prefix, found, ops)
+      refs.update({name: (folder, ref) for name, ref in found.items()})
+
+    # Every storage's stated size is charged from the zip directory before any is inflated.
+    for folder, ref in refs.values():
+      member = f"{prefix}{folder}{ref.storage.key}"
+      if member not in names:
+        raise MalformedWeightsError(f"storage '{member}' is missing")
+      if ref.storage.numel < 0:
+        raise MalformedWeightsError(f"storage {ref.storage.key}: negative element count "
+                                    f"{ref.storage.numel}")
+      reader.charge(member, need=ref.storage.numel * ref.storage.dtype.itemsize)
 
     cache: dict[str, bytes] = {}
 
-    def storage_bytes(folder: str) -> Callable[[StorageRef], bytes]:
-      def read(st: StorageRef) -> bytes:
-        member = f"{prefix}{folder}{st.key}"
-        if member not in cache:
-          if member not in names:
-            raise MalformedWeightsError(f"storage '{member}' is missing")
-          cache[member] = _read_member(zf, member, archive_size,
-                                       need=st.numel * st.dtype.itemsize)
-        return cache[member]
-      return read
+    def storage_bytes(folder: str, st: StorageRef) -> bytes:
+      member = f"{prefix}{folder}{st.key}"
+      if member not in cache:
+        cache[member] = zf.read(member)
+      return cache[member]
 
-    return {name: _materialize(ref, storage_bytes(folder_of[id(ref)]), byteorder)
-            for name, ref in refs.items()}
+    return _materialize_views(refs, max_bytes, storage_bytes, byteorder)
 
 
-def _load_legacy(path: str) -> dict[str, np.ndarray]:
+def _load_legacy(path: str, max_bytes: int) -> dict[str, np.ndarray]:
+  size = paths.as_path(path).stat().length
+  if size > max_bytes:
+    raise MalformedWeightsError(f"the file has {size} bytes, more than max_bytes {max_bytes}")
   # Read whole: a stated length then never makes a buffered read allocate more than the file.
   with paths.open_file(path, "rb") as fh:
     content = fh.read()
-  f = io.BytesIO(content)
   try:
-    magic = restricted_loads_from(f)
+    magic, _, pos = _restricted_load(content, 0)
   except (pickle.UnpicklingError, EOFError, ValueError) as e:
     raise MalformedWeightsError("neither a zip archive nor a legacy torch.save file") from e
   if magic != _LEGACY_MAGIC:
     raise MalformedWeightsError("neither a zip archive nor a legacy torch.save file")
-  protocol = restricted_loads_from(f)
+  protocol, _, pos = _restricted_load(content, pos)
   if protocol != _LEGACY_PROTOCOL:
     raise MalformedWeightsError(f"unsupported legacy protocol {str(protocol)[:40]}")
-  restricted_loads_from(f)  # system info; storages are written little-endian regardless
-  tree = restricted_loads_from(f)
-  keys = restricted_loads_from(f)
-  refs: dict[str, TensorRef] = {}
-  _flatten(tree, "", refs)
-  dtypes = {ref.storage.key: ref.storage.dtype for ref in refs.values()}
+  _, _, pos = _restricted_load(content, pos)  # system info; storages are little-endian regardless
+  tree, ops, pos = _restricted_load(content, pos)
+  keys, _, pos = _restricted_load(content, pos)
+  found: dict[str, TensorRef] = {}
+  _flatten(tree, "", found, ops)
+  dtypes = {ref.storage.key: ref.storage.dtype for ref in found.values()}
   if not isinstance(keys, (list, tuple)):
     raise MalformedWeightsError(f"the storage key list is a {type(keys).__name__}")
+  f = io.BytesIO(content)
+  f.seek(pos)
   blobs: dict[str, bytes] = {}
   for key in map(str, keys):
     if key not in dtypes:
       raise MalformedWeightsError(f"storage {key} has no tensor, cannot tell its element size")
     numel = int.from_bytes(f.read(8), "little")
-    size = numel * dtypes[key].itemsize
-    if size > len(content) - f.tell():
+    nbytes = numel * dtypes[key].itemsize
+    if nbytes > len(content) - f.tell():
       raise MalformedWeightsError(f"storage {key} states {numel} elements, more than the file "
                                   "holds")
-    blobs[key] = f.read(size)
-  missing = {ref.storage.key for ref in refs.values()} - set(blobs)
+    blobs[key] = f.read(nbytes)
+  missing = {ref.storage.key for ref in found.values()} - set(blobs)
   if missing:
     raise MalformedWeightsError(f"storage {sorted(missing)[0]} is missing")
-  return {name: _materialize(ref, lambda st: blobs[st.key], "little")
-          for name, ref in refs.items()}
+  refs = {name: ("", ref) for name, ref in found.items()}
+  return _materialize_views(refs, max_bytes, lambda _, st: blobs[st.key], "little")
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, *,
+                    max_bytes: int = MAX_TOTAL_BYTES) -> dict[str, np.ndarray]:
   """Reads every tensor of a PyTorch weight file as numpy, without torch or pickled code.
 
   Args:
     path: a zip `torch.save` file (`.pth`/`.pt`), a TorchScript archive (`torch.jit.save`), or
       a legacy (pre-1.6) `torch.save` file.
+    max_bytes: the most bytes the file may inflate to, and the most its arrays may total.
 
   Returns:
     Dotted name -> array with the tensor's shape and dtype: the `state_dict` keys for
     `torch.save(module.state_dict())`, the attribute paths (e.g. `net.layers.conv.weight`) for
-    TorchScript modules (constant tensors under `constants.<i>`).
+    TorchScript modules (constant tensors under `constants.<i>`). Names of one view of one
+    storage (tied weights) share one array.
 
   Raises:
     ForbiddenGlobalError: the file's pickles reference a global outside the allow-list.
@@ -363,8 +533,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with paths.open_file(path, "rb") as fh:
       is_zip = zipfile.is_zipfile(fh)
     if is_zip:
-      return _load_zip(path)
-    return _load_legacy(path)
+      return _load_zip(path, max_bytes)
+    return _load_legacy(path, max_bytes)
   except ForbiddenGlobalError as e:
     raise ForbiddenGlobalError(f"{path}: {e}") from None
   except MalformedWeightsError as e:
