@@ -64,7 +64,8 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
 
 
-def _wait_for(proc: subprocess.Popen, log: pathlib.Path, what: str, found, timeout: float = 600):
+def _wait_for(proc: subprocess.Popen, log: pathlib.Path, what: str, found,
+              timeout: float = 600):
   """Polls `found()` until it returns a value and returns it; fails if the run ends first or
   `timeout` seconds pass (a bound against hangs)."""
   deadline = time.monotonic() + timeout
