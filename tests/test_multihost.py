@@ -226,3 +226,20 @@ def test_bad_multihost_flags_are_one_line_errors(tmp_path):
                "--num_processes=2", "--coordinator_address=127.0.0.1:1")
   assert r.returncode == 2 and "--process_id=2 must be in 0..num_processes-1" in r.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_sigterm_to_one_process_of_the_job_stops_both_at_the_same_step(tmp_path):
+  """A preemption notice to one host reaches the others through JAX's preemption service."""
+  procs = _start_processes(2, 4, f"--workdir={tmp_path}", "--config.training.ckpt_every_steps=2")
+  try:
+    _wait_for(tmp_path / "checkpoints" / "2", procs)
+    assert all(p.poll() is None for p in procs), "the job ended before SIGTERM"
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], errs
+  steps = {int(e.split("stopped at step ")[1].split()[0]) for e in errs}
+  assert len(steps) == 1, errs
+  assert (tmp_path / "checkpoints" / str(steps.pop())).is_dir()
