@@ -40,8 +40,10 @@ PyTree = Any
 # A process that stops answering (killed, out of memory, its host gone) is declared dead by the
 # coordination service after HEARTBEAT_TIMEOUT_S, which then ends every other process with an
 # error instead of leaving it blocked in a collective; SHUTDOWN_TIMEOUT_S bounds the wait for the
-# others at exit, INIT_TIMEOUT_S the wait for all processes to join at the start.
-HEARTBEAT_TIMEOUT_S = 30
+# others at exit, INIT_TIMEOUT_S the wait for all processes to join at the start. The heartbeat
+# timeout is also how long a busy coordinator may take to answer a heartbeat before the job is
+# declared failed, so it is not made much shorter than JAX's own default (100 s).
+HEARTBEAT_TIMEOUT_S = 90
 SHUTDOWN_TIMEOUT_S = 30
 INIT_TIMEOUT_S = 300
 

@@ -29,16 +29,18 @@ BASE = ("--config=configs/test.py", "--config.sampling.methods=('cas',)",
         "--config.sampling.num_samples=16", "--config.sampling.batch_size=16")
 
 
-def _launch(num_processes: int, devices: int, *args: str) -> subprocess.Popen:
-  env = dict(main_env(), PYTHONPATH=str(REPO))
+def _launch(num_processes: int, devices: int, *args: str, env: dict | None = None
+            ) -> subprocess.Popen:
+  env = dict(main_env(), PYTHONPATH=str(REPO), **(env or {}))
   return subprocess.Popen(
       [sys.executable, "-m", "score_jax.launch", f"--num_processes={num_processes}",
        f"--devices_per_process={devices}", "--", *BASE, *args],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run_launch(num_processes: int, devices: int, *args: str) -> subprocess.CompletedProcess:
-  proc = _launch(num_processes, devices, *args)
+def _run_launch(num_processes: int, devices: int, *args: str, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
+  proc = _launch(num_processes, devices, *args, env=env)
   try:
     out, err = proc.communicate(timeout=TIMEOUT)
   finally:
@@ -226,3 +228,48 @@ def test_bad_multihost_flags_are_one_line_errors(tmp_path):
                "--num_processes=2", "--coordinator_address=127.0.0.1:1")
   assert r.returncode == 2 and "--process_id=2 must be in 0..num_processes-1" in r.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_sigterm_to_one_process_of_the_job_stops_both_at_the_same_step(tmp_path):
+  """A preemption notice to one host reaches the others through JAX's preemption service."""
+  procs = _start_processes(2, 4, f"--workdir={tmp_path}", "--config.training.ckpt_every_steps=2")
+  try:
+    _wait_for(tmp_path / "checkpoints" / "2", procs)
+    assert all(p.poll() is None for p in procs), "the job ended before SIGTERM"
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], errs
+  steps = {int(e.split("stopped at step ")[1].split()[0]) for e in errs}
+  assert len(steps) == 1, errs
+  assert (tmp_path / "checkpoints" / str(steps.pop())).is_dir()
+
+
+def test_a_gs_workdir_with_two_processes(reference, tmp_path):
+  """2 x 4 on `--workdir=gs://bucket/run` (tests/fake_gcs.py on 127.0.0.1): the loss rows of
+  1 x 8, written once into the bucket, checkpoints there, a resume, the lock object released."""
+  for module, package in (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage")):
+    pytest.importorskip(module, reason=f"the gcs extra's {package} is not installed")
+  from fake_gcs import FakeGcs
+  server = FakeGcs(["bucket"])
+  try:
+    env = server.environment()
+    half = ("--workdir=gs://bucket/run", "--config.training.num_train_steps=10")
+    assert (r := _run_launch(2, 4, *half, env=env)).returncode == 0, r.stderr
+    r = _run_launch(2, 4, "--workdir=gs://bucket/run", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "[p0] resumed from checkpoint 10 in gs://bucket/run" in r.stdout
+    names = server.names("bucket")
+    rows = [json.loads(line) for line in
+            server.buckets["bucket"]["run/metrics.jsonl"].data.decode().splitlines()]
+    assert not server.unsupported, server.unsupported
+  finally:
+    server.close()
+  assert "run/checkpoints/20/commit_success.txt" in names
+  assert "run/train.lock" not in names
+  loss = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+  assert [s for s, _ in loss] == [10, 20]
+  np.testing.assert_allclose([l for _, l in loss], [l for _, l in _train_rows(reference)],
+                             rtol=1e-4)
