@@ -62,6 +62,14 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples)
                     "Default: runs/<config file name>.")
 flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's "
+                    "coordinator (with --num_processes and --process_id; see score_jax.launch).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes of the job.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in 0..N-1.")
+flags.DEFINE_list("local_device_ids", None, "Multi-host: the local device ids this process uses "
+                  "(default: all).")
+flags.DEFINE_bool("distributed", False, "Multi-host: join the cluster JAX detects (TPU pod, "
+                  "SLURM, Open MPI); the same as --config.training.distributed=True.")
 flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
 
@@ -140,11 +148,11 @@ def _check_workdir(workdir: str, mode: str) -> None:
     raise UsageError(f"--workdir={e}") from None
   path = paths.as_path(workdir)
   if mode in ("train", "sweep"):
-    # A URL workdir is shared by every host of a multi-host run, which would see the main host's
-    # lock object; only the main process, the one that takes the lock, checks it there.
+    # Every process of a multi-host run shares the workdir and would see its own job's lock:
+    # process 0, the one that takes the lock, checks it and tells the others.
     from score_jax import parallel
-    if paths.is_local(path) or parallel.is_main_process():
-      workdir_lock.raise_if_held(os.fspath(path))
+    parallel.main_process_decides(lambda: workdir_lock.raise_if_held(os.fspath(path)),
+                                  workdir_lock.WorkdirLockedError)
   elif not path.is_dir():
     raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
                      "train first or pass the run's --workdir")
@@ -381,6 +389,32 @@ def _shipped_configs(argv: list[str]) -> list[str]:
   return out
 
 
+def _initialize_distributed(config) -> None:
+  """Joins the multi-host job the flags (or `training.distributed`) ask for, before any work."""
+  given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
+                                                 "process_id")}
+  if any(v is not None for v in given.values()):
+    missing = [f"--{name}" for name, v in given.items() if v is None]
+    if missing:
+      raise UsageError(f"multi-host: {', '.join(missing)} missing; pass --coordinator_address, "
+                       "--num_processes and --process_id together (or none, with --distributed)")
+    if given["num_processes"] < 1 or not 0 <= given["process_id"] < given["num_processes"]:
+      raise UsageError(f"--process_id={given['process_id']} must be in 0..num_processes-1 with "
+                       f"--num_processes={given['num_processes']} >= 1")
+  elif not (FLAGS.distributed or config.training.distributed):
+    if FLAGS.local_device_ids:
+      raise UsageError("--local_device_ids is for multi-host runs: add --distributed or "
+                       "--coordinator_address/--num_processes/--process_id")
+    return
+  try:
+    device_ids = [int(d) for d in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
+  except ValueError:
+    raise UsageError(f"--local_device_ids={','.join(FLAGS.local_device_ids)} must be "
+                     "comma-separated integers") from None
+  from score_jax import parallel
+  parallel.initialize_distributed(**given, local_device_ids=device_ids)
+
+
 def main(argv: list[str] | None = None) -> int:
   """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
   status. `argv` defaults to `sys.argv`."""
@@ -417,9 +451,7 @@ def main(argv: list[str] | None = None) -> int:
   workdir = FLAGS.workdir or _default_workdir()
   mode = FLAGS.mode
   try:
-    if config.training.distributed:
-      from score_jax import parallel
-      parallel.initialize_distributed(True)
+    _initialize_distributed(config)
     sweep_runs = None
     if mode == "sweep":
       sweep_runs = _sweep_runs(config, workdir)
@@ -439,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except train.Preempted as e:
+    print(e, file=sys.stderr)
+    return 0
   except (train.TrainingError, experiment.NonFiniteSamplesError, export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

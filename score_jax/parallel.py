@@ -37,10 +37,34 @@ BATCH_AXIS = "batch"
 PyTree = Any
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """Joins a multi-host job (`jax.distributed.initialize()` reads the cluster from the env)."""
-  if enabled:
-    jax.distributed.initialize()
+# A process that stops answering (killed, out of memory, its host gone) is declared dead by the
+# coordination service after HEARTBEAT_TIMEOUT_S, which then ends every other process with an
+# error instead of leaving it blocked in a collective; SHUTDOWN_TIMEOUT_S bounds the wait for the
+# others at exit, INIT_TIMEOUT_S the wait for all processes to join at the start. The heartbeat
+# timeout is also how long a busy coordinator may take to answer a heartbeat before the job is
+# declared failed, so it is not made much shorter than JAX's own default (100 s).
+HEARTBEAT_TIMEOUT_S = 90
+SHUTDOWN_TIMEOUT_S = 30
+INIT_TIMEOUT_S = 300
+
+
+def initialize_distributed(*, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: list[int] | None = None) -> None:
+  """Joins a multi-host job: `jax.distributed.initialize` with bounded failure detection.
+
+  With `coordinator_address` (then also `num_processes` and `process_id`) the cluster is given;
+  without, JAX detects it (TPU pods, SLURM, Open MPI). Must run before anything touches devices.
+  """
+  kwargs = {}
+  if coordinator_address is not None:
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  if local_device_ids is not None:
+    kwargs["local_device_ids"] = local_device_ids
+  jax.distributed.initialize(**kwargs, initialization_timeout=INIT_TIMEOUT_S,
+                             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                             shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
 
 
 def process_index() -> int:
@@ -62,6 +86,81 @@ def local_device_count() -> int:
 def is_main_process() -> bool:
   """Whether this process writes logs, plots and samples."""
   return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` is true on every process; every process must call it."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+_TEXT_BYTES = 4096
+
+
+def main_process_decides(check: Callable[[], None], error_type: type[Exception]) -> None:
+  """Runs `check` on process 0 alone; an `error_type` it raises is raised on every process.
+
+  For decisions that must be taken once and reach every process (the workdir's writer lock):
+  process 0's error message is broadcast, so every process fails the same way, or none does.
+  """
+  message = ""
+  if jax.process_index() == 0:
+    try:
+      check()
+    except error_type as e:
+      message = str(e) or type(e).__name__
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    data = message.encode()[:_TEXT_BYTES]
+    buf = np.zeros(_TEXT_BYTES + 1, np.uint8)
+    buf[0], buf[1:1 + len(data)] = bool(data), np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    message = bytes(buf[1:]).rstrip(b"\0").decode(errors="replace") if buf[0] else ""
+  if message:
+    raise error_type(message)
+
+
+class PreemptionWatch:
+  """Whether every process should stop now and checkpoint (SIGTERM: preemption, spot VMs).
+
+  With a multi-host job, JAX's preemption service catches SIGTERM on any process and agrees on a
+  step all processes reach (`multihost_utils.reached_preemption_sync_point`); `should_stop(n)`
+  is then true on every process at the same `n`. It must be called by every process with the same
+  increasing `n` (one per dispatch). With one process a SIGTERM handler sets the flag; `close`
+  puts the previous handler back.
+  """
+
+  def __init__(self):
+    import signal
+    self._service = jax.distributed.is_initialized()
+    self._signal = signal
+    self._received = False
+    self._old = None
+    if not self._service:
+      self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):
+    self._received = True
+
+  def should_stop(self, n: int) -> bool:
+    if self._service:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(n)
+    return self._received
+
+  def close(self) -> None:
+    if self._old is not None:
+      self._signal.signal(self._signal.SIGTERM, self._old)
+      self._old = None
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

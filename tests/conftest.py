@@ -32,7 +32,7 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The timeout of every test subprocess: a bound against a hang, never an expectation of speed (a
 # loaded 2-core machine runs the end-to-end jobs many times slower than an idle one).
-HANG_TIMEOUT_S = 3600
+HANG_TIMEOUT_S = 1200
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

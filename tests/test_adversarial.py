@@ -196,6 +196,7 @@ def test_denoised_samples_are_tweedie_and_clamped():
                              rtol=1e-6)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("d_steps", [1, 2])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, d_steps):
   config = _config(d_steps=d_steps)
@@ -230,6 +231,7 @@ def test_train_loop_feeds_d_steps_batches_per_step_fused_or_not(tmp_path):
     np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_toy_config_trains_and_samples_through_the_cli(tmp_path):
   assert adversarial_toy.get_config().adversarial.enabled
   args = ["--config.training.num_train_steps=40", "--config.training.log_every_steps=20",

@@ -8,6 +8,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from conftest import HANG_TIMEOUT_S, xla_flags
 
 from configs import test as test_config
@@ -51,6 +52,7 @@ def _tree(root: pathlib.Path) -> list:
   return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
+@pytest.mark.e2e
 def test_readers_and_a_second_trainer_leave_training_bit_identical(tmp_path):
   config = test_config.get_config()
   config.training.num_train_steps = 100

@@ -1,7 +1,13 @@
-"""score_jax.cpu: the switch, what it rewrites, and forward mode through every image network.
+"""score_jax.cpu: the switch, what it rewrites, and the rewritten networks against XLA's own.
 
-`jax.jvp` through each image network on its tiny preset, with the fast CPU path on and off,
-equals central finite differences of the plain network and agrees between on and off.
+For one network per set of operations the rewrite replaces (convolutions with and without
+dilation, max and sum pooling, ELU, softplus, inside remat or not) and per network family with
+other operations around the replaced ones (UNet, BigGAN discriminator), the value, a
+forward-mode tangent and the gradient with respect to the input and every variable with the
+fast path on equal those with it off; the fast operations' own kernels are checked
+against lax in test_conv.py, test_pool.py and test_activations.py. On one small network the
+fast path's derivatives are also checked against finite differences, `jax.jacfwd` and a
+Hessian-vector product.
 """
 
 from __future__ import annotations
@@ -12,17 +18,17 @@ import numpy as np
 import pytest
 
 from score_jax import cpu
-from tests.test_param_trees import tiny_networks
+from score_jax.models import ncsn
+from tests.test_param_trees import LADDER, tiny_networks
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
-IMAGE_NETWORKS = ("ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet_conditional",
-                  "biggan32", "biggan64_attn", "dcgan32")
 
-
-def _network(name):
-  """(apply(variables, x) for any batch of x, variables, x) of a tiny preset."""
-  module, shape, takes_sigma = tiny_networks()[name]
+def _network(name, module=None):
+  """(apply(variables, x) for any batch of x, variables, x) of a tiny preset (or `module` in
+  its place, with the preset's input)."""
+  preset, shape, takes_sigma = tiny_networks()[name]
+  module = preset if module is None else module
   x = jax.random.uniform(jax.random.key(1), shape)
   sigma = jnp.linspace(0.9, 0.05, shape[0])
   extra = (sigma,) if takes_sigma else ()
@@ -69,9 +75,69 @@ def test_elu_with_an_explicit_alpha_and_strided_convolutions_stay_xla():
   assert "conv_general_dilated" in text and "onednn_conv_same" not in text
 
 
-@pytest.mark.parametrize("name", IMAGE_NETWORKS)
-def test_jvp_equals_finite_differences_with_the_fast_path_on_and_off(name):
-  apply, variables, x = _network(name)
+def _ncsnv2_remat():
+  return ncsn.NCSNv2(ngf=4, remat=True)
+
+
+def _ncsn_on_8x8x3():
+  return ncsn.NCSN(ngf=4, num_channels=3, level_sigmas=LADDER)
+
+
+# name -> (tiny preset whose input it takes, module in the preset's place or None, XLA operations
+# the fast path replaces in all of the network: absent from the program with the switch on,
+# present with it off). A 5 x 5 pooling window is replaced by separable 1 x 5 and 5 x 1 ones.
+REWRITTEN = {
+    # NCSNv2: 3x3, dilated 3x3 and 1x1 convolutions, 5x5 max pooling, ELU, all inside remat.
+    "ncsnv2_remat": ("ncsnv2", _ncsnv2_remat,
+                     ("conv_general_dilated", "window_dimensions=(1, 5, 5, 1)", "expm1")),
+    # NCSN: 5x5 sum pooling (average pooling) between level-conditional norms.
+    "ncsn": ("ncsnv2", _ncsn_on_8x8x3,
+             ("conv_general_dilated", "window_dimensions=(1, 5, 5, 1)", "expm1")),
+    # Softplus.
+    "mlp": ("mlp", None, ("logaddexp",)),
+    # Stride-1 convolutions among stride-2 ones (XLA's), swish, group norm, attention.
+    "unet_conditional": ("unet_conditional", None, ("window_strides=(1, 1)\n",)),
+    # Convolutions through lax with spectral norm, 2x2 average pooling (XLA's), ReLU.
+    "biggan32": ("biggan32", None, ("window_strides=(1, 1)\n",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REWRITTEN))
+def test_the_fast_path_equals_xla_in_value_tangent_and_gradients(name):
+  preset, module, replaced = REWRITTEN[name]
+  apply, variables, x = _network(preset, module and module())
+  on_text = _traced(apply, variables, x)
+  with cpu.fast_path(False):
+    off_text = _traced(apply, variables, x)
+  for op in replaced:
+    assert op not in on_text and op in off_text, (name, op)
+  t = jax.random.normal(jax.random.key(3), x.shape)
+
+  def value_tangent_gradients(variables, x):
+    y, tangent = jax.jvp(lambda x: apply(variables, x), (x,), (t,))
+    cotangent = jax.random.normal(jax.random.key(4), y.shape)
+    grads = jax.grad(lambda v, x: jnp.vdot(apply(v, x), cotangent), argnums=(0, 1))(variables, x)
+    return {"value": y, "tangent": tangent, "gradient": grads}
+
+  # Fresh functions: the switch is read when tracing.
+  on = jax.jit(lambda v, x: value_tangent_gradients(v, x))(variables, x)
+  with cpu.fast_path(False):
+    off = jax.jit(lambda v, x: value_tangent_gradients(v, x))(variables, x)
+  for part in ("value", "tangent", "gradient"):
+    leaves_on, _ = jax.tree_util.tree_flatten_with_path(on[part])
+    leaves_off = [np.asarray(b) for b in jax.tree.leaves(off[part])]
+    scale = np.sqrt(sum(np.sum(np.square(b)) for b in leaves_off))
+    assert np.isfinite(scale) and scale > 0, (name, part)
+    for (path, a), b in zip(leaves_on, leaves_off):
+      # Float32 sums in another order: a few ulp relative to the leaf, or to the whole part for
+      # a leaf that cancels to almost nothing (a convolution bias before a group norm).
+      error = np.linalg.norm(np.asarray(a) - b)
+      where = f"{name} {part}{jax.tree_util.keystr(path)}"
+      assert error <= 1e-4 * np.linalg.norm(b) + 1e-5 * scale, where
+
+
+def test_jvp_equals_finite_differences_with_the_fast_path_on_and_off():
+  apply, variables, x = _network("ncsnv2")
   t = jax.random.normal(jax.random.key(3), x.shape)
   h = 4e-3
 
@@ -89,12 +155,12 @@ def test_jvp_equals_finite_differences_with_the_fast_path_on_and_off(name):
   on, off, diff = jax.jit(tangents_and_differences)(x, t)
   scale = float(jnp.linalg.norm(diff))
   assert scale > 0
-  # Differences of float32 networks with ReLU/max kinks (a step of h crosses some) and sums
-  # that cancel (discriminator logits) agree with the exact tangent to a few percent: a loose
-  # check that catches a wrong rule (sign, missing term, zero); on against off is the tight one.
-  assert float(jnp.linalg.norm(off - diff)) < 1e-1 * scale, name
-  assert float(jnp.linalg.norm(on - diff)) < 1e-1 * scale, name
-  assert float(jnp.linalg.norm(on - off)) < 1e-4 * scale, name
+  # Differences of a float32 network with max-pooling kinks (a step of h crosses some) agree
+  # with the exact tangent to a few percent: a loose check that catches a wrong rule (sign,
+  # missing term, zero); on against off is the tight one.
+  assert float(jnp.linalg.norm(off - diff)) < 1e-1 * scale
+  assert float(jnp.linalg.norm(on - diff)) < 1e-1 * scale
+  assert float(jnp.linalg.norm(on - off)) < 1e-4 * scale
 
 
 def test_jacfwd_and_a_hessian_vector_product_through_the_fast_path():

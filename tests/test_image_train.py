@@ -35,6 +35,7 @@ TINY = ["--config.model.ncsn.ngf=4", "--config.training.batch_size=32",
         "--config.sampling.cas.n_sigma=1", "--config.sampling.cas.step_lr=1e-4"]
 
 
+@pytest.mark.e2e
 def test_ncsnv2_trains_on_real_mnist_and_writes_image_outputs(tmp_path, mnist_data_dir):
   workdir = tmp_path / "mnist"
   code, out, err = _run("--config=configs/mnist_cpu.py", f"--workdir={workdir}",

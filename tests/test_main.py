@@ -6,12 +6,16 @@ import json
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
-from conftest import HANG_TIMEOUT_S, start_main
+import pytest
+from conftest import HANG_TIMEOUT_S, main_env, start_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.e2e
 
 
 _main = start_main
@@ -71,34 +75,81 @@ def test_train_writes_outputs_then_resumes_and_samples(tmp_path):
   assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
 
 
-def _wait_for_checkpoints(proc: subprocess.Popen, workdir: pathlib.Path, more: int) -> None:
-  """Returns once `workdir/checkpoints` holds `more` entries more than now (or `proc` ended)."""
-  folder = workdir / "checkpoints"
-  count = lambda: len(list(folder.iterdir())) if folder.is_dir() else 0
-  target = count() + more
-  while proc.poll() is None and count() < target:
-    time.sleep(0.02)
+def _wait_for(proc: subprocess.Popen, log: pathlib.Path, what: str, found,
+              timeout: float = 600):
+  """Polls `found()` until it returns a value and returns it; fails if the run ends first or
+  `timeout` seconds pass (a bound against hangs)."""
+  deadline = time.monotonic() + timeout
+  while (value := found()) is None:
+    assert proc.poll() is None, f"the run ended before {what}:\n{log.read_text()[-2000:]}"
+    assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+    time.sleep(0.002)
+  return value
+
+
+def _in_flight_save(checkpoints: pathlib.Path, min_step: int) -> int | None:
+  """The step of a save being written (Orbax's `<step>.orbax-checkpoint-tmp-*`), if any."""
+  try:
+    names = [p.name for p in checkpoints.iterdir()]
+  except FileNotFoundError:
+    return None
+  steps = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
+  return next((s for s in steps if s >= min_step), None)
+
+
+def _logged_step(metrics: pathlib.Path, min_step: int, every: int) -> int | None:
+  """A logged step >= min_step that is no multiple of `every`, if metrics.jsonl has one."""
+  try:
+    lines = metrics.read_text().splitlines()
+  except FileNotFoundError:
+    return None
+  for line in lines:
+    try:
+      step = json.loads(line).get("step")
+    except ValueError:  # a row being written
+      continue
+    if isinstance(step, int) and step >= min_step and step % every:
+      return step
+  return None
 
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-  """SIGKILL at arbitrary moments (mid-save included), rerun: same final params, bit for bit."""
+  """SIGKILL while a save is in flight, then again between saves; rerun: the same final
+  parameters, bit for bit. The kills trigger on the run's own files, not on a clock."""
   args = ["--config=configs/test.py", "--config.training.num_train_steps=400",
-          "--config.training.ckpt_every_steps=20", "--config.training.log_every_steps=20",
+          "--config.training.ckpt_every_steps=20", "--config.training.log_every_steps=10",
           "--config.training.async_checkpoint=True", "--config.sampling.num_samples=8",
           "--config.sampling.batch_size=8"]
   full = tmp_path / "full"
   code, _, err = _finish(_main(*args, f"--workdir={full}"))
   assert code == 0, err
   interrupted = tmp_path / "interrupted"
-  # Killed on events, not after delays: once the first checkpoint save has begun, then once two
-  # more have (async saves: the kill can land mid-save).
-  for more in (1, 2):
-    proc = _main(*args, f"--workdir={interrupted}")
-    _wait_for_checkpoints(proc, interrupted, more)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-  code, _, err = _finish(_main(*args, f"--workdir={interrupted}"))
+  log = tmp_path / "interrupted.log"
+  env = dict(main_env(8), PYTHONUNBUFFERED="1")
+
+  def start() -> subprocess.Popen:
+    with open(log, "a") as out:
+      return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args,
+                               f"--workdir={interrupted}"], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+
+  # First kill: while the save of step 60 or later is being written.
+  proc = start()
+  killed_at = _wait_for(proc, log, "an in-flight save",
+                        lambda: _in_flight_save(interrupted / "checkpoints", 60))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert killed_at < 250, f"the first kill came only at step {killed_at}"
+  # Second kill: the rerun has resumed and logged a step between two saves.
+  proc = start()
+  _wait_for(proc, log, "the resume", lambda: "resumed from checkpoint" in log.read_text() or None)
+  _wait_for(proc, log, "a step logged between saves",
+            lambda: _logged_step(interrupted / "metrics.jsonl", 250, 20))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  code, out, err = _finish(_main(*args, f"--workdir={interrupted}"))
   assert code == 0, err
+  assert "resumed from checkpoint" in out, out
   for a, b in zip(_final_params(full), _final_params(interrupted)):
     np.testing.assert_array_equal(a, b)
 

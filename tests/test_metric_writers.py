@@ -1,7 +1,5 @@
 """Metric logs after a resume: no rows past the restored step, one TensorBoard run."""
 
-import time
-
 from tensorboard.backend.event_processing import event_accumulator
 
 from score_jax.metric_writers import MetricWriter, read_jsonl
@@ -14,7 +12,13 @@ def test_resume_continues_logs_from_the_restored_step(tmp_path):
   first.close()
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 40, "lo')  # a row cut short by a kill
-  time.sleep(1.1)  # a new event file name (seconds resolution)
+  # TensorBoard reads a run's event files in name order, and a name starts with its creation
+  # time in whole seconds: date the first run's file a second back, as an earlier process's is,
+  # so the resumed run's file sorts after it.
+  (events,) = (tmp_path / "tb" / "metrics").iterdir()
+  stamp = events.name.split(".")[3]
+  earlier = events.name.replace(f".{stamp}.", f".{int(stamp) - 1:010d}.", 1)
+  events.rename(events.with_name(earlier))
   second = MetricWriter(str(tmp_path), start_step=20)
   for step in (30, 40):
     second.write(step, {"loss": -float(step)})

@@ -216,6 +216,7 @@ def _finite(v) -> bool:
   return isinstance(v, float) and math.isfinite(v)
 
 
+@pytest.mark.e2e
 def test_eval_and_sampler_sweep_modes_on_the_toy_config(tmp_path):
   workdir = tmp_path / "run"
   small = ["--config.eval.num_samples=64", "--config.eval.batch_size=64"]

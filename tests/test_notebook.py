@@ -16,6 +16,7 @@ import pathlib
 import re
 
 import nbformat
+import pytest
 from conftest import HANG_TIMEOUT_S, xla_flags
 from nbclient import NotebookClient
 
@@ -51,6 +52,7 @@ def test_committed_notebook_has_no_outputs():
   assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.e2e
 def test_tour_notebook_trains_samples_inpaints_and_scores(tmp_path, mnist_dir, monkeypatch,
                                                          inception_npz):
   env = dict(os.environ)

@@ -192,6 +192,7 @@ def test_tfds_builders_read_manual_files_from_the_bucket(gs):
                                 rows[1, 1:].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
+@pytest.mark.e2e
 def test_a_run_checkpoints_resumes_and_samples_on_a_cloud_storage_server(tmp_path):
   """`main.py` trains, resumes and samples with `--workdir=gs://bucket/run` against one Cloud
   Storage server on 127.0.0.1 (tests/fake_gcs.py) that gcsfs, google-cloud-storage and
