@@ -7,6 +7,8 @@ F*(c_in x; c_noise) = (D*(x) - c_skip x) / c_out. Its DSM loss is the conditiona
 target: E[loss | sigma] = 0.5 w(sigma) D s^2 / (sigma^2 (s^2 + sigma^2)).
 """
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import optax
 import pytest
 from scipy import integrate, stats
 
-from score_jax import losses, noise, samplers, toy
+from score_jax import checkpoint, losses, noise, samplers, toy
 from score_jax.models import mlp, ncsn, unet
 from score_jax.score import edm_coefficients, make_score_fn
 
@@ -116,8 +118,8 @@ def test_continuous_dsm_with_exact_score_gives_the_log_uniform_floor():
   n = 32768
   x = g.sample(jax.random.key(0), n)
   keys = jax.random.split(jax.random.key(1), n)
-  loss, m = losses.dsm_loss(g.score, x, noise.geometric_sigmas(hi, lo, 5), keys,
-                            distribution=dist)
+  loss, m = jax.jit(lambda x, k: losses.dsm_loss(g.score, x, noise.geometric_sigmas(hi, lo, 5),
+                                                 k, distribution=dist))(x, keys)
   a, b = np.log(lo), np.log(hi)
   antiderivative = lambda u: u - 0.5 * np.log(S ** 2 + np.exp(2 * u))
   want = 0.5 * D * (antiderivative(b) - antiderivative(a)) / (b - a)
@@ -169,8 +171,9 @@ def test_continuous_loss_metrics_count_each_example_in_its_sigma_bin():
   bins = noise.geometric_sigmas(10.0, 0.1, 5)
   dist = noise.NoiseDistribution("log_uniform", sigma_min=0.1, sigma_max=10.0)
   keys = jax.random.split(jax.random.key(0), 4000)
-  loss, m = losses.dsm_loss(g.score, g.sample(jax.random.key(1), 4000), bins, keys,
-                            distribution=dist, internals=True)
+  loss, m = jax.jit(lambda x, k: losses.dsm_loss(g.score, x, bins, k, distribution=dist,
+                                                 internals=True))(
+      g.sample(jax.random.key(1), 4000), keys)
   np.testing.assert_array_equal(m["sigma_idx"], noise.sigma_bins(m["sigma"], bins))
   np.testing.assert_allclose(m["level_count"], np.bincount(np.asarray(m["sigma_idx"]),
                                                            minlength=5))
@@ -200,18 +203,19 @@ def test_edm_networks_are_called_with_c_in_x_and_c_noise(make):
   shape = (3, 2) if isinstance(model, mlp.NoiseConditionalMLP) else (3, 8, 8, 1)
   x = jax.random.normal(jax.random.key(0), shape)
   sigma = jnp.asarray([0.01, 1.0, 30.0])
-  params = model.init(jax.random.key(1), x, sigma)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), x, sigma)["params"]
   # Nonzero weights everywhere (the UNet's last conv starts at zero).
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
                         params)
   c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, 0.3)
   col = lambda c: c.reshape(c.shape + (1,) * (x.ndim - 1))
-  f = model.apply({"params": params}, col(c_in) * x, c_noise)
+  apply = jax.jit(lambda x, c: model.apply({"params": params}, x, c))
+  f = apply(col(c_in) * x, c_noise)
   # Compared as denoisers: D - x cancels digits at small sigma, D itself does not.
-  denoised = x + col(sigma) ** 2 * make_score_fn(model, params)(x, sigma)
+  denoised = x + col(sigma) ** 2 * jax.jit(make_score_fn(model, params))(x, sigma)
   np.testing.assert_allclose(denoised, col(c_skip) * x + col(c_out) * f, rtol=1e-4, atol=1e-4)
   if getattr(model, "noise_embedding", True):  # conditional F: c_noise changes the output
-    f2 = model.apply({"params": params}, col(c_in) * x, c_noise + 0.5)
+    f2 = apply(col(c_in) * x, c_noise + 0.5)
     assert float(jnp.max(jnp.abs(f2 - f))) > 1e-4
 
 
@@ -270,3 +274,48 @@ def test_continuous_edm_model_trained_on_the_mixture_recovers_it_with_heun():
   weights, variances = _mode_stats(x, np.asarray(mix.means))
   np.testing.assert_allclose(weights, [0.2, 0.8], atol=0.02)
   np.testing.assert_allclose(variances, 1.0, rtol=0.1)
+
+
+def _test_config(**changes):
+  from configs import test as test_config
+  config = test_config.get_config()
+  for dotted, value in changes.items():
+    group, key = dotted.split(".")
+    config[group][key] = value
+  return config
+
+
+def test_config_builds_the_continuous_edm_run():
+  from score_jax import config_schema, experiment, models
+  config = _test_config(**{"noise.distribution": "log_normal", "noise.weighting": "edm",
+                           "noise.sigma_data": 4.0, "model.preconditioning": "edm"})
+  config_schema.validate(config, modes=("train",))
+  model = models.build(config)
+  assert model.preconditioning == "edm" and model.sigma_data == 4.0
+  kwargs = experiment.loss_kwargs_from_config(config, model, experiment.sigmas_from_config(config))
+  assert kwargs["distribution"].continuous and kwargs["weighting"] == "edm"
+  # The ladder of a continuous run only sets the samplers' ladder: a checkpoint stays usable.
+  stored = json.loads(config.to_json())
+  other = _test_config(**{"noise.distribution": "log_normal", "noise.weighting": "edm",
+                          "noise.sigma_data": 4.0, "model.preconditioning": "edm",
+                          "noise.num_scales": 7})
+  experiment.check_compatible(stored, other, "w")
+  with pytest.raises(checkpoint.CheckpointError, match="noise.distribution"):
+    experiment.check_compatible(stored, _test_config(**{"model.preconditioning": "edm",
+                                                        "noise.sigma_data": 4.0}), "w")
+  ladder = json.loads(_test_config().to_json())
+  with pytest.raises(checkpoint.CheckpointError, match="noise.num_scales"):
+    experiment.check_compatible(ladder, _test_config(**{"noise.num_scales": 7}), "w")
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"noise.distribution": "log_uniform", "noise.level_sampling": "stratified"},
+     "level_sampling=uniform"),
+    ({"noise.distribution": "log_normal", "noise.p_std": 0.0}, "noise.p_std"),
+    ({"noise.weighting": "min_snr"}, "noise.weighting"),
+    ({"model.preconditioning": "karras"}, "model.preconditioning"),
+])
+def test_config_rejects_bad_noise_settings(changes, match):
+  from score_jax import config_schema
+  with pytest.raises(config_schema.UsageError, match=match):
+    config_schema.validate(_test_config(**changes), modes=("train",))
