@@ -5,7 +5,7 @@ noise draws, once unconditional (`model.ncsn.noise_embedding=False`) and once wi
 embedding, then reports each one's EDM-weighted DSM loss on test digits per sigma bin, with the
 same noise draws for both, and the seconds per training step.
 
-    python bench/edm_noise_embedding.py --steps=300
+    python bench/edm_noise_embedding.py --steps=300 [--mnist_dir=../shared/data/mnist]
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from score_jax.train_state import param_count  # noqa: E402
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
-def _digits(split: str) -> np.ndarray:
+def _digits(mnist_dir: pathlib.Path, split: str) -> np.ndarray:
   name = "train" if split == "train" else "t10k"
-  x = idx.read_idx(MNIST / f"{name}-images-idx3-ubyte.gz")
+  x = idx.read_idx(mnist_dir / f"{name}-images-idx3-ubyte.gz")
   return (x.astype(np.float32) / 255.0)[..., None]
 
 
-def run(embedding: bool, steps: int, batch: int, eval_n: int) -> dict:
+def run(embedding: bool, steps: int, batch: int, eval_n: int, mnist_dir: pathlib.Path) -> dict:
   config = mnist_edm_cpu.get_config()
   config.model.ncsn.noise_embedding = embedding
   model = models.build(config)
@@ -44,7 +44,7 @@ def run(embedding: bool, steps: int, batch: int, eval_n: int) -> dict:
   dist = experiment.noise_distribution_from_config(config)
   kw = dict(distribution=dist, weighting=config.noise.weighting,
             sigma_data=config.noise.sigma_data)
-  x_train, x_test = _digits("train"), _digits("test")[:eval_n]
+  x_train, x_test = _digits(mnist_dir, "train"), _digits(mnist_dir, "test")[:eval_n]
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.ones((1,)))["params"]
   opt = optax.adam(config.optim.lr)
   opt_state = opt.init(params)
@@ -82,8 +82,10 @@ def main():
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--eval_n", type=int, default=1000)
+  p.add_argument("--mnist_dir", default=str(MNIST), help="the four MNIST files")
   a = p.parse_args()
-  results = {e: run(e, a.steps, a.batch, a.eval_n) for e in (False, True)}
+  results = {e: run(e, a.steps, a.batch, a.eval_n, pathlib.Path(a.mnist_dir))
+             for e in (False, True)}
   sig = results[False]["sigmas"]
   print(f"{'':>22} {'unconditional':>14} {'embedding':>10}")
   for e in (False, True):

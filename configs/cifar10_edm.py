@@ -59,6 +59,7 @@ def get_config():
   config.sampling.heun.num_steps = 18
   config.sampling.heun.rho = 7.0
   config.sampling.heun.s_churn = 0.0
+  config.sampling.inpaint_examples = 0  # the train job inpaints with sampling.method; Heun does not
   config.sampling.num_samples = 50000
   config.sampling.batch_size = 500
   config.eval.num_samples = 50000

@@ -10,7 +10,7 @@ Scales, from the 60000 training digits in [0, 1] (bench/NOTES.md, section 22):
 * sigma_data = 0.308, the pixel standard deviation.
 * P_mean = -1.2 + ln(0.308 / 0.5) = -1.68: EDM's CIFAR-10 value (sigma_data 0.5) moved with the
   data's scale.
-* sigma_max = SIGMA_MAX, the largest pairwise distance of the training digits (NCSNv2's
+* sigma_max = 16.88, the largest pairwise distance of the training digits (NCSNv2's
   Technique 1): the samplers start from the prior N(0, sigma_max^2 I) there.
 * The samplers' ladder (ALS, CAS, and the loss's sigma bins): geometric from sigma_max to 0.01
   with 95 levels, NCSNv2's Technique 2 for D = 784; ALS 5 steps per level at Technique 4's step
@@ -21,8 +21,6 @@ Scales, from the 60000 training digits in [0, 1] (bench/NOTES.md, section 22):
 """
 
 from configs import mnist_cpu
-
-SIGMA_MAX = 15.8
 
 
 def get_config():
@@ -35,7 +33,7 @@ def get_config():
   config.noise.p_std = 1.2
   config.noise.weighting = "edm"
   config.noise.sigma_data = 0.308
-  config.noise.sigma_max = SIGMA_MAX
+  config.noise.sigma_max = 16.88
   config.noise.sigma_min = 0.01
   config.noise.num_scales = 95
   config.sampling.method = "als"  # --mode=sample/eval and inpainting (ALS inpaints)

@@ -186,6 +186,7 @@ def test_continuous_loss_metrics_count_each_example_in_its_sigma_bin():
                     distribution=dist, level_sampling="stratified")
 
 
+@pytest.mark.usefixtures("fast_compile")
 @pytest.mark.parametrize("make", [
     lambda: mlp.NoiseConditionalMLP(hidden=16, num_layers=2, preconditioning="edm",
                                     sigma_data=0.3),

@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, Int
 
 from score_jax.models.layers import (NONLINEARITIES, Conv, InstanceNormPlus, mean_pool_2x2,
                                      resize_bilinear_align_corners)
+from score_jax.models.unet import sinusoidal_embedding
 
 Level = Int[Array, "b"] | None
 
@@ -229,7 +230,6 @@ class RefineNet(nn.Module):
     level = None if edm else self._level(sigma.astype(jnp.float32))
     emb = None
     if self.noise_embedding:
-      from score_jax.models.unet import sinusoidal_embedding
       emb = sinusoidal_embedding(sigma, self.ngf)
       emb = nn.Dense(4 * self.ngf, name="emb_0")(emb)
       emb = nn.Dense(4 * self.ngf, name="emb_1")(nn.swish(emb))
