@@ -13,7 +13,7 @@ Scales, from the 60000 training digits in [0, 1] (bench/NOTES.md, section 22):
 * sigma_max = 16.88, the largest pairwise distance of the training digits (NCSNv2's
   Technique 1): the samplers start from the prior N(0, sigma_max^2 I) there.
 * The samplers' ladder (ALS, CAS, and the loss's sigma bins): geometric from sigma_max to 0.01
-  with 95 levels, NCSNv2's Technique 2 for D = 784; ALS 5 steps per level at Technique 4's step
+  with 96 levels, NCSNv2's Technique 2 for D = 784; ALS 5 steps per level at Technique 4's step
   size; CAS on the same ladder. Heun: EDM's deterministic sampler, 18 levels (35 NFE).
 
     python -m score_jax.prepare_data --dataset=mnist --manual_dir=../shared/data/mnist
@@ -35,7 +35,7 @@ def get_config():
   config.noise.sigma_data = 0.308
   config.noise.sigma_max = 16.88
   config.noise.sigma_min = 0.01
-  config.noise.num_scales = 95
+  config.noise.num_scales = 96
   config.sampling.method = "als"  # --mode=sample/eval and inpainting (ALS inpaints)
   config.sampling.methods = ("heun", "als")
   config.sampling.init = "gaussian"
