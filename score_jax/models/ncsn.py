@@ -23,11 +23,12 @@ training ladder in log space, so finer CAS ladders reuse the nearest trained lev
 
 EDM preconditioning (`preconditioning="edm"`, Karras et al. 2022; see `score_jax.score`): the
 network is EDM's F, called `(c_in x, c_noise)`; its input is already normalized (no 2x - 1) and its
-output is F (`output_convention` is not used). By default F stays unconditional, as NCSNv2 is:
-the sigma dependence comes from the preconditioning's c_skip, c_out and c_in alone.
+output is F (`output_convention` is not used). Without a noise embedding F is unconditional, as
+NCSNv2 is, and the sigma dependence comes from the preconditioning's c_skip, c_out and c_in alone;
 `noise_embedding=True` adds the DDPM embedding of c_noise (sinusoidal -> Dense -> swish -> Dense)
-as a per-channel bias after the first conv of every encoder residual block, as in the UNet;
-bench/NOTES.md has the measurement that chose the default.
+as a per-channel bias after the first conv of every encoder residual block, as in the UNet. On
+MNIST the embedding learned faster per step (bench/NOTES.md, section 22), and
+`configs/mnist_edm_cpu.py` uses it.
 
 Spatial sizes at 32 px: 32 -> 16 -> 16 -> 16 (dilations 2 and 4 replace further pooling); at 28 px
 (MNIST) 28 -> 14 -> 14 -> 14. The reference's `adjust_padding` for 28 px only reaches dilated
