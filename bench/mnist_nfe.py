@@ -12,6 +12,7 @@ against NFE, one line per sampler, to `<workdir>/mnist_nfe.png`.
 
     python -m score_jax.eval.mnist_classifier --manual_dir=../shared/data/mnist     # once
     .venv/bin/python bench/mnist_nfe.py --workdir=runs/mnist_cpu [--num_samples=500]
+    .venv/bin/python bench/mnist_nfe.py --workdir=runs/mnist_edm_cpu --set noise.num_scales=10
 
 bench/NOTES.md and the README have the numbers.
 """
@@ -64,10 +65,14 @@ def main() -> None:
   parser.add_argument("--num_samples", type=int, default=400)
   parser.add_argument("--batch_size", type=int, default=400)
   parser.add_argument("--table_only", action="store_true", help="only print the stored rows")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every run, e.g. noise.num_scales=10 (the "
+                      "ladder of ALS, CAS and PC on a model trained on continuous noise)")
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
   common = {"eval.features": "mnist_classifier", "eval.num_samples": args.num_samples,
-            "eval.batch_size": args.batch_size, "sampling.batch_size": args.batch_size}
+            "eval.batch_size": args.batch_size, "sampling.batch_size": args.batch_size,
+            **dict(kv.split("=", 1) for kv in args.set)}
   if not args.table_only:
     for run in RUNS:
       cmd = [sys.executable, str(REPO / "main.py"), "--mode=sampler_sweep", f"--workdir={workdir}",

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.name = "mlp"  # mlp | ncsn | ncsnv2 | ncsnv2_deeper | ncsnv2_deepest | unet.
   model.dtype = "float32"  # image nets: compute dtype float32 | bfloat16 (params and loss stay float32).
   model.remat = False  # image nets: rematerialize residual blocks to save memory (large variants).
+  model.preconditioning = "ncsn"  # ncsn: the net takes (x, sigma) | edm: EDM's F(c_in x; c_noise), D = c_skip x + c_out F (Karras et al. 2022).
   # One sub-group per network module, holding the hyperparameters that module takes;
   # score_jax.models.build reads only the sub-group of model.name. A new network adds its own.
   model.mlp = mlp = ml_collections.ConfigDict()  # mlp (models.mlp.NoiseConditionalMLP).
@@ -58,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.ncsn = ncsn = ml_collections.ConfigDict()  # ncsn, ncsnv2, ncsnv2_deeper, ncsnv2_deepest (models.ncsn).
   ncsn.ngf = 128  # base number of feature maps (64 for MNIST NCSN).
   ncsn.nonlinearity = "elu"  # elu | relu | lrelu | swish.
+  ncsn.noise_embedding = False  # NCSNv2 family with model.preconditioning=edm: embed c_noise into the encoder blocks; False: unconditional F.
   model.unet = unet = ml_collections.ConfigDict()  # unet (models.unet.UNet).
   unet.ch = 128  # base number of channels.
   unet.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution.
@@ -75,6 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   noise.num_scales = 20  # L, number of noise levels.
   noise.level_sampling = "uniform"  # uniform | stratified | antithetic draw of each example's level.
   noise.weight_power = 2.0  # lambda(sigma) = sigma^power; 2 is the DSM convention of NCSN.
+  noise.distribution = "ladder"  # training sigma: ladder (a level per example) | log_uniform on [sigma_min, sigma_max] (score_sde VE) | log_normal (EDM); continuous runs use the ladder for ALS/CAS and metric bins.
+  noise.p_mean = -1.2  # log_normal: mean of ln sigma (EDM P_mean).
+  noise.p_std = 1.2  # log_normal: std of ln sigma (EDM P_std).
+  noise.weighting = "ncsn"  # loss weighting: ncsn (sigma^weight_power) | edm ((sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on ||D - x||^2).
+  noise.sigma_data = 0.5  # std of the data (data units): EDM's weighting and preconditioning.
 
   # --- optim ------------------------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()

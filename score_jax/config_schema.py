@@ -102,11 +102,13 @@ FIELDS: dict[str, Field] = {
     "model.name": _choice("mlp", "ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet"),
     "model.dtype": _choice("float32", "bfloat16"),
     "model.remat": _BOOL,
+    "model.preconditioning": _choice("ncsn", "edm"),
     "model.mlp.hidden": _pos_int(),
     "model.mlp.num_layers": _pos_int(),
     "model.mlp.activation": _choice("softplus", "elu", "swish", "relu"),
     "model.ncsn.ngf": _pos_int(),
     "model.ncsn.nonlinearity": _choice("elu", "relu", "lrelu", "swish"),
+    "model.ncsn.noise_embedding": _BOOL,
     "model.unet.ch": _pos_int(),
     "model.unet.ch_mult": Field("tuple", 1, None, item="int", min_len=1),
     "model.unet.num_res_blocks": _pos_int(),
@@ -121,6 +123,11 @@ FIELDS: dict[str, Field] = {
     "noise.num_scales": _int(2),
     "noise.level_sampling": _choice("uniform", "stratified", "antithetic"),
     "noise.weight_power": _float(),
+    "noise.distribution": _choice("ladder", "log_uniform", "log_normal"),
+    "noise.p_mean": _float(),
+    "noise.p_std": _pos_float(),
+    "noise.weighting": _choice("ncsn", "edm"),
+    "noise.sigma_data": _pos_float(),
     # optim
     "optim.optimizer": _choice("adam", "adamw"),
     "optim.lr": _pos_float(),
@@ -512,6 +519,22 @@ def _check_noise(config: ml_collections.ConfigDict) -> None:
   if not n.sigma_max > n.sigma_min:
     raise UsageError(f"noise.sigma_max={n.sigma_max} must be > noise.sigma_min={n.sigma_min}")
   _wrap("noise", "", noise.ladder, n.schedule, n.sigma_max, n.sigma_min, n.num_scales)
+  m = config.model
+  if n.distribution != "ladder":
+    if n.level_sampling != "uniform":
+      raise UsageError(f"noise.level_sampling={n.level_sampling!r} draws ladder levels; "
+                       f"noise.distribution={n.distribution!r} draws sigma: set "
+                       "--config.noise.level_sampling=uniform")
+    if m.name == "ncsn":
+      raise UsageError(f"noise.distribution={n.distribution!r}: NCSN (v1) conditions its norms on "
+                       "a level of the ladder; use --config.noise.distribution=ladder or an NCSNv2 "
+                       "variant or the UNet")
+  if m.preconditioning == "edm" and m.name == "ncsn":
+    raise UsageError("model.preconditioning='edm' calls the network with c_noise: NCSN (v1)'s "
+                     "level-conditional norms cannot take it; use ncsnv2 (or unet, mlp)")
+  if m.ncsn.noise_embedding and m.preconditioning != "edm" and m.name.startswith("ncsnv2"):
+    raise UsageError("model.ncsn.noise_embedding embeds EDM's c_noise: it needs "
+                     "--config.model.preconditioning=edm")
 
 
 def _check_training(config: ml_collections.ConfigDict, num_devices: int | None) -> None:

@@ -49,17 +49,31 @@ def make_optimizer(*, optimizer: str, lr: float, beta1: float, beta2: float, eps
 
 
 
+def noise_distribution_from_config(config: ml_collections.ConfigDict
+                                   ) -> noise.NoiseDistribution:
+  """How training draws sigma: `noise.distribution` with its parameters."""
+  n = config.noise
+  return noise.NoiseDistribution(n.distribution, sigma_min=n.sigma_min, sigma_max=n.sigma_max,
+                                 p_mean=n.p_mean, p_std=n.p_std)
+
+
 def loss_kwargs_from_config(config: ml_collections.ConfigDict, model: nn.Module,
                             sigmas: jax.Array) -> dict[str, Any]:
+  """The loss's keywords: for continuous noise, `sigmas` (the configured ladder) are the bins of
+  the per-level metrics."""
   return dict(model=model, sigmas=sigmas, loss=config.training.loss,
               level_sampling=config.noise.level_sampling,
               weight_power=config.noise.weight_power,
+              distribution=noise_distribution_from_config(config),
+              weighting=config.noise.weighting, sigma_data=config.noise.sigma_data,
               global_batch_size=config.training.batch_size,
               ssm_projection=config.training.ssm_projection,
               ssm_num_projections=config.training.ssm_num_projections)
 
 
 def sigmas_from_config(config: ml_collections.ConfigDict) -> jax.Array:
+  """The configured ladder: the training levels of `noise.distribution="ladder"`; for continuous
+  noise, the ladder ALS, CAS and PC step through (and the default ends of the other samplers)."""
   n = config.noise
   return noise.ladder(n.schedule, n.sigma_max, n.sigma_min, n.num_scales)
 
@@ -138,10 +152,11 @@ def batches_per_step(config: ml_collections.ConfigDict) -> int:
   return config.adversarial.d_steps if config.adversarial.enabled else 1
 
 
-# Fields whose change makes an existing checkpoint unusable for this run.
+# Fields whose change makes an existing checkpoint unusable for this run. A model trained on
+# continuous noise learned no ladder: its noise.num_scales (the samplers' ladder) may change.
 _COMPAT_FIELDS = (("model",), ("data", "dataset"), ("data", "toy_dim"), ("data", "image_size"),
-                  ("data", "num_channels"), ("noise", "num_scales"), ("training", "ema_decays"),
-                  ("adversarial", "enabled"))
+                  ("data", "num_channels"), ("noise", "distribution"), ("noise", "num_scales"),
+                  ("training", "ema_decays"), ("adversarial", "enabled"))
 
 
 def check_compatible(stored: dict, config: ml_collections.ConfigDict, where: str) -> None:
@@ -152,7 +167,10 @@ def check_compatible(stored: dict, config: ml_collections.ConfigDict, where: str
   """
   stored = json.loads(config_from_dict(stored).to_json())
   current = json.loads(config.to_json())
+  continuous = current["noise"]["distribution"] != "ladder"
   for path in _COMPAT_FIELDS:
+    if continuous and path == ("noise", "num_scales"):
+      continue
     a, b = stored, current
     for key in path:
       a = a.get(key) if isinstance(a, dict) else None

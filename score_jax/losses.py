@@ -2,8 +2,8 @@
 
 Every loss takes a score function (never params or configs) and returns `(loss, metrics)`:
 `metrics["loss"]` is the scalar, `metrics["level_loss_sum"]` `[L]` the sum of the per-example
-losses at each level and `metrics["level_count"]` `[L]` how many examples drew it, so that a
-logging interval's per-level mean is an exact sum/count.
+losses at each level (or sigma bin) and `metrics["level_count"]` `[L]` how many examples drew it,
+so that a logging interval's per-level mean is an exact sum/count.
 
 Randomness: `rng` is one key (the batch's draws come from it) or a batch of per-example keys `[b]`
 (each example draws its level and noise from its own key only). The trainer passes keys folded
@@ -11,8 +11,18 @@ from each example's global index, which makes the loss independent of how the ba
 over devices. Levels may be given (`sigma_idx`) for batch-coupled (stratified) sampling.
 
 DSM (Vincent 2011; Song & Ermon 2019, Eq. 5-6): per example
-  l = 0.5 * sigma^power * sum_d (s(x + sigma z, sigma) + z / sigma)_d^2,
+  l = 0.5 * w(sigma) * sum_d (s(x + sigma z, sigma) + z / sigma)_d^2,
 the loss is the batch mean (reduction of the reference implementations N1/N2, `anneal_power` 2).
+The weighting w is NCSN's sigma^power ("ncsn") or EDM's ("edm", Karras et al. 2022, Eq. 8 and
+Table 1): EDM weights the denoiser's error ||D(x~) - x||^2 by lambda(sigma) = (sigma^2 +
+sigma_data^2) / (sigma sigma_data)^2, and D - x = sigma^2 (s + z / sigma), so in the score's
+terms w = sigma^4 lambda(sigma) = sigma^2 (sigma^2 + sigma_data^2) / sigma_data^2. (With EDM's
+preconditioning that makes the loss 0.5 ||F - F_target||^2, unit weight on the network's output.)
+
+Noise levels: a level index per example on the ladder `sigmas` (NCSN, NCSNv2), or, with a
+continuous `noise.NoiseDistribution`, a sigma per example drawn from it (score_sde's log-uniform,
+EDM's log-normal); then the per-level metrics are per sigma bin, bin i the sigmas nearest level i
+of `sigmas` in log space (`noise.sigma_bins`).
 SSM (Song et al. 2019) and explicit SM (Hyvarinen 2005) on the perturbed data equal DSM up to a
 constant independent of the model (they estimate the same Fisher divergence), with the same
 sigma^power weighting and reduction.
@@ -37,13 +47,39 @@ def _is_key_batch(rng: jax.Array, b: int) -> bool:
   return rng.ndim == 2 and rng.shape == (b, 2)
 
 
-def _draw(rng: jax.Array, x: jax.Array, num_scales: int, sigma_idx, extra_shapes=()):
-  """Levels `[b]`, Gaussian noise like x, and extra standard draws, from one or per-example keys."""
+WEIGHTINGS = ("ncsn", "edm")
+
+
+def loss_weight(sigma: Float[Array, "b"], *, weighting: str = "ncsn", weight_power: float = 2.0,
+                sigma_data: float = 0.5) -> Float[Array, "b"]:
+  """w(sigma) of `0.5 w ||s - target||^2`: NCSN's sigma^power or EDM's (module docstring)."""
+  if weighting == "ncsn":
+    return sigma ** weight_power
+  if weighting == "edm":
+    return sigma ** 2 * (sigma ** 2 + sigma_data ** 2) / sigma_data ** 2
+  raise ValueError(f"loss weighting {weighting!r} is unknown; use one of {WEIGHTINGS}")
+
+
+def _draw(rng: jax.Array, x: jax.Array, sigmas: jax.Array, sigma_idx,
+          distribution: noise_lib.NoiseDistribution | None, extra_shapes=()):
+  """Per-example sigma `[b]` and its level or bin `[b]`, Gaussian noise like x, and extra
+  standard draws, from one or per-example keys. A ladder draws level indices, a continuous
+  `distribution` the sigmas themselves, from the same key."""
   b = x.shape[0]
+  num_scales = sigmas.shape[0]
+  continuous = distribution is not None and distribution.continuous
+  if continuous and sigma_idx is not None:
+    raise ValueError("sigma_idx gives ladder levels; a continuous noise distribution draws sigma")
+
+  def level_or_sigma(key, shape):
+    if continuous:
+      return distribution.sample(key, shape)
+    return jax.random.randint(key, shape, 0, num_scales, dtype=jnp.int32)
+
   if _is_key_batch(rng, b):
     def one(key):
       lk, nk, ek = jax.random.split(key, 3)
-      level = jax.random.randint(lk, (), 0, num_scales, dtype=jnp.int32)
+      level = level_or_sigma(lk, ())
       z = jax.random.normal(nk, x.shape[1:], x.dtype)
       extras = [jax.random.normal(k, s, x.dtype)
                 for k, s in zip(jax.random.split(ek, max(len(extra_shapes), 1)), extra_shapes)]
@@ -51,13 +87,15 @@ def _draw(rng: jax.Array, x: jax.Array, num_scales: int, sigma_idx, extra_shapes
     levels, z, extras = jax.vmap(one)(rng)
   else:
     lk, nk, ek = jax.random.split(rng, 3)
-    levels = jax.random.randint(lk, (b,), 0, num_scales, dtype=jnp.int32)
+    levels = level_or_sigma(lk, (b,))
     z = jax.random.normal(nk, x.shape, x.dtype)
     extras = [jax.random.normal(k, (b, *s), x.dtype)
               for k, s in zip(jax.random.split(ek, max(len(extra_shapes), 1)), extra_shapes)]
+  if continuous:
+    return levels, noise_lib.sigma_bins(levels, sigmas), z, extras
   if sigma_idx is not None:
     levels = jnp.asarray(sigma_idx, jnp.int32)
-  return levels, z, extras
+  return sigmas[levels], levels, z, extras
 
 
 def _level_metrics(per_example: jax.Array, sigma_idx: jax.Array, num_scales: int) -> Metrics:
@@ -77,16 +115,24 @@ def _check_levels(x, sigmas):
 
 def dsm_loss_from_noise(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "L"],
                         sigma_idx: Int[Array, "b"], noise: Float[Array, "b ..."], *,
-                        weight_power: float = 2.0) -> tuple[jax.Array, Metrics]:
-  """Deterministic DSM core for given levels and noise; also returns the perturbed input."""
+                        weight_power: float = 2.0, sigma: Float[Array, "b"] | None = None,
+                        weighting: str = "ncsn", sigma_data: float = 0.5
+                        ) -> tuple[jax.Array, Metrics]:
+  """Deterministic DSM core for given levels and noise; also returns the perturbed input.
+
+  `sigma` `[b]`, if given, is each example's noise level and `sigma_idx` its bin in `sigmas`
+  (continuous noise); otherwise sigma = sigmas[sigma_idx].
+  """
   sigmas = jnp.asarray(sigmas)
   _check_levels(x, sigmas)
-  sigma = sigmas[sigma_idx]
+  if sigma is None:
+    sigma = sigmas[sigma_idx]
   x_tilde = noise_lib.perturb(x, sigma, noise)
   score = score_fn(x_tilde, sigma)
   target = -noise / broadcast_sigma(sigma, noise)
   sq = jnp.sum(((score - target) ** 2).reshape(x.shape[0], -1), axis=1)
-  per_example = 0.5 * sq * sigma ** weight_power
+  per_example = 0.5 * sq * loss_weight(sigma, weighting=weighting, weight_power=weight_power,
+                                       sigma_data=sigma_data)
   loss = jnp.mean(per_example)
   metrics = {"loss": loss, **_level_metrics(per_example, sigma_idx, sigmas.shape[0]),
              "x_tilde": x_tilde, "score": score, "sigma": sigma}
@@ -96,17 +142,21 @@ def dsm_loss_from_noise(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Flo
 def dsm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "L"],
              rng: jax.Array, *, sigma_idx: Int[Array, "b"] | None = None,
              level_sampling: str = "uniform", weight_power: float = 2.0,
-             internals: bool = False) -> tuple[jax.Array, Metrics]:
-  """Denoising score matching over all levels (reference reduction, lambda = sigma^power).
+             distribution: noise_lib.NoiseDistribution | None = None, weighting: str = "ncsn",
+             sigma_data: float = 0.5, internals: bool = False) -> tuple[jax.Array, Metrics]:
+  """Denoising score matching over the ladder or a continuous noise distribution.
 
   Args:
     score_fn: `(x, sigma) -> score`.
     x: clean data `[b, ...]`.
-    sigmas: descending ladder `[L]`.
+    sigmas: descending ladder `[L]` (the levels drawn, or the metric bins of continuous noise).
     rng: one key, or per-example keys `[b]`.
     sigma_idx: optional given levels `[b]` (then `level_sampling` is not used).
     level_sampling: uniform | stratified | antithetic (batch-coupled methods need a single key).
-    weight_power: lambda(sigma) = sigma^weight_power.
+    weight_power: the "ncsn" weighting's lambda(sigma) = sigma^weight_power.
+    distribution: how sigma is drawn; None or kind "ladder": a level of `sigmas`.
+    weighting: "ncsn" or "edm" (module docstring).
+    sigma_data: the data's standard deviation in EDM's weighting.
     internals: also return "x_tilde", "score" (like x), "sigma" and "sigma_idx" `[b]` in the
       metrics (the adversarial step denoises from the same forward pass).
 
@@ -115,14 +165,19 @@ def dsm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
   """
   sigmas = jnp.asarray(sigmas)
   _check_levels(x, sigmas)
+  continuous = distribution is not None and distribution.continuous
+  if continuous and level_sampling != "uniform":
+    raise ValueError(f"level_sampling={level_sampling!r} draws ladder levels; a continuous noise "
+                     "distribution needs 'uniform'")
   if sigma_idx is None and level_sampling != "uniform":
     if _is_key_batch(rng, x.shape[0]):
       raise ValueError(f"level_sampling={level_sampling!r} couples the batch: pass one key, or "
                        "compute sigma_idx with noise.sample_levels and pass it")
     level_rng, rng = jax.random.split(rng)
     sigma_idx = noise_lib.sample_levels(level_rng, x.shape[0], sigmas.shape[0], level_sampling)
-  levels, z, _ = _draw(rng, x, sigmas.shape[0], sigma_idx)
-  loss, metrics = dsm_loss_from_noise(score_fn, x, sigmas, levels, z, weight_power=weight_power)
+  sigma, levels, z, _ = _draw(rng, x, sigmas, sigma_idx, distribution)
+  loss, metrics = dsm_loss_from_noise(score_fn, x, sigmas, levels, z, weight_power=weight_power,
+                                      sigma=sigma, weighting=weighting, sigma_data=sigma_data)
   if internals:
     return loss, dict(metrics, sigma_idx=levels)
   return loss, _public(metrics)
@@ -134,8 +189,9 @@ def _public(metrics: Metrics) -> Metrics:
 
 def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "L"],
              rng: jax.Array, *, projection: str = "gaussian", num_projections: int = 1,
-             weight_power: float = 2.0,
-             sigma_idx: Int[Array, "b"] | None = None) -> tuple[jax.Array, Metrics]:
+             weight_power: float = 2.0, sigma_idx: Int[Array, "b"] | None = None,
+             distribution: noise_lib.NoiseDistribution | None = None, weighting: str = "ncsn",
+             sigma_data: float = 0.5) -> tuple[jax.Array, Metrics]:
   """Sliced score matching (variance-reduced form) on perturbed data.
 
   Per example: sigma^power * [0.5 ||s||^2 + mean_v v^T (ds/dx~) v], projections v Gaussian or
@@ -150,11 +206,10 @@ def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
     raise ValueError(f"num_projections={num_projections} must be >= 1")
   sigmas = jnp.asarray(sigmas)
   _check_levels(x, sigmas)
-  levels, z, (v,) = _draw(rng, x, sigmas.shape[0], sigma_idx,
-                          extra_shapes=((num_projections, *x.shape[1:]),))
+  sigma, levels, z, (v,) = _draw(rng, x, sigmas, sigma_idx, distribution,
+                                 extra_shapes=((num_projections, *x.shape[1:]),))
   if projection == "rademacher":
     v = jnp.sign(v)
-  sigma = sigmas[levels]
   x_tilde = noise_lib.perturb(x, sigma, z)
   f = lambda y: score_fn(y, sigma)
   score, vjp_fn = jax.vjp(f, x_tilde)
@@ -162,7 +217,7 @@ def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
   trace_est = sum(jnp.sum((v[:, k] * vjp_fn(v[:, k])[0]).reshape(b, -1), axis=1)
                   for k in range(num_projections)) / num_projections
   per_example = (0.5 * jnp.sum((score ** 2).reshape(b, -1), axis=1) + trace_est) * \
-      sigma ** weight_power
+      loss_weight(sigma, weighting=weighting, weight_power=weight_power, sigma_data=sigma_data)
   loss = jnp.mean(per_example)
   return loss, {"loss": loss, **_level_metrics(per_example, levels, sigmas.shape[0])}
 
@@ -170,7 +225,9 @@ def ssm_loss(score_fn: ScoreFn, x: Float[Array, "b ..."], sigmas: Float[Array, "
 def explicit_score_matching_loss(score_fn: ScoreFn, x: Float[Array, "b d"],
                                  sigmas: Float[Array, "L"], rng: jax.Array, *,
                                  weight_power: float = 2.0,
-                                 sigma_idx: Int[Array, "b"] | None = None
+                                 sigma_idx: Int[Array, "b"] | None = None,
+                                 distribution: noise_lib.NoiseDistribution | None = None,
+                                 weighting: str = "ncsn", sigma_data: float = 0.5
                                  ) -> tuple[jax.Array, Metrics]:
   """Hyvarinen's objective with the exact Jacobian trace (jacfwd), for low-dimensional data.
 
@@ -180,8 +237,7 @@ def explicit_score_matching_loss(score_fn: ScoreFn, x: Float[Array, "b d"],
   _check_levels(x, sigmas)
   if x.ndim != 2:
     raise ValueError(f"explicit score matching needs flat data [b, d], got shape {x.shape}")
-  levels, z, _ = _draw(rng, x, sigmas.shape[0], sigma_idx)
-  sigma = sigmas[levels]
+  sigma, levels, z, _ = _draw(rng, x, sigmas, sigma_idx, distribution)
   x_tilde = noise_lib.perturb(x, sigma, z)
 
   def one(xi, si):
@@ -189,7 +245,8 @@ def explicit_score_matching_loss(score_fn: ScoreFn, x: Float[Array, "b d"],
     return f(xi), jnp.trace(jax.jacfwd(f)(xi))
 
   score, trace = jax.vmap(one)(x_tilde, sigma)
-  per_example = (0.5 * jnp.sum(score ** 2, axis=1) + trace) * sigma ** weight_power
+  per_example = (0.5 * jnp.sum(score ** 2, axis=1) + trace) * loss_weight(
+      sigma, weighting=weighting, weight_power=weight_power, sigma_data=sigma_data)
   loss = jnp.mean(per_example)
   return loss, {"loss": loss, **_level_metrics(per_example, levels, sigmas.shape[0])}
 

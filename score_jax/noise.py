@@ -4,6 +4,13 @@ Ladders are descending `sigma_1 > ... > sigma_L` (index 0 is the largest level),
 reference implementations: geometric `exp(linspace(log sigma_1, log sigma_L, L))`, linear, or
 EDM's rho-schedule (Karras et al. 2022, Eq. 5).
 
+Continuous training levels (`NoiseDistribution`): besides a level index per example on the ladder
+(NCSN, NCSNv2), sigma may be drawn log-uniformly between sigma_min and sigma_max (the continuous
+VE SDE of Song et al. 2021, score_sde `sde_lib.VESDE`: sigma(t) = sigma_min (sigma_max /
+sigma_min)^t, t ~ U[0, 1]) or log-normally, ln sigma ~ N(P_mean, P_std^2) (EDM, Karras et al.
+2022, Table 1 and Sec. 5). Their losses are logged per sigma bin: the bins of a ladder are the
+intervals in log sigma around its levels (`sigma_bins`).
+
 Schedule design follows Song & Ermon 2020 ("Improved Techniques for Training Score-Based
 Generative Models"):
 * Technique 1: sigma_1 as large as the maximum pairwise Euclidean distance of the data.
@@ -16,6 +23,7 @@ Generative Models"):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -111,6 +119,62 @@ def sample_levels(rng: jax.Array, num: int, num_scales: int,
     half = jax.random.randint(rng, ((num + 1) // 2,), 0, num_scales, dtype=jnp.int32)
     return jnp.concatenate([half, num_scales - 1 - half])[:num]
   raise ValueError(f"level sampling method={method!r} is unknown; use one of {LEVEL_SAMPLING}")
+
+
+NOISE_DISTRIBUTIONS = ("ladder", "log_uniform", "log_normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseDistribution:
+  """How a training example's noise level is drawn.
+
+  Attributes:
+    kind: "ladder" (a level index, uniform over the ladder, as NCSN), "log_uniform" (ln sigma
+      uniform on [ln sigma_min, ln sigma_max]) or "log_normal" (ln sigma ~ N(p_mean, p_std^2)).
+    sigma_min, sigma_max: the ends of "log_uniform".
+    p_mean, p_std: the parameters of "log_normal" (EDM: -1.2, 1.2).
+  """
+  kind: str = "ladder"
+  sigma_min: float | None = None
+  sigma_max: float | None = None
+  p_mean: float = -1.2
+  p_std: float = 1.2
+
+  def __post_init__(self):
+    if self.kind not in NOISE_DISTRIBUTIONS:
+      raise ValueError(f"noise distribution {self.kind!r} is unknown; use one of "
+                       f"{NOISE_DISTRIBUTIONS}")
+    if self.kind == "log_uniform":
+      if self.sigma_min is None or self.sigma_max is None:
+        raise ValueError("the log_uniform noise distribution needs sigma_min and sigma_max")
+      _check_ladder_args(self.sigma_max, self.sigma_min, 2)
+    if self.kind == "log_normal" and not self.p_std > 0:
+      raise ValueError(f"p_std={self.p_std} must be > 0")
+
+  @property
+  def continuous(self) -> bool:
+    return self.kind != "ladder"
+
+  def sample(self, rng: jax.Array, shape: tuple[int, ...] = ()) -> Float[Array, "..."]:
+    """Noise levels of `shape` (continuous kinds only; a ladder draws indices, `sample_levels`)."""
+    if self.kind == "log_uniform":
+      lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+      return jnp.exp(jax.random.uniform(rng, shape, jnp.float32, lo, hi))
+    if self.kind == "log_normal":
+      return jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng, shape, jnp.float32))
+    raise ValueError("a ladder draws level indices (noise.sample_levels), not sigmas")
+
+
+def sigma_bins(sigma: Float[Array, "b"], sigmas: Float[Array, "L"]) -> Int[Array, "b"]:
+  """The index of the ladder level nearest each `sigma` in log space (bins for metrics).
+
+  Bin i holds the sigmas between the geometric means of level i and its neighbours; sigmas above
+  sigma_1 fall in bin 0 and below sigma_L in bin L - 1. A ladder's own levels are their own bins.
+  """
+  log_ladder = jnp.log(jnp.asarray(sigmas, jnp.float32))
+  edges = 0.5 * (log_ladder[:-1] + log_ladder[1:])  # descending
+  # searchsorted needs ascending edges: count the edges above log sigma.
+  return jnp.sum(jnp.log(sigma)[:, None] < edges[None], axis=1).astype(jnp.int32)
 
 
 def perturb(x: Float[Array, "b ..."], sigma: Float[Array, "b"],

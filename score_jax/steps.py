@@ -72,11 +72,14 @@ def score_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mode
                sigmas: jax.Array, loss: str = "dsm", level_sampling: str = "uniform",
                weight_power: float = 2.0, global_batch_size: int,
                ssm_projection: str = "gaussian", ssm_num_projections: int = 1,
-               train: bool = True, internals: bool = False
+               distribution: noise.NoiseDistribution | None = None, weighting: str = "ncsn",
+               sigma_data: float = 0.5, train: bool = True, internals: bool = False
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """This device's score-matching loss on its slice of the batch (no cross-device averaging).
 
-  `internals` (DSM only) adds the perturbed inputs, scores and levels to the metrics.
+  `distribution` draws each example's sigma (None: a level of `sigmas`; continuous: the level
+  metrics are per sigma bin of `sigmas`), `weighting` and `sigma_data` weight the loss (see
+  `losses`). `internals` (DSM only) adds the perturbed inputs, scores and levels to the metrics.
   """
   level_rng, example_rng, dropout_rng = jax.random.split(rng, 3)
   example_rngs = _example_rngs(example_rng, batch["index"])
@@ -85,13 +88,15 @@ def score_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mode
   # Dropout masks are per device: with dropout > 0, runs on different device counts differ.
   score_fn = make_score_fn(model, params, train=train,
                            rngs={"dropout": jax.random.fold_in(dropout_rng, batch["index"][0])})
+  weights = dict(weight_power=weight_power, distribution=distribution, weighting=weighting,
+                 sigma_data=sigma_data)
   if loss == "dsm":
     return losses.dsm_loss(score_fn, batch["x"], sigmas, example_rngs, sigma_idx=sigma_idx,
-                           weight_power=weight_power, internals=internals)
+                           internals=internals, **weights)
   if loss == "ssm":
     return losses.ssm_loss(score_fn, batch["x"], sigmas, example_rngs, sigma_idx=sigma_idx,
                            projection=ssm_projection, num_projections=ssm_num_projections,
-                           weight_power=weight_power)
+                           **weights)
   raise ValueError(f"training.loss={loss!r} is unknown; use 'dsm' or 'ssm'")
 
 

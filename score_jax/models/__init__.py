@@ -2,7 +2,9 @@
 
 Every network is called `model.apply({"params": p}, x, sigma, train=False)` with `x` `[b, ...]` and
 per-example `sigma` `[b]`, and declares `output_convention` ("score" or "scaled_score"), which only
-`score_jax.score.make_score_fn` interprets.
+`score_jax.score.make_score_fn` interprets. With `model.preconditioning="edm"` a network is EDM's
+F instead (called with `(c_in x, c_noise)`, Karras et al. 2022; `score_jax.score`), with
+`noise.sigma_data` as its `sigma_data`.
 
 The networks are plain Flax. `build` hands them out through `score_jax.cpu.accelerate`, whose
 `apply` takes the fast CPU path where it is on (CPU only); `cpu.unwrap` gives the plain module.
@@ -38,9 +40,11 @@ def _build(config) -> nn.Module:
   m = config.model
   if m.name not in MODEL_NAMES:
     raise ValueError(f"model.name={m.name!r} is unknown; use one of {MODEL_NAMES}")
+  precond = dict(preconditioning=m.preconditioning, sigma_data=config.noise.sigma_data)
   if m.name == "mlp":
     g = m.mlp
-    return NoiseConditionalMLP(hidden=g.hidden, num_layers=g.num_layers, activation=g.activation)
+    return NoiseConditionalMLP(hidden=g.hidden, num_layers=g.num_layers, activation=g.activation,
+                               **precond)
   if m.dtype not in _DTYPES:
     raise ValueError(f"model.dtype={m.dtype!r} is unknown; use one of {sorted(_DTYPES)}")
   common = dict(num_channels=config.data.num_channels, dtype=_DTYPES[m.dtype], remat=m.remat)
@@ -50,7 +54,7 @@ def _build(config) -> nn.Module:
     return unet.UNet(ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks,
                      attn_resolutions=tuple(g.attn_resolutions), dropout=g.dropout,
                      conditional=g.conditional, centered_input=config.data.centered,
-                     input_range=g.input_range, **common)
+                     input_range=g.input_range, **common, **precond)
   if config.data.image_size < 8:
     raise ValueError(f"data.image_size={config.data.image_size}: image networks need >= 8 px")
   common.update(ngf=m.ncsn.ngf, nonlinearity=m.ncsn.nonlinearity,
@@ -63,6 +67,6 @@ def _build(config) -> nn.Module:
     return model
   preset = {"ncsnv2": ncsn.NCSNv2, "ncsnv2_deeper": ncsn.NCSNv2Deeper,
             "ncsnv2_deepest": ncsn.NCSNv2Deepest}[m.name]
-  model = preset(**common)
+  model = preset(noise_embedding=m.ncsn.noise_embedding, **common, **precond)
   ncsn.check_image_size(model.encoder, config.data.image_size)
   return model

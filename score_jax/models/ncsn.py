@@ -21,6 +21,15 @@ by sigma (here: declared `scaled_score`, and `score.make_score_fn` divides, whic
 arithmetic as N2 `ncsnv2.py:97-99`). The level index comes from sigma: the nearest level of the
 training ladder in log space, so finer CAS ladders reuse the nearest trained level.
 
+EDM preconditioning (`preconditioning="edm"`, Karras et al. 2022; see `score_jax.score`): the
+network is EDM's F, called `(c_in x, c_noise)`; its input is already normalized (no 2x - 1) and its
+output is F (`output_convention` is not used). Without a noise embedding F is unconditional, as
+NCSNv2 is, and the sigma dependence comes from the preconditioning's c_skip, c_out and c_in alone;
+`noise_embedding=True` adds the DDPM embedding of c_noise (sinusoidal -> Dense -> swish -> Dense)
+as a per-channel bias after the first conv of every encoder residual block, as in the UNet. On
+MNIST the embedding learned faster per step (bench/NOTES.md, section 23), and
+`configs/mnist_edm_cpu.py` uses it.
+
 Spatial sizes at 32 px: 32 -> 16 -> 16 -> 16 (dilations 2 and 4 replace further pooling); at 28 px
 (MNIST) 28 -> 14 -> 14 -> 14. The reference's `adjust_padding` for 28 px only reaches dilated
 blocks, which never pool, so it changes nothing and is not needed here.
@@ -38,6 +47,7 @@ from jaxtyping import Array, Float, Int
 
 from score_jax.models.layers import (NONLINEARITIES, Conv, InstanceNormPlus, mean_pool_2x2,
                                      resize_bilinear_align_corners)
+from score_jax.models.unet import sinusoidal_embedding
 
 Level = Int[Array, "b"] | None
 
@@ -52,20 +62,27 @@ class ResidualBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Float[Array, "b h w c"], level: Level) -> Float[Array, "b h2 w2 f"]:
+  def __call__(self, x: Float[Array, "b h w c"], level: Level,
+               emb: Float[Array, "b e"] | None = None) -> Float[Array, "b h2 w2 f"]:
     act = NONLINEARITIES[self.nonlinearity]
     norm = functools.partial(InstanceNormPlus, num_classes=self.num_classes)
     conv = functools.partial(Conv, dtype=self.dtype, dilation=self.dilation)
     c_in = x.shape[-1]
     h = act(norm(name="norm1")(x, level))
+
+    def embed(h):
+      if emb is None:
+        return h
+      return h + nn.Dense(h.shape[-1], name="emb")(emb)[:, None, None].astype(h.dtype)
+
     if self.down and self.dilation == 1:
-      h = conv(c_in, name="conv1")(h)
+      h = embed(conv(c_in, name="conv1")(h))
       h = act(norm(name="norm2")(h, level))
       h = mean_pool_2x2(conv(self.features, name="conv2")(h))
       shortcut = mean_pool_2x2(conv(self.features, kernel_size=1, name="shortcut")(x))
       return shortcut + h
     mid = c_in if self.down else self.features
-    h = conv(mid, name="conv1")(h)
+    h = embed(conv(mid, name="conv1")(h))
     h = act(norm(name="norm2")(h, level))
     h = conv(self.features, name="conv2")(h)
     if self.down or c_in != self.features:
@@ -163,6 +180,9 @@ class RefineNet(nn.Module):
     level_sigmas: the training ladder (descending); given, the norms are conditional on the level
       index (NCSN v1); None: unconditional (NCSNv2).
     scale_by_sigma: the network output is sigma * score (NCSNv2's division by sigma).
+    preconditioning: "ncsn" (called `(x, sigma)`) or "edm" (EDM's F, called `(c_in x, c_noise)`).
+    sigma_data: EDM's sigma_data (read by `score.make_score_fn`).
+    noise_embedding: "edm" only: embed c_noise into the encoder blocks; False: unconditional F.
     pool: "avg" (NCSN v1) or "max" (NCSNv2) in chained residual pooling.
     centered_input: data already in [-1, 1]; otherwise inputs in [0, 1] are mapped by 2x - 1.
     dtype: compute dtype of the convolutions (params and norms stay float32).
@@ -175,6 +195,9 @@ class RefineNet(nn.Module):
   decoder: tuple[int, ...] = (2, 2, 1, 1)
   level_sigmas: tuple[float, ...] | None = None
   scale_by_sigma: bool = True
+  preconditioning: str = "ncsn"
+  sigma_data: float = 0.5
+  noise_embedding: bool = False
   pool: str = "max"
   nonlinearity: str = "elu"
   centered_input: bool = False
@@ -199,20 +222,32 @@ class RefineNet(nn.Module):
                        "encoder stages; give one per stage")
     if self.nonlinearity not in NONLINEARITIES:
       raise ValueError(f"nonlinearity={self.nonlinearity!r}; use one of {sorted(NONLINEARITIES)}")
-    level = self._level(sigma.astype(jnp.float32))
+    edm = self.preconditioning == "edm"
+    if edm and self.level_sigmas is not None:
+      raise ValueError("EDM preconditioning calls the network with c_noise, not sigma: NCSN (v1)'s "
+                       "level-conditional norms cannot take it; use an NCSNv2 variant")
+    if self.noise_embedding and not edm:
+      raise ValueError("noise_embedding embeds EDM's c_noise: it needs preconditioning='edm'")
+    level = None if edm else self._level(sigma.astype(jnp.float32))
+    emb = None
+    if self.noise_embedding:
+      emb = sinusoidal_embedding(sigma, self.ngf)
+      emb = nn.Dense(4 * self.ngf, name="emb_0")(emb)
+      emb = nn.Dense(4 * self.ngf, name="emb_1")(nn.swish(emb))
+      emb = nn.swish(emb)
     num_classes = None if self.level_sigmas is None else len(self.level_sigmas)
     conditional = num_classes is not None
     res_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     refine_cls = nn.remat(RefineBlock, static_argnums=(3,)) if self.remat else RefineBlock
     common = dict(num_classes=num_classes, nonlinearity=self.nonlinearity, dtype=self.dtype)
 
-    h = x if self.centered_input else 2.0 * x - 1.0
+    h = x if self.centered_input or edm else 2.0 * x - 1.0
     h = Conv(self.ngf, dtype=self.dtype, name="begin_conv")(h.astype(self.dtype))
     layers = []
     for s, (mult, down, dilation) in enumerate(self.encoder):
       for j in range(2):
         h = res_cls(mult * self.ngf, down=down and j == 0, dilation=dilation,
-                    name=f"res{s + 1}_{j}", **common)(h, level)
+                    name=f"res{s + 1}_{j}", **common)(h, level, emb)
       layers.append(h)
 
     ref = None

@@ -12,6 +12,10 @@ network outputs sigma * score (`scaled_score`) and must infer the level from the
 (sinusoidal, 128 channels -> Dense(4 ch) -> swish -> Dense(4 ch)); with it the CIFAR-10 layout
 (ch 128, ch_mult (1, 2, 2, 2), 2 blocks, attention at 16 px) has the DDPM paper's 35.7M parameters.
 
+With EDM preconditioning (`preconditioning="edm"`, Karras et al. 2022; see `score_jax.score`) the
+network is EDM's F: called `(c_in x, c_noise)`, it embeds c_noise = ln(sigma) / 4 as given, takes
+its input as it comes (c_in x is already normalized) and its output is F.
+
 Initialization follows DDPM: variance_scaling(1, fan_avg, uniform), zero biases, and zero
 initialization of the last conv of each residual block, the attention output and the final conv,
 so every block starts as the identity and the initial output is 0.
@@ -105,20 +109,25 @@ class UNet(nn.Module):
   input_range: str = "centered"
   dtype: Any = jnp.float32
   remat: bool = False
+  preconditioning: str = "ncsn"  # "edm": EDM's F, called (c_in x, c_noise) (module docstring)
+  sigma_data: float = 0.5  # EDM's sigma_data (read by score.make_score_fn)
   output_convention = "scaled_score"
 
   @nn.compact
   def __call__(self, x: Float[Array, "b h w c"], sigma: Float[Array, "b"],
                train: bool = False) -> Float[Array, "b h w c"]:
     res_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    edm = self.preconditioning == "edm"
     emb = None
     if self.conditional:
-      emb = sinusoidal_embedding(jnp.log(sigma), self.ch)
+      emb = sinusoidal_embedding(sigma if edm else jnp.log(sigma), self.ch)
       emb = nn.Dense(4 * self.ch, kernel_init=_INIT, name="emb_0")(emb)
       emb = nn.Dense(4 * self.ch, kernel_init=_INIT, name="emb_1")(nn.swish(emb))
     if self.input_range not in ("centered", "unit"):
       raise ValueError(f"input_range={self.input_range!r} must be 'centered' or 'unit'")
-    if self.input_range == "centered":
+    if edm:  # EDM's F takes c_in x as it is (Karras et al. 2022, Table 1)
+      h = x
+    elif self.input_range == "centered":
       h = x if self.centered_input else 2.0 * x - 1.0
     else:
       h = 0.5 * (x + 1.0) if self.centered_input else x
