@@ -51,6 +51,11 @@ flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
 flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
+flags.DEFINE_bool("allow_undigested_checkpoints", False, "Also read checkpoint steps without a "
+                  "digest, unverified (only for checkpoints written before digests existed).")
+flags.DEFINE_bool("restart_from_scratch", False, "--mode=train: train from step 0 in a workdir "
+                  "whose every checkpoint was found damaged and moved to checkpoints/damaged/, "
+                  "replacing that run's logs (refused otherwise).")
 
 
 # Modes that read an existing workdir; without --config they start from the checkpoint's config.
@@ -199,7 +204,8 @@ def _reader_config(config, workdir: str, mode: str):
   """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
   against the checkpoint, or else the checkpoint's config with this command's overrides."""
   from score_jax import experiment
-  loaded_config, state = experiment.load_checkpoint(workdir)
+  loaded_config, state = experiment.load_checkpoint(
+      workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)
   if FLAGS["config"].present:
     experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
   else:
@@ -216,7 +222,9 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
   """
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
-    state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
+    state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices,
+                                     allow_undigested=FLAGS.allow_undigested_checkpoints,
+                                     restart_from_scratch=FLAGS.restart_from_scratch)
     results = sample.sample_and_write(config, state, workdir)
     if parallel.is_main_process():
       print(_summary_table(results))
@@ -229,9 +237,11 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
   elif mode in ("eval", "sampler_sweep"):
     from score_jax import evaluate
     if not FLAGS["config"].present:
-      config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
+      config = _with_cli_overrides(experiment.load_checkpoint(
+          workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)[0], config)
       validate(config, mode, FLAGS.num_devices)
-    evaluate.run(config, workdir, mode=mode)
+    evaluate.run(config, workdir, mode=mode,
+                 allow_undigested=FLAGS.allow_undigested_checkpoints)
   elif mode in ("likelihood", "export"):
     export_path = FLAGS.export_path or os.path.join(workdir, "export.msgpack")
     if mode == "export" and not os.access(os.path.dirname(os.path.abspath(export_path)), os.W_OK):
