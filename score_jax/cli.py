@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
       _check_run_dir(workdir)
     _check_workdir(workdir, mode)
     run(config, workdir, mode, sweep_runs=sweep_runs)
-  except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
+  except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError,
+          workdir_lock.LockFileError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   except (train.TrainingError, experiment.NonFiniteSamplesError) as e:

@@ -184,3 +184,101 @@ def test_writer_refuses_keep_zero(tmp_path):
   with pytest.raises(ValueError, match="keep_checkpoints=0"):
     checkpoint.create_writer(str(tmp_path), keep=0)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def _tree(root: pathlib.Path) -> list:
+  return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
+
+
+def test_a_step_without_its_digest_is_damaged_unless_allowed(pristine, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(pristine, workdir)
+  step2 = workdir / "checkpoints" / "2"
+  shutil.rmtree(step2 / "digest")
+  _damage(_array_files(step2)[0], "flip")
+  # Removing the digest does not switch the check off: step 2 is skipped, never returned.
+  manager = checkpoint.open_reader(str(workdir))
+  step, result = checkpoint.restore_newest(manager, _restore_fn(manager), move_damaged=False)
+  with pytest.raises(checkpoint.UndigestedCheckpointError, match="no digest/.*allow_undigested"):
+    checkpoint.restore(manager, 2, _state(0))
+  manager.close()
+  assert step == 1
+  _assert_is_step(result, 1)
+  err = capsys.readouterr().err
+  assert "checkpoint 2 in" in err and "is unverified" in err and len(err.splitlines()) == 1
+
+  # A run where no step has a digest (older than digests, or every digest removed) is refused
+  # before anything is moved, even by a writer.
+  shutil.rmtree(workdir / "checkpoints" / "1" / "digest")
+  before = _tree(workdir)
+  manager = checkpoint.create_writer(str(workdir), async_save=False)
+  with pytest.raises(checkpoint.UndigestedCheckpointError, match="no checkpoint in .* has a "
+                     r"digest \(steps \[1, 2\]\).*--allow_undigested_checkpoints") as e:
+    checkpoint.restore_newest(manager, _restore_fn(manager), move_damaged=True)
+  manager.close()
+  assert "\n" not in str(e.value)
+  assert _tree(workdir) == before
+
+  # The explicit opt-in reads an undigested step unverified.
+  manager = checkpoint.open_reader(str(workdir))
+  state, data_state = checkpoint.restore(manager, 1, _state(0), allow_undigested=True)
+  assert checkpoint.restore_config(manager, 1, allow_undigested=True)["lr"] == 1e-3
+  manager.close()
+  assert data_state == {"pos": 10}
+  np.testing.assert_array_equal(jax.device_get(state)["params"]["w"], _state(1)["params"]["w"])
+
+
+def test_a_nonfinite_state_on_disk_is_damaged_even_with_a_valid_digest(pristine, tmp_path,
+                                                                      monkeypatch, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(pristine, workdir)
+  bad = _state(3)
+  bad["params"]["b"][5] = np.nan
+  manager = checkpoint.create_writer(str(workdir), async_save=False)
+  # A state saved past the guard (by a version without it, or crafted), digest and all.
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint, "nonfinite_leaves", lambda state: [])
+    checkpoint.save(manager, 3, bad, data_state={"pos": 30}, config_json='{"lr": 0.003}')
+  checkpoint.wait(manager)
+  step, result = checkpoint.restore_newest(manager, _restore_fn(manager), move_damaged=True)
+  manager.close()
+  assert step == 2
+  _assert_is_step(result, 2)
+  assert (workdir / "checkpoints" / "damaged" / "3").is_dir()
+  assert "holds non-finite values (['params']['b'])" in capsys.readouterr().err
+
+
+def test_rotation_renames_steps_out_and_empties_them(tmp_path):
+  manager = checkpoint.create_writer(str(tmp_path), keep=2, async_save=False)
+  for s in (1, 2, 3, 4):
+    checkpoint.save(manager, s, _state(s), data_state={}, config_json="{}")
+  checkpoint.wait(manager)
+  manager.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4", checkpoint.ROTATED_DIR]
+  assert os.listdir(tmp_path / "checkpoints" / checkpoint.ROTATED_DIR) == []
+
+
+def test_a_reader_whose_step_is_rotated_away_reads_the_newest(pristine, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(pristine, workdir)
+  manager = checkpoint.open_reader(str(workdir))
+  read = _restore_fn(manager)
+  seen = []
+
+  def rotating_read(step):
+    seen.append(step)
+    if step == 2:
+      # The writer saves step 3 and rotates step 2 away while this reader reads step 2.
+      writer = checkpoint.create_writer(str(workdir), keep=1, async_save=False)
+      checkpoint.save(writer, 3, _state(3), data_state={"pos": 30},
+                      config_json=json.dumps({"lr": 1e-3 * 3, "name": "toy"}))
+      checkpoint.wait(writer)
+      writer.close()
+    return read(step)
+
+  step, result = checkpoint.restore_newest(manager, rotating_read, move_damaged=False)
+  assert (step, seen) == (3, [2, 3])
+  _assert_is_step(result, 3)
+  with pytest.raises(checkpoint.MissingStepError, match=r"no checkpoint at step 2 .* \[3\]"):
+    checkpoint.restore_newest(manager, read, move_damaged=False, step=2)
+  manager.close()
