@@ -109,13 +109,21 @@ def create_writer(workdir: str, *, keep: int = 3, keep_every_steps: int | None =
   return manager
 
 
-def _purge_rotated(manager: ocp.CheckpointManager) -> None:
-  """Deletes the steps rotation moved into ROTATED_DIR (gone from every reader's listing)."""
+def _purge_rotated(manager: ocp.CheckpointManager, *, idle: bool = False) -> None:
+  """Deletes the steps rotation moved into ROTATED_DIR (gone from every reader's listing).
+
+  `idle`: no save is in flight, so ROTATED_DIR itself goes too (a save's rotation recreates it).
+  """
   root = paths.join(manager.directory, ROTATED_DIR)
   if paths.is_url(root) or not os.path.isdir(root):
     return
   for name in os.listdir(root):
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+  if idle:
+    try:
+      os.rmdir(root)
+    except OSError:
+      pass  # not empty: another host's rotation of a shared directory
 
 
 def damaged_steps(workdir: str) -> list[str]:
@@ -250,7 +258,7 @@ def all_steps(manager: ocp.CheckpointManager) -> list[int]:
 def wait(manager: ocp.CheckpointManager) -> None:
   """Blocks until pending asynchronous saves are complete."""
   manager.wait_until_finished()
-  _purge_rotated(manager)
+  _purge_rotated(manager, idle=True)
 
 
 # -------------------------------------------------------------------------------- restoring

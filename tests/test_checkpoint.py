@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import jax
@@ -252,10 +253,12 @@ def test_rotation_renames_steps_out_and_empties_them(tmp_path):
   manager = checkpoint.create_writer(str(tmp_path), keep=2, async_save=False)
   for s in (1, 2, 3, 4):
     checkpoint.save(manager, s, _state(s), data_state={}, config_json="{}")
+    # Each rotated step left the listing by one rename and is deleted by the next save.
+    if s >= 3:
+      assert os.listdir(tmp_path / "checkpoints" / checkpoint.ROTATED_DIR) == [str(s - 2)]
   checkpoint.wait(manager)
   manager.close()
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4", checkpoint.ROTATED_DIR]
-  assert os.listdir(tmp_path / "checkpoints" / checkpoint.ROTATED_DIR) == []
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]
 
 
 def test_a_reader_whose_step_is_rotated_away_reads_the_newest(pristine, tmp_path):
@@ -282,3 +285,93 @@ def test_a_reader_whose_step_is_rotated_away_reads_the_newest(pristine, tmp_path
   with pytest.raises(checkpoint.MissingStepError, match=r"no checkpoint at step 2 .* \[3\]"):
     checkpoint.restore_newest(manager, read, move_damaged=False, step=2)
   manager.close()
+
+
+def _train_config(num_train_steps: int = 2):
+  from configs import test as test_config
+  config = test_config.get_config()
+  config.training.eval_every_steps = None
+  config.training.num_train_steps = num_train_steps
+  config.training.ckpt_every_steps = 1
+  config.training.log_every_steps = 1
+  return config
+
+
+def _contents(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+          for p in sorted(root.rglob("*"))}
+
+
+def test_load_checkpoint_never_returns_a_step_whose_digest_was_removed(tmp_path):
+  import score_jax
+  from score_jax import train
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  step2 = tmp_path / "checkpoints" / "2"
+  shutil.rmtree(step2 / "digest")
+  _damage(_array_files(step2)[0], "flip")
+  _, state = score_jax.load_checkpoint(workdir)
+  assert int(state.step) == 1
+  with pytest.raises(checkpoint.UndigestedCheckpointError, match="checkpoint 2 in .* no digest/"):
+    score_jax.load_checkpoint(workdir, step=2)
+  # Without any digest left, nothing is read unless the caller says these steps predate digests.
+  shutil.rmtree(tmp_path / "checkpoints" / "1" / "digest")
+  with pytest.raises(checkpoint.UndigestedCheckpointError, match="allow_undigested=True"):
+    score_jax.load_checkpoint(workdir)
+  _, state = score_jax.load_checkpoint(workdir, step=1, allow_undigested=True)
+  assert int(state.step) == 1
+
+
+def test_a_nan_ema_checkpoint_is_never_resumed_nor_named_last_good(tmp_path, monkeypatch, capsys):
+  from score_jax import train
+  workdir = str(tmp_path)
+  state = train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  config = _train_config()
+  # Step 3: finite parameters, NaN EMA, with a valid digest (saved past the guard).
+  manager = checkpoint.create_writer(workdir, async_save=False)
+  state, data_state = checkpoint.restore(manager, 2, state)
+  nan_ema = jax.tree.map(lambda a: np.full(a.shape, np.nan, a.dtype), state.ema_params)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint, "nonfinite_leaves", lambda state: [])
+    checkpoint.save(manager, 3, state.replace(step=state.step + 1, ema_params=nan_ema),
+                    data_state=data_state, config_json=config.to_json())
+  checkpoint.wait(manager)
+  manager.close()
+  capsys.readouterr()
+  final = train.train_and_evaluate(_train_config(4), workdir, num_devices=1)
+  captured = capsys.readouterr()
+  assert "resumed from checkpoint 2 " in captured.out
+  assert "checkpoint 3 in" in captured.err
+  assert re.search(r"non-finite values \(\.ema_params\[0\]", captured.err), captured.err
+  assert (tmp_path / "checkpoints" / "damaged" / "3").is_dir()
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(final.ema_params)))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3", "4", "damaged"]
+
+
+def test_a_workdir_whose_steps_were_all_moved_aside_is_not_trained_into_again(tmp_path):
+  from conftest import run_main
+  from score_jax import train
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  for s in ("1", "2"):
+    _damage(_array_files(tmp_path / "run" / "checkpoints" / s)[0], "flip")
+  with pytest.raises(checkpoint.CheckpointError, match="every checkpoint .* is damaged"):
+    train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  assert checkpoint.damaged_steps(workdir) == ["1", "2"]
+  before = _contents(tmp_path / "run")
+  assert before["metrics.jsonl"]
+  # The same command again: refused in one line, nothing changed, the old run's logs kept.
+  with pytest.raises(checkpoint.CheckpointError, match="--restart_from_scratch") as e:
+    train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  assert "\n" not in str(e.value)
+  assert _contents(tmp_path / "run") == before
+  result = run_main("--config=configs/test.py", f"--workdir={workdir}", timeout=300)
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert "was found damaged and moved" in lines[0] and "--restart_from_scratch" in lines[0]
+  assert _contents(tmp_path / "run") == before
+  # The explicit choice trains from step 0 here.
+  state = train.train_and_evaluate(_train_config(), workdir, num_devices=1,
+                                   restart_from_scratch=True)
+  assert int(state.step) == 2
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2", "damaged"]
