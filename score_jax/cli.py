@@ -18,10 +18,13 @@ incompatible checkpoint) prints one line and exits with status 2, before anythin
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import logging as std_logging
 import os
 import pathlib
+import re
 import socket
 import sys
 
@@ -292,6 +295,58 @@ def _shipped_configs(argv: list[str]) -> list[str]:
   return out
 
 
+# Errors of the storage under the workdir: what they mean for the user, and the exit status
+# (1: the machine's fault, rerun once fixed; 2: the chosen path cannot be written).
+_STORAGE_ERRORS = {
+    errno.ENOSPC: ("No space left on device", 1, "the disk of {path} is full; free space there "
+                   "or move --workdir to a bigger disk and rerun the same command (training "
+                   "resumes from the newest complete checkpoint)"),
+    errno.EDQUOT: ("Disk quota exceeded", 1, "the disk quota of {path} is exhausted; free space "
+                   "or move --workdir elsewhere and rerun the same command (training resumes "
+                   "from the newest complete checkpoint)"),
+    errno.EROFS: ("Read-only file system", 2, "{path} is on a read-only file system; pick a "
+                  "writable --workdir (or copy the run there) and rerun"),
+    errno.EACCES: ("Permission denied", 2, "permission denied on {path}; fix its "
+                   "permissions or pick a --workdir you can write to, and rerun"),
+    errno.EPERM: ("Operation not permitted", 2, "operation not permitted on {path}; fix its "
+                  "permissions or pick a --workdir you can write to, and rerun"),
+}
+
+
+class _StorageErrorLogFilter(std_logging.Filter):
+  """Drops log records of the storage errors above: Orbax logs each failing writer thread's
+  traceback, then re-raises the error in the main thread, where `main` reports it in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return not any(phrase in text for phrase, _, _ in _STORAGE_ERRORS.values())
+
+
+def _storage_error(e: BaseException, workdir: str) -> tuple[str, int] | None:
+  """`(one line, exit status)` for a full disk, a read-only or a forbidden path, else None.
+
+  The error may come wrapped: Orbax re-raises its writer threads' failures, and TensorStore
+  reports file errors as ValueErrors whose text carries the OS message and the quoted path.
+  """
+  todo, seen = [e], set()
+  while todo:
+    err = todo.pop()
+    if err is None or id(err) in seen:
+      continue
+    seen.add(id(err))
+    todo += [err.__cause__, err.__context__, *getattr(err, "exceptions", ())]
+    text = str(err)
+    for code, (phrase, status, fix) in _STORAGE_ERRORS.items():
+      if getattr(err, "errno", None) == code or phrase in text:
+        quoted = re.search(r'"(/[^"]+)"', text)
+        path = (getattr(err, "filename", None) or (quoted.group(1) if quoted else None)
+                or os.path.abspath(workdir))
+        return fix.format(path=path), status
+  return None
+
+
 def main(argv: list[str] | None = None) -> int:
   """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
   status. `argv` defaults to `sys.argv`."""
@@ -320,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
+  logging.get_absl_handler().addFilter(_StorageErrorLogFilter())
   from score_jax import checkpoint, experiment, train
   try:
     config = FLAGS.config
@@ -349,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
   except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except Exception as e:
+    storage = _storage_error(e, workdir)
+    if storage is None:
+      raise
+    print(f"error: {storage[0]}", file=sys.stderr)
+    return storage[1]
   return 0
 
 
