@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -55,6 +56,30 @@ _DIGEST_FORMAT = 1
 # Listing steps reads each step's metadata after listing the directory; a step rotated away in
 # between fails the read, and listing again sees the directory as it is now.
 _LIST_RETRIES = 16
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """An unraisable-exception hook that drops one harmless asyncio message, passing on the rest.
+
+  Orbax runs each batch of TensorStore reads or writes on a temporary event loop and closes it
+  as soon as one operation fails (an unreadable step, a full disk). The operations still in
+  flight finish later, and their done-callbacks (`loop.call_soon_threadsafe`) find the loop
+  closed: a RuntimeError with no one to raise it to, printed as a traceback per operation. The
+  failure itself is raised where it happened, so these say nothing more.
+  """
+
+  def hook(info) -> None:
+    e = info.exc_value
+    frames = [f.name for f in traceback.extract_tb(info.exc_traceback)]
+    if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        and "call_soon_threadsafe" in frames):
+      return
+    previous(info)
+
+  return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 class CheckpointError(ValueError):

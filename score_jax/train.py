@@ -272,9 +272,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
         last_saved = step
   finally:
     progress.close()
-    checkpoint.wait(manager)
-    manager.close()
-    if writer:
-      writer.close()
+    try:
+      checkpoint.wait(manager)
+    finally:
+      # Even when a save failed (a full disk): its other writer threads are joined here, not
+      # left to fail at interpreter exit.
+      try:
+        manager.close()
+      finally:
+        if writer:
+          writer.close()
   return state
 

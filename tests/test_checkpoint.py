@@ -375,3 +375,20 @@ def test_a_workdir_whose_steps_were_all_moved_aside_is_not_trained_into_again(tm
                                    restart_from_scratch=True)
   assert int(state.step) == 2
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2", "damaged"]
+
+
+def test_closed_loop_callbacks_are_dropped_and_other_unraisables_passed_on():
+  import asyncio
+  import types
+  passed = []
+  hook = checkpoint._drop_closed_loop_callbacks(passed.append)
+  loop = asyncio.new_event_loop()
+  loop.close()
+  for call in (lambda: loop.call_soon_threadsafe(print), lambda: loop.run_until_complete(None)):
+    try:
+      call()
+    except (RuntimeError, TypeError) as e:
+      hook(types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__))
+  # The late done-callback on Orbax's closed loop is dropped; the other error is passed on.
+  assert len(passed) == 1 and passed[0].exc_value is not None
+  assert "call_soon_threadsafe" not in str(passed[0].exc_value)
