@@ -392,3 +392,49 @@ def test_closed_loop_callbacks_are_dropped_and_other_unraisables_passed_on():
   # The late done-callback on Orbax's closed loop is dropped; the other error is passed on.
   assert len(passed) == 1 and passed[0].exc_value is not None
   assert "call_soon_threadsafe" not in str(passed[0].exc_value)
+
+
+def test_a_step_vanishing_while_the_reader_lists_them_is_listed_again(pristine, monkeypatch):
+  import orbax.checkpoint as ocp
+  real = ocp.CheckpointManager._load_checkpoint_infos
+  calls = []
+
+  def listing(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      # What a listing raises when rotation removes a step between the directory listing and
+      # the read of that step's metadata.
+      raise FileNotFoundError(2, "No such file or directory",
+                              str(pristine / "checkpoints" / "1" / "_CHECKPOINT_METADATA"))
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "_load_checkpoint_infos", listing)
+  manager = checkpoint.open_reader(str(pristine))
+  assert checkpoint.all_steps(manager) == [1, 2] and len(calls) == 2
+  manager.close()
+
+
+def test_eval_skips_a_checkpoint_rotated_away_before_its_turn(tmp_path, monkeypatch, capsys):
+  from score_jax import evaluate, experiment, train
+  workdir = str(tmp_path)
+  config = _train_config(3)
+  train.train_and_evaluate(config, workdir, num_devices=1)
+  config.eval.num_samples = config.eval.batch_size = 64
+  real = experiment.load_checkpoint
+
+  def rotating_load(path, step=None, **kwargs):
+    if step == 1:
+      # The training run saves step 4 and rotates step 1 away just before step 1's turn.
+      state = real(path, 3)[1]
+      writer = checkpoint.create_writer(path, keep=3, async_save=False)
+      checkpoint.save(writer, 4, state.replace(step=state.step + 1), data_state={"pos": 0},
+                      config_json=config.to_json())
+      checkpoint.wait(writer)
+      writer.close()
+    return real(path, step, **kwargs)
+
+  monkeypatch.setattr(experiment, "load_checkpoint", rotating_load)
+  rows = evaluate.evaluate_checkpoints(config, workdir)
+  assert [r["step"] for r in rows] == [2, 3]
+  assert ("note: checkpoint 1 was removed by the training run's rotation"
+          in capsys.readouterr().err)
