@@ -18,8 +18,15 @@ steps and a run killed at any moment, even mid-save, resumes from the last compl
 The digest is written in the same atomic step as the arrays and checked on every restore. A step
 that fails to read or to verify is damaged: `restore_newest` reports it in one line and falls back
 to the newest intact step; a writer also moves it into `checkpoints/damaged/` (never deletes it),
-a reader only skips it. A state with a non-finite float leaf is never saved
-(`NonFiniteStateError`).
+a reader only skips it. A step without a digest is unverified, hence damaged, unless the caller
+passes `allow_undigested` (checkpoints written before digests existed); a directory where no step
+has one is refused before anything is moved. A state with a non-finite float leaf is never saved
+(`NonFiniteStateError`), and one found on disk is damaged.
+
+Rotation (`keep`) renames an old step into `checkpoints/rotated/` in one step and deletes it there
+on the next save, so a reader never sees a half-deleted step. A reader whose step disappears while
+it reads (its directory is gone) lists the steps again and takes the newest; one asked for an
+exact step that is gone gets `MissingStepError`.
 
 Restoring takes the shardings of a target state built on the current mesh, so a checkpoint
 written on 8 devices restores onto 1 and vice versa.
