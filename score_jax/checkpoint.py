@@ -106,7 +106,7 @@ class UndigestedCheckpointError(DamagedCheckpointError):
 
 
 # How to opt in, for messages: the CLI flag and the library argument.
-UNDIGESTED_HINT = ("if it was written before digests existed and you trust it, read it with "
+UNDIGESTED_HINT = ("checkpoints written before digests existed are read, unverified, with "
                    "--allow_undigested_checkpoints (allow_undigested=True)")
 
 
