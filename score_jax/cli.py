@@ -13,7 +13,9 @@ Modes: train (train, then sample with each of `sampling.methods` and write resul
 latest checkpoint, `score_jax.likelihood_eval`), export (the latest checkpoint's EMA parameters and
 config as one file, `score_jax.export`; `--export_path`, default `<workdir>/export.msgpack`).
 Bad input (unknown config file or key, wrong type, inconsistent values, unwritable workdir,
-incompatible checkpoint) prints one line and exits with status 2, before anything is written.
+incompatible checkpoint) prints one line and exits with status 2, before anything is written. A
+full disk (status 1), a read-only file system or a permission error (status 2) met on the way is
+one line naming the path and what to do.
 """
 
 from __future__ import annotations
