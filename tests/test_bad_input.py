@@ -268,7 +268,7 @@ def test_full_disk_and_read_only_workdir_are_one_line_and_lose_nothing(small_dis
     return lines[0]
 
   line = one_line(run_main(*command, devices=1, timeout=900), 1)
-  assert f"the disk of {workdir}/" in line and "is full" in line
+  assert f"the disk of {workdir}" in line and "is full" in line
   complete = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert complete, "the disk filled before the first checkpoint"
   # Read-only: refused in one line before anything is tried, the workdir unchanged.
