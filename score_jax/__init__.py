@@ -74,10 +74,14 @@ def configs_dir() -> pathlib.Path:
   return pathlib.Path(configs.__file__).resolve().parent
 
 
-def load_checkpoint(workdir, step=None):
-  """Returns `(config, state)` restored from `workdir` (latest step if `step` is None)."""
+def load_checkpoint(workdir, step=None, *, allow_undigested=False):
+  """Returns `(config, state)` restored from `workdir` (latest step if `step` is None).
+
+  Every step is checked against the digest saved with it; `allow_undigested=True` also reads
+  steps without one, unverified (only for checkpoints written before digests existed).
+  """
   from score_jax import experiment
-  return experiment.load_checkpoint(workdir, step=step)
+  return experiment.load_checkpoint(workdir, step=step, allow_undigested=allow_undigested)
 
 
 def load(path_or_url):

@@ -18,8 +18,15 @@ steps and a run killed at any moment, even mid-save, resumes from the last compl
 The digest is written in the same atomic step as the arrays and checked on every restore. A step
 that fails to read or to verify is damaged: `restore_newest` reports it in one line and falls back
 to the newest intact step; a writer also moves it into `checkpoints/damaged/` (never deletes it),
-a reader only skips it. A state with a non-finite float leaf is never saved
-(`NonFiniteStateError`).
+a reader only skips it. A step without a digest is unverified, hence damaged, unless the caller
+passes `allow_undigested` (checkpoints written before digests existed); a directory where no step
+has one is refused before anything is moved. A state with a non-finite float leaf is never saved
+(`NonFiniteStateError`), and one found on disk is damaged.
+
+Rotation (`keep`) renames an old step into `checkpoints/rotated/` in one step and deletes it there
+on the next save, so a reader never sees a half-deleted step. A reader whose step disappears while
+it reads (its directory is gone) lists the steps again and takes the newest; one asked for an
+exact step that is gone gets `MissingStepError`.
 
 Restoring takes the shardings of a target state built on the current mesh, so a checkpoint
 written on 8 devices restores onto 1 and vice versa.
@@ -35,7 +42,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import sys
+import traceback
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -49,7 +59,35 @@ T = TypeVar("T")
 
 ITEMS = ("state", "data", "config", "digest")
 DAMAGED_DIR = "damaged"
+ROTATED_DIR = "rotated"
 _DIGEST_FORMAT = 1
+# Listing steps reads each step's metadata after listing the directory; a step rotated away in
+# between fails the read, and listing again sees the directory as it is now.
+_LIST_RETRIES = 16
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """An unraisable-exception hook that drops one harmless asyncio message, passing on the rest.
+
+  Orbax runs each batch of TensorStore reads or writes on a temporary event loop and closes it
+  as soon as one operation fails (an unreadable step, a full disk). The operations still in
+  flight finish later, and their done-callbacks (`loop.call_soon_threadsafe`) find the loop
+  closed: a RuntimeError with no one to raise it to, printed as a traceback per operation. The
+  failure itself is raised where it happened, so these say nothing more.
+  """
+
+  def hook(info) -> None:
+    e = info.exc_value
+    frames = [f.name for f in traceback.extract_tb(info.exc_traceback)]
+    if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        and "call_soon_threadsafe" in frames):
+      return
+    previous(info)
+
+  return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 class CheckpointError(ValueError):
@@ -58,6 +96,19 @@ class CheckpointError(ValueError):
 
 class DamagedCheckpointError(CheckpointError):
   """A step whose files cannot be read or do not match the digest saved with them."""
+
+
+class MissingStepError(CheckpointError):
+  """A requested step that is not (or no longer) on disk, e.g. removed by the writer's rotation."""
+
+
+class UndigestedCheckpointError(DamagedCheckpointError):
+  """A step without its digest: unverified, so read only when the caller allows it."""
+
+
+# How to opt in, for messages: the CLI flag and the library argument.
+UNDIGESTED_HINT = ("checkpoints written before digests existed are read, unverified, with "
+                   "--allow_undigested_checkpoints (allow_undigested=True)")
 
 
 class NonFiniteStateError(RuntimeError):
@@ -79,10 +130,40 @@ def create_writer(workdir: str, *, keep: int = 3, keep_every_steps: int | None =
   if keep < 1:
     raise ValueError(f"training.keep_checkpoints={keep} would delete every checkpoint; use >= 1")
   paths.check_url_support(workdir, checkpoints=True)
+  # Rotation renames a step out of the listing in one step (into ROTATED_DIR, emptied on the
+  # next save) rather than deleting its files one by one, so a reader never meets a step half
+  # deleted that it would take for damaged. Cloud storage has no rename: there Orbax deletes.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every_steps, create=True,
-      enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+      todelete_subdir=None if paths.is_url(workdir) else ROTATED_DIR)
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  _purge_rotated(manager)
+  return manager
+
+
+def _purge_rotated(manager: ocp.CheckpointManager, *, idle: bool = False) -> None:
+  """Deletes the steps rotation moved into ROTATED_DIR (gone from every reader's listing).
+
+  `idle`: no save is in flight, so ROTATED_DIR itself goes too (a save's rotation recreates it).
+  """
+  root = paths.join(manager.directory, ROTATED_DIR)
+  if paths.is_url(root) or not os.path.isdir(root):
+    return
+  for name in os.listdir(root):
+    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+  if idle:
+    try:
+      os.rmdir(root)
+    except OSError:
+      pass  # not empty: another host's rotation of a shared directory
+
+
+def damaged_steps(workdir: str) -> list[str]:
+  """The names of the steps moved into `checkpoints/damaged/` (by a writer that found them
+  damaged), sorted."""
+  root = paths.join(checkpoint_dir(workdir), DAMAGED_DIR)
+  return sorted(p.name for p in paths.as_path(root).iterdir()) if paths.isdir(root) else []
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -113,7 +194,14 @@ def open_reader(workdir: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                          cleanup_tmp_directories=False,
                                          enable_async_checkpointing=False)
-  manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+  for attempt in range(_LIST_RETRIES):
+    try:
+      manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+      break
+    except FileNotFoundError as e:
+      if attempt == _LIST_RETRIES - 1:  # not a rotation: the directory itself went away
+        raise CheckpointError(f"cannot list the checkpoints in {directory} ({e.strerror}: "
+                              f"{e.filename}); pass the run's --workdir") from None
   if not manager.all_steps():
     manager.close()
     raise CheckpointError(f"no checkpoint in {directory}; train first "
@@ -154,6 +242,11 @@ def nonfinite_leaves(state: PyTree) -> list[str]:
   return bad
 
 
+def _shown(leaf_paths: list[str]) -> str:
+  more = len(leaf_paths) - 3
+  return ", ".join(leaf_paths[:3]) + (f" and {more} more" if more > 0 else "")
+
+
 def _state_entries(state: PyTree) -> list[list]:
   entries = []
   for path, leaf in _leaves(state):
@@ -186,11 +279,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *, data_state
   """
   bad = nonfinite_leaves(state)
   if bad:
-    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    raise NonFiniteStateError(f"the state at step {step} is non-finite ({shown}); it was not "
-                              "saved")
+    raise NonFiniteStateError(f"the state at step {step} is non-finite ({_shown(bad)}); it was "
+                              "not saved")
   config = json.loads(config_json)
   digest = make_digest(state, data_state, config)
+  _purge_rotated(manager)
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_state),
@@ -209,6 +302,7 @@ def all_steps(manager: ocp.CheckpointManager) -> list[int]:
 def wait(manager: ocp.CheckpointManager) -> None:
   """Blocks until pending asynchronous saves are complete."""
   manager.wait_until_finished()
+  _purge_rotated(manager, idle=True)
 
 
 # -------------------------------------------------------------------------------- restoring
@@ -234,12 +328,24 @@ def _restore_json(manager, step: int, item: str):
     raise _damaged(manager, step, f"its {item} item cannot be read", e) from None
 
 
-def _digest(manager, step: int) -> dict | None:
-  """The verified digest of `step`, or None for a step saved before digests existed."""
-  if not paths.isdir(paths.join(_step_path(manager, step), "digest")):
-    if paths.isdir(paths.join(_step_path(manager, step), "state")):
+def _has_digest(manager, step: int) -> bool:
+  return paths.isdir(paths.join(_step_path(manager, step), "digest"))
+
+
+def _digest(manager, step: int, allow_undigested: bool) -> dict | None:
+  """The verified digest of `step`; None for a step without one, only with `allow_undigested`.
+
+  A missing digest is indistinguishable from a removed one, so a step without it is unverified:
+  it is read only on the caller's explicit choice (checkpoints written before digests existed).
+  """
+  if not _has_digest(manager, step):
+    if not paths.isdir(paths.join(_step_path(manager, step), "state")):
+      raise _damaged(manager, step, "it has no state")
+    if allow_undigested:
       return None
-    raise _damaged(manager, step, "it has no state")
+    raise UndigestedCheckpointError(
+        f"checkpoint {step} in {manager.directory} is unverified: it has no digest/ (written "
+        f"before digests existed, or the digest was removed); {UNDIGESTED_HINT}")
   d = _restore_json(manager, step, "digest")
   body = {k: v for k, v in d.items() if k != "self"} if isinstance(d, dict) else None
   if body is None or d.get("self") != _json_digest(body) or body.get("format") != _DIGEST_FORMAT:
@@ -247,9 +353,13 @@ def _digest(manager, step: int) -> dict | None:
   return body
 
 
-def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The config dict stored with checkpoint `step`, checked against its digest."""
-  digest = _digest(manager, step)
+def restore_config(manager: ocp.CheckpointManager, step: int, *,
+                   allow_undigested: bool = False) -> dict:
+  """The config dict stored with checkpoint `step`, checked against its digest.
+
+  `allow_undigested`: read a step without a digest, unverified (see `restore`).
+  """
+  digest = _digest(manager, step, allow_undigested)
   config = _restore_json(manager, step, "config")
   if not isinstance(config, dict):
     raise _damaged(manager, step, "its config is missing")
@@ -258,14 +368,23 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
   return config
 
 
-def restore(manager: ocp.CheckpointManager, step: int, target: PyTree) -> tuple[PyTree, dict]:
+def restore(manager: ocp.CheckpointManager, step: int, target: PyTree, *,
+            allow_undigested: bool = False) -> tuple[PyTree, dict]:
   """Restores `(state, data_state)` at `step` with the structure and shardings of `target`.
+
+  Args:
+    manager: a writer's or a reader's manager.
+    step: the step to read.
+    target: a state (or its abstract shapes) with the shardings to restore onto.
+    allow_undigested: read a step without a digest, unverified; only for checkpoints written
+      before digests existed (otherwise such a step is `UndigestedCheckpointError`, damaged).
 
   Raises:
     CheckpointError: the step holds another model's state.
-    DamagedCheckpointError: a file cannot be read, or a value differs from the saved digest.
+    DamagedCheckpointError: a file cannot be read, or a value differs from the saved digest, or
+      the step has no digest and `allow_undigested` is False.
   """
-  digest = _digest(manager, step)
+  digest = _digest(manager, step, allow_undigested)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   if digest is not None:
     want = [[p, str(np.dtype(a.dtype)), list(a.shape)] for p, a in _leaves(abstract)]
@@ -295,6 +414,13 @@ def restore(manager: ocp.CheckpointManager, step: int, target: PyTree) -> tuple[
                      f"(first: {bad[0]})")
     if _json_digest(data_state) != digest["data"]:
       raise _damaged(manager, step, "its data-iterator state does not match its digest")
+  bad = nonfinite_leaves(state)
+  if bad:
+    # A digest proves the bytes are the ones saved, not that saving them was right: `save`
+    # refuses non-finite states, so one on disk (crafted, or older than that guard) is never
+    # resumed, sampled from or named the last good checkpoint.
+    raise _damaged(manager, step, f"it holds non-finite values ({_shown(bad)}), which training "
+                   "never saves")
   return state, data_state
 
 
@@ -310,13 +436,27 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return dest
 
 
+def _relisted(manager: ocp.CheckpointManager) -> list[int]:
+  """The finalized steps on disk now, re-read (a reader's list goes stale as the writer saves)."""
+  for _ in range(_LIST_RETRIES):
+    try:
+      manager.reload()
+      return all_steps(manager)
+    except FileNotFoundError:
+      continue  # a step rotated away between the directory listing and its metadata read
+  manager.reload()
+  return all_steps(manager)
+
+
 def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T], *,
-                   move_damaged: bool, step: int | None = None) -> tuple[int, T] | None:
+                   move_damaged: bool, step: int | None = None,
+                   allow_undigested: bool = False) -> tuple[int, T] | None:
   """`(step, restore_fn(step))` for the newest step that restores intact, or None for no steps.
 
   Each damaged step met on the way is reported in one line on stderr; with `move_damaged` (a
-  writer only) it is renamed into `checkpoints/damaged/`, never deleted. A step removed by the
-  writer's rotation while a reader reads it is skipped silently.
+  writer only) it is renamed into `checkpoints/damaged/`, never deleted. A step that the writer's
+  rotation removes while it is read (its directory is gone) is not damaged: the steps are listed
+  again and the newest one is tried, so a reader polling a training run always gets a step.
 
   Args:
     manager: a writer's or a reader's manager.
@@ -324,32 +464,60 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
       `DamagedCheckpointError` for a damaged step.
     move_damaged: rename damaged steps aside (only the workdir's lock holder may).
     step: restore exactly this step (no fallback); None for the newest intact one.
+    allow_undigested: the caller reads steps without a digest (`restore_fn` passes it on);
+      without it, a directory where no step has a digest is refused before anything is moved.
 
   Raises:
-    CheckpointError: `step` is not there or is damaged, or every step is damaged.
+    MissingStepError: `step` is not there, or was rotated away while it was read.
+    UndigestedCheckpointError: no step has a digest and `allow_undigested` is False.
+    CheckpointError: `step` is damaged, or every step is damaged.
   """
-  steps = all_steps(manager)
   if step is not None:
+    steps = all_steps(manager)
     if step not in steps:
-      raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; available "
-                            f"steps: {steps}")
-    return step, restore_fn(step)
+      raise MissingStepError(f"no checkpoint at step {step} in {manager.directory}; available "
+                             f"steps: {steps}")
+    try:
+      return step, restore_fn(step)
+    except Exception:
+      if paths.isdir(_step_path(manager, step)):
+        raise
+    raise MissingStepError(f"checkpoint {step} in {manager.directory} was removed while it was "
+                           "read (the writer keeps only training.keep_checkpoints steps)") from None
+  steps = all_steps(manager)
+  present = [s for s in steps if paths.isdir(_step_path(manager, s))]
+  if present and not allow_undigested and not any(_has_digest(manager, s) for s in present):
+    # Before moving anything: a whole run without digests is an old run or a tampered one,
+    # and either way the choice is the user's.
+    raise UndigestedCheckpointError(
+        f"no checkpoint in {manager.directory} has a digest (steps {present}); they are "
+        f"unverified and were left in place; {UNDIGESTED_HINT}")
   from score_jax import parallel
-  damaged = []
-  for s in reversed(steps):
-    error = None
+  damaged: list[int] = []
+  gone: set[int] = set()
+  while True:
+    candidates = [s for s in steps if s not in damaged and s not in gone]
+    if not candidates:
+      break
+    s = candidates[-1]
+    error, result = None, None
     try:
       result = restore_fn(s)
-    except DamagedCheckpointError as e:
+    except Exception as e:
+      if paths.isdir(_step_path(manager, s)) and not isinstance(e, DamagedCheckpointError):
+        raise
       error = e
     # Every process reads and verifies the step itself; a step is used only when it verified on
     # all of them, so they all resume from the same one.
     if parallel.all_processes(error is None):
       return s, result
+    if not paths.isdir(_step_path(manager, s)):
+      # Rotated away by the writer while this reader read it: the newest step now is newer.
+      gone.add(s)
+      steps = _relisted(manager)
+      continue
     if error is None:
       error = _damaged(manager, s, "it failed to verify on another process")
-    if not paths.isdir(_step_path(manager, s)):
-      continue  # rotated away by the writer while this reader read it
     damaged.append(s)
     if move_damaged:
       # Process 0 moves it; the others wait for the move, then see the new layout.

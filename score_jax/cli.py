@@ -13,15 +13,20 @@ Modes: train (train, then sample with each of `sampling.methods` and write resul
 latest checkpoint, `score_jax.likelihood_eval`), export (the latest checkpoint's EMA parameters and
 config as one file, `score_jax.export`; `--export_path`, default `<workdir>/export.msgpack`).
 Bad input (unknown config file or key, wrong type, inconsistent values, unwritable workdir,
-incompatible checkpoint) prints one line and exits with status 2, before anything is written.
+incompatible checkpoint) prints one line and exits with status 2, before anything is written. A
+full disk (status 1), a read-only file system or a permission error (status 2) met on the way is
+one line naming the path and what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import logging as std_logging
 import os
 import pathlib
+import re
 import socket
 import sys
 import textwrap
@@ -72,6 +77,11 @@ flags.DEFINE_bool("distributed", False, "Multi-host: join the cluster JAX detect
                   "SLURM, Open MPI); the same as --config.training.distributed=True.")
 flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
+flags.DEFINE_bool("allow_undigested_checkpoints", False, "Also read checkpoint steps without a "
+                  "digest, unverified (only for checkpoints written before digests existed).")
+flags.DEFINE_bool("restart_from_scratch", False, "--mode=train: train from step 0 in a workdir "
+                  "whose every checkpoint was found damaged and moved to checkpoints/damaged/, "
+                  "replacing that run's logs (refused otherwise).")
 
 
 def _usage() -> str:
@@ -303,7 +313,8 @@ def _reader_config(config, workdir: str, mode: str):
   """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
   against the checkpoint, or else the checkpoint's config with this command's overrides."""
   from score_jax import experiment
-  loaded_config, state = experiment.load_checkpoint(workdir)
+  loaded_config, state = experiment.load_checkpoint(
+      workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)
   if FLAGS["config"].present:
     experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
   else:
@@ -320,7 +331,9 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
   """
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
-    state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices)
+    state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices,
+                                     allow_undigested=FLAGS.allow_undigested_checkpoints,
+                                     restart_from_scratch=FLAGS.restart_from_scratch)
     results = sample.sample_and_write(config, state, workdir)
     if parallel.is_main_process():
       print(_sample_count_line(results))
@@ -336,9 +349,11 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
   elif mode in ("eval", "sampler_sweep"):
     from score_jax import evaluate
     if not FLAGS["config"].present:
-      config = _with_cli_overrides(experiment.load_checkpoint(workdir)[0], config)
+      config = _with_cli_overrides(experiment.load_checkpoint(
+          workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)[0], config)
       validate(config, mode, FLAGS.num_devices)
-    evaluate.run(config, workdir, mode=mode)
+    evaluate.run(config, workdir, mode=mode,
+                 allow_undigested=FLAGS.allow_undigested_checkpoints)
   elif mode in ("likelihood", "export"):
     export_path = FLAGS.export_path or os.path.join(workdir, "export.msgpack")
     if mode == "export" and not os.access(os.path.dirname(os.path.abspath(export_path)), os.W_OK):
@@ -415,6 +430,67 @@ def _initialize_distributed(config) -> None:
   parallel.initialize_distributed(**given, local_device_ids=device_ids)
 
 
+# Errors of the storage under the workdir: what they mean for the user, and the exit status
+# (1: the machine's fault, rerun once fixed; 2: the chosen path cannot be written).
+_STORAGE_ERRORS = {
+    errno.ENOSPC: ("No space left on device", 1, "the disk of {path} is full; free space there "
+                   "or move --workdir to a bigger disk and rerun the same command (training "
+                   "resumes from the newest complete checkpoint)"),
+    errno.EDQUOT: ("Disk quota exceeded", 1, "the disk quota of {path} is exhausted; free space "
+                   "or move --workdir elsewhere and rerun the same command (training resumes "
+                   "from the newest complete checkpoint)"),
+    errno.EROFS: ("Read-only file system", 2, "{path} is on a read-only file system; pick a "
+                  "writable --workdir (or copy the run there) and rerun"),
+    errno.EACCES: ("Permission denied", 2, "permission denied on {path}; fix its "
+                   "permissions or pick a --workdir you can write to, and rerun"),
+    errno.EPERM: ("Operation not permitted", 2, "operation not permitted on {path}; fix its "
+                  "permissions or pick a --workdir you can write to, and rerun"),
+}
+
+
+class _StorageErrorLogFilter(std_logging.Filter):
+  """Drops log records of the storage errors above: Orbax logs each failing writer thread's
+  traceback, then re-raises the error in the main thread, where `main` reports it in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return not any(phrase in text for phrase, _, _ in _STORAGE_ERRORS.values())
+
+
+def _storage_error(e: BaseException, workdir: str) -> tuple[str, int] | None:
+  """`(one line, exit status)` for a full disk, a read-only or a forbidden path, else None.
+
+  The error may come wrapped: Orbax re-raises its writer threads' failures, and TensorStore
+  reports file errors as ValueErrors whose text carries the OS message and the quoted path.
+  """
+  todo, seen = [e], set()
+  while todo:
+    err = todo.pop()
+    if err is None or id(err) in seen:
+      continue
+    seen.add(id(err))
+    todo += [err.__cause__, err.__context__, *getattr(err, "exceptions", ())]
+    text = str(err)
+    for code, (phrase, status, fix) in _STORAGE_ERRORS.items():
+      if getattr(err, "errno", None) == code or phrase in text:
+        quoted = re.search(r'"(/[^"]+)"', text)
+        path = (getattr(err, "filename", None) or (quoted.group(1) if quoted else None)
+                or os.path.abspath(workdir))
+        return fix.format(path=path), status
+  return None
+
+
+def _report_storage_error(e: BaseException, workdir: str) -> int:
+  """Prints the one line of a storage error and returns its exit status; re-raises others."""
+  storage = _storage_error(e, workdir)
+  if storage is None:
+    raise e
+  print(f"error: {storage[0]}", file=sys.stderr)
+  return storage[1]
+
+
 def main(argv: list[str] | None = None) -> int:
   """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
   status. `argv` defaults to `sys.argv`."""
@@ -442,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax logs every save at INFO; the run prints its own progress.
   logging.set_verbosity(logging.WARNING)
   logging.use_absl_handler()
+  logging.get_absl_handler().addFilter(_StorageErrorLogFilter())
   try:
     config = FLAGS.config
     config.get("name")
@@ -460,15 +537,18 @@ def main(argv: list[str] | None = None) -> int:
     if mode in _READER_MODES:
       _check_run_dir(workdir)
     _check_workdir(workdir, mode)
-  except (UsageError, workdir_lock.WorkdirLockedError) as e:
+  except (UsageError, workdir_lock.WorkdirLockedError, workdir_lock.LockFileError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except OSError as e:
+    return _report_storage_error(e, workdir)
   # The library (Flax, Orbax, TFDS, the models) is imported once the command is known to be
   # valid, so a usage error costs only the imports its own check needs.
   from score_jax import checkpoint, experiment, export, train
   try:
     run(config, workdir, mode, sweep_runs=sweep_runs)
-  except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
+  except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError,
+          workdir_lock.LockFileError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   except train.Preempted as e:
@@ -477,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
   except (train.TrainingError, experiment.NonFiniteSamplesError, export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except Exception as e:
+    return _report_storage_error(e, workdir)
   return 0
 
 

@@ -93,9 +93,10 @@ def _check_finite(row: dict, *, fatal: bool) -> None:
           file=sys.stderr)
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> TrainState:
+def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None,
+             allow_undigested: bool) -> TrainState:
   """The checkpoint's state, after checking that `config` describes the same model and data."""
-  stored, state = experiment.load_checkpoint(workdir, step)
+  stored, state = experiment.load_checkpoint(workdir, step, allow_undigested=allow_undigested)
   experiment.check_compatible(json.loads(stored.to_json()), config, workdir)
   return state
 
@@ -179,11 +180,14 @@ def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list
 # Modes.
 
 
-def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
+                         allow_undigested: bool = False) -> list[dict]:
   """Samples from every checkpoint in range with the configured sampler; returns the rows.
 
   Checkpoints already evaluated with these settings (`entry_key`) in `eval_metrics.jsonl` are
   not evaluated again; their stored rows are returned, tabulated and plotted with the new ones.
+  A checkpoint that a training run still writing the workdir rotates away before its turn is
+  skipped with a note.
   """
   ev = config.eval
   available = _checkpoint_steps(workdir)
@@ -203,13 +207,21 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   if main:
     print(f"[eval] {len(done)} of {len(entries)} checkpoints reused from eval_metrics.jsonl; "
           f"evaluating {len(todo)}", flush=True)
-  fresh = {}
+  fresh, skipped = {}, []
   if todo:
     sampler = make_checkpoint_sampler(config)
     writer = MetricWriter(workdir, name="eval_metrics") if main else None
     try:
       for entry in todo:
-        state = _restore(config, workdir, entry["step"])
+        try:
+          state = _restore(config, workdir, entry["step"], allow_undigested)
+        except checkpoint.MissingStepError:
+          skipped.append(entry["step"])
+          if main:
+            print(f"note: checkpoint {entry['step']} was removed by the training run's "
+                  "rotation (training.keep_checkpoints) before its turn; skipped",
+                  file=sys.stderr, flush=True)
+          continue
         measured, cache_dir = _evaluate_sampler(sampler, experiment.sampling_params(config, state),
                                                 evaluator, entry, config, workdir, rng,
                                                 desc=f"eval step {entry['step']}")
@@ -222,7 +234,10 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
     finally:
       if writer is not None:
         writer.close()
-  rows = _in_order(entries, fresh, done)
+  rows = _in_order([e for e in entries if e["step"] not in skipped], fresh, done)
+  if not rows:
+    raise UsageError(f"every checkpoint of {workdir} in range was removed by the training run's "
+                     "rotation before its turn; rerun, or raise training.keep_checkpoints")
   if main:
     paths = write_outputs(rows, main_metric, workdir, "eval_metrics", plot_eval)
     print(format_table(rows, ["step", "method", "nfe", "step_lr"] +
@@ -235,8 +250,12 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> lis
   return rows
 
 
-def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
+                  allow_undigested: bool = False) -> list[dict]:
   """Samples from the latest checkpoint with every sweep setting; returns the rows.
+
+  The checkpoint is restored first, so the sweep uses the newest step at that moment even while
+  a training run writes (and rotates) the workdir.
 
   Settings already in `sampler_sweep.jsonl` for this checkpoint (`entry_key`) are not evaluated
   again; their stored rows join the table, the CSV and the plot. With `eval.sweep_vmap`, settings
@@ -247,7 +266,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   settings = sweep.sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
                         tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise),
                         tuple(ev.sweep_num_steps), tuple(ev.sweep_rel_tols))
-  step = _checkpoint_steps(workdir)[-1]
+  state = _restore(config, workdir, None, allow_undigested)
+  step = int(jax.device_get(state.step))
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
   rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
@@ -262,7 +282,6 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
           f"sampler_sweep.jsonl; evaluating {len(todo)}", flush=True)
   fresh = {}
   if todo:
-    state = _restore(config, workdir, step)
     cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config),
                                      config.sampling.cas.n_sigma)
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
@@ -315,13 +334,14 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str) -> list[dict]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str,
+        allow_undigested: bool = False) -> list[dict]:
   """The `eval` or `sampler_sweep` mode of the CLI; returns the metric rows.
 
   `config` must describe the checkpoint's model and data (checked as in `--mode=sample` with a
   `--config`); its `sampling` and `eval` groups choose how to sample and what to measure.
   """
   if mode == "eval":
-    return evaluate_checkpoints(config, workdir)
+    return evaluate_checkpoints(config, workdir, allow_undigested=allow_undigested)
   if mode == "sampler_sweep":
-    return sampler_sweep(config, workdir)
+    return sampler_sweep(config, workdir, allow_undigested=allow_undigested)

@@ -515,23 +515,28 @@ def abstract_state(config: ml_collections.ConfigDict, model, mesh: jax.sharding.
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def load_checkpoint(workdir: str, step: int | None = None
+def load_checkpoint(workdir: str, step: int | None = None, *, allow_undigested: bool = False
                     ) -> tuple[ml_collections.ConfigDict, TrainState]:
   """Returns `(config, state)` of the checkpoint at `step` in `workdir`.
 
   Read-only: it never creates, deletes or renames anything, so it may run while training writes
   to `workdir`. With `step` None it restores the newest step that verifies against its digest,
-  skipping (and reporting) damaged ones.
+  skipping (and reporting) damaged ones; a step the writer's rotation removes while it is read
+  is replaced by the newest one. `allow_undigested` reads steps without a digest, unverified
+  (checkpoints written before digests existed).
   """
   manager = checkpoint.open_reader(workdir)
 
   def read(s: int) -> tuple[ml_collections.ConfigDict, TrainState]:
-    config = config_from_dict(checkpoint.restore_config(manager, s))
+    config = config_from_dict(checkpoint.restore_config(manager, s,
+                                                        allow_undigested=allow_undigested))
     template = abstract_state(config, models.build(config), parallel.make_mesh())
-    return config, checkpoint.restore(manager, s, template)[0]
+    return config, checkpoint.restore(manager, s, template,
+                                      allow_undigested=allow_undigested)[0]
 
   try:
-    found = checkpoint.restore_newest(manager, read, move_damaged=False, step=step)
+    found = checkpoint.restore_newest(manager, read, move_damaged=False, step=step,
+                                      allow_undigested=allow_undigested)
   finally:
     manager.close()
   if found is None:

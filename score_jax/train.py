@@ -76,10 +76,20 @@ def _check_intervals(t: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       num_devices: int | None = None) -> TrainState:
+                       num_devices: int | None = None, allow_undigested: bool = False,
+                       restart_from_scratch: bool = False) -> TrainState:
   """Restores the latest checkpoint in `workdir` (or initializes), trains, logs, evaluates, saves.
 
   Re-running the same command in the same workdir resumes. Returns the final state.
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+    num_devices: use only the first N devices (None: all).
+    allow_undigested: resume from a step without a digest, unverified (checkpoints written
+      before digests existed).
+    restart_from_scratch: train from step 0 in a workdir whose every step was found damaged and
+      moved into `checkpoints/damaged/` (otherwise refused); the old run's logs are replaced.
   """
   t = config.training
   _check_intervals(t)
@@ -104,14 +114,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   parallel.main_process_decides(take_lock, workdir_lock.WorkdirLockedError)
   try:
     return _train_locked(config, workdir, mesh=mesh, model=model, loss_kwargs=loss_kwargs,
-                         local_batch=local_batch, train_iter=train_iter)
+                         local_batch=local_batch, train_iter=train_iter,
+                         allow_undigested=allow_undigested,
+                         restart_from_scratch=restart_from_scratch)
   finally:
     if lock is not None:
       lock.release()
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, loss_kwargs,
-                  local_batch: int, train_iter) -> TrainState:
+                  local_batch: int, train_iter, allow_undigested: bool,
+                  restart_from_scratch: bool) -> TrainState:
   """`train_and_evaluate` once the workdir lock is held: restore-or-init, loop, log, save."""
   t = config.training
   manager = checkpoint.create_writer(workdir, keep=t.keep_checkpoints,
@@ -120,12 +133,23 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   state = parallel.replicate(experiment.init_state(config, model), mesh)
 
   def read(s: int):
-    experiment.check_compatible(checkpoint.restore_config(manager, s), config, workdir)
-    return checkpoint.restore(manager, s, state)
+    experiment.check_compatible(
+        checkpoint.restore_config(manager, s, allow_undigested=allow_undigested), config, workdir)
+    return checkpoint.restore(manager, s, state, allow_undigested=allow_undigested)
 
   try:
     # The newest step that verifies; damaged newer ones are moved into checkpoints/damaged/.
-    found = checkpoint.restore_newest(manager, read, move_damaged=True)
+    found = checkpoint.restore_newest(manager, read, move_damaged=True,
+                                      allow_undigested=allow_undigested)
+    moved = checkpoint.damaged_steps(workdir) if found is None else []
+    if moved and not restart_from_scratch:
+      # An earlier run found every step damaged: training here would start from step 0 and
+      # replace that run's logs, which only the user may choose.
+      raise checkpoint.CheckpointError(
+          f"every checkpoint of --workdir={workdir} was found damaged and moved to "
+          f"{checkpoint.checkpoint_dir(workdir)}/{checkpoint.DAMAGED_DIR}/ (steps {moved}); "
+          "nothing was changed. Restore a copy of the checkpoints, use another --workdir, or "
+          "pass --restart_from_scratch to train from step 0 here (replacing this run's logs)")
   except BaseException:
     manager.close()
     raise
@@ -255,10 +279,16 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   finally:
     preemption.close()
     progress.close()
-    checkpoint.wait(manager)
-    manager.close()
-    if writer:
-      writer.close()
+    try:
+      checkpoint.wait(manager)
+    finally:
+      # Even when a save failed (a full disk): its other writer threads are joined here, not
+      # left to fail at interpreter exit.
+      try:
+        manager.close()
+      finally:
+        if writer:
+          writer.close()
   if preempted:
     raise Preempted(step, workdir)
   return state

@@ -3,6 +3,8 @@
 The lock is `fcntl.flock` on the file, so the kernel releases it when the holder exits, crashed or
 killed included; the file's content (holder, host, pid, start time, JSON) only says who holds it.
 A second writer fails with `WorkdirLockedError` before it creates, deletes or renames anything.
+The file is opened without following symlinks and must be a regular file (`LockFileError`
+otherwise, with the path left untouched): the holder's info is written into it.
 The file is never deleted while the workdir holds anything else, since a process that opened the
 old file would then lock a different one than a later process.
 
@@ -22,6 +24,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 
 from score_jax import paths
@@ -31,6 +34,10 @@ LOCK_NAME = "train.lock"
 
 class WorkdirLockedError(ValueError):
   """Another process holds the workdir's writer lock."""
+
+
+class LockFileError(ValueError):
+  """The workdir's lock file is a symlink, a directory or another non-regular file."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -58,7 +65,7 @@ def raise_if_held(workdir: str) -> None:
   lock itself.
   """
   lock = WorkdirLock(workdir)
-  if paths.exists(lock.path):
+  if os.path.lexists(lock.path) if paths.is_local(lock.path) else paths.exists(lock.path):
     lock._created_workdir = False
     lock.acquire(quiet=True)
     lock.release(clear=False)
@@ -88,13 +95,13 @@ class WorkdirLock:
     """
     if self._object:
       return self._acquire_object(quiet=quiet)
-    if os.path.exists(self.path):
+    if os.path.lexists(self.path):
       # Probe the existing file without O_CREAT: a refused writer must not create anything.
-      fd = os.open(self.path, os.O_RDWR)
+      fd = self._open(create=False)
     else:
       self._created_workdir = not os.path.isdir(self.workdir)
       os.makedirs(self.workdir, exist_ok=True)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = self._open(create=True)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -116,6 +123,29 @@ class WorkdirLock:
     os.pwrite(fd, json.dumps(info).encode(), 0)
     os.fsync(fd)
     return self
+
+  def _open(self, *, create: bool) -> int:
+    """The lock file, opened read-write; never through a symlink, and only a regular file.
+
+    The holder's info is written into it and truncated away at the end, so a symlink planted
+    in a workdir received from someone else would make this process overwrite the link's target.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0)
+    try:
+      fd = os.open(self.path, flags, 0o644)
+    except OSError as e:
+      if e.errno in (errno.ELOOP, errno.EISDIR):
+        raise LockFileError(self._not_regular("a symlink" if e.errno == errno.ELOOP else
+                                              "a directory")) from None
+      raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      os.close(fd)
+      raise LockFileError(self._not_regular("a special file"))
+    return fd
+
+  def _not_regular(self, what: str) -> str:
+    return (f"{self.path} is {what}, not the regular file the workdir's writer lock must be; "
+            "it was left untouched. Remove it (or use another --workdir) and rerun")
 
   def _info(self) -> dict:
     return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),

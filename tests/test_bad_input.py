@@ -296,3 +296,84 @@ def test_sampler_hints_name_only_fields_the_schema_has():
     hint = config_schema.sampler_fix_hint(method)
     named = re.findall(r"sampling\.[a-z_0-9.]*[a-z_0-9*]", hint)
     assert named and all(n in config_schema.FIELDS or n.endswith(".*") for n in named), hint
+
+
+def test_storage_errors_are_one_line_naming_the_path():
+  # TensorStore reports a full disk as a ValueError whose text holds the OS message and the
+  # quoted path; Orbax re-raises it from its writer thread.
+  try:
+    try:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/runs/a/checkpoints/40.orbax-'
+                       'checkpoint-tmp/state/_sharding": Failed to write 5917 bytes to file 13: '
+                       'No space left on device [OS error 28]')
+    except ValueError as inner:
+      raise RuntimeError("async save failed") from inner
+  except RuntimeError as e:
+    line, status = cli._storage_error(e, "runs/a")
+  assert status == 1 and "the disk of /runs/a/checkpoints/40.orbax-checkpoint-tmp" in line
+  assert "rerun the same command" in line
+  line, status = cli._storage_error(OSError(30, "Read-only file system", "/ro/run/train.lock"),
+                                    "/ro/run")
+  assert status == 2 and line.startswith("/ro/run/train.lock is on a read-only file system")
+  line, status = cli._storage_error(PermissionError(13, "Permission denied"), "/srv/run")
+  assert status == 2 and "permission denied on /srv/run;" in line
+  assert cli._storage_error(ValueError("bad shape"), "/srv/run") is None
+  # Orbax's log record of the failing writer thread is dropped; other records pass.
+  import logging
+  drop = cli._StorageErrorLogFilter()
+  record = logging.LogRecord("absl", logging.ERROR, "future.py", 387, "thread raised: %s",
+                             ("Failed writing: No space left on device",), None)
+  assert not drop.filter(record)
+  record = logging.LogRecord("absl", logging.ERROR, "x.py", 1, "something else", (), None)
+  assert drop.filter(record)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 400 KiB tmpfs: room for a few checkpoints of configs/test.py, then a full disk."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                        capture_output=True, text=True, check=False)
+  if made.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here (needs root: {made.stderr.strip()}); the "
+                "mapping itself is tested by test_storage_errors_are_one_line_naming_the_path")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _remount(mount: pathlib.Path, options: str) -> None:
+  subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
+
+
+def test_full_disk_and_read_only_workdir_are_one_line_and_lose_nothing(small_disk):
+  from conftest import run_main
+  workdir = small_disk / "run"
+  command = ("--config=configs/test.py", f"--workdir={workdir}",
+             "--config.training.num_train_steps=60", "--config.training.eval_every_steps=60")
+
+  def one_line(result, status):
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode == status and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+  line = one_line(run_main(*command, devices=1, timeout=900), 1)
+  assert f"the disk of {workdir}" in line and "is full" in line
+  complete = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert complete, "the disk filled before the first checkpoint"
+  # Read-only: refused in one line before anything is tried, the workdir unchanged.
+  before = _tree_digest(workdir)
+  _remount(small_disk, "ro")
+  line = one_line(run_main(*command, devices=1, timeout=900), 2)
+  assert f"{workdir}/train.lock is on a read-only file system" in line
+  assert _tree_digest(workdir) == before
+  # Space again: the same command resumes from the newest complete checkpoint and finishes.
+  _remount(small_disk, "rw,size=32m")
+  result = run_main(*command, devices=1, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from checkpoint {complete[-1]} " in result.stdout
+  _, state = experiment.load_checkpoint(str(workdir))
+  assert int(state.step) == 60

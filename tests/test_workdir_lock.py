@@ -80,3 +80,52 @@ def test_stale_holder_is_named_with_how_to_clear_it(tmp_path):
     assert "\n" not in str(e.value)
   finally:
     os.kill(child, 9)
+
+
+def _ltree(root: pathlib.Path) -> list:
+  """`_tree` without following symlinks (a dangling one included)."""
+  return sorted((str(p.relative_to(root)), p.lstat().st_mtime_ns, p.lstat().st_size)
+                for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", ["symlink to a file", "dangling symlink", "directory", "fifo"])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock_path = workdir / workdir_lock.LOCK_NAME
+  target = tmp_path / "precious.txt"
+  if kind == "symlink to a file":
+    target.write_text("keep me\n")
+    lock_path.symlink_to(target)
+  elif kind == "dangling symlink":
+    lock_path.symlink_to(target)
+  elif kind == "directory":
+    lock_path.mkdir()
+  else:
+    os.mkfifo(lock_path)
+  before = _ltree(tmp_path)
+  for attempt in (lambda: workdir_lock.raise_if_held(str(workdir)),
+                  lambda: workdir_lock.WorkdirLock(str(workdir)).acquire()):
+    with pytest.raises(workdir_lock.LockFileError, match="not the regular file") as e:
+      attempt()
+    assert "\n" not in str(e.value) and str(lock_path) in str(e.value)
+    assert _ltree(tmp_path) == before
+  if kind == "symlink to a file":
+    assert target.read_text() == "keep me\n"
+  else:
+    assert not target.exists()
+
+
+def test_command_line_refuses_a_symlinked_lock_file_in_one_line(tmp_path):
+  from conftest import run_main
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  target = tmp_path / "precious.txt"
+  target.write_text("keep me\n")
+  (workdir / workdir_lock.LOCK_NAME).symlink_to(target)
+  before = _ltree(tmp_path)
+  result = run_main("--config=configs/test.py", f"--workdir={workdir}", timeout=300)
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert lines[0].startswith("error: ") and "is a symlink" in lines[0]
+  assert _ltree(tmp_path) == before and target.read_text() == "keep me\n"
