@@ -23,7 +23,6 @@ from (seed, global sample index), so a sample does not depend on devices, hosts 
 from __future__ import annotations
 
 import collections
-import threading
 from typing import Any, Callable
 
 import jax
@@ -143,6 +142,7 @@ class PreemptionWatch:
 
   def __init__(self):
     import signal
+    import threading
     self._service = jax.distributed.is_initialized()
     self._signal = signal
     self._received = False
