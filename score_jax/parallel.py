@@ -136,16 +136,18 @@ class PreemptionWatch:
   step all processes reach (`multihost_utils.reached_preemption_sync_point`); `should_stop(n)`
   is then true on every process at the same `n`. It must be called by every process with the same
   increasing `n` (one per dispatch). With one process a SIGTERM handler sets the flag; `close`
-  puts the previous handler back.
+  puts the previous handler back. Outside the main thread (a library caller's worker thread)
+  Python cannot install one, and SIGTERM keeps its previous meaning.
   """
 
   def __init__(self):
     import signal
+    import threading
     self._service = jax.distributed.is_initialized()
     self._signal = signal
     self._received = False
     self._old = None
-    if not self._service:
+    if not self._service and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._on_term)
 
   def _on_term(self, signum, frame):

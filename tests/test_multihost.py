@@ -273,3 +273,20 @@ def test_a_gs_workdir_with_two_processes(reference, tmp_path):
   assert [s for s, _ in loss] == [10, 20]
   np.testing.assert_allclose([l for _, l in loss], [l for _, l in _train_rows(reference)],
                              rtol=1e-4)
+
+
+def test_a_damaged_newest_step_is_judged_the_same_on_every_process(reference, tmp_path):
+  """Every process verifies the digest; process 0 alone moves the damaged step aside and all
+  resume from the same older step, ending equal to an uninterrupted run."""
+  args = (f"--workdir={tmp_path}", "--config.training.ckpt_every_steps=2")
+  r = _run_launch(2, 4, *args, "--config.training.num_train_steps=10")
+  assert r.returncode == 0, r.stderr
+  config = tmp_path / "checkpoints" / "10" / "config" / "metadata"
+  config.write_bytes(config.read_bytes().replace(b'"seed"', b'"seeD"'))  # the digest disagrees
+  r = _run_launch(2, 4, *args)
+  assert r.returncode == 0, r.stderr
+  warnings = [line for line in r.stderr.splitlines() if "warning: checkpoint 10" in line]
+  assert [w.split()[0] for w in warnings] == ["[p0]"] and "moved to" in warnings[0], r.stderr
+  assert (tmp_path / "checkpoints" / "damaged" / "10").is_dir()
+  assert "[p0] resumed from checkpoint 8" in r.stdout
+  _assert_same_params(tmp_path, reference)
