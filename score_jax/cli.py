@@ -49,6 +49,14 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples)
                     "Default: runs/<config file name>.")
 flags.DEFINE_enum("mode", "train", _MODES, "What to run.")
 flags.DEFINE_integer("num_devices", None, "Use only the first N devices (default: all).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's "
+                    "coordinator (with --num_processes and --process_id; see score_jax.launch).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes of the job.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in 0..N-1.")
+flags.DEFINE_list("local_device_ids", None, "Multi-host: the local device ids this process uses "
+                  "(default: all).")
+flags.DEFINE_bool("distributed", False, "Multi-host: join the cluster JAX detects (TPU pod, "
+                  "SLURM, Open MPI); the same as --config.training.distributed=True.")
 flags.DEFINE_string("export_path", None, "--mode=export: the file to write "
                     "(default: <workdir>/export.msgpack).")
 
@@ -282,6 +290,32 @@ def _shipped_configs(argv: list[str]) -> list[str]:
   return out
 
 
+def _initialize_distributed(config) -> None:
+  """Joins the multi-host job the flags (or `training.distributed`) ask for, before any work."""
+  given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
+                                                 "process_id")}
+  if any(v is not None for v in given.values()):
+    missing = [f"--{name}" for name, v in given.items() if v is None]
+    if missing:
+      raise UsageError(f"multi-host: {', '.join(missing)} missing; pass --coordinator_address, "
+                       "--num_processes and --process_id together (or none, with --distributed)")
+    if given["num_processes"] < 1 or not 0 <= given["process_id"] < given["num_processes"]:
+      raise UsageError(f"--process_id={given['process_id']} must be in 0..num_processes-1 with "
+                       f"--num_processes={given['num_processes']} >= 1")
+  elif not (FLAGS.distributed or config.training.distributed):
+    if FLAGS.local_device_ids:
+      raise UsageError("--local_device_ids is for multi-host runs: add --distributed or "
+                       "--coordinator_address/--num_processes/--process_id")
+    return
+  try:
+    device_ids = [int(d) for d in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
+  except ValueError:
+    raise UsageError(f"--local_device_ids={','.join(FLAGS.local_device_ids)} must be "
+                     "comma-separated integers") from None
+  from score_jax import parallel
+  parallel.initialize_distributed(**given, local_device_ids=device_ids)
+
+
 def main(argv: list[str] | None = None) -> int:
   """The command line (`python main.py`, `score-jax`, `python -m score_jax`); returns the exit
   status. `argv` defaults to `sys.argv`."""
@@ -320,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
   workdir = FLAGS.workdir or _default_workdir()
   mode = FLAGS.mode
   try:
-    if config.training.distributed:
-      from score_jax import parallel
-      parallel.initialize_distributed(True)
+    _initialize_distributed(config)
     sweep_runs = None
     if mode == "sweep":
       sweep_runs = _sweep_runs(config, workdir)

@@ -1,8 +1,9 @@
 """Input pipelines: one entry point for toy distributions and image datasets.
 
-Toy data are drawn on the fly from `score_jax.toy`; batch `n` of process `p` uses the key
-`fold_in(fold_in(key(seed), n), p)`, so a pipeline is fully described by its step counter and a
-resumed run sees exactly the batches of an uninterrupted one. Image data (TFDS ArrayRecord read with
+Toy data are drawn on the fly from `score_jax.toy`: global batch `n` is drawn with the key
+`fold_in(key(seed), n)` and process `p` of `P` keeps its rows `p * b ... (p + 1) * b - 1`, so the
+global batch does not depend on the process count, the pipeline is fully described by its step
+counter, and a resumed run sees exactly the batches of an uninterrupted one. Image data (TFDS ArrayRecord read with
 grain, or local files) come from `score_jax.image_data`, whose iterator state is likewise saved in
 checkpoints. Every iterator yields `{"x": float32 [b, ...]}` and has `get_state()`/`set_state()`.
 """
@@ -45,24 +46,30 @@ def check_dataset(dataset: str) -> None:
 
 
 class ToyIterator:
-  """Stateless-by-construction toy batches `[batch_size, dim]` keyed by (seed, batch, shard)."""
+  """Stateless-by-construction toy batches: this process's rows `[batch_size, dim]` of global
+  batch `step` (`batch_size * shard_count` rows keyed by (seed, step))."""
 
   def __init__(self, dataset: str, *, batch_size: int, seed: int, shard_index: int = 0,
-               dim: int = 2):
+               shard_count: int = 1, dim: int = 2):
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index={shard_index} must be in 0..{shard_count - 1}")
     self.distribution = toy.get_toy(dataset, dim=dim)
     self._sample = jax.jit(self.distribution.sample, static_argnums=1)
     self._root = jax.random.key(seed)
     self._batch_size = batch_size
-    self._shard_index = shard_index
+    self._global_batch = batch_size * shard_count
+    self._first = shard_index * batch_size
     self._step = 0
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rng = jax.random.fold_in(jax.random.fold_in(self._root, self._step), self._shard_index)
+    rng = jax.random.fold_in(self._root, self._step)
     self._step += 1
-    return {"x": np.asarray(self._sample(rng, self._batch_size), np.float32)}
+    # Every process draws the whole global batch (a toy's is small) and keeps its rows.
+    x = np.asarray(self._sample(rng, self._global_batch), np.float32)
+    return {"x": x[self._first:self._first + self._batch_size]}
 
   def get_state(self) -> dict:
     return {"kind": "toy", "step": self._step}
@@ -82,14 +89,15 @@ def create_iterator(*, dataset: str, batch_size: int, seed: int, shard_index: in
     dataset: a toy name (`score_jax.toy.DATASETS`) or an image dataset (`image_data.DATASETS`).
     batch_size: rows per call on this process.
     seed: run seed (shuffling, augmentation and toy draws).
-    shard_index, shard_count: this process's shard of the data.
+    shard_index, shard_count: this process's rows of each global batch of
+      `batch_size * shard_count` rows (the same global batches for any process count).
     toy_dim: dimension of the toy Gaussians.
     split: image split.
     **image_kwargs: forwarded to `image_data.create_iterator` (image_size, num_channels, ...).
   """
   if is_toy(dataset):
     return ToyIterator(dataset, batch_size=batch_size, seed=seed, shard_index=shard_index,
-                       dim=toy_dim)
+                       shard_count=shard_count, dim=toy_dim)
   check_dataset(dataset)
   from score_jax import image_data
   return image_data.create_iterator(dataset=dataset, split=split, batch_size=batch_size, seed=seed,

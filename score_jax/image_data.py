@@ -8,9 +8,10 @@ builders, offline, from the original files in a manual directory:
 * celeb_a and lsun use TFDS's own builders, which need TensorFlow to prepare and decode:
   `pip install -r requirements-prepare.txt` (the only place TensorFlow is ever used).
 
-Reading (`create_iterator`) is a grain `MapDataset` pipeline: this process's shard of the
-records, a global shuffle per epoch with the seed, per-record preprocessing whose randomness
-(flips, dequantization) comes from grain's per-record seeded generator, and batching. The iterator
+Reading (`create_iterator`) is a grain `MapDataset` pipeline: a global shuffle per epoch with the
+seed, per-record preprocessing whose randomness (flips, dequantization) comes from grain's
+per-record seeded generator, and global batches of which each process reads its own rows
+(`ProcessRows`), so the data of a step do not depend on the number of processes. The iterator
 state is a small JSON dict, saved in checkpoints, and a restored pipeline yields exactly the
 batches of an uninterrupted one.
 
@@ -310,13 +311,50 @@ def _check_shape(dataset: str, image_size: int, num_channels: int) -> None:
                      "<= 140")
 
 
-class ImageIterator:
-  """Batches `{"x": float32 [b, s, s, c]}` with a JSON-serializable `get_state`/`set_state`."""
+class ProcessRows(grain.MapDataset):
+  """Element `n`: this process's rows of global batch `n` of the example stream `parent`.
 
-  def __init__(self, dataset: grain.MapDataset, batch_size: int, prefetch: int,
-               num_workers: int):
-    batched = dataset.batch(batch_size, drop_remainder=True,
-                            batch_fn=lambda xs: {"x": np.stack(xs).astype(np.float32)})
+  Global batch n is examples `n * global_batch ... (n + 1) * global_batch - 1` of the stream, and
+  process p of P reads its `global_batch / P` consecutive rows of it, so the global batch of each
+  step (and the order of the whole stream) is that of one process whatever the process count, and
+  every example is read by exactly one process. Trailing examples short of a global batch are
+  dropped (`drop_remainder`).
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch: int, shard_index: int,
+               shard_count: int):
+    super().__init__(parent)
+    if global_batch % shard_count:
+      raise ValueError(f"the global batch {global_batch} does not split over {shard_count} "
+                       "processes")
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index={shard_index} must be in 0..{shard_count - 1}")
+    self._global = global_batch
+    self._local = global_batch // shard_count
+    self._first = shard_index * self._local
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    start = index * self._global + self._first
+    rows = [self._parent[start + r] for r in range(self._local)]
+    return {"x": np.stack(rows).astype(np.float32)}
+
+  def __str__(self) -> str:
+    return f"ProcessRows(global_batch={self._global}, rows={self._first}+{self._local})"
+
+
+class ImageIterator:
+  """Batches `{"x": float32 [b, s, s, c]}` with a JSON-serializable `get_state`/`set_state`.
+
+  The state counts global batches (`ProcessRows`), so a checkpoint's data state resumes the same
+  stream on any number of processes.
+  """
+
+  def __init__(self, batched: grain.MapDataset, prefetch: int, num_workers: int):
     read = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(1, prefetch))
     iter_ds = batched.to_iter_dataset(read_options=read)
     if num_workers > 0:
@@ -371,9 +409,10 @@ def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: in
   """The training (or evaluation) iterator of an image dataset for one process.
 
   Args:
-    batch_size: rows per batch on this process.
+    batch_size: rows per batch on this process; the global batch is `batch_size * shard_count`.
     seed: shuffling and per-record randomness.
-    shard_index, shard_count: this process's disjoint share of the records.
+    shard_index, shard_count: this process's rows of each global batch (`ProcessRows`): the
+      stream of global batches is the same for any process count.
     num_epochs: None repeats forever.
     shuffle: global shuffle per epoch (off for evaluation reads).
   """
@@ -385,11 +424,10 @@ def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: in
   info = _info(dataset)
   source = _source(dataset, split, data_dir, path)
   ds = grain.MapDataset.source(source)
-  if shard_count > 1:
-    ds = ds.slice(slice(shard_index, None, shard_count))
-  if len(ds) < batch_size:
-    raise ValueError(f"{dataset}/{split} shard has {len(ds)} records, fewer than batch_size="
-                     f"{batch_size}")
+  global_batch = batch_size * shard_count
+  if len(ds) < global_batch:
+    raise ValueError(f"{dataset}/{split} has {len(ds)} records, fewer than the global batch "
+                     f"{global_batch}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
@@ -397,7 +435,9 @@ def create_iterator(*, dataset: str, split: str, batch_size: int, image_size: in
                    random_flip=random_flip, uniform_dequantization=uniform_dequantization,
                    gaussian_dequantization=gaussian_dequantization, centered=centered)
   ds = ds.random_map(pre, seed=seed + 1)
-  return ImageIterator(ds, batch_size, prefetch, num_workers)
+  batched = ProcessRows(ds, global_batch=global_batch, shard_index=shard_index,
+                        shard_count=shard_count)
+  return ImageIterator(batched, prefetch, num_workers)
 
 
 def num_records(*, dataset: str, split: str, data_dir: str | None = None,

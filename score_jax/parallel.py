@@ -38,10 +38,32 @@ BATCH_AXIS = "batch"
 PyTree = Any
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """Joins a multi-host job (`jax.distributed.initialize()` reads the cluster from the env)."""
-  if enabled:
-    jax.distributed.initialize()
+# A process that stops answering (killed, out of memory, its host gone) is declared dead by the
+# coordination service after HEARTBEAT_TIMEOUT_S, which then ends every other process with an
+# error instead of leaving it blocked in a collective; SHUTDOWN_TIMEOUT_S bounds the wait for the
+# others at exit, INIT_TIMEOUT_S the wait for all processes to join at the start.
+HEARTBEAT_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 30
+INIT_TIMEOUT_S = 300
+
+
+def initialize_distributed(*, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: list[int] | None = None) -> None:
+  """Joins a multi-host job: `jax.distributed.initialize` with bounded failure detection.
+
+  With `coordinator_address` (then also `num_processes` and `process_id`) the cluster is given;
+  without, JAX detects it (TPU pods, SLURM, Open MPI). Must run before anything touches devices.
+  """
+  kwargs = {}
+  if coordinator_address is not None:
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  if local_device_ids is not None:
+    kwargs["local_device_ids"] = local_device_ids
+  jax.distributed.initialize(**kwargs, initialization_timeout=INIT_TIMEOUT_S,
+                             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                             shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
 
 
 def process_index() -> int:

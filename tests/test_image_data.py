@@ -112,3 +112,43 @@ def test_errors(tmp_path):
   with pytest.raises(ValueError, match="num_channels"):
     image_data.create_iterator(dataset="npz", split="train", batch_size=2, image_size=8,
                                num_channels=2, path="x.npz")
+
+
+def _npz_iterator(path, **kw):
+  args = dict(dataset="npz", split="train", image_size=6, num_channels=1, path=str(path), seed=5,
+              random_flip=True, uniform_dequantization=True)
+  args.update(kw)
+  return image_data.create_iterator(**args)
+
+
+@pytest.fixture
+def npz_path(tmp_path):
+  x = np.random.RandomState(1).randint(0, 256, (50, 6, 6), dtype=np.uint8)
+  np.savez(tmp_path / "data.npz", x=x)
+  return tmp_path / "data.npz"
+
+
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_processes_read_their_rows_of_the_one_process_global_batch(npz_path, shard_count):
+  """The global batch of each step does not depend on the process count (shuffle, flips and
+  dequantization included), and a data state resumes on another process count."""
+  one = _npz_iterator(npz_path, batch_size=8)
+  shards = [_npz_iterator(npz_path, batch_size=8 // shard_count, shard_index=p,
+                          shard_count=shard_count) for p in range(shard_count)]
+  for _ in range(9):  # past the end of the first epoch (50 records, 8 per batch)
+    np.testing.assert_array_equal(np.concatenate([next(s)["x"] for s in shards]), next(one)["x"])
+  state = json.loads(json.dumps(shards[0].get_state()))
+  resumed = _npz_iterator(npz_path, batch_size=8)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["x"], next(one)["x"])
+
+
+def test_every_example_of_an_epoch_is_read_once_across_processes(npz_path):
+  records = np.load(npz_path)["x"].reshape(50, -1).astype(np.float64).sum(1)
+  seen = []
+  for p in range(2):
+    it = _npz_iterator(npz_path, batch_size=5, shard_index=p, shard_count=2, num_epochs=1,
+                       random_flip=False, uniform_dequantization=False)
+    seen.append(np.concatenate([b["x"].reshape(5, -1).sum(1) * 255 for b in it]))
+  assert len(seen[0]) == len(seen[1]) == 25
+  np.testing.assert_allclose(np.sort(np.concatenate(seen)), np.sort(records), atol=1e-3)

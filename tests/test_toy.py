@@ -48,3 +48,15 @@ def test_mixture_sampling_weights_and_metrics():
 def test_unknown_toy():
   with pytest.raises(ValueError, match="ncsn_mixture"):
     toy.get_toy("moons")
+
+
+def test_toy_processes_read_their_rows_of_the_one_process_global_batch():
+  from score_jax import data
+  one = data.create_iterator(dataset="ncsn_mixture", batch_size=8, seed=4)
+  shards = [data.create_iterator(dataset="ncsn_mixture", batch_size=2, seed=4, shard_index=p,
+                                 shard_count=4) for p in range(4)]
+  for _ in range(3):
+    np.testing.assert_array_equal(np.concatenate([next(s)["x"] for s in shards]), next(one)["x"])
+  resumed = data.create_iterator(dataset="ncsn_mixture", batch_size=8, seed=4)
+  resumed.set_state(shards[1].get_state())
+  np.testing.assert_array_equal(next(resumed)["x"], next(one)["x"])
