@@ -284,16 +284,24 @@ def from_main(fn: Callable[[], Any]) -> Any:
   payload = b""
   if is_main_process():
     try:
-      outcome = (True, fn())
+      payload = pickle.dumps((True, fn()))
     except Exception as e:  # raised on every process, so all of them stop the same way
-      outcome = (False, e)
-    payload = pickle.dumps(outcome)
+      payload = pickle.dumps((False, _portable(e)))
   size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
   data = np.frombuffer(payload, np.uint8) if is_main_process() else np.zeros(size, np.uint8)
   ok, value = pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
   if not ok:
     raise value
   return value
+
+
+def _portable(e: Exception) -> Exception:
+  """`e` if it survives pickling, else a RuntimeError with its type and message."""
+  try:
+    pickle.loads(pickle.dumps(e))
+    return e
+  except Exception:  # an exception whose constructor does not take its args back
+    return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def _pad_rows(x: np.ndarray, n_pad: int) -> np.ndarray:

@@ -89,6 +89,28 @@ def _assert_rows_equal(a: list[dict], b: list[dict], rel: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Decisions made on process 0.
+
+
+def test_from_main_gives_every_process_the_value_or_the_error_of_process_0():
+  proc = launch(3, 1, str(REPO / "tests" / "fixtures" / "multihost" / "from_main.py"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  for i in range(3):
+    assert f"[p{i}] process {i} got {{'from': 0, 'rows': [1, 2, 3]}}" in proc.stdout
+    assert f"[p{i}] process {i} raised ValueError: no checkpoint here" in proc.stdout
+    assert f"[p{i}] process {i} raised RuntimeError: _Unpicklable: x/y" in proc.stdout
+
+
+def test_convert_refuses_several_processes_in_one_line(tmp_path):
+  proc = launch(2, 1, "-m", "score_jax.convert", "--source=ncsnv2",
+                f"--checkpoint={tmp_path / 'absent.pth'}", "--config=configs/test.py",
+                f"--workdir={tmp_path / 'out'}")
+  assert proc.returncode == 2, proc.stderr
+  assert "[p0] error: --num_processes=2: conversion reads one file" in proc.stderr
+  assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
 # Toy runs.
 
 
