@@ -73,17 +73,16 @@ _EVAL_TAG = 0xE7A1
 def _checkpoint_steps(workdir: str) -> list[int]:
   """The checkpoint steps in `workdir`, ascending (read-only); CheckpointError when none.
 
-  Listed by process 0 for every process: a checkpoint that training writes meanwhile must not
-  make the processes evaluate different steps.
+  Every process opens the reader (Orbax synchronizes the processes there), and process 0's list
+  reaches all of them: a checkpoint that training writes meanwhile must not make the processes
+  evaluate different steps.
   """
-  def listed() -> list[int]:
-    manager = checkpoint.open_reader(workdir)
-    try:
-      return checkpoint.all_steps(manager)
-    finally:
-      manager.close()
-
-  return parallel.from_main(listed)
+  manager = checkpoint.open_reader(workdir)
+  try:
+    steps = checkpoint.all_steps(manager)
+  finally:
+    manager.close()
+  return parallel.from_main(lambda: steps)
 
 
 def _check_finite(row: dict, *, fatal: bool) -> None:
