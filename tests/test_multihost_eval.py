@@ -169,7 +169,7 @@ def test_eval_and_sampler_sweep_rows_equal_one_process_and_are_written_once(toy_
     _assert_rows_equal(rows, _jsonl(pathlib.Path(one) / f"{name}.jsonl"), rel=1e-4)
   assert [r["step"] for r in _jsonl(pathlib.Path(many) / "eval_metrics.jsonl")] == [10, 20]
   sweep_rows = _jsonl(pathlib.Path(many) / "sampler_sweep.jsonl")
-  assert len(sweep_rows) == 6 and sum("skipped" in r for r in sweep_rows) == 1  # CAS at 50
+  assert len(sweep_rows) == 6 and any("skipped" in r for r in sweep_rows)  # infeasible CAS
   assert not (pathlib.Path(many) / "eval_cache" / "batches").exists() or not any(
       (pathlib.Path(many) / "eval_cache" / "batches").iterdir())
 
