@@ -374,7 +374,8 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
   elif mode == "sweep":
     runs = sweep_runs if sweep_runs is not None else _sweep_runs(config, workdir)
     for i, (overrides, sub_config, sub) in enumerate(runs):
-      print(f"[sweep {i + 1}/{len(runs)}] {overrides} -> {sub}")
+      if parallel.is_main_process():
+        print(f"[sweep {i + 1}/{len(runs)}] {overrides} -> {sub}")
       run(sub_config, sub, "train")
 
 

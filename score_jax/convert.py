@@ -562,6 +562,13 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_string("workdir", None, "New score_jax workdir to write.", flag_values=fv)
   flags.DEFINE_boolean("ema", True, "Use the EMA weights where present (--no-ema: raw weights).",
                        flag_values=fv)
+  # The multi-host flags `score_jax.launch` appends: conversion is one process's job.
+  flags.DEFINE_string("coordinator_address", None, "Refused: conversion runs in one process.",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Refused above 1: conversion runs in one process.",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Refused: conversion runs in one process.",
+                       flag_values=fv)
   own = ("config", "source", "checkpoint", "workdir", "ema")
   help_flags.define(lambda: _USAGE, lambda: [fv[n] for n in own], fv)
   try:
@@ -575,6 +582,11 @@ def main(argv: list[str]) -> int:
     return 2
   except Exception as e:  # ml_collections reports bad config files/overrides with many types
     print(f"error: --config: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    return 2
+  if (fv.num_processes or 1) > 1:
+    print(f"error: --num_processes={fv.num_processes}: conversion reads one file and writes one "
+          "workdir in one process; run `python -m score_jax.convert` without score_jax.launch "
+          "(any workdir it writes is read by multi-process jobs)", file=sys.stderr)
     return 2
   try:
     for name in ("source", "checkpoint", "workdir"):

@@ -71,12 +71,18 @@ _EVAL_TAG = 0xE7A1
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  """The checkpoint steps in `workdir`, ascending (read-only); CheckpointError when none."""
+  """The checkpoint steps in `workdir`, ascending (read-only); CheckpointError when none.
+
+  Every process opens the reader (Orbax synchronizes the processes there), and process 0's list
+  reaches all of them: a checkpoint that training writes meanwhile must not make the processes
+  evaluate different steps.
+  """
   manager = checkpoint.open_reader(workdir)
   try:
-    return checkpoint.all_steps(manager)
+    steps = checkpoint.all_steps(manager)
   finally:
     manager.close()
+  return parallel.from_main(lambda: steps)
 
 
 def _check_finite(row: dict, *, fatal: bool) -> None:
@@ -170,10 +176,16 @@ def _in_order(entries: list[dict], fresh: dict[tuple, dict], done: dict[tuple, d
 
 
 def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list[dict]]:
-  """The stored rows of `entries` (by key) and the entries still to evaluate, in order."""
-  stored = stored_rows(path)
-  done = {entry_key(e): stored[entry_key(e)] for e in entries if entry_key(e) in stored}
-  return done, [e for e in entries if entry_key(e) not in done]
+  """The stored rows of `entries` (by key) and the entries still to evaluate, in order.
+
+  Read by process 0 for every process, so all of them evaluate the same entries.
+  """
+  def split() -> tuple[dict[tuple, dict], list[dict]]:
+    stored = stored_rows(path)
+    done = {entry_key(e): stored[entry_key(e)] for e in entries if entry_key(e) in stored}
+    return done, [e for e in entries if entry_key(e) not in done]
+
+  return parallel.from_main(split)
 
 
 # --------------------------------------------------------------------------------------------

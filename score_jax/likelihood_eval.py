@@ -222,28 +222,32 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   is_toy = data.is_toy(config.data.dataset)
   x = eval_examples(config)
   batch = int(config.likelihood.batch_size)
+  main = parallel.is_main_process()
   folder = os.path.join(workdir, "likelihood", _protocol_id(proto))
-  os.makedirs(folder, exist_ok=True)
-  if parallel.is_main_process():
+  if main:
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "protocol.json"), "w", encoding="utf-8") as f:
       json.dump(proto, f, indent=1)
   starts = list(range(0, len(x), batch))
   paths = {s: os.path.join(folder, f"batch_{s:08d}.npz") for s in starts}
-  todo = [s for s in starts if not os.path.isfile(paths[s])]
+  # The stored batches as process 0 finds them, on every process: all draw the same batches.
+  done = parallel.from_main(lambda: {s: _load_npz(paths[s]) for s in starts
+                                     if os.path.isfile(paths[s])})
+  todo = [s for s in starts if s not in done]
   p_fn = make_batch_fn(config, proto) if todo else None
   params = state.ema_params[0]
   from score_jax import progress as progress_lib
   with progress_lib.bar(len(x), "likelihood", unit="example",
                         initial=len(x) - sum(min(batch, len(x) - s) for s in todo),
-                        enabled=progress) as pbar:
+                        enabled=progress and main) as pbar:
     for s in todo:
       n = min(batch, len(x) - s)
       out = p_fn(params, _padded(x[s:s + n], batch), np.arange(s, s + batch, dtype=np.int32))
-      if parallel.is_main_process():
-        _save_npz(paths[s], {k: np.asarray(v)[:n] for k, v in out.items()})
+      done[s] = {k: np.asarray(v)[:n] for k, v in out.items()}
+      if main:
+        _save_npz(paths[s], done[s])
       pbar.update(n)
-  stored = [np.load(paths[s]) for s in starts]
-  values = {k: np.concatenate([f[k] for f in stored]) for k in stored[0].files}
+  values = {k: np.concatenate([done[s][k] for s in starts]) for k in done[starts[0]]}
   row = dict(proto)
   nfe = values["nfe"]
   value = values["logp"] if is_toy else values["bpd_repeats"]
@@ -266,14 +270,14 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
                    axis=1) for s in starts])
       row["exact_mean"], row["exact_se"] = _mean_se(exact_nll)
       row["minus_exact_mean"], row["minus_exact_se"] = _mean_se(nll - exact_nll)
-    if x.shape[1] == 2 and parallel.is_main_process():
+    if x.shape[1] == 2:
       _plot_log_density(config, proto, dist, x, params, make_batch_fn(config, proto) if
                         p_fn is None else p_fn, batch, workdir)
   else:
     row["mean"], row["se"] = _mean_se(np.mean(values["bpd_repeats"], axis=1))
     row["bpd_bound"] = likelihood.bpd_lower_bound(proto["sigma_min"],
                                                   centered=bool(config.data.centered))
-  if parallel.is_main_process():
+  if main:
     _write_row(row, workdir)
   return row
 
@@ -295,8 +299,16 @@ def _check_solves(failed: np.ndarray, step: int, folder: str) -> None:
           file=sys.stderr)
 
 
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as f:
+    return dict(f)
+
+
 def _plot_log_density(config, proto, dist, x, params, p_fn, batch, workdir) -> None:
-  """The model's log-density on a grid beside the truth's (2-D toys)."""
+  """The model's log-density on a grid beside the truth's (2-D toys).
+
+  Every process evaluates the grid (the batches run over all devices); process 0 plots it.
+  """
   if hasattr(dist, "means"):
     means = np.asarray(dist.means, np.float64)
     pad = 3.0 * (float(np.max(dist.stds)) + proto["sigma_min"])
@@ -315,8 +327,9 @@ def _plot_log_density(config, proto, dist, x, params, p_fn, batch, workdir) -> N
   if hasattr(dist, "log_prob"):
     panels["truth"] = np.asarray(dist.log_prob(jnp.asarray(grid), proto["sigma_min"])).reshape(
         GRID_POINTS, GRID_POINTS)
-  plots.save_log_density(panels, os.path.join(workdir, f"likelihood_step{proto['step']}.png"),
-                         lo=lo, hi=hi, sigma_min=proto["sigma_min"])
+  if parallel.is_main_process():
+    plots.save_log_density(panels, os.path.join(workdir, f"likelihood_step{proto['step']}.png"),
+                           lo=lo, hi=hi, sigma_min=proto["sigma_min"])
 
 
 def _write_row(row: dict, workdir: str) -> None:

@@ -23,6 +23,7 @@ from (seed, global sample index), so a sample does not depend on devices, hosts 
 from __future__ import annotations
 
 import collections
+import pickle
 from typing import Any, Callable
 
 import jax
@@ -186,9 +187,38 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
 
 
 def replicate(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
-  """Places a host or device tree on every device of `mesh` (copies, never aliases)."""
+  """Places a host or device tree on every device of `mesh` (copies, never aliases).
+
+  With several processes, a leaf that is not yet a global array must hold the same value on
+  every process (parameters initialized from the same seed, a restored checkpoint).
+  """
+  return _replicated(tree, mesh, copy=True)
+
+
+def _replicated(tree: PyTree, mesh: jax.sharding.Mesh, *, copy: bool = False) -> PyTree:
+  """`tree` as global arrays replicated over `mesh`.
+
+  A global array already replicated over `mesh` is kept (copied with `copy`); another global
+  array is resharded, with every process taking part. A host value, or an array on this
+  process's devices, becomes a global array from this process's copy
+  (`jax.make_array_from_callback`): every process holds the same value, and none places data
+  on devices another process owns.
+  """
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), sharding), tree)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.sharding.is_equivalent_to(sharding, x.ndim):
+        return jnp.copy(x) if copy else x
+      return jax.device_put(x, sharding)
+    if sharding.is_fully_addressable:  # one process: the devices are all ours
+      return jax.device_put(jnp.array(x, copy=True) if copy else x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -308,11 +338,49 @@ class DispatchWindow:
 
 
 def gather_to_host(x: jax.Array) -> np.ndarray:
-  """Fetches a (possibly multi-host) global array to every host as numpy."""
-  if jax.process_count() == 1:
+  """Fetches a (possibly multi-host) global array to every host as numpy.
+
+  With several processes this is a collective: every process must call it for the same array.
+  """
+  if x.is_fully_addressable or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+  """`fn()` evaluated on process 0 alone; its result (or its exception) reaches every process.
+
+  Decisions read from files (which checkpoints exist, which rows and batches are stored) are
+  made once this way: with several processes, each listing the workdir for itself could see a
+  different state (a checkpoint or a row written in between, a disk of its own) and then enter
+  different collectives. The result must pickle; it travels as bytes through a collective, so
+  every process must call this at the same point of the program.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  payload = b""
+  if is_main_process():
+    try:
+      payload = pickle.dumps((True, fn()))
+    except Exception as e:  # raised on every process, so all of them stop the same way
+      payload = pickle.dumps((False, _portable(e)))
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+  data = np.frombuffer(payload, np.uint8) if is_main_process() else np.zeros(size, np.uint8)
+  ok, value = pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
+  if not ok:
+    raise value
+  return value
+
+
+def _portable(e: Exception) -> Exception:
+  """`e` if it survives pickling, else a RuntimeError with its type and message."""
+  try:
+    pickle.loads(pickle.dumps(e))
+    return e
+  except Exception:  # an exception whose constructor does not take its args back
+    return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def _pad_rows(x: np.ndarray, n_pad: int) -> np.ndarray:
@@ -337,9 +405,12 @@ def batch_map(fn: Callable[[PyTree, PyTree], PyTree], mesh: jax.sharding.Mesh
   `[n, ...]` that every process holds whole (indices, images). `n` need not divide the device
   count: rows are padded with copies of the last one and the surplus is dropped. Outputs are
   gathered to every host as numpy arrays `[n, ...]` in row order.
+
+  With several processes every process calls `p_fn` with the same `shared` and `batch` (a
+  collective program); each places only the rows of its own devices, so the outputs, and
+  anything computed from them, do not depend on how the devices are split into processes.
   """
   rows = NamedSharding(mesh, P(BATCH_AXIS))
-  replicated = NamedSharding(mesh, P())
   compiled = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(BATCH_AXIS)),
                                    out_specs=P(BATCH_AXIS), check_vma=False))
 
@@ -353,7 +424,7 @@ def batch_map(fn: Callable[[PyTree, PyTree], PyTree], mesh: jax.sharding.Mesh
                        f"{[len(v) for v in leaves]}")
     n_pad = -(-n // mesh.size) * mesh.size
     padded = jax.tree.map(lambda v: _global_rows(_pad_rows(np.asarray(v), n_pad), rows), batch)
-    out = compiled(jax.device_put(shared, replicated), padded)
+    out = compiled(_replicated(shared, mesh), padded)
     return jax.tree.map(lambda v: gather_to_host(v)[:n], out)
 
   return run

@@ -14,7 +14,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -163,8 +162,9 @@ def _denoise_in_batches(config: ml_collections.ConfigDict, state: TrainState, x:
 def _test_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
   """The first `n` images of the evaluation split (no shuffling, flips or dequantization)."""
   from score_jax.experiment import iterator_from_config
+  # Every process reads the same images: the inpainting batch is split over all devices.
   it = iterator_from_config(config, split=config.data.eval_split, seed=config.seed, batch_size=n,
-                            shuffle=False)
+                            shuffle=False, per_process=False)
   return np.asarray(next(it)["x"])
 
 
@@ -181,20 +181,33 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
   """Completes `x_known` where `mask` is 0 with sampler `method` and writes an inpainting grid.
 
   Every sampler of `experiment.SAMPLERS` inpaints: the known entries are replaced by
-  `x_known + sigma_i z` before every update (PC: every corrector and predictor update).
+  `x_known + sigma_i z` before every update (PC: every corrector and predictor update). The
+  examples are split over all devices of all hosts (`parallel.batch_map`); example i's start and
+  noise come from the key folded from (seed, i), so the completions do not depend on the devices
+  or hosts.
   """
   method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
   sampler = experiment.SAMPLERS[method]
   sigmas = sigmas_from_config(config)
-  score_fn = make_score_fn(models.build(config), experiment.sampling_params(config, state))
+  model = models.build(config)
+  uniform = experiment.sampler_init(config, method) == "uniform"
+  x_known = np.asarray(x_known, np.float32)
+  mask = np.broadcast_to(np.asarray(mask, np.float32), x_known.shape)
+
+  def body(shared, batch):
+    params, rng = shared
+    pairs = jax.vmap(jax.random.split)(parallel.sample_keys(rng, batch["index"]))
+    shape = batch["x_known"].shape[1:]
+    x0 = jax.vmap(lambda k: jax.random.uniform(k, shape) if uniform else
+                  sigmas[0] * jax.random.normal(k, shape))(pairs[:, 0])
+    return sampler(make_score_fn(model, params), x0, sigmas, pairs[:, 1], mask=batch["mask"],
+                   x_known=batch["x_known"], **kwargs)
+
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x1AA)
-  x0 = jax.random.uniform(rng, x_known.shape) if experiment.sampler_init(
-      config, method) == "uniform" else (
-      sigmas[0] * jax.random.normal(rng, x_known.shape))
-  run = jax.jit(lambda x0, r: sampler(score_fn, x0, sigmas, r, mask=jnp.asarray(mask),
-                                      x_known=jnp.asarray(x_known), **kwargs))
-  completed = np.asarray(run(x0, jax.random.fold_in(rng, 1)))
+  completed = parallel.batch_map(body, parallel.make_mesh())(
+      (experiment.sampling_params(config, state), rng),
+      {"x_known": x_known, "mask": mask, "index": np.arange(len(x_known), dtype=np.int32)})
   if parallel.is_main_process():
     step = int(jax.device_get(state.step))
     out_dir = paths.join(workdir, "samples")

@@ -252,3 +252,13 @@ def test_module_entry_point_exits_2(tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_more_than_one_process_is_refused_in_one_line(tmp_path, capsys):
+  """Under `score_jax.launch` every process would write the same workdir: refused, exit 2."""
+  workdir = tmp_path / "out"
+  flags = ["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1"]
+  assert convert.main(cli_args("ncsnv2", workdir) + flags) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --num_processes=2") and err.count("\n") == 1, err
+  assert not workdir.exists()

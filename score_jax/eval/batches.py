@@ -68,7 +68,8 @@ def draw_features_stacked(sample_batch: Callable[[int, int], np.ndarray], evalua
   batch = min(batch_size, num_samples)
   num_batches = -(-num_samples // batch)
   keep = [min(batch, num_samples - i * batch) for i in range(num_batches)]
-  parts = _load_batches(cache_dir, num_batches)
+  # The batches as process 0 finds them, on every process: all draw the same batches.
+  parts = parallel.from_main(lambda: _load_batches(cache_dir, num_batches))
   with progress.bar(num_samples, desc, initial=sum(keep[i] for i in parts)) as pbar:
     for i in range(num_batches):
       if i in parts:

@@ -84,11 +84,10 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   path = _reference_path(config, workdir, kind)
   split, n = reference_split(config)
   protocol = f"{d.dataset}:{split} first {n} images"
-  if storage.isfile(path):
-    f = storage.load_npz(path)
-    if "meta" in f and str(f["meta"]) == meta:
-      return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"],
-              "protocol": protocol}
+  # Process 0 reads the cache for every process: all of them compute the statistics or none.
+  cached = parallel.from_main(lambda: _cached(path, meta))
+  if cached is not None:
+    return {**cached, "protocol": protocol}
   available = image_data.num_records(dataset=d.dataset, split=split, data_dir=d.data_dir,
                                      path=d.path)
   if n > available:
@@ -116,6 +115,16 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     storage.save_npz(path, mu=mu, sigma=sigma, features=features.astype(np.float32),
                      meta=np.array(meta))
   return {"mu": mu, "sigma": sigma, "features": features, "protocol": protocol}
+
+
+def _cached(path: str, meta: str) -> dict[str, np.ndarray] | None:
+  """The cached `{"mu", "sigma", "features"}` at `path` if it was made as `meta` says."""
+  if not storage.isfile(path):
+    return None
+  f = storage.load_npz(path)
+  if "meta" not in f or str(f["meta"]) != meta:
+    return None
+  return {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"]}
 
 
 def stats_digest(reference: dict[str, Any]) -> str:
