@@ -161,8 +161,7 @@ def _check_workdir(workdir: str, mode: str) -> None:
     # Every process of a multi-host run shares the workdir and would see its own job's lock:
     # process 0, the one that takes the lock, checks it and tells the others.
     from score_jax import parallel
-    parallel.main_process_decides(lambda: workdir_lock.raise_if_held(os.fspath(path)),
-                                  workdir_lock.WorkdirLockedError)
+    parallel.from_main(lambda: workdir_lock.raise_if_held(os.fspath(path)))
   elif not path.is_dir():
     raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
                      "train first or pass the run's --workdir")

@@ -104,32 +104,6 @@ def all_processes(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
-_TEXT_BYTES = 4096
-
-
-def main_process_decides(check: Callable[[], None], error_type: type[Exception]) -> None:
-  """Runs `check` on process 0 alone; an `error_type` it raises is raised on every process.
-
-  For decisions that must be taken once and reach every process (the workdir's writer lock):
-  process 0's error message is broadcast, so every process fails the same way, or none does.
-  """
-  message = ""
-  if jax.process_index() == 0:
-    try:
-      check()
-    except error_type as e:
-      message = str(e) or type(e).__name__
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    data = message.encode()[:_TEXT_BYTES]
-    buf = np.zeros(_TEXT_BYTES + 1, np.uint8)
-    buf[0], buf[1:1 + len(data)] = bool(data), np.frombuffer(data, np.uint8)
-    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    message = bytes(buf[1:]).rstrip(b"\0").decode(errors="replace") if buf[0] else ""
-  if message:
-    raise error_type(message)
-
-
 class PreemptionWatch:
   """Whether every process should stop now and checkpoint (SIGTERM: preemption, spot VMs).
 

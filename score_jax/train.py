@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     nonlocal lock
     lock = workdir_lock.WorkdirLock(workdir).acquire()
 
-  parallel.main_process_decides(take_lock, workdir_lock.WorkdirLockedError)
+  parallel.from_main(take_lock)
   try:
     return _train_locked(config, workdir, mesh=mesh, model=model, loss_kwargs=loss_kwargs,
                          local_batch=local_batch, train_iter=train_iter,

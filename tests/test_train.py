@@ -223,13 +223,13 @@ def test_preemption_watch_of_one_process_sees_sigterm_and_restores_the_handler()
   assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_main_process_decides_raises_its_error_type_only():
+def test_from_main_returns_the_value_or_raises_the_error_of_process_0():
   from score_jax import workdir_lock
 
   def refuse():
     raise workdir_lock.WorkdirLockedError("held by someone")
 
   with pytest.raises(workdir_lock.WorkdirLockedError, match="held by someone"):
-    parallel.main_process_decides(refuse, workdir_lock.WorkdirLockedError)
-  parallel.main_process_decides(lambda: None, workdir_lock.WorkdirLockedError)
+    parallel.from_main(refuse)
+  assert parallel.from_main(lambda: 7) == 7
   assert parallel.all_processes(True) and not parallel.all_processes(False)
