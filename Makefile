@@ -1,12 +1,14 @@
 # Two entry points; each creates .venv (Python 3.11) and installs the lock (requirements.txt) and
 # this checkout (editable, so `.venv/bin/score-jax` works too) when needed.
 #   make run    train + sample the embedded default (configs/default.py) into runs/default
-#   make test   the whole test suite on 8 simulated CPU devices, in up to 4 pytest-xdist workers
+#   make test   the test suite on 8 simulated CPU devices, in up to 4 pytest-xdist workers, without
+#               the multi-process tests (`-m multihost`, .ci/run's multihost stage)
+#   make test-all   the test suite with the multi-process tests
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: run test venv
+.PHONY: run test test-all venv
 venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml setup.py
@@ -22,4 +24,7 @@ run: $(STAMP)
 	$(VENV)/bin/python main.py $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 -m "not multihost" tests $(ARGS)
+
+test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 tests $(ARGS)

@@ -322,19 +322,33 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
       raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; available "
                             f"steps: {steps}")
     return step, restore_fn(step)
+  from score_jax import parallel
   damaged = []
   for s in reversed(steps):
+    error = None
     try:
-      return s, restore_fn(s)
+      result = restore_fn(s)
     except DamagedCheckpointError as e:
-      if not paths.isdir(_step_path(manager, s)):
-        continue  # rotated away by the writer while this reader read it
-      damaged.append(s)
-      if move_damaged:
-        dest = _move_aside(manager, s)
-        print(f"warning: {e}; moved to {dest}, using the next older step", file=sys.stderr)
+      error = e
+    # Every process reads and verifies the step itself; a step is used only when it verified on
+    # all of them, so they all resume from the same one.
+    if parallel.all_processes(error is None):
+      return s, result
+    if error is None:
+      error = _damaged(manager, s, "it failed to verify on another process")
+    if not paths.isdir(_step_path(manager, s)):
+      continue  # rotated away by the writer while this reader read it
+    damaged.append(s)
+    if move_damaged:
+      # Process 0 moves it; the others wait for the move, then see the new layout.
+      dest = _move_aside(manager, s) if parallel.is_main_process() else None
+      parallel.sync(f"score_jax_moved_damaged_{s}")
+      if dest is None:
+        manager.reload()
       else:
-        print(f"warning: {e}; skipped, using the next older step", file=sys.stderr)
+        print(f"warning: {error}; moved to {dest}, using the next older step", file=sys.stderr)
+    elif parallel.is_main_process():
+      print(f"warning: {error}; skipped, using the next older step", file=sys.stderr)
   if damaged:
     raise CheckpointError(f"every checkpoint in {manager.directory} is damaged (steps "
                           f"{sorted(damaged)}); restore a copy or start a new --workdir")

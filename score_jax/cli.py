@@ -96,11 +96,11 @@ def _check_workdir(workdir: str, mode: str) -> None:
     raise UsageError(f"--workdir={e}") from None
   path = paths.as_path(workdir)
   if mode in ("train", "sweep"):
-    # A URL workdir is shared by every host of a multi-host run, which would see the main host's
-    # lock object; only the main process, the one that takes the lock, checks it there.
+    # Every process of a multi-host run shares the workdir and would see its own job's lock:
+    # process 0, the one that takes the lock, checks it and tells the others.
     from score_jax import parallel
-    if paths.is_local(path) or parallel.is_main_process():
-      workdir_lock.raise_if_held(os.fspath(path))
+    parallel.main_process_decides(lambda: workdir_lock.raise_if_held(os.fspath(path)),
+                                  workdir_lock.WorkdirLockedError)
   elif not path.is_dir():
     raise UsageError(f"--workdir={workdir}: {path} does not exist, so it holds no checkpoint; "
                      "train first or pass the run's --workdir")
@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except train.Preempted as e:
+    print(e, file=sys.stderr)
+    return 0
   except (train.TrainingError, experiment.NonFiniteSamplesError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

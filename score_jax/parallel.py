@@ -41,8 +41,10 @@ PyTree = Any
 # A process that stops answering (killed, out of memory, its host gone) is declared dead by the
 # coordination service after HEARTBEAT_TIMEOUT_S, which then ends every other process with an
 # error instead of leaving it blocked in a collective; SHUTDOWN_TIMEOUT_S bounds the wait for the
-# others at exit, INIT_TIMEOUT_S the wait for all processes to join at the start.
-HEARTBEAT_TIMEOUT_S = 30
+# others at exit, INIT_TIMEOUT_S the wait for all processes to join at the start. The heartbeat
+# timeout is also how long a busy coordinator may take to answer a heartbeat before the job is
+# declared failed, so it is not made much shorter than JAX's own default (100 s).
+HEARTBEAT_TIMEOUT_S = 90
 SHUTDOWN_TIMEOUT_S = 30
 INIT_TIMEOUT_S = 300
 
@@ -85,6 +87,83 @@ def local_device_count() -> int:
 def is_main_process() -> bool:
   """Whether this process writes logs, plots and samples."""
   return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` is true on every process; every process must call it."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+_TEXT_BYTES = 4096
+
+
+def main_process_decides(check: Callable[[], None], error_type: type[Exception]) -> None:
+  """Runs `check` on process 0 alone; an `error_type` it raises is raised on every process.
+
+  For decisions that must be taken once and reach every process (the workdir's writer lock):
+  process 0's error message is broadcast, so every process fails the same way, or none does.
+  """
+  message = ""
+  if jax.process_index() == 0:
+    try:
+      check()
+    except error_type as e:
+      message = str(e) or type(e).__name__
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    data = message.encode()[:_TEXT_BYTES]
+    buf = np.zeros(_TEXT_BYTES + 1, np.uint8)
+    buf[0], buf[1:1 + len(data)] = bool(data), np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    message = bytes(buf[1:]).rstrip(b"\0").decode(errors="replace") if buf[0] else ""
+  if message:
+    raise error_type(message)
+
+
+class PreemptionWatch:
+  """Whether every process should stop now and checkpoint (SIGTERM: preemption, spot VMs).
+
+  With a multi-host job, JAX's preemption service catches SIGTERM on any process and agrees on a
+  step all processes reach (`multihost_utils.reached_preemption_sync_point`); `should_stop(n)`
+  is then true on every process at the same `n`. It must be called by every process with the same
+  increasing `n` (one per dispatch). With one process a SIGTERM handler sets the flag; `close`
+  puts the previous handler back. Outside the main thread (a library caller's worker thread)
+  Python cannot install one, and SIGTERM keeps its previous meaning.
+  """
+
+  def __init__(self):
+    import signal
+    import threading
+    self._service = jax.distributed.is_initialized()
+    self._signal = signal
+    self._received = False
+    self._old = None
+    if not self._service and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):
+    self._received = True
+
+  def should_stop(self, n: int) -> bool:
+    if self._service:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(n)
+    return self._received
+
+  def close(self) -> None:
+    if self._old is not None:
+      self._signal.signal(self._signal.SIGTERM, self._old)
+      self._old = None
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

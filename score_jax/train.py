@@ -24,6 +24,15 @@ class TrainingError(RuntimeError):
   """Training cannot go on (for example a non-finite loss)."""
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint at a step every process agreed on."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"stopped at step {step} on SIGTERM (preemption); checkpoint {step} saved "
+                     f"in {workdir}; rerun the same command to resume")
+    self.step = step
+
+
 
 def _reduce_interval(history: list[dict]) -> dict[str, Any]:
   """Averages a logging interval's metrics (per step, or stacked `[k]` per fused dispatch).
@@ -103,8 +112,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = experiment.iterator_from_config(config, split=config.data.split,
                                                seed=config.seed, batch_size=local_batch)
   # One writer per workdir, locked before anything is written there (a refused run changes
-  # nothing); the lock goes with the process, so a crash releases it.
-  lock = workdir_lock.WorkdirLock(workdir).acquire() if parallel.is_main_process() else None
+  # nothing); the lock goes with the process, so a crash releases it. Process 0 alone takes it,
+  # and its decision reaches every process: a refused lock ends all of them the same way.
+  lock = None
+
+  def take_lock():
+    nonlocal lock
+    lock = workdir_lock.WorkdirLock(workdir).acquire()
+
+  parallel.main_process_decides(take_lock, workdir_lock.WorkdirLockedError)
   try:
     return _train_locked(config, workdir, mesh=mesh, model=model, loss_kwargs=loss_kwargs,
                          local_batch=local_batch, train_iter=train_iter)
@@ -195,6 +211,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   def last_good() -> str:
     return f"last good checkpoint: {'none' if last_saved is None else last_saved} in {workdir}"
 
+  preemption = parallel.PreemptionWatch()
+  preempted = False
   try:
     while step < t.num_train_steps:
       state, metrics = p_train_step(state, next_batch(), run_rng)
@@ -236,7 +254,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
               f"stopped and nothing was saved ({last_good()}). Lower optim.lr, set "
               "optim.grad_clip, or check the data range")
 
-      if step % t.ckpt_every_steps == 0 or step == t.num_train_steps:
+      # Every process asks at every dispatch, so all of them stop at the same step.
+      preempted = preemption.should_stop(step // k)
+      if step % t.ckpt_every_steps == 0 or step == t.num_train_steps or preempted:
         raise_if_nonfinite()
         try:
           checkpoint.save(manager, step, state, data_state=train_iter.get_state(),
@@ -246,11 +266,16 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
           raise TrainingError(f"{e}; training stopped ({last_good()}). Lower optim.lr, set "
                               "optim.grad_clip, or check the data range") from None
         last_saved = step
+      if preempted:
+        break
   finally:
+    preemption.close()
     progress.close()
     checkpoint.wait(manager)
     manager.close()
     if writer:
       writer.close()
+  if preempted:
+    raise Preempted(step, workdir)
   return state
 

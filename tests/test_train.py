@@ -206,3 +206,29 @@ def test_dispatch_window_bounds_pending_steps():
     assert len(window._pending) <= 2
   with pytest.raises(ValueError, match="at least one step"):
     parallel.DispatchWindow(limit=0)
+
+
+def test_preemption_watch_of_one_process_sees_sigterm_and_restores_the_handler():
+  import os
+  import signal
+  before = signal.getsignal(signal.SIGTERM)
+  watch = parallel.PreemptionWatch()
+  try:
+    assert not watch.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watch.should_stop(2)
+  finally:
+    watch.close()
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_main_process_decides_raises_its_error_type_only():
+  from score_jax import workdir_lock
+
+  def refuse():
+    raise workdir_lock.WorkdirLockedError("held by someone")
+
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="held by someone"):
+    parallel.main_process_decides(refuse, workdir_lock.WorkdirLockedError)
+  parallel.main_process_decides(lambda: None, workdir_lock.WorkdirLockedError)
+  assert parallel.all_processes(True) and not parallel.all_processes(False)
