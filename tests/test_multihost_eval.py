@@ -107,7 +107,8 @@ def test_convert_refuses_several_processes_in_one_line(tmp_path):
                 f"--checkpoint={tmp_path / 'absent.pth'}", "--config=configs/test.py",
                 f"--workdir={tmp_path / 'out'}")
   assert proc.returncode == 2, proc.stderr
-  assert "[p0] error: --num_processes=2: conversion reads one file" in proc.stderr
+  # The first process to refuse ends the job; the others may be stopped before they print.
+  assert "] error: --num_processes=2: conversion reads one file" in proc.stderr
   assert not (tmp_path / "out").exists()
 
 
@@ -263,9 +264,9 @@ def test_image_bits_per_dim_equal_one_process(image_run, tmp_path):
   # The toy's likelihood agrees to 1e-5. Here the number of accepted solver steps differs
   # between layouts (NFE 85.5 and 87 seen): float rounding of the image network, amplified by
   # the adaptive solver at rtol=atol=1e-2, gives differences of the order of that tolerance
-  # (1.5e-4 relative seen).
-  for key in ("mean", "se"):
-    assert b[key] == pytest.approx(a[key], rel=1e-3), key
+  # (1.5e-4 relative seen on the mean; 1.3e-3 bits/dim on its standard error).
+  assert b["mean"] == pytest.approx(a["mean"], rel=1e-3)
+  assert b["se"] == pytest.approx(a["se"], abs=5e-3)
   assert b["num_failed"] == a["num_failed"] == 0 and b["num_examples"] == 12
 
 
