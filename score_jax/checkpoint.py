@@ -495,6 +495,8 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
   from score_jax import parallel
   damaged: list[int] = []
   gone: set[int] = set()
+  reasons: list[str] = []
+  skipped: list[str] = []
   while True:
     candidates = [s for s in steps if s not in damaged and s not in gone]
     if not candidates:
@@ -510,6 +512,9 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
     # Every process reads and verifies the step itself; a step is used only when it verified on
     # all of them, so they all resume from the same one.
     if parallel.all_processes(error is None):
+      if parallel.is_main_process():
+        for line in skipped:
+          print(line, file=sys.stderr)
       return s, result
     if not paths.isdir(_step_path(manager, s)):
       # Rotated away by the writer while this reader read it: the newest step now is newer.
@@ -519,6 +524,7 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
     if error is None:
       error = _damaged(manager, s, "it failed to verify on another process")
     damaged.append(s)
+    reasons.append(str(error))
     if move_damaged:
       # Process 0 moves it; the others wait for the move, then see the new layout.
       dest = _move_aside(manager, s) if parallel.is_main_process() else None
@@ -527,9 +533,12 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
         manager.reload()
       else:
         print(f"warning: {error}; moved to {dest}, using the next older step", file=sys.stderr)
-    elif parallel.is_main_process():
-      print(f"warning: {error}; skipped, using the next older step", file=sys.stderr)
+    else:
+      # A reader changes nothing on disk: its skips are reported once it has a step, and when
+      # none is left the one error line carries the newest step's reason.
+      skipped.append(f"warning: {error}; skipped, using the next older step")
   if damaged:
     raise CheckpointError(f"every checkpoint in {manager.directory} is damaged (steps "
-                          f"{sorted(damaged)}); restore a copy or start a new --workdir")
+                          f"{sorted(damaged)}; the newest: {reasons[0]}); restore a copy or start "
+                          "a new --workdir")
   return None

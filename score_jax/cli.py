@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = _shipped_configs(sys.argv if argv is None else argv)
   if any(key.startswith("model.") for key in _cli_override_keys(argv)):
     from score_jax import experiment
-    moved = experiment.moved_flag_error(argv)
+    moved = experiment.moved_flag_error(argv, config_schema.FIELDS)
     if moved:
       print(f"error: {moved}", file=sys.stderr)
       return 2

@@ -457,6 +457,21 @@ def _example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (d.toy_dim,) if one != two else (one,)
 
 
+def reference_split(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """The split and image count of computed reference statistics.
+
+  `eval.reference_split` (None: `data.eval_split`) and `eval.reference_num_images` (None:
+  `eval.num_samples`). The papers' protocol: the 50k CIFAR-10 training images (the TTUR
+  statistics of NCSNv2 and the adversarial/CAS paper), the CelebA test set.
+  """
+  ev = config.eval
+  split = ev.reference_split or config.data.eval_split
+  n = ev.reference_num_images or ev.num_samples
+  if n < 2:
+    raise ValueError(f"eval.reference_num_images={n}: reference statistics need at least 2 images")
+  return split, int(n)
+
+
 def _check_reference_size(config: ml_collections.ConfigDict) -> None:
   """UsageError when computed reference statistics would need more images than their split.
 
@@ -464,11 +479,10 @@ def _check_reference_size(config: ml_collections.ConfigDict) -> None:
   network is loaded and samples are drawn.
   """
   from score_jax import data, image_data
-  from score_jax.eval import reference_stats
   d, ev = config.data, config.eval
   if data.is_toy(d.dataset) or ev.reference_stats:
     return
-  split, n = _wrap("eval.reference_num_images", "", reference_stats.reference_split, config)
+  split, n = _wrap("eval.reference_num_images", "", reference_split, config)
   try:
     available = image_data.num_records(dataset=d.dataset, split=split, data_dir=d.data_dir,
                                        path=d.path)

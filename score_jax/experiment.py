@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import flax.linen as nn
 import jax
@@ -241,15 +241,19 @@ def moved_field_hint(name: str, prefix: str = "") -> str:
   return hint + (f" ({prefix}model.{unet} for the UNet)" if unet else "")
 
 
-def moved_flag_error(argv: list[str]) -> str:
+def moved_flag_error(argv: list[str], fields: Container[str]) -> str:
   """The one-line error for the first `--config.model.X=...` flag in `argv` that names an old flat
   model field (with the field it is now), or "" when there is none; every command checks its
-  flags with it before ml_collections reports a bare AttributeError."""
-  from score_jax import config_schema
+  flags with it before ml_collections reports a bare AttributeError.
+
+  Args:
+    argv: the command line.
+    fields: the dotted names of today's config fields (`config_schema.FIELDS`).
+  """
   for arg in argv:
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=", 1)[0]
-      if key not in config_schema.FIELDS:
+      if key not in fields:
         hint = moved_field_hint(key, prefix="--config.")
         if hint:
           return f"--config.{key} is not a config field{hint}"

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                   "or `-m MODULE args` / `SCRIPT.py args`.",
       epilog="example: python -m score_jax.launch --num_processes=2 --devices_per_process=4 -- "
              "--config=configs/test.py --workdir=runs/mh")
+  p.add_argument("--helpfull", action="help", help="the same as --help")
   p.add_argument("--num_processes", type=int, required=True, help="processes to start (N >= 1)")
   p.add_argument("--devices_per_process", type=int, default=1,
                  help="simulated CPU devices per process (K >= 1; ignored with --platform)")

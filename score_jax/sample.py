@@ -137,13 +137,19 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
     for method, m in results.items():
       writer.write(step, {}, **{k: v for k, v in m.items() if k != "step"})
     # This step's PNGs (grids, comparison, trajectories) in TensorBoard beside the scalars.
-    pngs = sorted(paths.as_path(out_dir).glob(f"*step{step}*.png"))
-    writer.write_images(step, {f"samples/{p.name.replace(f'_step{step}', '').removesuffix('.png')}":
-                               p.read_bytes() for p in pngs})
+    # Read back by name through `paths` (a glob's path objects do not round-trip gs:// URLs).
+    names = sorted(p.name for p in paths.as_path(out_dir).glob(f"*step{step}*.png"))
+    writer.write_images(step, {f"samples/{n.replace(f'_step{step}', '').removesuffix('.png')}":
+                               _read_bytes(paths.join(out_dir, n)) for n in names})
     writer.close()
     paths.write_text(paths.join(out_dir, f"metrics_step{step}.json"),
                      json.dumps(results, indent=2))
   return results
+
+
+def _read_bytes(path: str) -> bytes:
+  with paths.open_file(path, "rb") as f:
+    return f.read()
 
 
 def _denoise_in_batches(config: ml_collections.ConfigDict, state: TrainState, x: np.ndarray,

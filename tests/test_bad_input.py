@@ -252,7 +252,7 @@ def test_eval_num_samples_beyond_the_reference_split_is_refused_before_work(tmp_
 
 
 def test_non_finite_ema_workdir_is_refused_by_likelihood_and_export(tmp_path, monkeypatch):
-  """A library-side fault, not bad input: one line, exit 1, the workdir unchanged."""
+  """One line, exit 2, the workdir unchanged."""
   import jax
   import jax.numpy as jnp
 
@@ -271,9 +271,11 @@ def test_non_finite_ema_workdir_is_refused_by_likelihood_and_export(tmp_path, mo
   manager.close()
   monkeypatch.undo()
   before = _tree_digest(workdir)
-  cases = {"likelihood": ([], "EMA parameters of step 5 are not finite"),
+  # A non-finite state on disk is a damaged checkpoint (its digest notwithstanding): readers
+  # refuse it, naming why, before any work.
+  cases = {"likelihood": ([], "it holds non-finite values"),
            "export": ([f"--export_path={tmp_path / 'model.msgpack'}"],
-                      "refusing to export non-finite parameters")}
+                      "it holds non-finite values")}
   for mode, (extra, expect) in cases.items():
     proc = start_main(f"--mode={mode}", f"--workdir={workdir}", *extra, devices=8)
     try:
@@ -282,7 +284,7 @@ def test_non_finite_ema_workdir_is_refused_by_likelihood_and_export(tmp_path, mo
       proc.kill()
       raise
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert proc.returncode == 1, f"{mode}: exit {proc.returncode}\n{err[-2000:]}"
+    assert proc.returncode == 2, f"{mode}: exit {proc.returncode}\n{err[-2000:]}"
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], err[-2000:]
   assert not (tmp_path / "model.msgpack").exists()
   assert _tree_digest(workdir) == before

@@ -26,7 +26,7 @@ from score_jax.metric_writers import MetricWriter
 SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "corrector_steps",
                 "denoise", "init", "eta", "ladder", "num_steps", "rho", "sigma_max", "sigma_min",
                 "s_churn", "s_tmin", "s_tmax", "s_noise", "abs_tol", "rel_tol", "h_init", "safety",
-                "exponent", "h_max_factor", "max_iters")
+                "exponent", "h_max_factor", "max_iters", "noise")
 # What a row was evaluated at, as opposed to what it measured (the CSV's first columns).
 # What a row was measured against: the feature network's weights and the reference statistics
 # (digests; absent for toys, whose reference is the exact distribution).

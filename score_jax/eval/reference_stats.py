@@ -20,24 +20,9 @@ import numpy as np
 
 from score_jax import experiment, image_data, parallel, progress
 from score_jax import paths as storage
-from score_jax.config_schema import UsageError
+from score_jax.config_schema import UsageError, reference_split
 from score_jax.eval import metrics
 from score_jax.eval.feature_nets import Features
-
-
-def reference_split(config: ml_collections.ConfigDict) -> tuple[str, int]:
-  """The split and image count of computed reference statistics.
-
-  `eval.reference_split` (None: `data.eval_split`) and `eval.reference_num_images` (None:
-  `eval.num_samples`). The papers' protocol: the 50k CIFAR-10 training images (the TTUR
-  statistics of NCSNv2 and the adversarial/CAS paper), the CelebA test set.
-  """
-  ev = config.eval
-  split = ev.reference_split or config.data.eval_split
-  n = ev.reference_num_images or ev.num_samples
-  if n < 2:
-    raise ValueError(f"eval.reference_num_images={n}: reference statistics need at least 2 images")
-  return split, int(n)
 
 
 def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
