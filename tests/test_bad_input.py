@@ -350,6 +350,7 @@ def _remount(mount: pathlib.Path, options: str) -> None:
   subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
 
 
+@pytest.mark.e2e
 def test_full_disk_and_read_only_workdir_are_one_line_and_lose_nothing(small_disk):
   from conftest import run_main
   workdir = small_disk / "run"

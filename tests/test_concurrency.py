@@ -128,6 +128,7 @@ def _start(args: list[str], log: pathlib.Path, devices: int = 1) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=err, text=True)
 
 
+@pytest.mark.e2e
 def test_readers_survive_the_writers_rotation(tmp_path):
   workdir = tmp_path / "run"
   trainer = _start(["main.py", "--config=configs/test.py", f"--workdir={workdir}",
