@@ -103,7 +103,7 @@ def test_training_equals_one_process_and_rows_are_written_once(reference, tmp_pa
   np.testing.assert_allclose([l for _, l in rows], [l for _, l in _train_rows(reference)],
                              rtol=1e-4)
   assert sum(1 for r in _rows(tmp_path) if "eval_loss_ema" in r) == 2
-  assert r.stdout.count("results in") == 1 and "[p0] results in" in r.stdout
+  assert r.stdout.count("wrote to ") == 1 and "[p0] wrote to " in r.stdout
 
 
 def test_resume_across_layouts(reference, tmp_path):
@@ -190,7 +190,7 @@ def test_sigterm_to_all_saves_an_agreed_step_exits_0_and_resumes_exactly(referen
   assert len(step) == 1, stopped  # the same step on both processes
   saved = step.pop()
   assert (tmp_path / "checkpoints" / str(saved)).is_dir()
-  assert saved < 20 and "results in" not in out
+  assert saved < 20 and "wrote to " not in out
   r = _run_launch(2, 4, *args)
   assert r.returncode == 0, r.stderr
   assert f"[p0] resumed from checkpoint {saved}" in r.stdout
