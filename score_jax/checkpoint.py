@@ -516,8 +516,9 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
         for line in skipped:
           print(line, file=sys.stderr)
       return s, result
-    if not paths.isdir(_step_path(manager, s)):
-      # Rotated away by the writer while this reader read it: the newest step now is newer.
+    # Rotated away by the writer while this reader read it: the newest step now is newer. Asked
+    # of process 0 alone, before it moves anything aside, so every process takes the same branch.
+    if parallel.from_main(lambda: not paths.isdir(_step_path(manager, s))):
       gone.add(s)
       steps = _relisted(manager)
       continue
