@@ -39,6 +39,7 @@ there need Cloud Storage itself, or a server speaking its JSON API that every cl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,10 +154,9 @@ def _purge_rotated(manager: ocp.CheckpointManager, *, idle: bool = False) -> Non
   for name in os.listdir(root):
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
   if idle:
-    try:
+    # OSError when not empty: another host's rotation of a shared directory refilled it.
+    with contextlib.suppress(OSError):
       os.rmdir(root)
-    except OSError:
-      pass  # not empty: another host's rotation of a shared directory
 
 
 def damaged_steps(workdir: str) -> list[str]:
