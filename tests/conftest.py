@@ -28,6 +28,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+import numpy as np  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The timeout of every test subprocess: a bound against a hang, never an expectation of speed (a
@@ -118,3 +119,15 @@ _LONG_MODULES = ("test_notebook.py", "test_image_train.py", "test_main.py", "tes
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=lambda item: item.path.name not in _LONG_MODULES)
+
+
+def synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
+  """Bright random strokes on black, [n, 28, 28] uint8: digit-like statistics, no data needed."""
+  rng = np.random.default_rng(seed)
+  images = np.zeros((n, 28, 28), np.uint8)
+  for img in images:
+    for _ in range(3):
+      r, c = rng.integers(4, 24, 2)
+      img[r - 3:r + 3, c - 1:c + 1] = 255
+      img[r - 1:r + 1, c - 3:c + 3] = rng.integers(128, 256)
+  return images

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S, run_main
+from conftest import HANG_TIMEOUT_S, run_main, synthetic_digits
 from PIL import Image
 
 from configs import test as test_config
@@ -291,17 +291,6 @@ def _to_data_range(images_uint8: np.ndarray, *, centered: bool) -> np.ndarray:
   return 2.0 * x - 1.0 if centered else x
 
 
-def _synthetic_digits(n: int, seed: int = 0) -> np.ndarray:
-  """Bright random strokes on black, [n, 28, 28] uint8: digit-like statistics, no data needed."""
-  rng = np.random.default_rng(seed)
-  images = np.zeros((n, 28, 28), np.uint8)
-  for img in images:
-    for _ in range(3):
-      r, c = rng.integers(4, 24, 2)
-      img[r - 3:r + 3, c - 1:c + 1] = 255
-      img[r - 1:r + 1, c - 3:c + 3] = rng.integers(128, 256)
-  return images
-
 
 def _fresh_classifier(path: pathlib.Path, seed: int = 0) -> str:
   params = mnist_classifier.MnistClassifier().init(
@@ -346,7 +335,7 @@ def test_missing_classifier_weights_name_the_training_command(tmp_path, monkeypa
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_classifier_evaluator_end_to_end_with_an_untrained_classifier(tmp_path, centered):
-  digits = _synthetic_digits(200)
+  digits = synthetic_digits(200)
   weights = _fresh_classifier(tmp_path / "classifier.npz")
   config = _mnist_config(tmp_path, digits, weights, centered=centered, num_samples=160)
   workdir = str(tmp_path / "run")
@@ -377,7 +366,7 @@ def test_classifier_evaluator_end_to_end_with_an_untrained_classifier(tmp_path, 
 
 
 def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
-  digits = _synthetic_digits(80)
+  digits = synthetic_digits(80)
   config = _mnist_config(tmp_path, digits, _fresh_classifier(tmp_path / "a.npz", seed=0),
                          centered=False, num_samples=64)
   workdir = str(tmp_path / "run")

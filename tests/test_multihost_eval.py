@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_env, run_main
+from conftest import REPO, main_env, run_main, synthetic_digits
 from PIL import Image
 
 pytestmark = pytest.mark.multihost
@@ -214,17 +214,6 @@ def test_export_on_two_processes_writes_the_file_of_one(toy_run, tmp_path):
 # Image runs: bits/dim, MNIST-classifier features and FID, inpainting.
 
 
-def _synthetic_digits(n: int) -> np.ndarray:
-  """Bright random strokes on black, `[n, 28, 28]` uint8."""
-  rng = np.random.default_rng(0)
-  images = np.zeros((n, 28, 28), np.uint8)
-  for img in images:
-    for _ in range(3):
-      r, c = rng.integers(4, 24, 2)
-      img[r - 3:r + 3, c - 1:c + 1] = 255
-      img[r - 1:r + 1, c - 3:c + 3] = rng.integers(128, 256)
-  return images
-
 
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
@@ -233,7 +222,7 @@ def image_run(tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
   from score_jax import convert, experiment, models
   from score_jax.eval import mnist_classifier
   root = tmp_path_factory.mktemp("image")
-  np.savez(root / "digits.npz", x=_synthetic_digits(48))
+  np.savez(root / "digits.npz", x=synthetic_digits(48))
   weights = root / "classifier.npz"
   params = mnist_classifier.MnistClassifier().init(
       jax.random.key(0), np.zeros((1, *mnist_classifier.IMAGE_SHAPE), np.float32))["params"]
