@@ -211,9 +211,9 @@ def _apply_overrides(config, overrides: dict):
         raise UsageError(f"override {dotted!r} names no config field")
       node = node[p]
     if leaf not in node:
-      from score_jax import experiment
+      from score_jax import stored_config
       raise UsageError(f"override {dotted!r} names no config field"
-                       f"{experiment.moved_field_hint(dotted)}")
+                       f"{stored_config.moved_field_hint(dotted)}")
     try:
       node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
     except TypeError as e:
@@ -311,11 +311,11 @@ def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
 def _reader_config(config, workdir: str, mode: str):
   """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
   against the checkpoint, or else the checkpoint's config with this command's overrides."""
-  from score_jax import experiment
+  from score_jax import experiment, stored_config
   loaded_config, state = experiment.load_checkpoint(
       workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)
   if FLAGS["config"].present:
-    experiment.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
+    stored_config.check_compatible(json.loads(loaded_config.to_json()), config, workdir)
   else:
     config = _with_cli_overrides(loaded_config, config)
     validate(config, mode, FLAGS.num_devices)
@@ -496,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
   status. `argv` defaults to `sys.argv`."""
   argv = _shipped_configs(sys.argv if argv is None else argv)
   if any(key.startswith("model.") for key in _cli_override_keys(argv)):
-    from score_jax import experiment
-    moved = experiment.moved_flag_error(argv, config_schema.FIELDS)
+    from score_jax import stored_config
+    moved = stored_config.moved_flag_error(argv, config_schema.FIELDS)
     if moved:
       print(f"error: {moved}", file=sys.stderr)
       return 2

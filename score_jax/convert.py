@@ -548,8 +548,8 @@ def main(argv: list[str]) -> int:
   from absl import flags
   from ml_collections import config_flags
 
-  from score_jax import config_schema, experiment
-  moved = experiment.moved_flag_error(argv, config_schema.FIELDS)
+  from score_jax import config_schema, stored_config
+  moved = stored_config.moved_flag_error(argv, config_schema.FIELDS)
   if moved:
     print(f"error: {moved}", file=sys.stderr)
     return 2

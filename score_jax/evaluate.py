@@ -47,7 +47,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import checkpoint, experiment, noise, parallel, samplers
+from score_jax import checkpoint, experiment, noise, parallel, samplers, stored_config
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError, sampler_fix_hint
 from score_jax.eval import sweep
@@ -103,7 +103,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None,
              allow_undigested: bool) -> TrainState:
   """The checkpoint's state, after checking that `config` describes the same model and data."""
   stored, state = experiment.load_checkpoint(workdir, step, allow_undigested=allow_undigested)
-  experiment.check_compatible(json.loads(stored.to_json()), config, workdir)
+  stored_config.check_compatible(json.loads(stored.to_json()), config, workdir)
   return state
 
 

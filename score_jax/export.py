@@ -199,7 +199,7 @@ def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Exp
   """
   import jax.numpy as jnp
   from score_jax import models
-  from score_jax.experiment import config_from_dict
+  from score_jax.stored_config import config_from_dict
   from score_jax.experiment import example_shape
 
   source = os.fspath(path_or_url)

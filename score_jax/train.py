@@ -15,7 +15,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import checkpoint, experiment, models, parallel, steps, workdir_lock
+from score_jax import (checkpoint, experiment, models, parallel, steps, stored_config,
+                       workdir_lock)
 from score_jax import progress as progress_lib
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState, param_count
@@ -133,7 +134,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   state = parallel.replicate(experiment.init_state(config, model), mesh)
 
   def read(s: int):
-    experiment.check_compatible(
+    stored_config.check_compatible(
         checkpoint.restore_config(manager, s, allow_undigested=allow_undigested), config, workdir)
     return checkpoint.restore(manager, s, state, allow_undigested=allow_undigested)
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import HANG_TIMEOUT_S, start_main
 
 from configs import test as test_config
-from score_jax import checkpoint, cli, experiment
+from score_jax import checkpoint, cli, experiment, stored_config
 from score_jax.config_schema import UsageError
 
 # (overrides of configs/test.py, mode, text the one-line error must contain)
@@ -168,7 +168,7 @@ def test_incompatible_checkpoint_names_the_field():
   stored = json.loads(test_config.get_config().to_json())
   config = _config({"model.mlp.hidden": 16})
   with pytest.raises(checkpoint.CheckpointError, match="incompatible run.*model"):
-    experiment.check_compatible(stored, config, "runs/x")
+    stored_config.check_compatible(stored, config, "runs/x")
 
 
 def _tree_digest(root: pathlib.Path) -> str:

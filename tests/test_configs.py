@@ -6,13 +6,13 @@ import pathlib
 
 import pytest
 
-from score_jax import experiment
+from score_jax import experiment, stored_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_sampler_kwargs_are_the_samplers_own_arguments():
-  config = experiment.config_from_dict({})
+  config = stored_config.config_from_dict({})
   assert experiment.sampler_kwargs(config, "als") == {"step_lr": 0.0005, "steps_per_sigma": 100,
                                                       "denoise": True}
   assert experiment.sampler_kwargs(config, "cas") == {"step_lr": 0.00055, "n_sigma": 10,
@@ -29,7 +29,7 @@ def test_sampler_kwargs_are_the_samplers_own_arguments():
 def test_only_the_annealed_chains_start_from_sampling_init():
   """ALS and CAS start where `sampling.init` says (U[0, 1] for NCSN images); PC, the ODE samplers
   and the adaptive solver discretize the VE SDE/ODE and start from its prior N(0, sigma_max^2)."""
-  config = experiment.config_from_dict({"sampling": {"init": "uniform"}})
+  config = stored_config.config_from_dict({"sampling": {"init": "uniform"}})
   inits = {m: experiment.sampler_init(config, m) for m in experiment.SAMPLERS}
   assert inits == {m: "uniform" if m in ("als", "cas") else "gaussian" for m in experiment.SAMPLERS}
 
@@ -37,13 +37,13 @@ def test_only_the_annealed_chains_start_from_sampling_init():
 def test_stored_config_with_one_step_lr_loads_into_the_sampler_groups():
   old = {"sampling": {"method": "als", "step_lr": 2e-5, "steps_per_sigma": 7, "n_sigma": 20,
                       "snr": 0.2, "also_cas": True, "cas_step_lr": 3e-5, "num_samples": 64}}
-  config = experiment.config_from_dict(old)
+  config = stored_config.config_from_dict(old)
   s = config.sampling
   assert (s.als.step_lr, s.als.steps_per_sigma) == (2e-5, 7)
   assert (s.cas.step_lr, s.cas.n_sigma) == (3e-5, 20)
   assert (s.pc.snr, s.pc.corrector_steps) == (0.2, 7)
   assert s.methods == ("als", "cas") and s.num_samples == 64
-  cas_only = experiment.config_from_dict(
+  cas_only = stored_config.config_from_dict(
       {"sampling": {"method": "cas", "step_lr": 5e-6, "also_cas": False, "cas_step_lr": 0.3}})
   assert cas_only.sampling.cas.step_lr == 5e-6 and cas_only.sampling.methods == ("cas",)
 
@@ -57,14 +57,14 @@ FLAT_MODEL = {"name": "mlp", "hidden": 16, "num_layers": 2, "activation": "elu",
 
 
 def test_stored_config_with_the_flat_model_group_loads_into_the_network_groups():
-  m = experiment.config_from_dict({"model": FLAT_MODEL}).model
+  m = stored_config.config_from_dict({"model": FLAT_MODEL}).model
   assert (m.name, m.dtype, m.remat) == ("mlp", "float32", True)
   assert (m.mlp.hidden, m.mlp.num_layers, m.mlp.activation) == (16, 2, "elu")
   assert (m.ncsn.ngf, m.ncsn.nonlinearity) == (64, "swish")
   assert (m.unet.ch, m.unet.ch_mult, m.unet.num_res_blocks, m.unet.attn_resolutions,
           m.unet.dropout, m.unet.conditional) == (128, (1, 2), 1, (8,), 0.1, True)
   # A UNet's width was `ngf` too; it is `unet.ch` now.
-  m = experiment.config_from_dict({"model": {**FLAT_MODEL, "name": "unet"}}).model
+  m = stored_config.config_from_dict({"model": {**FLAT_MODEL, "name": "unet"}}).model
   assert (m.unet.ch, m.ncsn.ngf) == (64, 128)
 
 
@@ -97,17 +97,17 @@ def test_checkpoint_with_the_flat_model_group_loads_and_resumes(tmp_path):
   finally:
     manager.close()
   assert "hidden" in raw["model"]  # the file keeps its layout; readers translate it
-  experiment.check_compatible(raw, loaded, "runs/x")
+  stored_config.check_compatible(raw, loaded, "runs/x")
   loaded.model.mlp.hidden = 32
   with pytest.raises(checkpoint.CheckpointError, match="incompatible run.*model"):
-    experiment.check_compatible(raw, loaded, "runs/x")
+    stored_config.check_compatible(raw, loaded, "runs/x")
 
 
 def test_stored_config_of_the_current_layout_round_trips():
-  config = experiment.config_from_dict({})
+  config = stored_config.config_from_dict({})
   config.sampling.cas.n_sigma = 5
   config.sampling.methods = ("pc",)
-  again = experiment.config_from_dict(json.loads(config.to_json()))
+  again = stored_config.config_from_dict(json.loads(config.to_json()))
   assert again.to_json() == config.to_json()
 
 

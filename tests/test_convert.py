@@ -17,7 +17,7 @@ import pytest
 from conftest import HANG_TIMEOUT_S
 
 from configs import default
-from score_jax import checkpoint, convert, experiment, models
+from score_jax import checkpoint, convert, experiment, models, stored_config
 from score_jax.experiment import init_state
 from score_jax.score import make_score_fn
 
@@ -139,7 +139,7 @@ def restore_workdir(workdir) -> tuple:
   manager = checkpoint.open_reader(str(workdir))
   try:
     step = checkpoint.latest_step(manager)
-    config = experiment.config_from_dict(checkpoint.restore_config(manager, step))
+    config = stored_config.config_from_dict(checkpoint.restore_config(manager, step))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),

@@ -287,7 +287,7 @@ def _test_config(**changes):
 
 
 def test_config_builds_the_continuous_edm_run():
-  from score_jax import config_schema, experiment, models
+  from score_jax import config_schema, experiment, models, stored_config
   config = _test_config(**{"noise.distribution": "log_normal", "noise.weighting": "edm",
                            "noise.sigma_data": 4.0, "model.preconditioning": "edm"})
   config_schema.validate(config, modes=("train",))
@@ -300,13 +300,13 @@ def test_config_builds_the_continuous_edm_run():
   other = _test_config(**{"noise.distribution": "log_normal", "noise.weighting": "edm",
                           "noise.sigma_data": 4.0, "model.preconditioning": "edm",
                           "noise.num_scales": 7})
-  experiment.check_compatible(stored, other, "w")
+  stored_config.check_compatible(stored, other, "w")
   with pytest.raises(checkpoint.CheckpointError, match="noise.distribution"):
-    experiment.check_compatible(stored, _test_config(**{"model.preconditioning": "edm",
-                                                        "noise.sigma_data": 4.0}), "w")
+    stored_config.check_compatible(stored, _test_config(**{"model.preconditioning": "edm",
+                                                           "noise.sigma_data": 4.0}), "w")
   ladder = json.loads(_test_config().to_json())
   with pytest.raises(checkpoint.CheckpointError, match="noise.num_scales"):
-    experiment.check_compatible(ladder, _test_config(**{"noise.num_scales": 7}), "w")
+    stored_config.check_compatible(ladder, _test_config(**{"noise.num_scales": 7}), "w")
 
 
 @pytest.mark.parametrize("changes,match", [

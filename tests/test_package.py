@@ -83,7 +83,7 @@ def test_the_shipped_configs_are_found_and_import_each_other():
   from ml_collections import config_flags
 
   from score_jax import cli
-  from score_jax.experiment import _DEFAULT_CONFIG
+  from score_jax.stored_config import _DEFAULT_CONFIG
   assert _DEFAULT_CONFIG == folder / "default.py"
   assert config_flags.get_config_filename(cli.FLAGS["config"]) == str(folder / "default.py")
 
