@@ -23,7 +23,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from score_jax import experiment, models, parallel  # noqa: E402
+from score_jax import experiment, models, parallel, sampling  # noqa: E402
 
 
 def _config(path: str):
@@ -46,9 +46,9 @@ def main() -> None:
   shape = experiment.example_shape(config)
   keys = parallel.sample_keys(jax.random.key(0), jax.numpy.arange(args.batch))
   for method in ("als", "cas", "pc"):
-    fn = experiment.make_sample_fn(model, sigmas, shape, method=method,
-                                   init=experiment.sampler_init(config, method),
-                                   **experiment.sampler_kwargs(config, method))
+    fn = sampling.make_sample_fn(model, sigmas, shape, method=method,
+                                 init=experiment.sampler_init(config, method),
+                                 **experiment.sampler_kwargs(config, method))
     one_key = jax.jit(lambda p, r: fn(p, r, args.batch))
     per_example = jax.jit(fn)
     runs = {"one_key": lambda: one_key(params, jax.random.key(1)),

@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     return _report_storage_error(e, workdir)
   # The library (Flax, Orbax, TFDS, the models) is imported once the command is known to be
   # valid, so a usage error costs only the imports its own check needs.
-  from score_jax import checkpoint, experiment, export, train
+  from score_jax import checkpoint, export, sampling, train
   try:
     run(config, workdir, mode, sweep_runs=sweep_runs)
   except (UsageError, checkpoint.CheckpointError, workdir_lock.WorkdirLockedError,
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
   except train.Preempted as e:
     print(e, file=sys.stderr)
     return 0
-  except (train.TrainingError, experiment.NonFiniteSamplesError, export.ExportError) as e:
+  except (train.TrainingError, sampling.NonFiniteSamplesError, export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except Exception as e:

@@ -76,7 +76,52 @@ def _choice(*choices: str, **kw) -> Field:
 _BOOL = Field("bool")
 _STR = Field("str")
 _OPT_STR = Field("str", optional=True)
-_SAMPLER_NAMES = ("als", "cas", "pc", "euler", "heun", "dpm_solver_pp_2m", "adaptive")
+# Each sampler's sub-group `sampling.<name>` (its keyword arguments, `sampling.SAMPLERS`); the
+# sampler names the config may choose are these sub-groups.
+_SAMPLER_FIELDS: dict[str, Field] = {
+    "sampling.als.step_lr": _pos_float(),
+    "sampling.als.steps_per_sigma": _pos_int(),
+    "sampling.cas.step_lr": _pos_float(optional=True),  # None: per-level sampling.cas.eta
+    "sampling.cas.eta": Field("tuple", 0.0, 2.0, item="float", min_len=1, optional=True),
+    "sampling.cas.n_sigma": _pos_int(),
+    "sampling.pc.snr": _pos_float(),
+    "sampling.pc.corrector_steps": _int(0),
+    "sampling.euler.ladder": _choice("trained", "geometric", "karras"),
+    "sampling.euler.num_steps": _int(2, optional=True),
+    "sampling.euler.rho": _pos_float(),
+    "sampling.euler.sigma_max": _pos_float(optional=True),
+    "sampling.euler.sigma_min": _pos_float(optional=True),
+    "sampling.euler.s_churn": _float(0.0),
+    "sampling.euler.s_tmin": _float(0.0),
+    "sampling.euler.s_tmax": _float(0.0, optional=True),
+    "sampling.euler.s_noise": _float(0.0),
+    "sampling.heun.ladder": _choice("trained", "geometric", "karras"),
+    "sampling.heun.num_steps": _int(2, optional=True),
+    "sampling.heun.rho": _pos_float(),
+    "sampling.heun.sigma_max": _pos_float(optional=True),
+    "sampling.heun.sigma_min": _pos_float(optional=True),
+    "sampling.heun.s_churn": _float(0.0),
+    "sampling.heun.s_tmin": _float(0.0),
+    "sampling.heun.s_tmax": _float(0.0, optional=True),
+    "sampling.heun.s_noise": _float(0.0),
+    "sampling.dpm_solver_pp_2m.ladder": _choice("trained", "geometric", "karras"),
+    "sampling.dpm_solver_pp_2m.num_steps": _int(2, optional=True),
+    "sampling.dpm_solver_pp_2m.rho": _pos_float(),
+    "sampling.dpm_solver_pp_2m.sigma_max": _pos_float(optional=True),
+    "sampling.dpm_solver_pp_2m.sigma_min": _pos_float(optional=True),
+    "sampling.adaptive.sigma_max": _pos_float(optional=True),
+    "sampling.adaptive.sigma_min": _pos_float(optional=True),
+    "sampling.adaptive.abs_tol": _pos_float(),
+    "sampling.adaptive.rel_tol": _pos_float(),
+    "sampling.adaptive.h_init": _float(0.0, 1.0, open_low=True),
+    "sampling.adaptive.safety": _float(0.0, 1.0, open_low=True),
+    "sampling.adaptive.exponent": _pos_float(),
+    "sampling.adaptive.h_max_factor": _float(1.0, open_low=True, optional=True),
+    "sampling.adaptive.max_iters": _pos_int(),
+    "sampling.adaptive.denoise": _BOOL,
+    "sampling.adaptive.noise": _choice("brownian_tree", "redraw"),
+}
+_SAMPLER_NAMES = tuple(dict.fromkeys(name.split(".")[1] for name in _SAMPLER_FIELDS))
 
 
 FIELDS: dict[str, Field] = {
@@ -163,47 +208,7 @@ FIELDS: dict[str, Field] = {
     "sampling.batch_size": _pos_int(),
     "sampling.save_every_levels": _pos_int(optional=True),
     "sampling.inpaint_examples": _int(0),
-    "sampling.als.step_lr": _pos_float(),
-    "sampling.als.steps_per_sigma": _pos_int(),
-    "sampling.cas.step_lr": _pos_float(optional=True),  # None: per-level sampling.cas.eta
-    "sampling.cas.eta": Field("tuple", 0.0, 2.0, item="float", min_len=1, optional=True),
-    "sampling.cas.n_sigma": _pos_int(),
-    "sampling.pc.snr": _pos_float(),
-    "sampling.pc.corrector_steps": _int(0),
-    "sampling.euler.ladder": _choice("trained", "geometric", "karras"),
-    "sampling.euler.num_steps": _int(2, optional=True),
-    "sampling.euler.rho": _pos_float(),
-    "sampling.euler.sigma_max": _pos_float(optional=True),
-    "sampling.euler.sigma_min": _pos_float(optional=True),
-    "sampling.euler.s_churn": _float(0.0),
-    "sampling.euler.s_tmin": _float(0.0),
-    "sampling.euler.s_tmax": _float(0.0, optional=True),
-    "sampling.euler.s_noise": _float(0.0),
-    "sampling.heun.ladder": _choice("trained", "geometric", "karras"),
-    "sampling.heun.num_steps": _int(2, optional=True),
-    "sampling.heun.rho": _pos_float(),
-    "sampling.heun.sigma_max": _pos_float(optional=True),
-    "sampling.heun.sigma_min": _pos_float(optional=True),
-    "sampling.heun.s_churn": _float(0.0),
-    "sampling.heun.s_tmin": _float(0.0),
-    "sampling.heun.s_tmax": _float(0.0, optional=True),
-    "sampling.heun.s_noise": _float(0.0),
-    "sampling.dpm_solver_pp_2m.ladder": _choice("trained", "geometric", "karras"),
-    "sampling.dpm_solver_pp_2m.num_steps": _int(2, optional=True),
-    "sampling.dpm_solver_pp_2m.rho": _pos_float(),
-    "sampling.dpm_solver_pp_2m.sigma_max": _pos_float(optional=True),
-    "sampling.dpm_solver_pp_2m.sigma_min": _pos_float(optional=True),
-    "sampling.adaptive.sigma_max": _pos_float(optional=True),
-    "sampling.adaptive.sigma_min": _pos_float(optional=True),
-    "sampling.adaptive.abs_tol": _pos_float(),
-    "sampling.adaptive.rel_tol": _pos_float(),
-    "sampling.adaptive.h_init": _float(0.0, 1.0, open_low=True),
-    "sampling.adaptive.safety": _float(0.0, 1.0, open_low=True),
-    "sampling.adaptive.exponent": _pos_float(),
-    "sampling.adaptive.h_max_factor": _float(1.0, open_low=True, optional=True),
-    "sampling.adaptive.max_iters": _pos_int(),
-    "sampling.adaptive.denoise": _BOOL,
-    "sampling.adaptive.noise": _choice("brownian_tree", "redraw"),
+    **_SAMPLER_FIELDS,
     # adversarial
     "adversarial.enabled": _BOOL,
     "adversarial.gan_loss": _choice(*gan.GAN_LOSSES),
@@ -583,7 +588,7 @@ def _check_adversarial(config: ml_collections.ConfigDict) -> None:
 def _check_samplers(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -> None:
   import numpy as np
 
-  from score_jax import experiment, noise, samplers
+  from score_jax import experiment, noise, samplers, sampling
   s = config.sampling
   if "sample" in modes or "train" in modes:
     if s.save_every_levels is not None and s.save_every_levels > config.noise.num_scales:
@@ -604,10 +609,10 @@ def _check_samplers(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -
       _wrap("sampling.cas.step_lr", f"set --config.sampling.cas.step_lr in ({low:.4g}, "
             f"{high:.4g}) or change noise.* / sampling.cas.n_sigma", noise.check_cas_step_lr,
             ladder, s.cas.step_lr)
-    if method in experiment.ODE_SAMPLERS:
+    if method in sampling.ODE_SAMPLERS:
       g = s[method]
       _wrap(f"sampling.{method}", "choose ladder='trained' with num_steps=None, or 'geometric'/"
-            "'karras' with num_steps >= 2", experiment.sampling_ladder,
+            "'karras' with num_steps >= 2", sampling.sampling_ladder,
             experiment.sigmas_from_config(config), ladder=g.ladder, num_steps=g.num_steps,
             rho=g.rho, sigma_max=g.sigma_max, sigma_min=g.sigma_min)
     _wrap(f"sampling.{method}", f"fix the values of --config.sampling.{method}.*",
@@ -625,11 +630,11 @@ def _trace_sampler(config: ml_collections.ConfigDict, method: str) -> None:
   import jax
   import jax.numpy as jnp
 
-  from score_jax import experiment, models
+  from score_jax import experiment, models, sampling
   net = models.NoiseConditionalMLP(hidden=1, num_layers=1)
   params = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 1)),
                                            jnp.ones((1,)))["params"])
-  sample = experiment.make_sample_fn(net, experiment.sigmas_from_config(config), (1,),
-                                     method=method, init=experiment.sampler_init(config, method),
-                                     **experiment.sampler_kwargs(config, method))
+  sample = sampling.make_sample_fn(net, experiment.sigmas_from_config(config), (1,),
+                                   method=method, init=experiment.sampler_init(config, method),
+                                   **experiment.sampler_kwargs(config, method))
   jax.eval_shape(lambda p: sample(p, jax.random.key(0), 1), params)

@@ -47,7 +47,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import checkpoint, experiment, noise, parallel, samplers, stored_config
+from score_jax import (checkpoint, experiment, noise, parallel, samplers, sampling,
+                       stored_config)
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError, sampler_fix_hint
 from score_jax.eval import sweep
@@ -89,7 +90,7 @@ def _check_finite(row: dict, *, fatal: bool) -> None:
   """Warns about a row with non-finite samples; with `fatal`, all non-finite is an error."""
   fraction = row.get("finite_fraction", 1.0)
   if fraction == 0.0 and fatal:
-    raise experiment.NonFiniteSamplesError(
+    raise sampling.NonFiniteSamplesError(
         f"all {row['num_samples']} samples at step {row['step']} are non-finite "
         f"({row['method']}, step_lr={row['step_lr']}); no metrics computed. "
         f"{sampler_fix_hint(row['method']).capitalize()} or check the checkpoint")
@@ -138,7 +139,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   """
   e0 = entries[0]
   p_sample = make_step_lr_sampler(config, entries)
-  params = experiment.sampling_params(config, state)
+  params = sampling.sampling_params(state, config.sampling.use_ema)
   sample_rng = jax.random.fold_in(rng, SAMPLE_TAG)
   cache_dir = batch_cache_dir(workdir, entries, config.eval.batch_size)
   start = time.time()
@@ -234,7 +235,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
                   "rotation (training.keep_checkpoints) before its turn; skipped",
                   file=sys.stderr, flush=True)
           continue
-        measured, cache_dir = _evaluate_sampler(sampler, experiment.sampling_params(config, state),
+        params = sampling.sampling_params(state, config.sampling.use_ema)
+        measured, cache_dir = _evaluate_sampler(sampler, params,
                                                 evaluator, entry, config, workdir, rng,
                                                 desc=f"eval step {entry['step']}")
         row = _record(writer, fresh, entry, measured)
@@ -319,8 +321,8 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
             sampler = make_checkpoint_sampler(config, method=entry["method"],
                                               **sweep.sampler_args(entry))
             measured, cache_dir = _evaluate_sampler(
-                sampler, experiment.sampling_params(config, state), evaluator, entry, config,
-                workdir, rng, desc=f"sweep {sweep.setting(entry)}")
+                sampler, sampling.sampling_params(state, config.sampling.use_ema), evaluator,
+                entry, config, workdir, rng, desc=f"sweep {sweep.setting(entry)}")
             results.append(measured)
             cache_dirs.append(cache_dir)
         for entry, measured in zip(group, results):

@@ -18,12 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from score_jax import (checkpoint, data, gan, models, noise, parallel, samplers, steps,
+from score_jax import (checkpoint, data, gan, models, noise, parallel, sampling, steps,
                        stored_config)
-from score_jax.score import make_score_fn
 from score_jax.train_state import (AdversarialState, TrainState, create_discriminator_state,
                                    create_train_state)
 
@@ -152,18 +150,6 @@ def batches_per_step(config: ml_collections.ConfigDict) -> int:
 # Sampler settings.
 
 
-# The samplers a config can name. Each takes the keyword arguments of its sub-group
-# `config.sampling.<method>`; the annealed samplers also take the shared `sampling.denoise`, and
-# the ODE samplers' sub-groups also choose the ladder they step through (`sampling_ladder`).
-SAMPLERS = {"als": samplers.annealed_langevin, "cas": samplers.consistent_annealed,
-            "pc": samplers.predictor_corrector, "euler": samplers.euler, "heun": samplers.heun,
-            "dpm_solver_pp_2m": samplers.dpm_solver_pp_2m, "adaptive": samplers.adaptive}
-ANNEALED_SAMPLERS = ("als", "cas", "pc")  # step through the trained ladder; keep trajectories.
-ODE_SAMPLERS = ("euler", "heun", "dpm_solver_pp_2m")  # step through `sampling_ladder`, end at 0.
-LADDERS = ("trained", "geometric", "karras")
-_LADDER_KEYS = ("ladder", "num_steps", "rho", "sigma_max", "sigma_min")
-
-
 def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
   """The plain keyword arguments of sampler `method` (default `sampling.method`).
 
@@ -173,27 +159,18 @@ def sampler_kwargs(config: ml_collections.ConfigDict, method: str | None = None)
   """
   s = config.sampling
   method = method or s.method
-  if method not in SAMPLERS:
-    raise ValueError(f"sampler {method!r} is unknown; use one of {', '.join(SAMPLERS)}")
+  if method not in sampling.SAMPLERS:
+    raise ValueError(f"sampler {method!r} is unknown; use one of {', '.join(sampling.SAMPLERS)}")
   kwargs = s[method].to_dict()
-  if method in ANNEALED_SAMPLERS:
+  if sampling.SAMPLERS[method].kind == "annealed":
     kwargs["denoise"] = s.denoise
   return kwargs
 
 
 def sampler_init(config: ml_collections.ConfigDict, method: str | None = None) -> str:
-  """The initial state of sampler `method`: `sampling.init` for ALS and CAS, else the VE prior.
-
-  ALS and CAS are Markov chains whose image configs start from U[0, 1] in the reference code
-  (ermongroup/ncsn `anneal_runner.py`, ermongroup/ncsnv2 `runners/ncsn_runner.py`). The other
-  samplers discretize the reverse VE SDE or its probability-flow ODE from sigma_max, whose marginal
-  they assume at the start: the prior N(0, sigma_max^2 I) (Song et al. 2021, score_sde
-  `sde_lib.py` `prior_sampling`; Karras et al. 2022, Algorithm 2, line 1; Jolicoeur-Martineau et
-  al. 2021, Algorithm 1). A deterministic ODE sampler started from U[0, 1] would carry that
-  mismatch into every sample.
-  """
-  method = method or config.sampling.method
-  return config.sampling.init if method in ("als", "cas") else "gaussian"
+  """The initial state of sampler `method`: `sampling.init` for ALS and CAS, else the VE prior
+  (`sampling.initial_state`)."""
+  return sampling.initial_state(method or config.sampling.method, config.sampling.init)
 
 
 def sampler_settings(config: ml_collections.ConfigDict, method: str | None = None) -> dict:
@@ -201,167 +178,6 @@ def sampler_settings(config: ml_collections.ConfigDict, method: str | None = Non
   method = method or config.sampling.method
   return {"method": method, "init": sampler_init(config, method),
           **sampler_kwargs(config, method)}
-
-
-def sampling_params(config: ml_collections.ConfigDict, state: TrainState) -> Any:
-  """The weights samplers use: the first EMA (`sampling.use_ema`, the NCSNv2 convention) or the
-  raw parameters (NCSN v1 keeps no EMA, ermongroup/ncsn `anneal_runner.py`)."""
-  return state.ema_params[0] if config.sampling.use_ema else state.params
-
-
-def sampling_ladder(sigmas: jax.Array, *, ladder: str = "trained", num_steps: int | None = None,
-                    rho: float = 7.0, sigma_max: float | None = None,
-                    sigma_min: float | None = None) -> jax.Array:
-  """The descending ladder `[N]` a fixed-step ODE sampler steps through (then to sigma = 0).
-
-  Args:
-    sigmas: `[L]` the trained ladder (concrete).
-    ladder: "trained" (the trained ladder itself), "geometric" (`num_steps` levels spaced
-      geometrically) or "karras" (EDM's rho-schedule, Karras et al. 2022, Eq. 5).
-    num_steps: N for "geometric" and "karras"; must be None for "trained".
-    rho: the exponent of "karras".
-    sigma_max, sigma_min: the ends of "geometric" and "karras"; None: the trained ones.
-  """
-  if ladder not in LADDERS:
-    raise ValueError(f"ladder={ladder!r} is unknown; use one of {', '.join(LADDERS)}")
-  if ladder == "trained":
-    if num_steps is not None or sigma_max is not None or sigma_min is not None:
-      raise ValueError("ladder='trained' steps through the trained sigmas: leave num_steps, "
-                       "sigma_max and sigma_min None, or choose ladder='geometric' or 'karras'")
-    return jnp.asarray(sigmas, jnp.float32)
-  if num_steps is None:
-    raise ValueError(f"ladder={ladder!r} needs num_steps (the number of levels, >= 2)")
-  hi = float(sigmas[0]) if sigma_max is None else float(sigma_max)
-  lo = float(sigmas[-1]) if sigma_min is None else float(sigma_min)
-  if ladder == "geometric":
-    return noise.geometric_sigmas(hi, lo, num_steps)
-  return noise.karras_sigmas(hi, lo, num_steps, rho)
-
-
-def make_sample_fn(model, sigmas: jax.Array, shape: tuple[int, ...], *, method: str,
-                   init: str = "gaussian", return_trajectory: bool = False,
-                   save_every: int | None = None, return_info: bool = False,
-                   **kwargs) -> Callable[..., Any]:
-  """`sample(params, rng, n)` drawing `n` samples of `shape` with the named sampler (pure).
-
-  `rng` is either one key (shape `()`: the batch's noise is drawn together, the fastest path) or
-  a batch of per-example keys `[b]` (then `n` may be None): example i's initial state and its
-  noise at every step come only from `rng[i]`, so a sample does not depend on the batch it is
-  drawn in (the convention of EDM, Karras et al. 2022). With per-example keys the trajectory
-  statistics and snapshots of `return_trajectory`/`save_every` are per example (leading axis b),
-  and the predictor-corrector's step size uses each example's own norms instead of batch means.
-
-  Args:
-    model: the score network.
-    sigmas: `[L]` descending noise ladder the network was trained on.
-    shape: shape of one sample.
-    method: a key of `SAMPLERS`.
-    init: "uniform" draws U[0, 1] as the NCSN image samplers do; "gaussian" draws the VE prior
-      N(0, sigma_start^2 I) with sigma_start the first level the sampler steps through (the
-      trained sigma_1, or the sub-group's `sigma_max`).
-    return_trajectory, save_every: passed to the annealed samplers (ALS, CAS, PC); the others
-      keep no per-level statistics and ignore them.
-    return_info: return `(samples, info)` with info["nfe"] (network evaluations per sample;
-      `[n]` for the adaptive solver). `return_trajectory` implies it.
-    **kwargs: the sampler's own keyword arguments (`sampler_kwargs`).
-
-  `sample(params, rng, n, **changes)` replaces sampler arguments at call time (they may be traced,
-  e.g. a vmapped `step_lr` grid; CAS feasibility is then the caller's to check).
-  """
-  if method not in SAMPLERS:
-    raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(SAMPLERS)}")
-  if init not in ("uniform", "gaussian"):
-    raise ValueError(f"sampling.init={init!r} is unknown; use 'uniform' or 'gaussian'")
-  kwargs = dict(kwargs)
-  if method == "cas" and kwargs.get("step_lr") is not None:
-    noise.check_cas_step_lr(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
-                            kwargs["step_lr"])
-  if method == "cas" and kwargs.get("eta") is not None:
-    eta = np.asarray(kwargs["eta"], np.float32)
-    kwargs["eta"] = float(eta.reshape(())) if eta.size == 1 else tuple(eta.tolist())
-    samplers.check_cas_eta(np.asarray(samplers.cas_ladder(sigmas, kwargs.get("n_sigma", 1))),
-                           np.asarray(kwargs["eta"]), "eta")
-  for unbounded in ("s_tmax", "h_max_factor"):  # None in the config: the sampler's default, inf
-    if unbounded in kwargs and kwargs[unbounded] is None:
-      del kwargs[unbounded]
-  ladder, start = sigmas, sigmas[0]
-  if method in ANNEALED_SAMPLERS:
-    options = dict(return_trajectory=return_trajectory, save_every=save_every,
-                   return_info=return_info)
-  else:
-    options = dict(return_info=return_info or return_trajectory)
-  if method in ODE_SAMPLERS:
-    ladder = sampling_ladder(sigmas, **{k: kwargs.pop(k) for k in _LADDER_KEYS if k in kwargs})
-    start = ladder[0]
-  elif method == "adaptive":
-    for end, default in (("sigma_max", sigmas[0]), ("sigma_min", sigmas[-1])):
-      kwargs[end] = float(default) if kwargs.get(end) is None else float(kwargs[end])
-    start = kwargs["sigma_max"]
-  sampler = SAMPLERS[method]
-  # One example per program under vmap where a batch would couple examples: PC's step size
-  # (batch-mean norms) and the trajectory statistics (batch means) are then per example.
-  one_at_a_time = return_trajectory or save_every is not None or method == "pc"
-
-  def init_state(rng, n):
-    if init == "uniform":
-      return jax.random.uniform(rng, (n, *shape))
-    return start * jax.random.normal(rng, (n, *shape))
-
-  def draw(params, x0, rng, changes):
-    args = {**kwargs, **changes, **options}
-    score_fn = make_score_fn(model, params)
-    if method == "adaptive":
-      return sampler(score_fn, x0, rng, **args)
-    return sampler(score_fn, x0, ladder, rng, **args)
-
-  def per_example(params, keys, changes):
-    pairs = jax.vmap(jax.random.split)(keys)
-    x0 = jax.vmap(lambda k: init_state(k, 1)[0])(pairs[:, 0])
-    if not one_at_a_time:
-      return draw(params, x0, pairs[:, 1], changes)
-    nfe = []
-
-    def one(x, key):
-      out = draw(params, x[None], key[None], changes)
-      if not isinstance(out, tuple):
-        return out[0]
-      x, info = out
-      if isinstance(info["nfe"], jax.Array):  # per-example counts (adaptive): out through vmap
-        info["nfe"] = info["nfe"].reshape(())
-      else:  # one static count for every example
-        nfe.append(info.pop("nfe"))
-      if "samples" in info:
-        info["samples"] = info["samples"][:, 0]
-      return x[0], info
-
-    out = jax.vmap(one)(x0, pairs[:, 1])
-    return (out[0], {**out[1], "nfe": nfe[0]}) if nfe else out
-
-  def sample(params, rng, n=None, **changes):
-    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-      raise ValueError("sample: rng must be a typed key (jax.random.key) or a batch of them, "
-                       f"got dtype {rng.dtype}")
-    if rng.ndim == 1:
-      if n is not None and n != rng.shape[0]:
-        raise ValueError(f"sample: n={n} differs from the {rng.shape[0]} per-example keys")
-      return per_example(params, rng, changes)
-    if rng.ndim != 0 or n is None:
-      raise ValueError(f"sample: rng must be one key with n given, or keys [b]; got shape "
-                       f"{rng.shape}, n={n}")
-    init_rng, rng = jax.random.split(rng)
-    return draw(params, init_state(init_rng, n), rng, changes)
-
-  return sample
-
-
-class NonFiniteSamplesError(RuntimeError):
-  """Every sample drawn is non-finite (NaN or infinite): no metric can be computed on them."""
-
-
-def finite_rows(x: np.ndarray) -> np.ndarray:
-  """`[b]` bool: whether each sample of `x` `[b, ...]` is finite everywhere."""
-  x = np.asarray(x)
-  return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
 
 
 def abstract_state(config: ml_collections.ConfigDict, model, mesh: jax.sharding.Mesh) -> Any:
@@ -412,16 +228,16 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
                  **overrides) -> Callable[..., Any]:
   """`(rng, n) -> samples` with the configured weights and sampler, on all devices.
 
-  Samples are drawn over every device of every host (`parallel.shard_sampler`) in batches of
-  `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so the
-  samples do not depend on the device count or the batch size. The result is a host array
+  Samples are drawn over every device of every host (`sampling.make_parallel_sampler`) in batches
+  of `sampling.batch_size`; sample k's trajectory comes from the key folded from `(rng, k)`, so
+  the samples do not depend on the device count or the batch size. The result is a host array
   `[n, ...]`. `sample(rng, n, start=s)` draws samples s..s+n-1 of the same sequence;
   `on_batch(count)` is called after each batch (progress bars).
 
-  `method` (a key of `SAMPLERS`) and `init` replace the config's; keyword overrides replace the
-  sampler's own arguments (`sampler_kwargs`: e.g. step_lr, steps_per_sigma, n_sigma, snr,
-  corrector_steps, denoise, ladder, num_steps, s_churn, rel_tol); `return_info=True` makes it
-  return `(samples, info)` with info["nfe"] (the mean per sample for the adaptive solver), and
+  `method` (a key of `sampling.SAMPLERS`) and `init` replace the config's; keyword overrides
+  replace the sampler's own arguments (`sampler_kwargs`: e.g. step_lr, steps_per_sigma, n_sigma,
+  snr, corrector_steps, denoise, ladder, num_steps, s_churn, rel_tol); `return_info=True` makes
+  it return `(samples, info)` with info["nfe"] (per sample `[n]` for the adaptive solver), and
   `return_trajectory=True` adds per-level statistics `[L']` averaged over the samples (x_std and
   noise_std are computed per sample, then averaged) and snapshots `[L' // save_every, n, ...]`.
   """
@@ -431,43 +247,16 @@ def make_sampler(config: ml_collections.ConfigDict, state: TrainState, *,
   if unknown:
     raise ValueError(f"make_sampler: {', '.join(unknown)} is not an argument of the {method} "
                      f"sampler; it takes {', '.join(kwargs)}")
-  kwargs.update(overrides)
-  fn = make_sample_fn(models.build(config), sigmas_from_config(config), example_shape(config),
-                      method=method, init=init or sampler_init(config, method),
-                      return_trajectory=return_trajectory, save_every=save_every,
-                      return_info=return_info, **kwargs)
-  per_sample = {}
-
-  def arrays_only(params, keys):
-    out = fn(params, keys)
-    if isinstance(out, tuple):
-      x, info = out
-      if isinstance(info.get("nfe"), int):  # a count per sample, not a per-example array
-        per_sample["nfe"] = info.pop("nfe")
-      return x, info
-    return out
-
-  p_sample = parallel.shard_sampler(arrays_only, parallel.make_mesh())
-  params = sampling_params(config, state)
+  p_sample = sampling.make_parallel_sampler(
+      models.build(config), sigmas_from_config(config), example_shape(config), method=method,
+      mesh=parallel.make_mesh(), init=init or sampler_init(config, method),
+      kwargs={**kwargs, **overrides}, return_trajectory=return_trajectory, save_every=save_every)
+  params = sampling.sampling_params(state, config.sampling.use_ema)
   batch = int(config.sampling.batch_size)
 
   def sample(rng: jax.Array, n: int, *, start: int = 0,
              on_batch: Callable[[int], None] | None = None):
-    b = min(batch, n)
-    parts = []
-    for first in range(start, start + n, b):
-      parts.append(p_sample(params, rng, first, b))
-      if on_batch is not None:
-        on_batch(min(b, start + n - first))
-    out = jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
-    if not isinstance(out, tuple):
-      return out
-    x, info = out
-    # Per-example trajectories as the samplers' batch layout: statistics averaged over the
-    # samples `[L']`, snapshots `[L' // save_every, n, ...]`; per-sample counts (the adaptive
-    # solver's nfe, accepted and rejected steps) stay `[n]`.
-    info = {k: np.swapaxes(v, 0, 1) if k == "samples" else
-            (np.mean(v, axis=0) if np.ndim(v) >= 2 else v) for k, v in info.items()}
-    return x, {**info, **per_sample}
+    x, info = p_sample.draw(params, rng, n, batch_size=batch, start=start, on_batch=on_batch)
+    return (x, info) if return_info or return_trajectory else x
 
   return sample

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, likelihood, models, parallel, plots, toy
+from score_jax import data, experiment, likelihood, models, parallel, plots, sampling, toy
 from score_jax.eval import records
 from score_jax.metric_writers import read_jsonl
 from score_jax.score import make_score_fn
@@ -55,7 +55,7 @@ _TEST_SET_ID = 0x7E57
 _KEYS_ID = 0x11C
 
 
-class NothingFiniteError(experiment.NonFiniteSamplesError):
+class NothingFiniteError(sampling.NonFiniteSamplesError):
   """Nothing finite to measure: non-finite parameters, or no solve ended in a finite value.
 
   A `NonFiniteSamplesError`, so the command line reports it in one line with exit status 1.

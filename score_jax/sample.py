@@ -17,16 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, models, parallel, paths, plots, progress, toy
+from score_jax import data, experiment, models, parallel, paths, plots, progress, sampling, toy
 from score_jax.config_schema import sampler_fix_hint
 from score_jax.experiment import sampler_kwargs, sigmas_from_config
 from score_jax.metric_writers import MetricWriter
 from score_jax.score import denoise, make_score_fn
 from score_jax.train_state import TrainState
-
-_METHOD_IDS = {"als": 1, "cas": 2, "pc": 3, "euler": 4, "heun": 5, "dpm_solver_pp_2m": 6,
-               "adaptive": 7}
-
 
 # Samples whose trajectory statistics and snapshots are kept (the first ones of the sequence).
 _TRAJECTORY_SAMPLES = 64
@@ -76,18 +72,18 @@ def sample_and_write(config: ml_collections.ConfigDict, state: TrainState, workd
   # step and `_denoise_in_batches` applies the same x + sigma_L^2 s(x, sigma_L) afterwards.
   denoise_after = not is_toy and s.denoise
   for method in methods:
-    shared_denoise = denoise_after and method in experiment.ANNEALED_SAMPLERS
+    shared_denoise = denoise_after and method in sampling.ANNEALED_SAMPLERS
     samples, trajectory, nfe = _draw(config, state, method, s.num_samples,
-                                     jax.random.fold_in(rng, _METHOD_IDS[method]),
+                                     jax.random.fold_in(rng, sampling.SAMPLERS[method].stream),
                                      **({"denoise": False} if shared_denoise else {}))
     raw = None
     if shared_denoise:
       raw, samples = samples, _denoise_in_batches(config, state, samples, s.batch_size)
     tag = f"{method}_step{step}"
     # Metrics use the finite samples only; none finite is an error, some a warning.
-    finite = experiment.finite_rows(samples)
+    finite = sampling.finite_rows(samples)
     if not finite.any():
-      raise experiment.NonFiniteSamplesError(
+      raise sampling.NonFiniteSamplesError(
           f"all {len(samples)} samples of {method} at step {step} are non-finite "
           f"({sampler_kwargs(config, method)}); none written for it. "
           f"{sampler_fix_hint(method).capitalize()} or check the checkpoint")
@@ -160,7 +156,7 @@ def _denoise_in_batches(config: ml_collections.ConfigDict, state: TrainState, x:
   p_denoise = parallel.batch_map(
       lambda params, xb: denoise(make_score_fn(model, params), xb, sigma_min),
       parallel.make_mesh())
-  params = experiment.sampling_params(config, state)
+  params = sampling.sampling_params(state, config.sampling.use_ema)
   return np.concatenate([p_denoise(params, x[i:i + batch_size])
                          for i in range(0, len(x), batch_size)])
 
@@ -186,7 +182,7 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
                       ) -> np.ndarray:
   """Completes `x_known` where `mask` is 0 with sampler `method` and writes an inpainting grid.
 
-  Every sampler of `experiment.SAMPLERS` inpaints: the known entries are replaced by
+  Every sampler of `sampling.SAMPLERS` inpaints: the known entries are replaced by
   `x_known + sigma_i z` before every update (PC: every corrector and predictor update). The
   examples are split over all devices of all hosts (`parallel.batch_map`); example i's start and
   noise come from the key folded from (seed, i), so the completions do not depend on the devices
@@ -194,7 +190,7 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
   """
   method = method or config.sampling.method
   kwargs = sampler_kwargs(config, method)
-  sampler = experiment.SAMPLERS[method]
+  sampler = sampling.SAMPLERS[method].fn
   sigmas = sigmas_from_config(config)
   model = models.build(config)
   uniform = experiment.sampler_init(config, method) == "uniform"
@@ -212,7 +208,7 @@ def inpaint_and_write(config: ml_collections.ConfigDict, state: TrainState, work
 
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x1AA)
   completed = parallel.batch_map(body, parallel.make_mesh())(
-      (experiment.sampling_params(config, state), rng),
+      (sampling.sampling_params(state, config.sampling.use_ema), rng),
       {"x_known": x_known, "mask": mask, "index": np.arange(len(x_known), dtype=np.int32)})
   if parallel.is_main_process():
     step = int(jax.device_get(state.step))

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from score_jax import experiment, stored_config
+from score_jax import experiment, sampling, stored_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ def test_only_the_annealed_chains_start_from_sampling_init():
   """ALS and CAS start where `sampling.init` says (U[0, 1] for NCSN images); PC, the ODE samplers
   and the adaptive solver discretize the VE SDE/ODE and start from its prior N(0, sigma_max^2)."""
   config = stored_config.config_from_dict({"sampling": {"init": "uniform"}})
-  inits = {m: experiment.sampler_init(config, m) for m in experiment.SAMPLERS}
-  assert inits == {m: "uniform" if m in ("als", "cas") else "gaussian" for m in experiment.SAMPLERS}
+  inits = {m: experiment.sampler_init(config, m) for m in sampling.SAMPLERS}
+  assert inits == {m: "uniform" if m in ("als", "cas") else "gaussian" for m in sampling.SAMPLERS}
 
 
 def test_stored_config_with_one_step_lr_loads_into_the_sampler_groups():

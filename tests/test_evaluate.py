@@ -22,7 +22,7 @@ from conftest import HANG_TIMEOUT_S, run_main, synthetic_digits
 from PIL import Image
 
 from configs import test as test_config
-from score_jax import evaluate, experiment, image_data, stored_config
+from score_jax import evaluate, experiment, image_data, sampling, stored_config
 from score_jax.eval import batches, evaluators, feature_nets, mnist_classifier, records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_entry_key_tells_apart_every_setting(change):
 def test_entry_key_reads_every_argument_of_every_sampler():
   """A knob missing from the key would let two settings of a sweep share one row."""
   config = stored_config.config_from_dict({})
-  knobs = {k for m in experiment.SAMPLERS for k in experiment.sampler_kwargs(config, m)}
+  knobs = {k for m in sampling.SAMPLERS for k in experiment.sampler_kwargs(config, m)}
   assert knobs <= set(records.SETTING_KEYS)
   eta = _entry(method="cas", eta=(0.5, 0.4))
   assert records.entry_key(json.loads(json.dumps(eta))) == records.entry_key(eta)

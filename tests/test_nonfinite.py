@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import experiment, sample, train
+from score_jax import experiment, sample, sampling, train
 
 
 def _config(**training):
@@ -39,7 +39,7 @@ def test_all_nonfinite_samples_are_an_error_and_nothing_is_written(tmp_path):
   config = _config(num_train_steps=1)
   state = train.train_and_evaluate(config, workdir, num_devices=1)
   config.sampling.als.step_lr = 1e30
-  with pytest.raises(experiment.NonFiniteSamplesError, match="all 64 samples of als") as e:
+  with pytest.raises(sampling.NonFiniteSamplesError, match="all 64 samples of als") as e:
     sample.sample_and_write(config, state, workdir, methods=("als",))
   assert "\n" not in str(e.value) and "Lower sampling.als.step_lr or check" in str(e.value)
   assert not list(tmp_path.glob("samples/*"))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import experiment, models, noise, samplers
+from score_jax import experiment, models, noise, samplers, sampling
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
     "*.py") if p.stem != "__init__")
@@ -73,9 +73,9 @@ def test_sampling_params_follow_use_ema():
   config = _module("test").get_config()
   state = experiment.init_state(config, models.build(config))
   state = state.replace(params=jax.tree.map(lambda v: v + 1.0, state.params))
-  assert experiment.sampling_params(config, state) is state.ema_params[0]
+  assert sampling.sampling_params(state, config.sampling.use_ema) is state.ema_params[0]
   config.sampling.use_ema = False
-  assert experiment.sampling_params(config, state) is state.params
+  assert sampling.sampling_params(state, config.sampling.use_ema) is state.params
 
 
 @pytest.mark.parametrize("name, samples, split, images", [

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import experiment, models, parallel
+from score_jax import experiment, models, parallel, sampling
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def toy():
 
 def _sample_fn(config, model, method="als", **kw):
   kwargs = {**experiment.sampler_kwargs(config, method), **kw}
-  return experiment.make_sample_fn(model, experiment.sigmas_from_config(config),
-                                   experiment.example_shape(config), method=method,
-                                   init=experiment.sampler_init(config, method), **kwargs)
+  return sampling.make_sample_fn(model, experiment.sigmas_from_config(config),
+                                 experiment.example_shape(config), method=method,
+                                 init=experiment.sampler_init(config, method), **kwargs)
 
 
 @pytest.mark.parametrize("method", ["als", "pc"])

@@ -7,6 +7,7 @@ import pytest
 
 from configs import test as test_config
 from score_jax import cli, evaluate, experiment, models, noise, toy
+from score_jax import sampling as sampling_lib
 from score_jax.eval import evaluators, records, sampling, sweep
 
 
@@ -42,18 +43,18 @@ def test_adaptive_through_make_sampler_has_per_sample_nfe(tiny):
 
 def test_sampling_ladder_choices():
   trained = noise.geometric_sigmas(20.0, 0.1, 5)
-  np.testing.assert_array_equal(experiment.sampling_ladder(trained), trained)
-  np.testing.assert_allclose(experiment.sampling_ladder(trained, ladder="geometric", num_steps=9),
+  np.testing.assert_array_equal(sampling_lib.sampling_ladder(trained), trained)
+  np.testing.assert_allclose(sampling_lib.sampling_ladder(trained, ladder="geometric", num_steps=9),
                              noise.geometric_sigmas(20.0, 0.1, 9))
   np.testing.assert_allclose(
-      experiment.sampling_ladder(trained, ladder="karras", num_steps=6, rho=3.0, sigma_max=50.0),
+      sampling_lib.sampling_ladder(trained, ladder="karras", num_steps=6, rho=3.0, sigma_max=50.0),
       noise.karras_sigmas(50.0, 0.1, 6, 3.0))
   with pytest.raises(ValueError, match="ladder='trained' steps through the trained sigmas"):
-    experiment.sampling_ladder(trained, num_steps=4)
+    sampling_lib.sampling_ladder(trained, num_steps=4)
   with pytest.raises(ValueError, match="needs num_steps"):
-    experiment.sampling_ladder(trained, ladder="karras")
+    sampling_lib.sampling_ladder(trained, ladder="karras")
   with pytest.raises(ValueError, match="'edm' is unknown"):
-    experiment.sampling_ladder(trained, ladder="edm", num_steps=4)
+    sampling_lib.sampling_ladder(trained, ladder="edm", num_steps=4)
 
 
 def test_cas_takes_a_per_level_eta(tiny):
@@ -85,7 +86,7 @@ def test_summary_table_shows_nfe_and_per_mode_moments():
 def test_eval_rows_carry_the_samplers_nfe(tiny, tmp_path):
   config, state = tiny
   evaluator = evaluators.make_evaluator(config, str(tmp_path), jax.random.key(0))
-  params = experiment.sampling_params(config, state)
+  params = sampling_lib.sampling_params(state, config.sampling.use_ema)
   for method, nfe in (("heun", 7.0), ("adaptive", None)):
     entry = {"step": 0, "method": method, "num_samples": config.eval.num_samples}
     sampler = sampling.make_checkpoint_sampler(config, method)

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, toy
+from score_jax import data, sampling, toy
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError
 from score_jax.eval import fetch_inception, inception, metrics, mnist_classifier
@@ -222,7 +222,7 @@ def score_finite(evaluator: Evaluator, features: Features) -> dict[str, Any]:
   """
   finite = features.get("finite")
   if finite is None:
-    finite = experiment.finite_rows(next(iter(features.values())))
+    finite = sampling.finite_rows(next(iter(features.values())))
   finite = np.asarray(finite, bool)
   if not finite.any():
     return {"finite_fraction": 0.0}

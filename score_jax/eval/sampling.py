@@ -1,12 +1,12 @@
 """The eval modes' samplers: compiled once, over every device, with the params as an argument.
 
-`make_checkpoint_sampler` is `experiment.make_sample_fn` for one sampler setting; every checkpoint
-of `--mode=eval` reuses its one compiled program. `make_step_lr_sampler` draws the samples of
+Both are `sampling.make_parallel_sampler` (the one multi-device sampling wrapper) for the run's
+configured sampler. `make_checkpoint_sampler` draws one sampler setting; every checkpoint of
+`--mode=eval` reuses its one compiled program. `make_step_lr_sampler` draws the samples of
 several settings that differ only in step_lr as one program vmapped over the step sizes (the
 sampler sweep's `eval.sweep_vmap`); each setting's samples are those its own sampler draws.
 Both return `p_sample(params, rng, start, n)`: samples start..start+n-1 of one sequence (sample
-k from the key folded from (rng, k), `parallel.shard_sampler`) and the network evaluations per
-sample.
+k from the key folded from (rng, k)) and the network evaluations per sample.
 """
 
 from __future__ import annotations
@@ -17,25 +17,32 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import experiment, models, parallel
+from score_jax import experiment, models, parallel, sampling
 from score_jax.eval.sweep import sampler_args
 
 SampleFn = Callable[[Any, jax.Array, int, int], tuple[np.ndarray, np.ndarray]]
 
 
-def _sample_fn(config: ml_collections.ConfigDict, method: str, overrides: dict) -> Callable:
-  """`experiment.make_sample_fn` of the configured `method` with `overrides` of its arguments,
-  returning `(samples, info)`."""
-  return experiment.make_sample_fn(
+def _parallel_sampler(config: ml_collections.ConfigDict, method: str, overrides: dict,
+                      grid: dict | None = None) -> SampleFn:
+  """`sampling.make_parallel_sampler` of the configured `method` with `overrides` of its
+  arguments, as `p_sample(params, rng, start, n) -> (samples, nfe [n])`."""
+  sampler = sampling.make_parallel_sampler(
       models.build(config), experiment.sigmas_from_config(config),
-      experiment.example_shape(config), method=method,
-      init=experiment.sampler_init(config, method), return_info=True,
-      **{**experiment.sampler_kwargs(config, method), **overrides})
+      experiment.example_shape(config), method=method, mesh=parallel.make_mesh(),
+      init=experiment.sampler_init(config, method),
+      kwargs={**experiment.sampler_kwargs(config, method), **overrides}, grid=grid)
+
+  def p_sample(params, rng, start, n):
+    x, info = sampler(params, rng, start, n)
+    return x, info["nfe"]
+
+  return p_sample
 
 
 def make_checkpoint_sampler(config: ml_collections.ConfigDict, method: str | None = None,
                             **overrides) -> SampleFn:
-  """`experiment.make_sample_fn` over all devices, taking the params as an argument.
+  """The configured sampler over all devices, taking the params as an argument.
 
   Args:
     config: the run's config (model, noise and sampling groups).
@@ -46,23 +53,7 @@ def make_checkpoint_sampler(config: ml_collections.ConfigDict, method: str | Non
     `p_sample(params, rng, start, n) -> (samples [n, ...], nfe [n])`, one compiled program for
     all checkpoints.
   """
-  fn = _sample_fn(config, method or config.sampling.method, overrides)
-  count = {}
-
-  def with_nfe(params, keys):
-    x, info = fn(params, keys)
-    if isinstance(info["nfe"], int):  # fixed-step samplers: one count, known when traced
-      count["nfe"] = info["nfe"]
-      return x
-    return x, info["nfe"]  # the adaptive solver: a count per sample
-
-  p_sample = parallel.shard_sampler(with_nfe, parallel.make_mesh())
-
-  def sample(params, rng, start, n):
-    out = p_sample(params, rng, start, n)
-    return out if isinstance(out, tuple) else (out, np.full((len(out),), count["nfe"]))
-
-  return sample
+  return _parallel_sampler(config, method or config.sampling.method, overrides)
 
 
 def make_step_lr_sampler(config: ml_collections.ConfigDict, entries: list[dict]) -> SampleFn:
@@ -77,24 +68,5 @@ def make_step_lr_sampler(config: ml_collections.ConfigDict, entries: list[dict])
     step sizes; setting j's samples equal those `make_checkpoint_sampler` draws for it alone, up
     to float rounding.
   """
-  fn = _sample_fn(config, entries[0]["method"], sampler_args(entries[0]))
-  lrs = np.asarray([e["step_lr"] for e in entries], np.float32)
-
-  count = {}
-
-  def one_lr(params, keys, lr):
-    x, info = fn(params, keys, step_lr=lr)
-    count["nfe"] = info["nfe"]  # ALS/CAS: one count, known when traced, the same for every lr
-    return x
-
-  def many(params, keys):
-    xs = jax.vmap(lambda lr: one_lr(params, keys, lr))(lrs)
-    return jax.numpy.moveaxis(xs, 0, 1)
-
-  p_many = parallel.shard_sampler(many, parallel.make_mesh())
-
-  def p_sample(params, rng, start, n):
-    xs = p_many(params, rng, start, n)
-    return xs, np.full((len(xs),), count["nfe"])
-
-  return p_sample
+  return _parallel_sampler(config, entries[0]["method"], sampler_args(entries[0]),
+                           grid={"step_lr": [e["step_lr"] for e in entries]})

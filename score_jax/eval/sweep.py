@@ -1,20 +1,19 @@
 """The settings of `--mode=sampler_sweep`: the grid of sampler knobs, and how settings group.
 
-Each sampler reads some knobs (`_METHOD_KNOBS`); a knob it does not read is None in its settings,
-so the grid holds each real setting once. Settings that differ only in step_lr (ALS, CAS) form a
-group that the sweep can run as one program vmapped over the step sizes
+Each sampler reads some knobs (`_METHOD_KNOBS`, from its registry entry); a knob it does not read
+is None in its settings, so the grid holds each real setting once. Settings that differ only in
+step_lr (ALS, CAS) form a group that the sweep can run as one program vmapped over the step sizes
 (`score_jax.eval.sampling.make_step_lr_sampler`).
 """
 
 from __future__ import annotations
 
-from score_jax import experiment
+from score_jax import sampling
 
-# Sampler arguments the sweep grid sets per sampler (others are recorded as None and not swept);
-# `eval.sweep_steps_per_sigma` gives ALS's steps and PC's corrector steps per level.
-_METHOD_KNOBS = {"als": ("step_lr", "steps_per_sigma"), "cas": ("step_lr",),
-                 "pc": ("corrector_steps",), "euler": ("num_steps",), "heun": ("num_steps",),
-                 "dpm_solver_pp_2m": ("num_steps",), "adaptive": ("rel_tol",)}
+# Sampler arguments the sweep grid sets per sampler (`SamplerEntry.sweep_knobs`; others are
+# recorded as None and not swept); `eval.sweep_steps_per_sigma` gives ALS's steps and PC's
+# corrector steps per level.
+_METHOD_KNOBS = {name: e.sweep_knobs for name, e in sampling.SAMPLERS.items()}
 _METHODS = tuple(_METHOD_KNOBS)
 
 
@@ -34,7 +33,7 @@ def sweep_grid(methods: tuple[str, ...], step_lrs: tuple[float, ...],
   settings: list[dict] = []
   for method in methods:
     knobs = _METHOD_KNOBS[method]
-    if method in experiment.ODE_SAMPLERS or method == "adaptive":
+    if sampling.SAMPLERS[method].kind != "annealed":
       grid = num_steps if "num_steps" in knobs else rel_tols
       if not grid:
         raise ValueError(f"eval.sweep_methods has {method}: give its grid in "
