@@ -47,14 +47,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, experiment, noise, parallel, samplers, sampling,
-                       stored_config)
+from score_jax import (checkpoint, experiment, noise, parallel, rng_streams, samplers,
+                       sampling, stored_config)
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError, sampler_fix_hint
 from score_jax.eval import sweep
 from score_jax.eval.batches import (batch_cache_dir, draw_features, draw_features_stacked,
                                     drop_batches)
-from score_jax.eval.evaluators import (MAIN_METRICS, SAMPLE_TAG, Evaluator, feature_kind,
+from score_jax.eval.evaluators import (MAIN_METRICS, Evaluator, feature_kind,
                                        make_evaluator, score_finite)
 from score_jax.eval.feature_nets import Features
 from score_jax.eval.records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
@@ -64,7 +64,6 @@ from score_jax.eval.sampling import SampleFn, make_checkpoint_sampler, make_step
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState
 
-_EVAL_TAG = 0xE7A1
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ def _evaluate_sampler(p_sample: SampleFn, params: Any, evaluator: Evaluator, ent
   """Measures one sampler setting; returns the measurements and its batch cache directory."""
   start = time.time()
   cache_dir = batch_cache_dir(workdir, [entry], config.eval.batch_size)
-  sample_rng = jax.random.fold_in(rng, SAMPLE_TAG)
+  sample_rng = rng_streams.fold(rng, "eval.samples")
   features = draw_features(lambda first, n: p_sample(params, sample_rng, first, n), evaluator,
                            num_samples=config.eval.num_samples,
                            batch_size=config.eval.batch_size, cache_dir=cache_dir, desc=desc)
@@ -140,7 +139,7 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   e0 = entries[0]
   p_sample = make_step_lr_sampler(config, entries)
   params = sampling.sampling_params(state, config.sampling.use_ema)
-  sample_rng = jax.random.fold_in(rng, SAMPLE_TAG)
+  sample_rng = rng_streams.fold(rng, "eval.samples")
   cache_dir = batch_cache_dir(workdir, entries, config.eval.batch_size)
   start = time.time()
   features = draw_features_stacked(lambda first, n: p_sample(params, sample_rng, first, n),
@@ -212,7 +211,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
   settings = experiment.sampler_settings(config)
-  rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+  rng = rng_streams.key(config.seed, "eval")
   evaluator = make_evaluator(config, workdir, rng)
   entries = [_entry(config, evaluator, kind, step=s, **settings) for s in steps]
   done, todo = _split_done(entries, storage.join(workdir, "eval_metrics.jsonl"))
@@ -284,7 +283,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   step = int(jax.device_get(state.step))
   kind = feature_kind(config)
   main_metric = MAIN_METRICS[kind]
-  rng = jax.random.fold_in(jax.random.key(config.seed), _EVAL_TAG)
+  rng = rng_streams.key(config.seed, "eval")
   evaluator = make_evaluator(config, workdir, rng)
   entries = [_entry(config, evaluator, kind, step=step,
                     **{**experiment.sampler_settings(config, s["method"]), **s})

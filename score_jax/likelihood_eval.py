@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_jax import data, experiment, likelihood, models, parallel, plots, sampling, toy
+from score_jax import (data, experiment, likelihood, models, parallel, plots, rng_streams,
+                       sampling, toy)
 from score_jax.eval import records
 from score_jax.metric_writers import read_jsonl
 from score_jax.score import make_score_fn
@@ -50,9 +51,6 @@ CSV_COLUMNS = ("step", "dataset", "metric", "mean", "se", "bpd_bound", "true_mea
                "num_failed", "seed", "measures")
 # Points per axis of the 2-D toys' log-density grid.
 GRID_POINTS = 48
-# Folded into the seed for the toy test set and for the per-example keys.
-_TEST_SET_ID = 0x7E57
-_KEYS_ID = 0x11C
 
 
 class NothingFiniteError(sampling.NonFiniteSamplesError):
@@ -118,7 +116,7 @@ def eval_examples(config: ml_collections.ConfigDict) -> np.ndarray:
   """The evaluated examples `[n, ...]`: toy draws, or images in [0, 1] on the grid k / 255."""
   d, lik = config.data, config.likelihood
   if data.is_toy(d.dataset):
-    rng = jax.random.fold_in(jax.random.key(config.seed), _TEST_SET_ID)
+    rng = rng_streams.key(config.seed, "likelihood_test_set")
     return np.asarray(toy.get_toy(d.dataset, dim=d.toy_dim).sample(rng, int(lik.num_examples)),
                       np.float32)
   from score_jax import image_data
@@ -158,7 +156,7 @@ def _make_batch_fn(config: ml_collections.ConfigDict, proto: dict, exact_score: 
   dist = toy.get_toy(config.data.dataset, dim=config.data.toy_dim) if exact_score else None
   is_toy = data.is_toy(config.data.dataset)
   centered = bool(config.data.centered)
-  root = jax.random.fold_in(jax.random.key(proto["seed"]), _KEYS_ID)
+  root = rng_streams.key(proto["seed"], "likelihood_examples")
   kwargs = dict(sigma_min=proto["sigma_min"], sigma_max=proto["sigma_max"], trace=proto["trace"],
                 num_probes=proto["num_probes"], rtol=proto["rtol"], atol=proto["atol"])
 

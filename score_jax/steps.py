@@ -47,13 +47,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import gan, losses, noise, parallel
+from score_jax import gan, losses, noise, parallel, rng_streams
 from score_jax.models.discriminator import SPECTRAL_STATS
 from score_jax.score import broadcast_sigma, make_score_fn
 from score_jax.train_state import AdversarialState, TrainState
 
 BATCH_AXIS = parallel.BATCH_AXIS
-_D_KEY = 0xD15C
 
 
 def _example_rngs(rng: jax.Array, index: jax.Array) -> jax.Array:
@@ -229,7 +228,7 @@ def adversarial_train_step(state: AdversarialState, batch: dict[str, jax.Array],
   batch = d_batches[-1]
   old = state
   rng = jax.random.fold_in(rng, state.step)
-  d_rng = jax.random.fold_in(rng, _D_KEY)
+  d_rng = rng_streams.fold(rng, "step.discriminator")
   d_metrics = []
   for k, d_batch in enumerate(d_batches):
     state, m = _d_update(state, d_batch, jax.random.fold_in(d_rng, k), d_model=d_model,

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from score_jax import data, sampling, toy
+from score_jax import data, rng_streams, sampling, toy
 from score_jax import paths as storage
 from score_jax.config_schema import UsageError
 from score_jax.eval import fetch_inception, inception, metrics, mnist_classifier
@@ -35,9 +35,6 @@ from score_jax.eval.feature_nets import (Features, classifier_features, classifi
                                          image_features, make_inception_fn, params_digest)
 from score_jax.eval.reference_stats import reference_statistics, stats_digest
 
-# Keys folded from the evaluation key: the samples' (`score_jax.evaluate`), the toy reference
-# samples', the KID subsets'.
-SAMPLE_TAG, REFERENCE_TAG, KID_TAG = 0, 1, 2
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
 MAIN_METRICS = {"toy": "mmd_rbf", "inception": "fid", "mnist_classifier": "fid_mnist"}
@@ -153,7 +150,7 @@ def feature_kind(config: ml_collections.ConfigDict) -> str:
 
 def _toy_evaluator(config: ml_collections.ConfigDict, rng: jax.Array) -> Evaluator:
   distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
-  reference_rng = jax.random.fold_in(rng, REFERENCE_TAG)
+  reference_rng = rng_streams.fold(rng, "eval.reference")
   return Evaluator(
       main_metric=MAIN_METRICS["toy"],
       featurize=lambda x: {"x": np.asarray(x, np.float32)},
@@ -169,7 +166,7 @@ def _inception_evaluator(config: ml_collections.ConfigDict, workdir: str,
   centered = config.data.centered
   featurize = lambda x: image_features(net, x, centered=centered)
   reference = reference_statistics(config, workdir, featurize, os.path.basename(weights_path))
-  kid_rng = jax.random.fold_in(rng, KID_TAG)
+  kid_rng = rng_streams.fold(rng, "eval.kid")
   return Evaluator(main_metric=MAIN_METRICS["inception"], featurize=featurize,
                    score=lambda f: image_metrics(f, reference, kid_rng),
                    identity=_identity(reference, params_digest(variables)))
@@ -192,7 +189,7 @@ def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
     raise UsageError(f"eval.reference_stats={config.eval.reference_stats} holds "
                      f"{np.shape(reference['mu'])[0]}-d statistics; the MNIST classifier's "
                      f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
-  kid_rng = jax.random.fold_in(rng, KID_TAG)
+  kid_rng = rng_streams.fold(rng, "eval.kid")
   return Evaluator(main_metric=MAIN_METRICS["mnist_classifier"], featurize=featurize,
                    score=lambda f: classifier_metrics(f, reference, kid_rng),
                    identity=_identity(reference, params_digest(params)))
