@@ -325,22 +325,26 @@ def _reader_config(config, workdir: str, mode: str):
 def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> None:
   """Runs one mode on a validated config (the importable body of the CLI).
 
+  The train and sample modes turn the config (for reading modes, the checkpoint's with this
+  command's overrides) once into an `experiment.Experiment` and pass that on.
   `sweep_runs`: the validated runs of `--mode=sweep` (`_sweep_runs`), so the config file's
   `get_sweep()` is not executed again.
   """
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
-    state = train.train_and_evaluate(config, workdir, num_devices=FLAGS.num_devices,
+    exp = experiment.build(config)
+    state = train.train_and_evaluate(exp, workdir, num_devices=FLAGS.num_devices,
                                      allow_undigested=FLAGS.allow_undigested_checkpoints,
                                      restart_from_scratch=FLAGS.restart_from_scratch)
-    results = sample.sample_and_write(config, state, workdir)
+    results = sample.sample_and_write(exp, state, workdir)
     if parallel.is_main_process():
       print(_sample_count_line(results))
       print(_summary_table(results))
       print(_outputs(workdir, results, trained=True))
   elif mode == "sample":
     config, state = _reader_config(config, workdir, mode)
-    results = sample.sample_and_write(config, state, workdir, methods=(config.sampling.method,))
+    exp = experiment.build(config)
+    results = sample.sample_and_write(exp, state, workdir, methods=(exp.sampling.method,))
     if parallel.is_main_process():
       print(_sample_count_line(results))
       print(_summary_table(results))

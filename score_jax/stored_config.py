@@ -137,14 +137,14 @@ _COMPAT_FIELDS = (("model",), ("data", "dataset"), ("data", "toy_dim"), ("data",
                   ("training", "ema_decays"), ("adversarial", "enabled"))
 
 
-def check_compatible(stored: dict, config: ml_collections.ConfigDict, where: str) -> None:
+def check_compatible(stored: dict, config: ml_collections.ConfigDict | str, where: str) -> None:
   """Raises `checkpoint.CheckpointError` naming the first field that differs.
 
   `stored` is read as `config_from_dict` reads it, so a config stored in an older layout is
-  compared field by field with the current one.
+  compared field by field with the current one, `config` (or its JSON, `Experiment.config_json`).
   """
   stored = json.loads(config_from_dict(stored).to_json())
-  current = json.loads(config.to_json())
+  current = json.loads(config if isinstance(config, str) else config.to_json())
   continuous = current["noise"]["distribution"] != "ladder"
   for path in _COMPAT_FIELDS:
     if continuous and path == ("noise", "num_scales"):

@@ -1,6 +1,7 @@
 """Training: the host loop: restore or initialize, train, log, evaluate, save.
 
-The per-device steps are in `steps.py`; the config is turned into objects by `experiment.py`.
+The per-device steps are in `steps.py`; it takes the `experiment.Experiment` that
+`experiment.build` made from the config (the training spec, data spec, model and noise ladder).
 Re-running the same command in the same workdir resumes from the newest intact checkpoint. One
 writer per workdir (`workdir_lock`); a state that is not finite is never saved.
 """
@@ -12,12 +13,11 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from score_jax import (checkpoint, experiment, models, parallel, steps, stored_config,
-                       workdir_lock)
+from score_jax import checkpoint, parallel, steps, stored_config, workdir_lock
 from score_jax import progress as progress_lib
+from score_jax.experiment import Experiment, TrainSpec
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState, param_count
 
@@ -67,16 +67,16 @@ def _level_scalars(loss_per_level: np.ndarray, max_tags: int = 10,
   return out
 
 
-def _check_intervals(t: ml_collections.ConfigDict) -> None:
+def _check_intervals(t: TrainSpec) -> None:
   k = t.steps_per_dispatch
   for name in ("num_train_steps", "log_every_steps", "ckpt_every_steps", "eval_every_steps"):
-    v = t[name]
+    v = getattr(t, name)
     if v is not None and v % k:
       raise ValueError(f"training.{name}={v} must be a multiple of "
                        f"training.steps_per_dispatch={k}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(exp: Experiment, workdir: str, *,
                        num_devices: int | None = None, allow_undigested: bool = False,
                        restart_from_scratch: bool = False) -> TrainState:
   """Restores the latest checkpoint in `workdir` (or initializes), trains, logs, evaluates, saves.
@@ -84,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Re-running the same command in the same workdir resumes. Returns the final state.
 
   Args:
-    config: the run's config.
+    exp: the run (`experiment.build` of its config).
     workdir: the run's directory.
     num_devices: use only the first N devices (None: all).
     allow_undigested: resume from a step without a digest, unverified (checkpoints written
@@ -92,17 +92,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     restart_from_scratch: train from step 0 in a workdir whose every step was found damaged and
       moved into `checkpoints/damaged/` (otherwise refused); the old run's logs are replaced.
   """
-  t = config.training
+  t = exp.train
   _check_intervals(t)
   mesh = parallel.make_mesh(num_devices)
   local_batch = parallel.check_batch_size(t.batch_size, mesh)
-  model = models.build(config)
-  sigmas = experiment.sigmas_from_config(config)
-  loss_kwargs = experiment.loss_kwargs_from_config(config, model, sigmas)
 
   # The data source first: a missing dataset fails before anything is written to the workdir.
-  train_iter = experiment.iterator_from_config(config, split=config.data.split,
-                                               seed=config.seed, batch_size=local_batch)
+  train_iter = exp.data.iterator(split=exp.data.split, seed=exp.seed, batch_size=local_batch)
   # One writer per workdir, locked before anything is written there (a refused run changes
   # nothing); the lock goes with the process, so a crash releases it. Process 0 alone takes it,
   # and its decision reaches every process: a refused lock ends all of them the same way.
@@ -114,28 +110,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   parallel.from_main(take_lock)
   try:
-    return _train_locked(config, workdir, mesh=mesh, model=model, loss_kwargs=loss_kwargs,
-                         local_batch=local_batch, train_iter=train_iter,
-                         allow_undigested=allow_undigested,
+    return _train_locked(exp, workdir, mesh=mesh, local_batch=local_batch,
+                         train_iter=train_iter, allow_undigested=allow_undigested,
                          restart_from_scratch=restart_from_scratch)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, loss_kwargs,
-                  local_batch: int, train_iter, allow_undigested: bool,
-                  restart_from_scratch: bool) -> TrainState:
+def _train_locked(exp: Experiment, workdir: str, *, mesh, local_batch: int, train_iter,
+                  allow_undigested: bool, restart_from_scratch: bool) -> TrainState:
   """`train_and_evaluate` once the workdir lock is held: restore-or-init, loop, log, save."""
-  t = config.training
+  t = exp.train
   manager = checkpoint.create_writer(workdir, keep=t.keep_checkpoints,
                                      keep_every_steps=t.keep_every_steps,
                                      async_save=t.async_checkpoint)
-  state = parallel.replicate(experiment.init_state(config, model), mesh)
+  state = parallel.replicate(t.init_state(), mesh)
 
   def read(s: int):
     stored_config.check_compatible(
-        checkpoint.restore_config(manager, s, allow_undigested=allow_undigested), config, workdir)
+        checkpoint.restore_config(manager, s, allow_undigested=allow_undigested),
+        exp.config_json, workdir)
     return checkpoint.restore(manager, s, state, allow_undigested=allow_undigested)
 
   try:
@@ -166,23 +161,21 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
   writer = MetricWriter(workdir, start_step=last_saved or 0) if main else None
   n_params = param_count(state.params)
   if main:
-    print(f"model {config.model.name}: {n_params:,} parameters; {mesh.size} device(s), "
+    print(f"model {exp.model_name}: {n_params:,} parameters; {mesh.size} device(s), "
           f"global batch {t.batch_size}")
 
   k = t.steps_per_dispatch
   fused = None if k == 1 else k
-  step_fn = experiment.step_fn_from_config(config, loss_kwargs)
   # The adversarial step reads one batch per discriminator update (steps.py). The data state
   # saved with step k is past all the batches of steps 1..k, so a run resumed there reads next
   # exactly the batches the uninterrupted run's step k + 1 read.
-  per_step = experiment.batches_per_step(config)
-  p_train_step = parallel.data_parallel(step_fn, mesh, fused_steps=fused,
+  per_step = t.batches_per_step
+  p_train_step = parallel.data_parallel(t.step_fn, mesh, fused_steps=fused,
                                        batches_per_step=per_step)
   p_eval_step = parallel.data_parallel(
-      lambda p, b, r: (p, steps.eval_step(p, b, r, **loss_kwargs)), mesh, donate_state=False)
-  run_rng = jax.random.key(config.seed)
-  eval_rng = jax.random.fold_in(run_rng, 0xE7A1)
-  config_json = config.to_json()
+      lambda p, b, r: (p, steps.eval_step(p, b, r, **t.loss_kwargs)), mesh, donate_state=False)
+  run_rng = jax.random.key(exp.seed)
+  eval_rng = exp.key("eval_loss")
 
   step = int(jax.device_get(state.step))
   progress = progress_lib.bar(t.num_train_steps, "train", unit="step", initial=step,
@@ -246,9 +239,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
 
       if t.eval_every_steps and step % t.eval_every_steps == 0:
         if eval_batch is None:
-          eval_iter = experiment.iterator_from_config(config, split=config.data.eval_split,
-                                                      seed=config.seed + 1, batch_size=local_batch,
-                                                      shuffle=False)
+          eval_iter = exp.data.iterator(split=exp.data.eval_split, seed=exp.seed + 1,
+                                        batch_size=local_batch, shuffle=False)
           eval_batch = parallel.shard_batch(next(eval_iter), mesh)
         # Finished before the next step is launched (see parallel.MAX_STEPS_IN_FLIGHT).
         with progress.paused(compiling="eval step"):
@@ -269,7 +261,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, *, mesh, mode
         try:
           with progress.paused():
             checkpoint.save(manager, step, state, data_state=train_iter.get_state(),
-                            config_json=config_json)
+                            config_json=exp.config_json)
         except checkpoint.NonFiniteStateError as e:
           # E.g. a finite loss and gradient whose update overflows the parameters.
           raise TrainingError(f"{e}; training stopped ({last_good()}). Lower optim.lr, set "

@@ -11,7 +11,8 @@ from conftest import HANG_TIMEOUT_S, main_env, run_main
 
 from configs import adversarial_toy
 from configs import test as test_config
-from score_jax import checkpoint, config_schema, experiment, models, parallel, steps, train
+from score_jax import (checkpoint, config_schema, experiment, models, parallel, rng_streams, steps,
+                       train)
 from score_jax.train_state import AdversarialState
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def _discriminator_by_hand(config, batch, order):
   a = config.adversarial
 
   def body(state, batch, rng):
-    d_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), steps._D_KEY)
+    d_rng = rng_streams.fold(jax.random.fold_in(rng, state.step), "step.discriminator")
     for k, i in enumerate(order):
       state, _ = steps._d_update(state, {key: v[i] for key, v in batch.items()},
                                  jax.random.fold_in(d_rng, k), d_model=d_model,
@@ -200,15 +201,15 @@ def test_denoised_samples_are_tweedie_and_clamped():
 @pytest.mark.parametrize("d_steps", [1, 2])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, d_steps):
   config = _config(d_steps=d_steps)
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  full = train.train_and_evaluate(experiment.build(config), str(tmp_path / "full"))
   config.training.num_train_steps = 10
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  train.train_and_evaluate(experiment.build(config), str(tmp_path / "resumed"))
   manager = checkpoint.open_reader(str(tmp_path / "resumed"))
   _, data_state = checkpoint.restore(manager, 10, full)
   manager.close()
   assert data_state == {"kind": "toy", "step": 10 * d_steps}  # d_steps batches per step
   config.training.num_train_steps = 20
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(experiment.build(config), str(tmp_path / "resumed"))
   assert isinstance(resumed, AdversarialState) and int(resumed.step) == 20
   assert int(resumed.disc.step) == 20 * d_steps
   for a, b in zip(jax.tree.leaves(jax.device_get(full)), jax.tree.leaves(jax.device_get(resumed))):
@@ -222,9 +223,9 @@ def test_train_loop_feeds_d_steps_batches_per_step_fused_or_not(tmp_path):
   config.training.ckpt_every_steps = config.training.eval_every_steps = 4
   batches = _batches(config, 4)
   by_hand, _ = _run(config, 8, batches)
-  single = train.train_and_evaluate(config, str(tmp_path / "single"))
+  single = train.train_and_evaluate(experiment.build(config), str(tmp_path / "single"))
   config.training.steps_per_dispatch = 2
-  fused = train.train_and_evaluate(config, str(tmp_path / "fused"))
+  fused = train.train_and_evaluate(experiment.build(config), str(tmp_path / "fused"))
   for a, b, c in zip(jax.tree.leaves(by_hand), jax.tree.leaves(jax.device_get(single)),
                      jax.tree.leaves(jax.device_get(fused))):
     np.testing.assert_array_equal(a, b)

@@ -304,9 +304,9 @@ def _contents(root: pathlib.Path) -> dict:
 
 def test_load_checkpoint_never_returns_a_step_whose_digest_was_removed(tmp_path):
   import score_jax
-  from score_jax import train
+  from score_jax import experiment, train
   workdir = str(tmp_path)
-  train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  train.train_and_evaluate(experiment.build(_train_config()), workdir, num_devices=1)
   step2 = tmp_path / "checkpoints" / "2"
   shutil.rmtree(step2 / "digest")
   _damage(_array_files(step2)[0], "flip")
@@ -323,9 +323,9 @@ def test_load_checkpoint_never_returns_a_step_whose_digest_was_removed(tmp_path)
 
 
 def test_a_nan_ema_checkpoint_is_never_resumed_nor_named_last_good(tmp_path, monkeypatch, capsys):
-  from score_jax import train
+  from score_jax import experiment, train
   workdir = str(tmp_path)
-  state = train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  state = train.train_and_evaluate(experiment.build(_train_config()), workdir, num_devices=1)
   config = _train_config()
   # Step 3: finite parameters, NaN EMA, with a valid digest (saved past the guard).
   manager = checkpoint.create_writer(workdir, async_save=False)
@@ -338,7 +338,7 @@ def test_a_nan_ema_checkpoint_is_never_resumed_nor_named_last_good(tmp_path, mon
   checkpoint.wait(manager)
   manager.close()
   capsys.readouterr()
-  final = train.train_and_evaluate(_train_config(4), workdir, num_devices=1)
+  final = train.train_and_evaluate(experiment.build(_train_config(4)), workdir, num_devices=1)
   captured = capsys.readouterr()
   assert "resumed from checkpoint 2 " in captured.out
   assert "checkpoint 3 in" in captured.err
@@ -350,19 +350,19 @@ def test_a_nan_ema_checkpoint_is_never_resumed_nor_named_last_good(tmp_path, mon
 
 def test_a_workdir_whose_steps_were_all_moved_aside_is_not_trained_into_again(tmp_path):
   from conftest import run_main
-  from score_jax import train
+  from score_jax import experiment, train
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+  train.train_and_evaluate(experiment.build(_train_config()), workdir, num_devices=1)
   for s in ("1", "2"):
     _damage(_array_files(tmp_path / "run" / "checkpoints" / s)[0], "flip")
   with pytest.raises(checkpoint.CheckpointError, match="every checkpoint .* is damaged"):
-    train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+    train.train_and_evaluate(experiment.build(_train_config()), workdir, num_devices=1)
   assert checkpoint.damaged_steps(workdir) == ["1", "2"]
   before = _contents(tmp_path / "run")
   assert before["metrics.jsonl"]
   # The same command again: refused in one line, nothing changed, the old run's logs kept.
   with pytest.raises(checkpoint.CheckpointError, match="--restart_from_scratch") as e:
-    train.train_and_evaluate(_train_config(), workdir, num_devices=1)
+    train.train_and_evaluate(experiment.build(_train_config()), workdir, num_devices=1)
   assert "\n" not in str(e.value)
   assert _contents(tmp_path / "run") == before
   result = run_main("--config=configs/test.py", f"--workdir={workdir}", timeout=300)
@@ -371,7 +371,7 @@ def test_a_workdir_whose_steps_were_all_moved_aside_is_not_trained_into_again(tm
   assert "was found damaged and moved" in lines[0] and "--restart_from_scratch" in lines[0]
   assert _contents(tmp_path / "run") == before
   # The explicit choice trains from step 0 here.
-  state = train.train_and_evaluate(_train_config(), workdir, num_devices=1,
+  state = train.train_and_evaluate(experiment.build(_train_config()), workdir, num_devices=1,
                                    restart_from_scratch=True)
   assert int(state.step) == 2
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2", "damaged"]
@@ -418,7 +418,7 @@ def test_eval_skips_a_checkpoint_rotated_away_before_its_turn(tmp_path, monkeypa
   from score_jax import evaluate, experiment, train
   workdir = str(tmp_path)
   config = _train_config(3)
-  train.train_and_evaluate(config, workdir, num_devices=1)
+  train.train_and_evaluate(experiment.build(config), workdir, num_devices=1)
   config.eval.num_samples = config.eval.batch_size = 64
   real = experiment.load_checkpoint
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import HANG_TIMEOUT_S, xla_flags
 
 from configs import test as test_config
-from score_jax import train, workdir_lock
+from score_jax import experiment, train, workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_readers_and_a_second_trainer_leave_training_bit_identical(tmp_path):
   config.training.eval_every_steps = None
   config.training.async_checkpoint = True
   undisturbed, disturbed = tmp_path / "undisturbed", tmp_path / "disturbed"
-  want = jax.device_get(train.train_and_evaluate(config, str(undisturbed)))
+  want = jax.device_get(train.train_and_evaluate(experiment.build(config), str(undisturbed)))
 
   # A second trainer on a locked workdir: refused in one line, exit 2, nothing touched.
   lock = workdir_lock.WorkdirLock(str(undisturbed), holder="test").acquire()
@@ -77,7 +77,7 @@ def test_readers_and_a_second_trainer_leave_training_bit_identical(tmp_path):
                             stderr=subprocess.PIPE, text=True)
   assert poller.stdout.readline().strip() == "ready"
   try:
-    got = jax.device_get(train.train_and_evaluate(config, str(disturbed)))
+    got = jax.device_get(train.train_and_evaluate(experiment.build(config), str(disturbed)))
   finally:
     stop.touch()
   out, err = poller.communicate(timeout=HANG_TIMEOUT_S)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import experiment, models, parallel, rng_streams, sampling
+from score_jax import cli, experiment, models, parallel, rng_streams, sample, sampling, train
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,37 @@ def test_named_streams_keep_the_numbers_they_replaced(exp_and_config):
       jax.random.key_data(jax.random.fold_in(root, 0xD15C)))
   with pytest.raises(KeyError, match="no random stream 'nope'"):
     exp.key("nope")
+
+
+def test_the_cli_builds_the_experiment_once_per_run(tmp_path, monkeypatch):
+  calls = []
+  build = experiment.build
+
+  def counting_build(config):
+    calls.append(config)
+    return build(config)
+
+  monkeypatch.setattr(experiment, "build", counting_build)
+  seen = {}
+  trainer, sampler = train.train_and_evaluate, sample.sample_and_write
+
+  def check_train(exp, *args, **kwargs):
+    seen["train"] = exp
+    return trainer(exp, *args, **kwargs)
+
+  def check_sample(exp, *args, **kwargs):
+    seen["sample"] = exp
+    return sampler(exp, *args, **kwargs)
+
+  monkeypatch.setattr(train, "train_and_evaluate", check_train)
+  monkeypatch.setattr(sample, "sample_and_write", check_sample)
+  config = test_config.get_config()
+  config.training.num_train_steps = 10
+  config.sampling.num_samples = 8
+  config.sampling.batch_size = 8
+  config.sampling.methods = ("als",)
+  monkeypatch.setattr(cli, "FLAGS", types.SimpleNamespace(
+      num_devices=None, allow_undigested_checkpoints=False, restart_from_scratch=False))
+  cli.run(config, str(tmp_path), "train")
+  assert len(calls) == 1
+  assert isinstance(seen["train"], experiment.Experiment) and seen["sample"] is seen["train"]

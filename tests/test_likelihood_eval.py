@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
   config.noise.sigma_min = 0.5
   config.likelihood.num_examples = 24
   config.likelihood.batch_size = 16
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(experiment.build(config), workdir)
   return workdir
 
 

@@ -21,12 +21,12 @@ def _config(**training):
 
 def test_overflowing_update_is_never_saved_and_the_last_good_step_is_named(tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(_config(), workdir, num_devices=1)
+  train.train_and_evaluate(experiment.build(_config()), workdir, num_devices=1)
   # Step 3's loss and gradient are finite; its update with lr=1e39 overflows the parameters.
   config = _config(num_train_steps=3)
   config.optim.lr = 1e39
   with pytest.raises(train.TrainingError, match="last good checkpoint: 2 ") as e:
-    train.train_and_evaluate(config, workdir, num_devices=1)
+    train.train_and_evaluate(experiment.build(config), workdir, num_devices=1)
   assert "state at step 3 is non-finite" in str(e.value) and "\n" not in str(e.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
   assert not (tmp_path / "train.lock").read_text()  # released
@@ -37,10 +37,10 @@ def test_overflowing_update_is_never_saved_and_the_last_good_step_is_named(tmp_p
 def test_all_nonfinite_samples_are_an_error_and_nothing_is_written(tmp_path):
   workdir = str(tmp_path)
   config = _config(num_train_steps=1)
-  state = train.train_and_evaluate(config, workdir, num_devices=1)
+  state = train.train_and_evaluate(experiment.build(config), workdir, num_devices=1)
   config.sampling.als.step_lr = 1e30
   with pytest.raises(sampling.NonFiniteSamplesError, match="all 64 samples of als") as e:
-    sample.sample_and_write(config, state, workdir, methods=("als",))
+    sample.sample_and_write(experiment.build(config), state, workdir, methods=("als",))
   assert "\n" not in str(e.value) and "Lower sampling.als.step_lr or check" in str(e.value)
   assert not list(tmp_path.glob("samples/*"))
 

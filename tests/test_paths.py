@@ -126,7 +126,7 @@ def test_samples_are_written_to_the_bucket(gs):
   config.sampling.num_samples = config.sampling.batch_size = 16
   state = experiment.init_state(config, models.build(config))
   state = jax.device_get(state)
-  results = sample.sample_and_write(config, state, RUN, methods=("als",))
+  results = sample.sample_and_write(experiment.build(config), state, RUN, methods=("als",))
   names = [k.removeprefix("bucket/run/") for k in _objects(gs)]
   assert "samples/als_step0.npz" in names and "samples/metrics_step0.json" in names
   assert "sample_metrics.jsonl" in names

@@ -75,10 +75,10 @@ def test_disabled_bar_prints_nothing(capsys):
 
 def test_training_reports_its_compile_phases_before_the_rate(tmp_path, capsys):
   from configs import test as test_config
-  from score_jax import train
+  from score_jax import experiment, train
   config = test_config.get_config()
   config.training.progress_bar = True
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(experiment.build(config), str(tmp_path))
   err = capsys.readouterr().err
   phase = re.search(r"compiling train step \.\.\. \d+(\.\d)? s\n", err)
   assert phase, err

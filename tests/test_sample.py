@@ -26,7 +26,8 @@ def toy():
 
 def test_sample_mode_draws_the_sequence_of_make_sampler(toy, tmp_path):
   config, state = toy
-  results = sample.sample_and_write(config, state, str(tmp_path), methods=("als",))
+  results = sample.sample_and_write(experiment.build(config), state, str(tmp_path),
+                                    methods=("als",))
   assert results["als"]["num_samples"] == 70
   with np.load(tmp_path / "samples" / "als_step0.npz") as f:
     written = f["x"]
@@ -41,7 +42,8 @@ def test_inpainting_runs_the_named_sampler(toy, tmp_path, monkeypatch):
   monkeypatch.setattr(plots, "save_inpainting_grid", lambda *a, **k: None)
   x_known = np.full((4, 2), 3.0, np.float32)
   mask = np.array([[1.0, 0.0]] * 4, np.float32)
-  done = {m: sample.inpaint_and_write(config, state, str(tmp_path), x_known, mask, method=m)
+  exp = experiment.build(config)
+  done = {m: sample.inpaint_and_write(exp, state, str(tmp_path), x_known, mask, method=m)
           for m in ("als", "cas", "pc")}
   for m, x in done.items():
     np.testing.assert_array_equal(x[:, 0], 3.0)
@@ -58,6 +60,7 @@ def test_sample_mode_runs_the_adaptive_solver_with_per_sample_nfe(toy, tmp_path)
   config = config.copy_and_resolve_references()
   config.sampling.num_samples = 12
   config.sampling.adaptive.max_iters = 50
-  results = sample.sample_and_write(config, state, str(tmp_path), methods=("adaptive",))
+  results = sample.sample_and_write(experiment.build(config), state, str(tmp_path),
+                                    methods=("adaptive",))
   assert results["adaptive"]["num_samples"] == 12
   assert results["adaptive"]["nfe"] > 0

@@ -88,11 +88,11 @@ def test_nonfinite_step_keeps_state():
 
 def test_nonfinite_training_stops_and_keeps_last_checkpoint(tmp_path):
   config = test_config.get_config()
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(experiment.build(config), str(tmp_path))
   config.training.num_train_steps = 40
   config.optim.lr = 1e30  # parameters overflow within a few steps.
   with pytest.raises(train.TrainingError, match="non-finite"):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(experiment.build(config), str(tmp_path))
   manager = checkpoint.open_reader(str(tmp_path))
   assert checkpoint.latest_step(manager) == 20
   manager.close()
@@ -104,11 +104,11 @@ def _params(state):
 
 def test_resume_equals_uninterrupted(tmp_path):
   config = test_config.get_config()
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  full = train.train_and_evaluate(experiment.build(config), str(tmp_path / "full"))
   config.training.num_train_steps = 10
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  train.train_and_evaluate(experiment.build(config), str(tmp_path / "resumed"))
   config.training.num_train_steps = 20
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(experiment.build(config), str(tmp_path / "resumed"))
   assert int(resumed.step) == 20
   for a, b in zip(_params(full), _params(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -116,7 +116,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_restore_onto_other_device_count(tmp_path):
   config = test_config.get_config()
-  state8 = train.train_and_evaluate(config, str(tmp_path), num_devices=8)
+  state8 = train.train_and_evaluate(experiment.build(config), str(tmp_path), num_devices=8)
   model = models.build(config)
   target = parallel.replicate(experiment.init_state(config, model), parallel.make_mesh(1))
   manager = checkpoint.open_reader(str(tmp_path))
@@ -132,10 +132,10 @@ def test_restore_onto_other_device_count(tmp_path):
 
 def test_incompatible_checkpoint_is_refused(tmp_path):
   config = test_config.get_config()
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(experiment.build(config), str(tmp_path))
   config.model.mlp.hidden = 16
   with pytest.raises(checkpoint.CheckpointError, match="model"):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(experiment.build(config), str(tmp_path))
 
 
 def test_ema_starts_as_copy_and_tracks():
