@@ -141,7 +141,9 @@ def validate(config, mode: str, num_devices: int | None = None) -> None:
     config_schema.check_data_source(config)
   if mode in ("eval", "sampler_sweep"):
     from score_jax.eval import evaluators
-    evaluators.feature_kind(config)
+    evaluators.feature_kind(config.eval.features, dataset=config.data.dataset,
+                            image_size=config.data.image_size,
+                            num_channels=config.data.num_channels)
 
 
 def _check_workdir(workdir: str, mode: str) -> None:
@@ -351,7 +353,7 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       config = _with_cli_overrides(experiment.load_checkpoint(
           workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)[0], config)
       validate(config, mode, FLAGS.num_devices)
-    evaluate.run(config, workdir, mode=mode,
+    evaluate.run(experiment.build(config), workdir, mode=mode,
                  allow_undigested=FLAGS.allow_undigested_checkpoints)
   elif mode in ("likelihood", "export"):
     export_path = FLAGS.export_path or os.path.join(workdir, "export.msgpack")
