@@ -361,15 +361,16 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       raise UsageError(f"--export_path={export_path}: its folder does not exist or is not "
                        "writable; pass a path in an existing, writable folder")
     config, state = _reader_config(config, workdir, mode)
+    exp = experiment.build(config)
     if mode == "likelihood":
       from score_jax import likelihood_eval
-      row = likelihood_eval.run(config, state, workdir)
+      row = likelihood_eval.run(exp, state, workdir)
       if parallel.is_main_process():
         print(likelihood_eval.format_row(row))
         print(f"rows in {os.path.join(os.path.abspath(workdir), 'likelihood.jsonl')} and .csv")
     elif parallel.is_main_process():
       from score_jax import export
-      export.write(export_path, config, state)
+      export.write(export_path, exp.config_json, state)
       print(f"exported step {int(state.step)} (EMA parameters and config) to "
             f"{os.path.abspath(export_path)}")
   elif mode == "sweep":
