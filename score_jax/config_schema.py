@@ -638,3 +638,12 @@ def _trace_sampler(config: ml_collections.ConfigDict, method: str) -> None:
                                    method=method, init=experiment.sampler_init(config, method),
                                    **experiment.sampler_kwargs(config, method))
   jax.eval_shape(lambda p: sample(p, jax.random.key(0), 1), params)
+
+
+def define_config_file_flag(flag_values: Any, argv: list[str], help_text: str) -> None:
+  """`--config=FILE.py[:ARG]` (locked, with its `--config.GROUP.FIELD=VALUE` overrides) on the
+  absl `flag_values` of a command other than main.py's (`python -m score_jax.convert`), so that
+  command reads config files without importing ml_collections itself."""
+  from ml_collections import config_flags  # local import: absl flags, only for commands
+  config_flags.DEFINE_config_file("config", None, help_text, flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
