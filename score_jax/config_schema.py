@@ -21,6 +21,7 @@ import os
 from typing import Any, Iterable
 
 import ml_collections
+from ml_collections import config_flags
 
 from score_jax import gan
 
@@ -644,6 +645,5 @@ def define_config_file_flag(flag_values: Any, argv: list[str], help_text: str) -
   """`--config=FILE.py[:ARG]` (locked, with its `--config.GROUP.FIELD=VALUE` overrides) on the
   absl `flag_values` of a command other than main.py's (`python -m score_jax.convert`), so that
   command reads config files without importing ml_collections itself."""
-  from ml_collections import config_flags  # local import: absl flags, only for commands
   config_flags.DEFINE_config_file("config", None, help_text, flag_values=flag_values,
                                   lock_config=True, sys_argv=argv)
