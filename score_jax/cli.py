@@ -141,7 +141,9 @@ def validate(config, mode: str, num_devices: int | None = None) -> None:
     config_schema.check_data_source(config)
   if mode in ("eval", "sampler_sweep"):
     from score_jax.eval import evaluators
-    evaluators.feature_kind(config)
+    evaluators.feature_kind(config.eval.features, dataset=config.data.dataset,
+                            image_size=config.data.image_size,
+                            num_channels=config.data.num_channels)
 
 
 def _check_workdir(workdir: str, mode: str) -> None:
@@ -355,7 +357,7 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       config = _with_cli_overrides(experiment.load_checkpoint(
           workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)[0], config)
       validate(config, mode, FLAGS.num_devices)
-    evaluate.run(config, workdir, mode=mode,
+    evaluate.run(experiment.build(config), workdir, mode=mode,
                  allow_undigested=FLAGS.allow_undigested_checkpoints)
   elif mode in ("likelihood", "export"):
     export_path = FLAGS.export_path or os.path.join(workdir, "export.msgpack")
@@ -363,15 +365,16 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       raise UsageError(f"--export_path={export_path}: its folder does not exist or is not "
                        "writable; pass a path in an existing, writable folder")
     config, state = _reader_config(config, workdir, mode)
+    exp = experiment.build(config)
     if mode == "likelihood":
       from score_jax import likelihood_eval
-      row = likelihood_eval.run(config, state, workdir)
+      row = likelihood_eval.run(exp, state, workdir)
       if parallel.is_main_process():
         print(likelihood_eval.format_row(row))
         print(f"rows in {os.path.join(os.path.abspath(workdir), 'likelihood.jsonl')} and .csv")
     elif parallel.is_main_process():
       from score_jax import export
-      export.write(export_path, config, state)
+      export.write(export_path, exp.config_json, state)
       print(f"exported step {int(state.step)} (EMA parameters and config) to "
             f"{os.path.abspath(export_path)}")
   elif mode == "sweep":

@@ -21,6 +21,7 @@ import os
 from typing import Any, Iterable
 
 import ml_collections
+from ml_collections import config_flags
 
 from score_jax import gan
 
@@ -638,3 +639,11 @@ def _trace_sampler(config: ml_collections.ConfigDict, method: str) -> None:
                                    method=method, init=experiment.sampler_init(config, method),
                                    **experiment.sampler_kwargs(config, method))
   jax.eval_shape(lambda p: sample(p, jax.random.key(0), 1), params)
+
+
+def define_config_file_flag(flag_values: Any, argv: list[str], help_text: str) -> None:
+  """`--config=FILE.py[:ARG]` (locked, with its `--config.GROUP.FIELD=VALUE` overrides) on the
+  absl `flag_values` of a command other than main.py's (`python -m score_jax.convert`), so that
+  command reads config files without importing ml_collections itself."""
+  config_flags.DEFINE_config_file("config", None, help_text, flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)

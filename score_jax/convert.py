@@ -31,6 +31,9 @@ states are not converted (score_jax starts a fresh optimizer).
 
     python -m score_jax.convert --source=ncsnv2 --checkpoint=checkpoint.pth \\
         --config=configs/ncsnv2_cifar10.py --workdir=runs/ncsnv2_cifar10_released
+
+The conversion functions take the target run's `experiment.Experiment` (its network, ladder and
+specs), never a config; `main` reads the config file and builds it once.
 """
 
 from __future__ import annotations
@@ -42,9 +45,16 @@ import re
 import sys
 from typing import Any, Callable
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from score_jax import help_flags, paths
+from score_jax import checkpoint, config_schema, experiment, help_flags, paths, stored_config
+from score_jax.eval import torch_weights
+from score_jax.experiment import Experiment
+from score_jax.train_state import TrainState
 
 SOURCES = ("ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "ac_unet")
 # The score_jax `model.name` each source converts to.
@@ -81,7 +91,6 @@ def read_checkpoint(path: str | os.PathLike) -> RunnerCheckpoint:
     ConversionError: the file is missing, malformed, refers to a forbidden pickle global, or holds
       elements this converter does not take (an adversarial discriminator).
   """
-  from score_jax.eval import torch_weights
   path = os.fspath(path)
   if not paths.isfile(path):
     raise ConversionError(f"--checkpoint={path}: no such file")
@@ -329,22 +338,21 @@ def _source_hint(source: str, keys) -> str:
           "noise.num_scales")
 
 
-def check_config(source: str, config) -> None:
-  """Raises ConversionError unless `config` describes the network `source` converts to."""
+def check_experiment(source: str, exp: Experiment) -> None:
+  """Raises ConversionError unless `exp` has the network `source` converts to."""
   if source not in SOURCES:
     raise ConversionError(f"--source={source!r} is unknown; use one of {', '.join(SOURCES)}")
-  from score_jax import data
-  if data.is_toy(config.data.dataset):
-    raise ConversionError(f"data.dataset={config.data.dataset!r} is a toy data set; the converted "
+  if exp.data.is_toy:
+    raise ConversionError(f"data.dataset={exp.data.dataset!r} is a toy data set; the converted "
                           "networks are image networks: use an image config (e.g. "
                           "configs/ncsnv2_cifar10.py) or --config.data.dataset=cifar10")
   want = MODEL_OF_SOURCE[source]
-  if config.model.name != want:
+  if exp.model_name != want:
     raise ConversionError(f"--source={source} converts to model.name={want!r} but the config has "
-                          f"{config.model.name!r}; use a {want} config or "
+                          f"{exp.model_name!r}; use a {want} config or "
                           f"--config.model.name={want}")
   if source == "ac_unet":
-    m = config.model.unet
+    m = exp.model  # the UNet's hyperparameters are the model.unet group's
     if m.conditional:
       raise ConversionError("--source=ac_unet: the AC UNet is trained without a noise-level input; "
                             "set --config.model.unet.conditional=False")
@@ -354,35 +362,34 @@ def check_config(source: str, config) -> None:
     if m.num_res_blocks != 2:
       raise ConversionError(f"--source=ac_unet: the AC UNet has 2 residual blocks per level; "
                             f"model.unet.num_res_blocks={m.num_res_blocks}, set it to 2")
-    attn = (config.data.image_size // 2,) if len(m.ch_mult) > 1 else ()
+    attn = (exp.data.image_size // 2,) if len(m.ch_mult) > 1 else ()
     if tuple(m.attn_resolutions) != attn:
       raise ConversionError(
           f"--source=ac_unet: the AC UNet has attention at level 1 ({attn or 'none'} px at "
-          f"data.image_size={config.data.image_size}); model.unet.attn_resolutions="
+          f"data.image_size={exp.data.image_size}); model.unet.attn_resolutions="
           f"{tuple(m.attn_resolutions)}, set it to {list(attn)}")
 
 
-def _param_shapes(config) -> tuple[Any, dict[tuple[str, ...], tuple[int, ...]]]:
-  """The model `models.build(config)` makes and its parameter shapes by path (no compute)."""
-  import flax
-  import jax
-  import jax.numpy as jnp
-  from score_jax import models
-  from score_jax.experiment import example_shape
+def build_experiment(config: Any) -> Experiment:
+  """`experiment.build(config)`, a network the config cannot describe as a ConversionError."""
   try:
-    model = models.build(config)
+    return experiment.build(config)
   except ValueError as e:
     raise ConversionError(f"config: {_one_line(e)}") from None
-  x = jnp.zeros((1, *example_shape(config)), jnp.float32)
+
+
+def _param_shapes(exp: Experiment) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The parameter shapes of `exp.model` by path (no compute)."""
+  model = exp.model
+  x = jnp.zeros((1, *exp.example_shape), jnp.float32)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), x, jnp.ones((1,), jnp.float32))["params"])
   flat = flax.traverse_util.flatten_dict(shapes)
-  return model, {k: tuple(v.shape) for k, v in flat.items()}
+  return {k: tuple(v.shape) for k, v in flat.items()}
 
 
-def _check_sigmas(buffer: np.ndarray, config, path: str) -> None:
-  from score_jax.experiment import sigmas_from_config
-  ladder = np.asarray(sigmas_from_config(config), np.float64)
+def _check_sigmas(buffer: np.ndarray, sigmas: Any, path: str) -> None:
+  ladder = np.asarray(sigmas, np.float64)
   got = np.asarray(buffer, np.float64).reshape(-1)
   if got.shape != ladder.shape or not np.allclose(got, ladder, rtol=1e-4, atol=0.0):
     raise ConversionError(
@@ -392,44 +399,42 @@ def _check_sigmas(buffer: np.ndarray, config, path: str) -> None:
         "noise.num_scales and noise.schedule to the checkpoint's")
 
 
-def convert(source: str, checkpoint_path: str | os.PathLike, config, *,
+def convert(source: str, checkpoint_path: str | os.PathLike, exp: Experiment, *,
             ema: bool = True) -> dict[str, Any]:
-  """score_jax parameters of `models.build(config)` from a reference PyTorch checkpoint.
+  """score_jax parameters of `exp.model` from a reference PyTorch checkpoint.
 
   Args:
     source: one of `SOURCES`: the reference network the file holds.
     checkpoint_path: a runner checkpoint (`checkpoint.pth`, `checkpoint_<step>.pth`) or a bare
       model state_dict.
-    config: a score_jax config whose `model.name` is `MODEL_OF_SOURCE[source]` and whose model,
-      data and noise fields describe the checkpoint's network (width, channels, image size,
-      ladder).
+    exp: the target run (`experiment.build` of a config whose `model.name` is
+      `MODEL_OF_SOURCE[source]` and whose model, data and noise fields describe the checkpoint's
+      network: width, channels, image size, ladder).
     ema: take the EMA shadow where the file has one (the weights the reference samples with);
       False takes the raw model weights. Files without an EMA element give the raw weights.
 
   Returns:
     The nested parameter dict (numpy float32 arrays) with exactly the tree and shapes of
-    `models.build(config).init(...)["params"]`.
+    `exp.model.init(...)["params"]`.
 
   Raises:
     ConversionError: unknown source, a config of another model, an unreadable or forbidden file,
       missing or unexpected keys, shape mismatches, or sigmas that differ from the config's.
   """
-  check_config(source, config)
+  check_experiment(source, exp)
   ckpt = read_checkpoint(checkpoint_path)
-  model, shapes = _param_shapes(config)
-  return _convert_loaded(source, ckpt, config, model, shapes, ema=ema)
+  return _convert_loaded(source, ckpt, exp, _param_shapes(exp), ema=ema)
 
 
-def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, *,
+def _convert_loaded(source: str, ckpt: RunnerCheckpoint, exp: Experiment, shapes, *,
                     ema: bool) -> dict[str, Any]:
-  import flax
   path = ckpt.path
   buffers = {k for k in ckpt.model if k == "sigmas"}
   if source == "ncsn" and buffers:
     raise ConversionError(f"--checkpoint={path} has a sigmas buffer, which NCSN v1 does not; "
                           f"{_source_hint(source, ckpt.model)}")
   if "sigmas" in buffers:
-    _check_sigmas(ckpt.model["sigmas"], config, path)
+    _check_sigmas(ckpt.model["sigmas"], exp.sigmas, path)
   weights = ckpt.model
   if ema and ckpt.ema is not None:
     params_in_model = set(ckpt.model) - buffers
@@ -443,11 +448,11 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
   weights = {k: v for k, v in weights.items() if k not in buffers}
 
   if source == "ac_unet":
-    modules = _unet_modules(tuple(config.model.unet.ch_mult))
+    modules = _unet_modules(tuple(exp.model.ch_mult))
     rule = lambda p: _unet_rule(p, modules)
     unused = {k for k in weights if _UNET_UNUSED.fullmatch(k)}
   else:
-    rule = lambda p: _refinenet_rule(p, model, source)
+    rule = lambda p: _refinenet_rule(p, exp.model, source)
     unused = set()
 
   keys: dict[tuple[str, ...], Rule] = {}
@@ -488,35 +493,29 @@ def _convert_loaded(source: str, ckpt: RunnerCheckpoint, config, model, shapes, 
 # ------------------------------------------------------------------------------------------------
 # Workdir writing and the CLI.
 
-def write_workdir(config, params: dict[str, Any], workdir: str, *, metadata: dict) -> None:
+def write_workdir(exp: Experiment, params: dict[str, Any], workdir: str, *,
+                  metadata: dict) -> None:
   """Writes `params` (as the params and every EMA slot) into a new score_jax workdir at step 0.
 
-  The state has the structure `experiment.init_state(config, ...)` gives (a `TrainState` with a
-  fresh optimizer state; adversarial configs add a freshly initialized discriminator), saved with the
+  The state has the structure `exp.train.init_state()` gives (a `TrainState` with a fresh
+  optimizer state; adversarial runs add a freshly initialized discriminator), saved with the
   checkpoint writer training uses, so `score_jax.load_checkpoint(workdir)` and `main.py --mode=
   sample|eval` read it. `metadata` is stored as the data-pipeline state (JSON).
   """
-  import jax
-  import jax.numpy as jnp
-  from score_jax import checkpoint, models
-  from score_jax.experiment import init_state, optimizer_from_config
-  from score_jax.train_state import TrainState
-
-  model = models.build(config)
   new_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-  ema = tuple(jax.tree.map(jnp.copy, new_params) for _ in config.training.ema_decays)
+  ema = tuple(jax.tree.map(jnp.copy, new_params) for _ in exp.train.ema_decays)
   # TrainState.create as train_state.create_train_state does, without initializing the network.
-  score_state = TrainState.create(apply_fn=model.apply, params=new_params,
-                                  tx=optimizer_from_config(config), ema_params=ema)
+  score_state = TrainState.create(apply_fn=exp.model.apply, params=new_params,
+                                  tx=exp.train.optimizer, ema_params=ema)
   # The step as training saves it (int32); a Python int would be saved as int64.
   score_state = score_state.replace(step=jnp.asarray(0, jnp.int32))
   state = score_state
-  if config.adversarial.enabled:
-    state = init_state(config, model).replace(score=score_state)
+  if exp.train.adversarial:
+    state = exp.train.init_state().replace(score=score_state)
   manager = checkpoint.create_writer(workdir, keep=1, async_save=False)
   try:
     checkpoint.save(manager, 0, state, data_state=dict(metadata, kind="converted"),
-                    config_json=config.to_json())
+                    config_json=exp.config_json)
     checkpoint.wait(manager)
   finally:
     manager.close()
@@ -545,18 +544,13 @@ example:
 
 def main(argv: list[str]) -> int:
   """`python -m score_jax.convert`: one-line errors on stderr with exit status 2."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  from score_jax import config_schema, stored_config
   moved = stored_config.moved_flag_error(argv, config_schema.FIELDS)
   if moved:
     print(f"error: {moved}", file=sys.stderr)
     return 2
   fv = flags.FlagValues()
   argv = ["--noema" if a == "--no-ema" else a for a in argv]
-  config_flags.DEFINE_config_file("config", None, "score_jax config describing the network.",
-                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  config_schema.define_config_file_flag(fv, argv, "score_jax config describing the network.")
   flags.DEFINE_string("source", None, f"Reference network: {' | '.join(SOURCES)}.", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth) to convert.", flag_values=fv)
   flags.DEFINE_string("workdir", None, "New score_jax workdir to write.", flag_values=fv)
@@ -595,12 +589,15 @@ def main(argv: list[str]) -> int:
     workdir = fv.workdir
     if _has_checkpoints(workdir):
       raise ConversionError(f"--workdir={workdir} already holds checkpoints; give a new workdir")
-    check_config(fv.source, config)
+    if fv.source not in SOURCES:
+      raise ConversionError(f"--source={fv.source!r} is unknown; use one of {', '.join(SOURCES)}")
+    exp = build_experiment(config)
+    check_experiment(fv.source, exp)
     ckpt = read_checkpoint(fv.checkpoint)
-    model, shapes = _param_shapes(config)
-    params = _convert_loaded(fv.source, ckpt, config, model, shapes, ema=fv.ema)
+    shapes = _param_shapes(exp)
+    params = _convert_loaded(fv.source, ckpt, exp, shapes, ema=fv.ema)
     used = "EMA" if fv.ema and ckpt.ema is not None else "raw"
-    write_workdir(config, params, workdir, metadata=dict(
+    write_workdir(exp, params, workdir, metadata=dict(
         source=fv.source, checkpoint=paths.as_str(fv.checkpoint), weights=used))
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)

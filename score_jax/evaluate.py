@@ -20,7 +20,7 @@ of samples are kept under `<workdir>/eval_cache/batches/<digest>/` until the row
 an evaluation interrupted mid-way continues from its last finished batch. Every row states its
 protocol (`protocol`: sample count and reference set).
 
-Samples are drawn over every device of every host (`parallel.shard_sampler`): sample k comes
+Samples are drawn over every device of every host (`sampling.make_parallel_sampler`): sample k comes
 from the key folded from (seed, k), so the numbers do not depend on the device count, the hosts
 or `eval.batch_size`. Inception and classifier features run over every device too
 (`parallel.batch_map`). Progress bars (`tqdm.auto`) show the rate and the time left.
@@ -29,11 +29,15 @@ What is measured (`eval.features`, `score_jax.eval.evaluators`): MMD and energy 
 true distribution for toys; FID, KID and IS on the FID Inception network's features for images;
 FID and KID on the features of the project's MNIST classifier for digits. The parts live in
 `score_jax.eval`: the evaluators (`evaluators`, with `feature_nets` and `reference_stats`),
-the batched, resumable drawing of features (`batches`), the sweep grid (`sweep`), the compiled
-samplers (`sampling`) and the rows, tables and plots (`records`); this module is the host loop.
+the batched, resumable drawing of features (`batches`), the sweep grid (`sweep`) and the rows,
+tables and plots (`records`); the samplers are the run's `Experiment.parallel_sampler` (the one
+multi-device wrapper, compiled once per setting, the params an argument); this module is the
+host loop.
 
-Every draw uses keys folded from `config.seed`, the same for every checkpoint and every sweep
-setting (common random numbers), so evaluations are reproducible and comparable.
+The modes take the run's `experiment.Experiment` (`experiment.build`): its model, ladder and
+sampler specs, and its `eval` and `data` specs; never a config. Every draw uses keys of the run's
+"eval" stream (`Experiment.key`), the same for every checkpoint and every sweep setting (common
+random numbers), so evaluations are reproducible and comparable.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from score_jax import (checkpoint, experiment, noise, parallel, rng_streams, samplers,
@@ -60,10 +63,9 @@ from score_jax.eval.feature_nets import Features
 from score_jax.eval.records import (as_float, entry_key, format_table, plot_eval, plot_sweep,
                                     rank_key, stored_rows, table_metric_columns, write_outputs,
                                     write_row)
-from score_jax.eval.sampling import SampleFn, make_checkpoint_sampler, make_step_lr_sampler
+from score_jax.experiment import EvalSpec, Experiment
 from score_jax.metric_writers import MetricWriter
 from score_jax.train_state import TrainState
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,24 +101,37 @@ def _check_finite(row: dict, *, fatal: bool) -> None:
           file=sys.stderr)
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None,
+def _restore(exp: Experiment, workdir: str, step: int | None,
              allow_undigested: bool) -> TrainState:
-  """The checkpoint's state, after checking that `config` describes the same model and data."""
+  """The checkpoint's state, after checking that `exp` describes the same model and data."""
   stored, state = experiment.load_checkpoint(workdir, step, allow_undigested=allow_undigested)
-  stored_config.check_compatible(json.loads(stored.to_json()), config, workdir)
+  stored_config.check_compatible(json.loads(stored.to_json()),
+                                 stored_config.config_from_dict(json.loads(exp.config_json)),
+                                 workdir)
   return state
 
 
-def _evaluate_sampler(p_sample: SampleFn, params: Any, evaluator: Evaluator, entry: dict,
-                      config: ml_collections.ConfigDict, workdir: str, rng: jax.Array,
+def _batches(p_sample: sampling.ParallelSampler, params: Any, rng: jax.Array):
+  """`(start, n) -> (samples [n, ...], nfe [n])` of `p_sample` with fixed params and key (the
+  batches `draw_features` asks for)."""
+  sample_rng = rng_streams.fold(rng, "eval.samples")
+
+  def batch(start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    x, info = p_sample(params, sample_rng, start, n)
+    return x, info["nfe"]
+
+  return batch
+
+
+def _evaluate_sampler(p_sample: sampling.ParallelSampler, params: Any, evaluator: Evaluator,
+                      entry: dict, ev: EvalSpec, workdir: str, rng: jax.Array,
                       desc: str) -> tuple[dict[str, Any], str]:
   """Measures one sampler setting; returns the measurements and its batch cache directory."""
   start = time.time()
-  cache_dir = batch_cache_dir(workdir, [entry], config.eval.batch_size)
-  sample_rng = rng_streams.fold(rng, "eval.samples")
-  features = draw_features(lambda first, n: p_sample(params, sample_rng, first, n), evaluator,
-                           num_samples=config.eval.num_samples,
-                           batch_size=config.eval.batch_size, cache_dir=cache_dir, desc=desc)
+  cache_dir = batch_cache_dir(workdir, [entry], ev.batch_size)
+  features = draw_features(_batches(p_sample, params, rng), evaluator,
+                           num_samples=ev.num_samples, batch_size=ev.batch_size,
+                           cache_dir=cache_dir, desc=desc)
   measured = {**_score(evaluator, features), "seconds": time.time() - start}
   return measured, cache_dir
 
@@ -128,7 +143,7 @@ def _score(evaluator: Evaluator, features: Features) -> dict[str, Any]:
           **({} if nfe is None else {"nfe": float(np.mean(nfe))})}
 
 
-def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, entries: list[dict],
+def _evaluate_step_lrs(exp: Experiment, state: TrainState, entries: list[dict],
                        evaluator: Evaluator, workdir: str, rng: jax.Array
                        ) -> tuple[list[dict[str, Any]], str]:
   """Evaluates settings that differ only in step_lr as one program vmapped over the step sizes.
@@ -137,27 +152,27 @@ def _evaluate_step_lrs(config: ml_collections.ConfigDict, state: TrainState, ent
   one-setting-at-a-time sweep up to float rounding; `seconds` is the group's time per setting.
   """
   e0 = entries[0]
-  p_sample = make_step_lr_sampler(config, entries)
-  params = sampling.sampling_params(state, config.sampling.use_ema)
-  sample_rng = rng_streams.fold(rng, "eval.samples")
-  cache_dir = batch_cache_dir(workdir, entries, config.eval.batch_size)
+  p_sample = exp.parallel_sampler(e0["method"], mesh=parallel.make_mesh(),
+                                  grid={"step_lr": [e["step_lr"] for e in entries]},
+                                  **sweep.sampler_args(e0))
+  ev = exp.eval
+  cache_dir = batch_cache_dir(workdir, entries, ev.batch_size)
   start = time.time()
-  features = draw_features_stacked(lambda first, n: p_sample(params, sample_rng, first, n),
-                                   evaluator, num_samples=config.eval.num_samples,
-                                   batch_size=config.eval.batch_size, cache_dir=cache_dir,
+  features = draw_features_stacked(_batches(p_sample, exp.sampling.params(state), rng),
+                                   evaluator, num_samples=ev.num_samples,
+                                   batch_size=ev.batch_size, cache_dir=cache_dir,
                                    desc=f"sweep {e0['method']} x{len(entries)} step_lr")
   seconds = (time.time() - start) / len(entries)
   return [{**_score(evaluator, f), "seconds": seconds, "vmapped_settings": len(entries)}
           for f in features], cache_dir
 
 
-def _entry(config: ml_collections.ConfigDict, evaluator: Evaluator, kind: str, **settings
-           ) -> dict:
+def _entry(exp: Experiment, evaluator: Evaluator, kind: str, **settings) -> dict:
   """An evaluation's settings: checkpoint, sampler, sample count, features, seed, reference."""
   identity = dict(evaluator.identity)
-  identity["protocol"] = f"{config.eval.num_samples} samples {identity.get('protocol', '')}".strip()
-  return {**settings, "num_samples": config.eval.num_samples, "features": kind,
-          "seed": config.seed, **identity}
+  identity["protocol"] = f"{exp.eval.num_samples} samples {identity.get('protocol', '')}".strip()
+  return {**settings, "num_samples": exp.eval.num_samples, "features": kind,
+          "seed": exp.seed, **identity}
 
 
 def _record(writer: MetricWriter | None, fresh: dict[tuple, dict], entry: dict,
@@ -192,7 +207,17 @@ def _split_done(entries: list[dict], path: str) -> tuple[dict[tuple, dict], list
 # Modes.
 
 
-def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
+def _feature_kind(exp: Experiment) -> str:
+  """The run's feature space (`evaluators.feature_kind` of its eval and data specs)."""
+  return feature_kind(exp.eval.features, dataset=exp.data.dataset,
+                      image_size=exp.data.image_size, num_channels=exp.data.num_channels)
+
+
+def _make_evaluator(exp: Experiment, workdir: str, rng: jax.Array) -> Evaluator:
+  return make_evaluator(exp.eval, exp.data, workdir, rng, seed=exp.seed)
+
+
+def evaluate_checkpoints(exp: Experiment, workdir: str, *,
                          allow_undigested: bool = False) -> list[dict]:
   """Samples from every checkpoint in range with the configured sampler; returns the rows.
 
@@ -201,19 +226,19 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
   A checkpoint that a training run still writing the workdir rotates away before its turn is
   skipped with a note.
   """
-  ev = config.eval
+  ev = exp.eval
   available = _checkpoint_steps(workdir)
   steps = [s for s in available if (ev.begin_step is None or s >= ev.begin_step) and
            (ev.end_step is None or s <= ev.end_step)]
   if not steps:
     raise UsageError(f"no checkpoint with eval.begin_step={ev.begin_step} <= step <= "
                      f"eval.end_step={ev.end_step} in {workdir}; available steps: {available}")
-  kind = feature_kind(config)
+  kind = _feature_kind(exp)
   main_metric = MAIN_METRICS[kind]
-  settings = experiment.sampler_settings(config)
-  rng = rng_streams.key(config.seed, "eval")
-  evaluator = make_evaluator(config, workdir, rng)
-  entries = [_entry(config, evaluator, kind, step=s, **settings) for s in steps]
+  settings = exp.sampling.sampler().settings()
+  rng = exp.key("eval")
+  evaluator = _make_evaluator(exp, workdir, rng)
+  entries = [_entry(exp, evaluator, kind, step=s, **settings) for s in steps]
   done, todo = _split_done(entries, storage.join(workdir, "eval_metrics.jsonl"))
   main = parallel.is_main_process()
   if main:
@@ -221,12 +246,12 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
           f"evaluating {len(todo)}", flush=True)
   fresh, skipped = {}, []
   if todo:
-    sampler = make_checkpoint_sampler(config)
+    sampler = exp.parallel_sampler(mesh=parallel.make_mesh())
     writer = MetricWriter(workdir, name="eval_metrics") if main else None
     try:
       for entry in todo:
         try:
-          state = _restore(config, workdir, entry["step"], allow_undigested)
+          state = _restore(exp, workdir, entry["step"], allow_undigested)
         except checkpoint.MissingStepError:
           skipped.append(entry["step"])
           if main:
@@ -234,9 +259,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
                   "rotation (training.keep_checkpoints) before its turn; skipped",
                   file=sys.stderr, flush=True)
           continue
-        params = sampling.sampling_params(state, config.sampling.use_ema)
-        measured, cache_dir = _evaluate_sampler(sampler, params,
-                                                evaluator, entry, config, workdir, rng,
+        measured, cache_dir = _evaluate_sampler(sampler, exp.sampling.params(state),
+                                                evaluator, entry, ev, workdir, rng,
                                                 desc=f"eval step {entry['step']}")
         row = _record(writer, fresh, entry, measured)
         drop_batches(cache_dir)
@@ -263,7 +287,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, *,
   return rows
 
 
-def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
+def sampler_sweep(exp: Experiment, workdir: str, *,
                   allow_undigested: bool = False) -> list[dict]:
   """Samples from the latest checkpoint with every sweep setting; returns the rows.
 
@@ -275,18 +299,18 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   that differ only in step_lr run as one compiled program vmapped over the step sizes (memory:
   the group's size times `eval.batch_size` samples at once).
   """
-  ev = config.eval
+  ev = exp.eval
   settings = sweep.sweep_grid(tuple(ev.sweep_methods), tuple(ev.sweep_step_lrs),
                         tuple(ev.sweep_steps_per_sigma), tuple(ev.sweep_denoise),
                         tuple(ev.sweep_num_steps), tuple(ev.sweep_rel_tols))
-  state = _restore(config, workdir, None, allow_undigested)
+  state = _restore(exp, workdir, None, allow_undigested)
   step = int(jax.device_get(state.step))
-  kind = feature_kind(config)
+  kind = _feature_kind(exp)
   main_metric = MAIN_METRICS[kind]
-  rng = rng_streams.key(config.seed, "eval")
-  evaluator = make_evaluator(config, workdir, rng)
-  entries = [_entry(config, evaluator, kind, step=step,
-                    **{**experiment.sampler_settings(config, s["method"]), **s})
+  rng = exp.key("eval")
+  evaluator = _make_evaluator(exp, workdir, rng)
+  entries = [_entry(exp, evaluator, kind, step=step,
+                    **{**exp.sampling.sampler(s["method"]).settings(), **s})
              for s in settings]
   done, todo = _split_done(entries, storage.join(workdir, "sampler_sweep.jsonl"))
   main = parallel.is_main_process()
@@ -295,8 +319,7 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
           f"sampler_sweep.jsonl; evaluating {len(todo)}", flush=True)
   fresh = {}
   if todo:
-    cas_ladder = samplers.cas_ladder(experiment.sigmas_from_config(config),
-                                     config.sampling.cas.n_sigma)
+    cas_ladder = samplers.cas_ladder(exp.sigmas, exp.sampling.sampler("cas").kwargs["n_sigma"])
     writer = MetricWriter(workdir, name="sampler_sweep", tensorboard=False) if main else None
     try:
       feasible = []
@@ -312,16 +335,16 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
         feasible.append(entry)
       for group in sweep.step_lr_groups(feasible):
         if len(group) > 1 and ev.sweep_vmap:
-          results, cache_dir = _evaluate_step_lrs(config, state, group, evaluator, workdir, rng)
+          results, cache_dir = _evaluate_step_lrs(exp, state, group, evaluator, workdir, rng)
           cache_dirs = [cache_dir]
         else:
           results, cache_dirs = [], []
           for entry in group:
-            sampler = make_checkpoint_sampler(config, method=entry["method"],
-                                              **sweep.sampler_args(entry))
+            sampler = exp.parallel_sampler(entry["method"], mesh=parallel.make_mesh(),
+                                           **sweep.sampler_args(entry))
             measured, cache_dir = _evaluate_sampler(
-                sampler, sampling.sampling_params(state, config.sampling.use_ema), evaluator,
-                entry, config, workdir, rng, desc=f"sweep {sweep.setting(entry)}")
+                sampler, exp.sampling.params(state), evaluator,
+                entry, ev, workdir, rng, desc=f"sweep {sweep.setting(entry)}")
             results.append(measured)
             cache_dirs.append(cache_dir)
         for entry, measured in zip(group, results):
@@ -347,14 +370,14 @@ def sampler_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str,
+def run(exp: Experiment, workdir: str, *, mode: str,
         allow_undigested: bool = False) -> list[dict]:
   """The `eval` or `sampler_sweep` mode of the CLI; returns the metric rows.
 
-  `config` must describe the checkpoint's model and data (checked as in `--mode=sample` with a
-  `--config`); its `sampling` and `eval` groups choose how to sample and what to measure.
+  `exp` must describe the checkpoint's model and data (checked as in `--mode=sample` with a
+  `--config`); its `sampling` and `eval` specs choose how to sample and what to measure.
   """
   if mode == "eval":
-    return evaluate_checkpoints(config, workdir, allow_undigested=allow_undigested)
+    return evaluate_checkpoints(exp, workdir, allow_undigested=allow_undigested)
   if mode == "sampler_sweep":
-    return sampler_sweep(config, workdir, allow_undigested=allow_undigested)
+    return sampler_sweep(exp, workdir, allow_undigested=allow_undigested)

@@ -19,9 +19,11 @@ score_jax's own networks consume, so that reach would be nominal; msgpack comes 
 dependency), keeps the tree's nesting, and the digest and the config sit in the header here just
 as they would in safetensors' string metadata.
 
-`load(path_or_url)` returns `(config, state)` like `score_jax.load_checkpoint`, where `state`
-carries `params` and `ema_params`, so `make_sampler(config, state)` samples from it exactly as
-from the workdir it came from.
+`write` takes the config as the opaque JSON text it stores (`Experiment.config_json`).
+`load(path_or_url)` returns `(config, state)` like `score_jax.load_checkpoint`, the config read by
+`stored_config` and checked by building its `Experiment`, where `state` carries `params` and
+`ema_params`, so `make_sampler(config, state)` samples from it exactly as from the workdir it came
+from.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ import urllib.request
 from typing import Any
 
 import jax
-import ml_collections
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from score_jax import paths
+from score_jax import experiment, paths, stored_config
 
 FORMAT = "score_jax.export"
 VERSION = 2
@@ -61,13 +63,13 @@ class ExportedState:
     return (self.params,)
 
 
-def write(path: str | os.PathLike, config: ml_collections.ConfigDict, state_or_params: Any, *,
+def write(path: str | os.PathLike, config_json: str, state_or_params: Any, *,
           step: int | None = None) -> None:
-  """Writes the sampling parameters and `config` to one file at `path` (atomically).
+  """Writes the sampling parameters and the config to one file at `path` (atomically).
 
   Args:
     path: the file to write.
-    config: the run's config (stored as JSON).
+    config_json: the run's config as JSON text (`Experiment.config_json`), stored as is.
     state_or_params: a `TrainState` / `AdversarialState` (its first EMA tree is exported) or a
       parameter tree.
     step: the training step recorded in the file; default: the state's step, else 0.
@@ -85,7 +87,7 @@ def write(path: str | os.PathLike, config: ml_collections.ConfigDict, state_or_p
                       f"{', ...' if len(bad) > 3 else ''}); export an earlier checkpoint "
                       "(score_jax.export.write_workdir(workdir, path, step=N))")
   body = serialization.msgpack_serialize(
-      {"config": config.to_json(), "step": int(step or 0), "params": params})
+      {"config": config_json, "step": int(step or 0), "params": params})
   data = serialization.msgpack_serialize(
       {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(body).hexdigest(),
        "body": body})
@@ -100,9 +102,8 @@ def _non_finite(params: dict) -> list[str]:
 
 def write_workdir(workdir: str, path: str | os.PathLike, *, step: int | None = None) -> None:
   """Exports the checkpoint at `step` (latest if None) of `workdir` to `path`."""
-  from score_jax.experiment import load_checkpoint
-  config, state = load_checkpoint(workdir, step)
-  write(path, config, state)
+  config, state = experiment.load_checkpoint(workdir, step)
+  write(path, experiment.build(config).config_json, state)
 
 
 def _plain(tree: Any) -> Any:
@@ -184,24 +185,20 @@ def _checked_params(params: Any, source: str) -> dict:
   return params
 
 
-def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, ExportedState]:
+def load(path_or_url: str | os.PathLike) -> tuple[Any, ExportedState]:
   """Reads an export file (a path, a gs:// URL, or an http(s)/file URL) written by `write`.
 
   Returns:
-    `(config, state)`: the stored config over the schema of configs/default.py, and an
-    `ExportedState` whose `ema_params[0]` is the exported tree (arrays on the default device),
-    checked against the parameter shapes of `models.build(config)`.
+    `(config, state)`: the stored config over the schema of configs/default.py
+    (`stored_config.config_from_dict`), and an `ExportedState` whose `ema_params[0]` is the
+    exported tree (arrays on the default device), checked against the parameter shapes of the
+    network of `experiment.build(config)`.
 
   Raises:
     ExportError: the file is unreadable, not an export, of another version, damaged (digest
       mismatch), has a missing or mistyped field, holds non-finite parameters, or its parameters do
       not fit the network its config describes.
   """
-  import jax.numpy as jnp
-  from score_jax import models
-  from score_jax.stored_config import config_from_dict
-  from score_jax.experiment import example_shape
-
   source = os.fspath(path_or_url)
   payload = _verified_body(_read_bytes(source), source)
   step = payload["step"]
@@ -213,14 +210,15 @@ def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Exp
     stored = json.loads(payload["config"])
     if not isinstance(stored, dict):
       raise TypeError(f"a {type(stored).__name__}, not an object")
-    config = config_from_dict(stored)
+    config = stored_config.config_from_dict(stored)
   except Exception as e:  # bad JSON, or values the config schema refuses (several types)
     raise ExportError(f"{source}: its config is not a score_jax config ({type(e).__name__}: "
                       f"{' '.join(str(e).split())[:160]})") from None
   params = _checked_params(payload["params"], source)
   try:
-    model = models.build(config)
-    x = jnp.zeros((1, *example_shape(config)), jnp.float32)
+    exp = experiment.build(config)
+    model = exp.model
+    x = jnp.zeros((1, *exp.example_shape), jnp.float32)
     want = jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, x,
                            jnp.ones((1,), jnp.float32))["params"])
@@ -233,6 +231,6 @@ def load(path_or_url: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Exp
     diff = sorted("/".join(k) for k in set(got) ^ set(want))
     diff += sorted("/".join(k) for k in set(got) & set(want) if got[k] != want[k])
     raise ExportError(f"{source}: its parameters do not fit the network of its config "
-                      f"(model.name={config.model.name!r}; differing: {', '.join(diff[:3])})")
+                      f"(model.name={exp.model_name!r}; differing: {', '.join(diff[:3])})")
   params = jax.tree.map(jnp.asarray, params)
   return config, ExportedState(params=params, step=step)

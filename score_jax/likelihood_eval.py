@@ -19,6 +19,9 @@ depend on the batch size or the device count; batches run over all devices
 (`parallel.batch_map`) and each finished batch is kept in the workdir, so an interrupted run
 continues where it stopped. Every result row carries its protocol and goes to
 `<workdir>/likelihood.jsonl` and `<workdir>/likelihood.csv`.
+
+`run` takes the run's `experiment.Experiment` (its model, ladder, seed, and its `likelihood` and
+`data` specs), never a config.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from score_jax import (data, experiment, likelihood, models, parallel, plots, rng_streams,
-                       sampling, toy)
+from score_jax import data, likelihood, parallel, plots, rng_streams, sampling, toy
+from score_jax import progress as progress_lib
 from score_jax.eval import records
+from score_jax.experiment import DataSpec, Experiment, LikelihoodSpec
 from score_jax.metric_writers import read_jsonl
 from score_jax.score import make_score_fn
 
@@ -70,56 +73,55 @@ def _check_params_finite(params: Any, step: int) -> None:
         f"e.g. {bad[0]}): no likelihood can be measured; evaluate an earlier checkpoint")
 
 
-def resolve_trace(config: ml_collections.ConfigDict) -> str:
+def resolve_trace(lik: LikelihoodSpec, dataset: str) -> str:
   """`likelihood.trace`, with "auto" resolved: exact for toys, rademacher for images."""
-  trace = config.likelihood.trace
-  if trace == "auto":
-    return "exact" if data.is_toy(config.data.dataset) else "rademacher"
-  return trace
+  if lik.trace == "auto":
+    return "exact" if data.is_toy(dataset) else "rademacher"
+  return lik.trace
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_spec(lik: LikelihoodSpec) -> None:
   """Raises ValueError naming the first bad `likelihood.*` field and the fix."""
-  lik = config.likelihood
   if lik.trace != "auto" and lik.trace not in likelihood.TRACES:
     raise ValueError(f"likelihood.trace={lik.trace!r} is unknown; use auto or one of "
                      f"{', '.join(likelihood.TRACES)}")
   for name in ("num_probes", "num_examples", "repeats", "batch_size"):
-    if not int(lik[name]) >= 1:
-      raise ValueError(f"likelihood.{name}={lik[name]} must be >= 1")
+    value = getattr(lik, name)
+    if not int(value) >= 1:
+      raise ValueError(f"likelihood.{name}={value} must be >= 1")
   for name in ("rtol", "atol"):
-    if not float(lik[name]) > 0:
-      raise ValueError(f"likelihood.{name}={lik[name]} must be > 0 (e.g. 1e-5)")
+    value = getattr(lik, name)
+    if not float(value) > 0:
+      raise ValueError(f"likelihood.{name}={value} must be > 0 (e.g. 1e-5)")
 
 
-def protocol(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+def protocol(exp: Experiment, step: int) -> dict[str, Any]:
   """What a likelihood row was measured with: it identifies the row and its stored batches."""
-  lik = config.likelihood
-  sigmas = np.asarray(experiment.sigmas_from_config(config))
-  is_toy = data.is_toy(config.data.dataset)
-  trace = resolve_trace(config)
+  lik = exp.likelihood
+  sigmas = np.asarray(exp.sigmas)
+  is_toy = exp.data.is_toy
+  trace = resolve_trace(lik, exp.data.dataset)
   repeats = 1 if is_toy and trace == "exact" else int(lik.repeats)
-  return {"step": int(step), "dataset": config.data.dataset,
+  return {"step": int(step), "dataset": exp.data.dataset,
           "metric": "nll_nats" if is_toy else "bits_per_dim",
           "split": "drawn from the toy" if is_toy else lik.split,
           "num_examples": int(lik.num_examples), "repeats": repeats, "trace": trace,
           "num_probes": 1 if trace == "exact" else int(lik.num_probes),
           "rtol": float(lik.rtol), "atol": float(lik.atol), "sigma_min": float(sigmas[-1]),
-          "sigma_max": float(sigmas[0]), "seed": int(config.seed), "measures": MEASURES}
+          "sigma_max": float(sigmas[0]), "seed": int(exp.seed), "measures": MEASURES}
 
 
 def _protocol_id(proto: dict) -> str:
   return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def eval_examples(config: ml_collections.ConfigDict) -> np.ndarray:
+def eval_examples(lik: LikelihoodSpec, d: DataSpec, *, seed: int) -> np.ndarray:
   """The evaluated examples `[n, ...]`: toy draws, or images in [0, 1] on the grid k / 255."""
-  d, lik = config.data, config.likelihood
-  if data.is_toy(d.dataset):
-    rng = rng_streams.key(config.seed, "likelihood_test_set")
+  if d.is_toy:
+    rng = rng_streams.key(seed, "likelihood_test_set")
     return np.asarray(toy.get_toy(d.dataset, dim=d.toy_dim).sample(rng, int(lik.num_examples)),
                       np.float32)
-  from score_jax import image_data
+  from score_jax import image_data  # local import: grain, for image data sets only
   x = image_data.load_array(dataset=d.dataset, split=lik.split, image_size=d.image_size,
                             num_channels=d.num_channels, data_dir=d.data_dir, path=d.path,
                             max_examples=int(lik.num_examples), centered=False)
@@ -129,14 +131,15 @@ def eval_examples(config: ml_collections.ConfigDict) -> np.ndarray:
   return x
 
 
-# Compiled batch programs by what they depend on, so runs in one process trace once.
-_BATCH_FNS: dict[str, Any] = {}
+# Compiled batch programs by what they depend on (network, data, protocol, devices), so runs in
+# one process trace once.
+_BATCH_FNS: dict[tuple, Any] = {}
 # The protocol fields a batch program depends on (the rest only label rows).
 _PROGRAM_KEYS = ("repeats", "trace", "num_probes", "rtol", "atol", "sigma_min", "sigma_max",
                  "seed")
 
 
-def make_batch_fn(config: ml_collections.ConfigDict, proto: dict, *, exact_score: bool = False):
+def make_batch_fn(exp: Experiment, proto: dict, *, exact_score: bool = False):
   """`p_fn(params, x [n, ...], index [n]) -> dict of [n, repeats]` over all devices.
 
   Toys give "logp" (nats); images "bpd_repeats" and "logp" (nats of the dequantized images in
@@ -144,18 +147,17 @@ def make_batch_fn(config: ml_collections.ConfigDict, proto: dict, *, exact_score
   `exact_score` (toys with an exact density) the toy's own score replaces the network's, under the
   same protocol: what a perfect model gets from this estimator.
   """
-  key = json.dumps([json.loads(config.model.to_json()), json.loads(config.data.to_json()),
-                    [proto[k] for k in _PROGRAM_KEYS], parallel.device_count(), exact_score])
+  key = (exp.model, exp.data, tuple(proto[k] for k in _PROGRAM_KEYS), parallel.device_count(),
+         exact_score)
   if key not in _BATCH_FNS:
-    _BATCH_FNS[key] = _make_batch_fn(config, proto, exact_score)
+    _BATCH_FNS[key] = _make_batch_fn(exp.model, exp.data, proto, exact_score)
   return _BATCH_FNS[key]
 
 
-def _make_batch_fn(config: ml_collections.ConfigDict, proto: dict, exact_score: bool):
-  model = models.build(config)
-  dist = toy.get_toy(config.data.dataset, dim=config.data.toy_dim) if exact_score else None
-  is_toy = data.is_toy(config.data.dataset)
-  centered = bool(config.data.centered)
+def _make_batch_fn(model: Any, d: DataSpec, proto: dict, exact_score: bool):
+  dist = toy.get_toy(d.dataset, dim=d.toy_dim) if exact_score else None
+  is_toy = d.is_toy
+  centered = bool(d.centered)
   root = rng_streams.key(proto["seed"], "likelihood_examples")
   kwargs = dict(sigma_min=proto["sigma_min"], sigma_max=proto["sigma_max"], trace=proto["trace"],
                 num_probes=proto["num_probes"], rtol=proto["rtol"], atol=proto["atol"])
@@ -197,14 +199,14 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
   return float(np.mean(v)), se
 
 
-def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
+def run(exp: Experiment, state: Any, workdir: str, *,
         progress: bool = True) -> dict[str, Any]:
   """Measures the test-set likelihood of `state`'s first EMA parameters and writes the row.
 
   Batches already stored under `<workdir>/likelihood/<protocol id>/` are reused, not redone.
 
   Args:
-    config: the run's config (its `likelihood.*` group sets the protocol).
+    exp: the run's experiment (its `likelihood` spec sets the protocol).
     state: a train state (or an exported one) with `step` and `ema_params`.
     workdir: where the stored batches, `likelihood.jsonl`, `likelihood.csv` and (2-D toys) the
       log-density plot go.
@@ -213,13 +215,13 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   Returns:
     The row written: the mean and standard error with its protocol (`CSV_COLUMNS`).
   """
-  check_config(config)
+  check_spec(exp.likelihood)
   step = int(jax.device_get(state.step))
   _check_params_finite(state.ema_params[0], step)
-  proto = protocol(config, step)
-  is_toy = data.is_toy(config.data.dataset)
-  x = eval_examples(config)
-  batch = int(config.likelihood.batch_size)
+  proto = protocol(exp, step)
+  is_toy = exp.data.is_toy
+  x = eval_examples(exp.likelihood, exp.data, seed=exp.seed)
+  batch = int(exp.likelihood.batch_size)
   main = parallel.is_main_process()
   folder = os.path.join(workdir, "likelihood", _protocol_id(proto))
   if main:
@@ -232,9 +234,8 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   done = parallel.from_main(lambda: {s: _load_npz(paths[s]) for s in starts
                                      if os.path.isfile(paths[s])})
   todo = [s for s in starts if s not in done]
-  p_fn = make_batch_fn(config, proto) if todo else None
+  p_fn = make_batch_fn(exp, proto) if todo else None
   params = state.ema_params[0]
-  from score_jax import progress as progress_lib
   with progress_lib.bar(len(x), "likelihood", unit="example",
                         initial=len(x) - sum(min(batch, len(x) - s) for s in todo),
                         enabled=progress and main) as pbar:
@@ -256,12 +257,12 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
   if is_toy:
     nll = -np.mean(values["logp"], axis=1)
     row["mean"], row["se"] = _mean_se(nll)
-    dist = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
+    dist = toy.get_toy(exp.data.dataset, dim=exp.data.toy_dim)
     if hasattr(dist, "log_prob"):
       true_nll = -np.asarray(dist.log_prob(jnp.asarray(x), proto["sigma_min"]), np.float64)
       row["true_mean"], row["true_se"] = _mean_se(true_nll)
       row["minus_true_mean"], row["minus_true_se"] = _mean_se(nll - true_nll)
-      p_exact = make_batch_fn(config, proto, exact_score=True)
+      p_exact = make_batch_fn(exp, proto, exact_score=True)
       exact_nll = np.concatenate([
           -np.mean(p_exact(params, _padded(x[s:s + batch], batch),
                            np.arange(s, s + batch, dtype=np.int32))["logp"][:len(x[s:s + batch])],
@@ -269,12 +270,12 @@ def run(config: ml_collections.ConfigDict, state: Any, workdir: str, *,
       row["exact_mean"], row["exact_se"] = _mean_se(exact_nll)
       row["minus_exact_mean"], row["minus_exact_se"] = _mean_se(nll - exact_nll)
     if x.shape[1] == 2:
-      _plot_log_density(config, proto, dist, x, params, make_batch_fn(config, proto) if
+      _plot_log_density(proto, dist, x, params, make_batch_fn(exp, proto) if
                         p_fn is None else p_fn, batch, workdir)
   else:
     row["mean"], row["se"] = _mean_se(np.mean(values["bpd_repeats"], axis=1))
     row["bpd_bound"] = likelihood.bpd_lower_bound(proto["sigma_min"],
-                                                  centered=bool(config.data.centered))
+                                                  centered=bool(exp.data.centered))
   if main:
     _write_row(row, workdir)
   return row
@@ -302,7 +303,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     return dict(f)
 
 
-def _plot_log_density(config, proto, dist, x, params, p_fn, batch, workdir) -> None:
+def _plot_log_density(proto, dist, x, params, p_fn, batch, workdir) -> None:
   """The model's log-density on a grid beside the truth's (2-D toys).
 
   Every process evaluates the grid (the batches run over all devices); process 0 plots it.

@@ -12,7 +12,7 @@ from conftest import HANG_TIMEOUT_S, xla_flags
 from PIL import Image
 
 from configs import default
-from score_jax import image_data
+from score_jax import experiment, image_data
 from score_jax.eval import reference_stats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,8 +49,11 @@ def test_reference_split_smaller_than_eval_num_samples_is_refused(tmp_path):
   def featurize(x):
     raise AssertionError("no image may be featurized before the check")
 
+  exp = experiment.build(config)
+
   with pytest.raises(ValueError, match="eval.num_samples=10 exceeds the 4 images"):
-    reference_stats.reference_statistics(config, str(tmp_path / "run"), featurize, "w")
+    reference_stats.reference_statistics(exp.eval, exp.data, str(tmp_path / "run"), featurize,
+                                         "w", seed=exp.seed)
   assert not (tmp_path / "run").exists()
 
 

@@ -434,7 +434,7 @@ def test_eval_skips_a_checkpoint_rotated_away_before_its_turn(tmp_path, monkeypa
     return real(path, step, **kwargs)
 
   monkeypatch.setattr(experiment, "load_checkpoint", rotating_load)
-  rows = evaluate.evaluate_checkpoints(config, workdir)
+  rows = evaluate.evaluate_checkpoints(experiment.build(config), workdir)
   assert [r["step"] for r in rows] == [2, 3]
   assert ("note: checkpoint 1 was removed by the training run's rotation"
           in capsys.readouterr().err)

@@ -93,10 +93,11 @@ def test_scores_match_the_reference(name):
   """EMA weights (the default) and raw weights (--no-ema), from the runner's checkpoint list."""
   config = fixture_config(name)
   source = _meta(name)["source"]
-  ema = convert.convert(source, FIXTURES / f"{name}.pth", config, ema=True)
-  raw = convert.convert(source, FIXTURES / f"{name}.pth", config, ema=False)
+  exp = experiment.build(config)
+  ema = convert.convert(source, FIXTURES / f"{name}.pth", exp, ema=True)
+  raw = convert.convert(source, FIXTURES / f"{name}.pth", exp, ema=False)
   flat = flax.traverse_util.flatten_dict(ema)
-  assert {k: v.shape for k, v in flat.items()} == convert._param_shapes(config)[1]
+  assert {k: v.shape for k, v in flat.items()} == convert._param_shapes(exp)
   assert all(v.dtype == np.float32 for v in flat.values())
   got_ema, got_raw = network_outputs(name, config, [ema, raw])
   with np.load(FIXTURES / f"{name}.npz") as d:
@@ -108,8 +109,8 @@ def test_unet_outputs_match_the_reference_which_does_not_rescale_its_input():
   """The AC UNet applies its first conv to the [0, 1] data as they are (AC `models/UNet.py`,
   `rescaled: false`); the fixture's inputs span [-1, 1], so [0, 1] and the range 2x - 1 makes."""
   config = fixture_config("ac_unet")
-  ema = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", config)
-  raw = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", config, ema=False)
+  ema = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", experiment.build(config))
+  raw = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", experiment.build(config), ema=False)
   got_ema, got_raw = network_outputs("ac_unet", config, [ema, raw], raw_output=True)
   with np.load(FIXTURES / "ac_unet.npz") as d:
     x, want_ema, want_raw = d["x"], d["score_ema"], d["score_raw"]
@@ -125,7 +126,8 @@ def test_unet_outputs_match_the_reference_which_does_not_rescale_its_input():
 def test_unet_names_and_shapes_convert_strictly():
   """Every UNet parameter is filled and every reference tensor but the unused time MLP is used."""
   config = fixture_config("ac_unet")
-  params = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", config, ema=False)
+  params = convert.convert("ac_unet", FIXTURES / "ac_unet.pth", experiment.build(config),
+                           ema=False)
   flat = flax.traverse_util.flatten_dict(params)
   assert ("down1_attn0", "q", "kernel") in flat and ("down0_pool", "kernel") in flat
   # The reference Nin shortcut `(out, in)` becomes a 1x1 HWIO kernel.
@@ -157,7 +159,8 @@ def test_cli_writes_a_workdir_that_restores_as_training_writes_it(tmp_path, caps
   assert report["weights"] == "EMA"
   config, state = restore_workdir(workdir)
   assert config.model.name == "ncsnv2" and config.model.ncsn.ngf == 4
-  want = convert.convert("ncsnv2", FIXTURES / "ncsnv2.pth", fixture_config("ncsnv2"))
+  want = convert.convert("ncsnv2", FIXTURES / "ncsnv2.pth",
+                         experiment.build(fixture_config("ncsnv2")))
   for tree in (state.params, state.ema_params[0]):
     got = jax.tree.map(np.asarray, flax.core.unfreeze(tree))
     jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -228,10 +231,9 @@ def test_no_tensors_left_over_are_reported_by_name(tmp_path):
   ckpt = convert.read_checkpoint(FIXTURES / "ncsnv2.pth")
   model_sd = dict(ckpt.model, **{"extra.weight": np.zeros((2, 2), np.float32)})
   ckpt = convert.RunnerCheckpoint(model=model_sd, ema=None, path="x.pth")
-  config = fixture_config("ncsnv2")
-  model, shapes = convert._param_shapes(config)
+  exp = experiment.build(fixture_config("ncsnv2"))
   with pytest.raises(convert.ConversionError, match=r"1 unexpected \(extra.weight\)"):
-    convert._convert_loaded("ncsnv2", ckpt, config, model, shapes, ema=True)
+    convert._convert_loaded("ncsnv2", ckpt, exp, convert._param_shapes(exp), ema=True)
 
 
 def test_runner_layout_is_read_by_element():

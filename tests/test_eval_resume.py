@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import evaluate, parallel
+from score_jax import evaluate, experiment, parallel
 from score_jax.eval import batches, evaluators, feature_nets, mnist_classifier, records
 
 
@@ -95,8 +95,10 @@ def test_changed_reference_or_weights_are_evaluated_again(tmp_path, classifier_p
   def key(weights_path, reference):
     config.eval.mnist_classifier_weights = str(weights_path)
     config.eval.reference_stats = str(tmp_path / reference)
-    evaluator = evaluators.make_evaluator(config, str(tmp_path), jax.random.key(0))
-    entry = evaluate._entry(config, evaluator, "mnist_classifier", step=10, method="als")
+    exp = experiment.build(config)
+    evaluator = evaluators.make_evaluator(exp.eval, exp.data, str(tmp_path), jax.random.key(0),
+                                          seed=exp.seed)
+    entry = evaluate._entry(exp, evaluator, "mnist_classifier", step=10, method="als")
     assert entry["protocol"] == f"{config.eval.num_samples} samples against statistics file " \
                                 f"{reference}"
     return records.entry_key(entry)

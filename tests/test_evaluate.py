@@ -156,7 +156,7 @@ def _assert_csv_matches(csv_row: dict, json_row: dict) -> None:
 
 
 def test_eval_writes_a_csv_matching_the_jsonl_and_a_png(workdir, capsys):
-  rows = evaluate.evaluate_checkpoints(_config(), workdir)
+  rows = evaluate.evaluate_checkpoints(experiment.build(_config()), workdir)
   assert [r["step"] for r in rows] == [10, 20]
   out = capsys.readouterr().out
   for name in ("eval_metrics.jsonl", "eval_metrics.csv", "eval_metrics.png"):
@@ -180,37 +180,38 @@ def test_interrupted_eval_reruns_only_the_missing_checkpoints(workdir, monkeypat
   config = _config()
   calls = _count_evaluations(monkeypatch, fail_at=2)
   with pytest.raises(KeyboardInterrupt):
-    evaluate.evaluate_checkpoints(config, workdir)
+    evaluate.evaluate_checkpoints(experiment.build(config), workdir)
   jsonl = pathlib.Path(workdir) / "eval_metrics.jsonl"
   assert [json.loads(line)["step"] for line in jsonl.read_text().splitlines()] == [10]
   capsys.readouterr()
 
   calls.clear()
-  rows = evaluate.evaluate_checkpoints(config, workdir)
+  rows = evaluate.evaluate_checkpoints(experiment.build(config), workdir)
   assert len(calls) == 1  # step 20 only
   assert "1 of 2 checkpoints reused" in capsys.readouterr().out
   assert [r["step"] for r in rows] == [10, 20]
   assert [json.loads(line)["step"] for line in jsonl.read_text().splitlines()] == [10, 20]
 
   calls.clear()
-  again = evaluate.evaluate_checkpoints(config, workdir)
+  again = evaluate.evaluate_checkpoints(experiment.build(config), workdir)
   assert calls == [] and "2 of 2 checkpoints reused" in capsys.readouterr().out
   assert [r["mmd_rbf"] for r in again] == [r["mmd_rbf"] for r in rows]
   assert len(jsonl.read_text().splitlines()) == 2
   assert len(_csv_rows(os.path.join(workdir, "eval_metrics.csv"))) == 2
 
   # Other settings are other entries: more samples, or another sampler, evaluate again.
-  evaluate.evaluate_checkpoints(_config(num_samples=32, batch_size=32, begin_step=15), workdir)
+  evaluate.evaluate_checkpoints(
+      experiment.build(_config(num_samples=32, batch_size=32, begin_step=15)), workdir)
   assert calls == [1]
   config.sampling.als.step_lr = 0.05
-  evaluate.evaluate_checkpoints(config, workdir)
+  evaluate.evaluate_checkpoints(experiment.build(config), workdir)
   assert calls == [1, 1, 1]
 
 
 def test_evaluation_is_reproducible_from_the_seed(workdir):
-  first = evaluate.evaluate_checkpoints(_config(begin_step=15), workdir)
+  first = evaluate.evaluate_checkpoints(experiment.build(_config(begin_step=15)), workdir)
   os.remove(os.path.join(workdir, "eval_metrics.jsonl"))
-  second = evaluate.evaluate_checkpoints(_config(begin_step=15), workdir)
+  second = evaluate.evaluate_checkpoints(experiment.build(_config(begin_step=15)), workdir)
   assert second[0]["mmd_rbf"] == first[0]["mmd_rbf"]
 
 
@@ -218,13 +219,13 @@ def test_sweep_rerun_reuses_settings_and_plots_them(workdir, monkeypatch, capsys
   config = _config(sweep_methods=("als", "cas"), sweep_step_lrs=(0.5, 1.0),
                    sweep_steps_per_sigma=(5,), sweep_denoise=(True,), sweep_vmap=False)
   calls = _count_evaluations(monkeypatch)
-  rows = evaluate.sampler_sweep(config, workdir)
+  rows = evaluate.sampler_sweep(experiment.build(config), workdir)
   # ALS at 0.5 and 1.0; CAS at 1.0 (0.5 is outside its feasibility interval: skipped unsampled).
   assert len(rows) == 4 and len(calls) == 3
   assert [("skipped" in r) for r in rows] == [False, False, True, False]
   capsys.readouterr()
   calls.clear()
-  again = evaluate.sampler_sweep(config, workdir)
+  again = evaluate.sampler_sweep(experiment.build(config), workdir)
   assert calls == []
   out = capsys.readouterr().out
   assert "4 of 4 settings reused" in out and "sampler_sweep.png" in out
@@ -243,7 +244,7 @@ def test_vmapped_sweep_equals_one_setting_at_a_time(workdir, tmp_path):
   for vmap in (True, False):
     copies[vmap] = str(tmp_path / f"vmap{vmap}")
     shutil.copytree(workdir, copies[vmap], ignore=shutil.ignore_patterns("sampler_sweep*"))
-  rows = {v: evaluate.sampler_sweep(_config(**grid, sweep_vmap=v), copies[v])
+  rows = {v: evaluate.sampler_sweep(experiment.build(_config(**grid, sweep_vmap=v)), copies[v])
           for v in (True, False)}
   # ALS: three step sizes in one program; CAS: 0.7 and 1.3 in one (0.5 infeasible); PC alone.
   assert [r.get("vmapped_settings") for r in rows[True]] == [3, 3, 3, None, 2, 2, None]
@@ -286,6 +287,17 @@ def _mnist_config(tmp_path: pathlib.Path, images_uint8: np.ndarray, weights: str
   return config
 
 
+def _make_evaluator(config, workdir: str, rng):
+  exp = experiment.build(config)
+  return evaluators.make_evaluator(exp.eval, exp.data, workdir, rng, seed=exp.seed)
+
+
+def _feature_kind(config) -> str:
+  d = config.data
+  return evaluators.feature_kind(config.eval.features, dataset=d.dataset,
+                                 image_size=d.image_size, num_channels=d.num_channels)
+
+
 def _to_data_range(images_uint8: np.ndarray, *, centered: bool) -> np.ndarray:
   x = (images_uint8.astype(np.float32) / 255.0)[..., None]
   return 2.0 * x - 1.0 if centered else x
@@ -303,14 +315,14 @@ def test_mnist_classifier_features_need_28x28x1_images():
   config = test_config.get_config()
   config.eval.features = "mnist_classifier"
   with pytest.raises(ValueError, match="28x28x1.*toy points"):
-    evaluators.feature_kind(config)
+    _feature_kind(config)
   config.data.dataset = "cifar10"
   with pytest.raises(ValueError, match="28x28x1.*32x32x3"):
-    evaluators.feature_kind(config)
+    _feature_kind(config)
   config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
-  assert evaluators.feature_kind(config) == "mnist_classifier"
+  assert _feature_kind(config) == "mnist_classifier"
   config.eval.features = "auto"
-  assert evaluators.feature_kind(config) == "inception"
+  assert _feature_kind(config) == "inception"
 
 
 def test_missing_classifier_weights_name_the_training_command(tmp_path, monkeypatch):
@@ -321,16 +333,17 @@ def test_missing_classifier_weights_name_the_training_command(tmp_path, monkeypa
   default = str(tmp_path / "cache" / mnist_classifier.CACHE_NAME)
   command = "python -m score_jax.eval.mnist_classifier --manual_dir="
   with pytest.raises(ValueError, match=command) as e:
-    evaluators.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
+    _make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
   assert default in str(e.value)
   config.eval.mnist_classifier_weights = str(tmp_path / "absent.npz")
   config.data.manual_dir = "/data/mnist"
   with pytest.raises(ValueError, match="absent.npz.*--manual_dir=/data/mnist"):
-    evaluators.classifier_weights_path(config)
+    evaluators.classifier_weights_path(config.eval.mnist_classifier_weights,
+                                       manual_dir=config.data.manual_dir)
   np.savez(tmp_path / "other.npz", w=np.zeros(3))
   config.eval.mnist_classifier_weights = str(tmp_path / "other.npz")
   with pytest.raises(ValueError, match="MnistClassifier parameters"):
-    evaluators.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
+    _make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -339,7 +352,7 @@ def test_classifier_evaluator_end_to_end_with_an_untrained_classifier(tmp_path, 
   weights = _fresh_classifier(tmp_path / "classifier.npz")
   config = _mnist_config(tmp_path, digits, weights, centered=centered, num_samples=160)
   workdir = str(tmp_path / "run")
-  evaluator = evaluators.make_evaluator(config, workdir, jax.random.key(0))
+  evaluator = _make_evaluator(config, workdir, jax.random.key(0))
   assert evaluator.main_metric == "fid_mnist"
   cache = pathlib.Path(workdir) / "eval_cache" / "ref_stats_mnist_classifier_npz_test_160.npz"
   assert cache.is_file()
@@ -371,14 +384,14 @@ def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatc
                          centered=False, num_samples=64)
   workdir = str(tmp_path / "run")
   calls = []
-  real = experiment.iterator_from_config
-  monkeypatch.setattr(experiment, "iterator_from_config",
+  real = experiment.DataSpec.iterator
+  monkeypatch.setattr(experiment.DataSpec, "iterator",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
-  evaluators.make_evaluator(config, workdir, jax.random.key(0))
-  evaluators.make_evaluator(config, workdir, jax.random.key(0))
+  _make_evaluator(config, workdir, jax.random.key(0))
+  _make_evaluator(config, workdir, jax.random.key(0))
   assert len(calls) == 1  # the second evaluator read the cache
   config.eval.mnist_classifier_weights = _fresh_classifier(tmp_path / "b.npz", seed=1)
-  evaluators.make_evaluator(config, workdir, jax.random.key(0))
+  _make_evaluator(config, workdir, jax.random.key(0))
   assert len(calls) == 2  # other weights: other features, recomputed
   a = mnist_classifier.load_params(tmp_path / "a.npz")[0]
   assert feature_nets.params_digest(a) == feature_nets.params_digest(jax.tree.map(np.copy, a))
@@ -387,7 +400,7 @@ def test_classifier_reference_cache_is_keyed_by_the_weights(tmp_path, monkeypatc
   np.savez(tmp_path / "inception_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
   config.eval.reference_stats = str(tmp_path / "inception_stats.npz")
   with pytest.raises(ValueError, match="2048-d statistics"):
-    evaluators.make_evaluator(config, workdir, jax.random.key(0))
+    _make_evaluator(config, workdir, jax.random.key(0))
 
 
 def test_classifier_fid_on_real_mnist_digits(tmp_path, mnist_dir):
@@ -399,7 +412,7 @@ def test_classifier_fid_on_real_mnist_digits(tmp_path, mnist_dir):
   test_images, _ = image_data.load_mnist_raw(mnist_dir, "test")
   config = _mnist_config(tmp_path, test_images[:1000], str(weights), centered=True,
                          num_samples=500)
-  evaluator = evaluators.make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
+  evaluator = _make_evaluator(config, str(tmp_path / "run"), jax.random.key(0))
   score = lambda images: evaluator.score(
       evaluator.featurize(_to_data_range(images, centered=True)))["fid_mnist"]
   same = score(test_images[:500])

@@ -86,7 +86,7 @@ def test_params_that_do_not_fit_the_config_are_refused(tmp_path):
   params = init_state(config, models.build(config)).params
   config.model.mlp.hidden = 16
   path = tmp_path / "m.msgpack"
-  export.write(path, config, params)
+  export.write(path, config.to_json(), params)
   with pytest.raises(export.ExportError, match="do not fit the network"):
     export.load(path)
 
@@ -138,7 +138,7 @@ def test_non_finite_parameters_are_refused_at_export_and_at_load(tmp_path):
   leaf = jax.tree.leaves(params)[0]
   leaf.flat[0] = np.nan
   with pytest.raises(export.ExportError, match="non-finite") as info:
-    export.write(tmp_path / "nan.msgpack", config, params)
+    export.write(tmp_path / "nan.msgpack", config.to_json(), params)
   assert "\n" not in str(info.value)
   assert not (tmp_path / "nan.msgpack").exists()
   body = _good_body()

@@ -37,7 +37,7 @@ def _settings(config):
 def test_rows_carry_the_protocol_and_match_a_direct_solve(trained, monkeypatch):
   monkeypatch.setattr(likelihood_eval, "GRID_POINTS", 4)
   config, state = experiment.load_checkpoint(trained)
-  row = likelihood_eval.run(_settings(config), state, trained, progress=False)
+  row = likelihood_eval.run(experiment.build(_settings(config)), state, trained, progress=False)
   assert row["metric"] == "nll_nats" and row["trace"] == "exact" and row["repeats"] == 1
   assert row["num_examples"] == 24 and row["sigma_min"] == pytest.approx(0.5)
   assert row["sigma_max"] == pytest.approx(20.0) and "N(0, sigma_min^2 I)" in row["measures"]
@@ -50,7 +50,8 @@ def test_rows_carry_the_protocol_and_match_a_direct_solve(trained, monkeypatch):
   assert row["minus_exact_mean"] == pytest.approx(row["mean"] - row["exact_mean"], abs=1e-5)
 
   # The sharded, padded batches give the values one direct solve of all examples gives.
-  x = likelihood_eval.eval_examples(config)
+  exp = experiment.build(config)
+  x = likelihood_eval.eval_examples(exp.likelihood, exp.data, seed=exp.seed)
   score_fn = make_score_fn(models.build(config), state.ema_params[0])
   logp, _ = likelihood.log_prob(score_fn, jnp.asarray(x), sigma_min=0.5, sigma_max=20.0)
   assert row["mean"] == pytest.approx(float(-np.mean(logp)), rel=1e-4, abs=1e-4)
@@ -68,16 +69,17 @@ def test_resume_reuses_finished_batches(trained, monkeypatch):
   monkeypatch.setattr(likelihood_eval, "GRID_POINTS", 4)
   config, state = experiment.load_checkpoint(trained)
   config = _settings(config)
-  first = likelihood_eval.run(config, state, trained, progress=False)
+  first = likelihood_eval.run(experiment.build(config), state, trained, progress=False)
   folder = os.path.join(trained, "likelihood",
-                        likelihood_eval._protocol_id(likelihood_eval.protocol(config, 30)))
+                        likelihood_eval._protocol_id(
+                            likelihood_eval.protocol(experiment.build(config), 30)))
   # A stored batch stands in for a rerun: mark its values, delete the other batch, rerun.
   done = os.path.join(folder, "batch_00000000.npz")
   stored = dict(np.load(done))
   stored["logp"] = stored["logp"] - 1.0
   np.savez(done, **stored)
   os.remove(os.path.join(folder, "batch_00000016.npz"))
-  second = likelihood_eval.run(config, state, trained, progress=False)
+  second = likelihood_eval.run(experiment.build(config), state, trained, progress=False)
   assert second["mean"] == pytest.approx(first["mean"] + 16 / 24, rel=1e-6)
   assert os.path.isfile(os.path.join(folder, "batch_00000016.npz"))
   rows = [json.loads(line) for line in open(os.path.join(trained, "likelihood.jsonl"))]
@@ -85,7 +87,7 @@ def test_resume_reuses_finished_batches(trained, monkeypatch):
 
   # Another protocol (fewer examples) is a new row with batches of its own.
   config.likelihood.num_examples = 8
-  likelihood_eval.run(config, state, trained, progress=False)
+  likelihood_eval.run(experiment.build(config), state, trained, progress=False)
   rows = [json.loads(line) for line in open(os.path.join(trained, "likelihood.jsonl"))]
   assert sorted(r["num_examples"] for r in rows) == [8, 24]
 
@@ -99,7 +101,7 @@ def test_bad_settings_fail_before_any_work(trained, tmp_path, field, value, matc
   config, state = experiment.load_checkpoint(trained)
   config.likelihood[field] = value
   with pytest.raises(ValueError, match=match):
-    likelihood_eval.run(config, state, str(tmp_path / "out"), progress=False)
+    likelihood_eval.run(experiment.build(config), state, str(tmp_path / "out"), progress=False)
   assert not (tmp_path / "out").exists()
 
 
@@ -110,7 +112,8 @@ def test_non_finite_parameters_stop_before_any_work(trained, tmp_path):
   nan = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), state.ema_params[0])
   state = state.replace(ema_params=(nan,) + tuple(state.ema_params[1:]))
   with pytest.raises(likelihood_eval.NothingFiniteError, match="are not finite") as info:
-    likelihood_eval.run(_settings(config), state, str(tmp_path / "out"), progress=False)
+    likelihood_eval.run(experiment.build(_settings(config)), state, str(tmp_path / "out"),
+                        progress=False)
   assert "\n" not in str(info.value)
   assert not (tmp_path / "out").exists()
 
@@ -125,7 +128,7 @@ def test_a_run_whose_every_solve_failed_is_refused(trained, tmp_path):
   config.likelihood.num_examples = 8
   config.likelihood.batch_size = 8
   with pytest.raises(likelihood_eval.NothingFiniteError, match="every one of the 8") as info:
-    likelihood_eval.run(config, state, str(tmp_path / "out"), progress=False)
+    likelihood_eval.run(experiment.build(config), state, str(tmp_path / "out"), progress=False)
   assert "\n" not in str(info.value)
   assert not (tmp_path / "out" / "likelihood.jsonl").exists()
 

@@ -14,6 +14,7 @@ from conftest import HANG_TIMEOUT_S, run_main
 from PIL import Image
 
 from configs import test as test_config
+from score_jax import experiment
 from score_jax.eval import (evaluators, feature_nets, fetch_inception, inception, metrics,
                             reference_stats, sweep)
 
@@ -126,21 +127,27 @@ def test_sweep_grid_drops_knobs_a_sampler_ignores():
     sweep.sweep_grid(("ald",), (0.1,), (5,), (True,))
 
 
+def _feature_kind(config) -> str:
+  d = config.data
+  return evaluators.feature_kind(config.eval.features, dataset=d.dataset,
+                                 image_size=d.image_size, num_channels=d.num_channels)
+
+
 def test_feature_kind_and_missing_weights_fail_with_clear_messages(tmp_path):
   config = test_config.get_config()
-  assert evaluators.feature_kind(config) == "toy"
+  assert _feature_kind(config) == "toy"
   config.eval.features = "inception"
   with pytest.raises(ValueError, match="does not fit"):
-    evaluators.feature_kind(config)
+    _feature_kind(config)
   config.data.dataset = "cifar10"
   config.eval.features = "auto"
-  assert evaluators.feature_kind(config) == "inception"
+  assert _feature_kind(config) == "inception"
   config.eval.features = "mnist_classifier"
   with pytest.raises(ValueError, match="needs 28x28x1 images"):
-    evaluators.feature_kind(config)
+    _feature_kind(config)
   config.eval.inception_weights = str(tmp_path / "absent.npz")
   with pytest.raises(ValueError, match="python -m score_jax.eval.fetch_inception"):
-    evaluators.inception_weights_path(config)
+    evaluators.inception_weights_path(config.eval.inception_weights)
 
 
 def test_inception_input_maps_ranges_quantizes_and_repeats_gray():
@@ -170,17 +177,21 @@ def test_reference_statistics_read_clean_eval_images_once_then_the_cache(tmp_pat
     return {"pool": images01.reshape(len(x), -1)[:, :6]}
 
   workdir = str(tmp_path / "run")
-  ref = reference_stats.reference_statistics(config, workdir, featurize, "weights_a.npz")
+  exp = experiment.build(config)
+  ref = reference_stats.reference_statistics(exp.eval, exp.data, workdir, featurize,
+                                             "weights_a.npz", seed=exp.seed)
   assert calls == [16, 16, 16]  # 40 images in full batches of 16, surplus dropped
   # Unshuffled and not dequantized: exactly the first 40 images, back in [0, 1].
   expected = images[:40].reshape(40, -1)[:, :6] / 255.0
   np.testing.assert_allclose(ref["features"], expected, atol=1e-6)
   np.testing.assert_allclose(ref["mu"], expected.mean(0), atol=1e-6)
   assert (tmp_path / "run" / "eval_cache" / "ref_stats_npz_test_40.npz").is_file()
-  cached = reference_stats.reference_statistics(config, workdir, featurize, "weights_a.npz")
+  cached = reference_stats.reference_statistics(exp.eval, exp.data, workdir, featurize,
+                                             "weights_a.npz", seed=exp.seed)
   assert len(calls) == 3
   np.testing.assert_array_equal(cached["sigma"], ref["sigma"])
-  reference_stats.reference_statistics(config, workdir, featurize, "weights_b.npz")
+  reference_stats.reference_statistics(exp.eval, exp.data, workdir, featurize, "weights_b.npz",
+                                       seed=exp.seed)
   assert len(calls) == 6  # other weights: recomputed
 
 

@@ -233,7 +233,8 @@ def image_run(tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
   config.model.name, config.model.ncsn.ngf = "ncsnv2", 4
   config.sampling.als.steps_per_sigma = 1
   state = experiment.init_state(config, models.build(config))
-  convert.write_workdir(config, jax.device_get(state.params), str(root / "run"), metadata={})
+  convert.write_workdir(experiment.build(config), jax.device_get(state.params), str(root / "run"),
+                        metadata={})
   flags = [f"--config.eval.mnist_classifier_weights={weights}"]
   return root / "run", flags
 

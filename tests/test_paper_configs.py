@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import experiment, models, noise, samplers, sampling
+from score_jax import config_schema, experiment, models, noise, samplers, sampling
+from score_jax.eval import reference_stats
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob(
     "*.py") if p.stem != "__init__")
@@ -85,10 +86,11 @@ def test_sampling_params_follow_use_ema():
     ("adversarial_cifar10_unet", 2_000, "train", 50_000),
     ("adversarial_church", 5_000, "train", 126_227)])
 def test_paper_configs_default_to_the_papers_fid_protocol(name, samples, split, images):
-  from score_jax.eval import reference_stats
   config = _module(name).get_config()
   assert config.eval.num_samples == samples
-  assert reference_stats.reference_split(config) == (split, images)
+  assert config_schema.reference_split(config) == (split, images)
+  exp = experiment.build(config)
+  assert reference_stats.reference_split(exp.eval, exp.data) == (split, images)
   assert config.training.keep_every_steps == 5000
 
 
@@ -107,26 +109,27 @@ def test_paper_configs_evaluate_with_their_docstrings_fid_anchor_count(name):
 
 def test_reference_statistics_read_the_reference_split(tmp_path, monkeypatch):
   from score_jax import image_data
-  from score_jax.eval import reference_stats
   config = _module("test").get_config()
   config.data.dataset, config.data.image_size, config.data.num_channels = "cifar10", 8, 3
   config.eval.num_samples, config.eval.batch_size = 10, 4
   config.eval.reference_split, config.eval.reference_num_images = "train", 6
   seen = []
 
-  def fake_iterator(cfg, *, split, seed, batch_size, shuffle=True, per_process=True):
+  def fake_iterator(data_spec, *, split, seed, batch_size, shuffle=True, per_process=True):
     seen.append((split, batch_size, shuffle, per_process))
     while True:
       yield {"x": np.ones((batch_size, 8, 8, 3), np.float32)}
 
-  monkeypatch.setattr(experiment, "iterator_from_config", fake_iterator)
+  monkeypatch.setattr(experiment.DataSpec, "iterator", fake_iterator)
   monkeypatch.setattr(image_data, "num_records", lambda **kw: 6 if kw["split"] == "train" else 0)
-  ref = reference_stats.reference_statistics(config, str(tmp_path),
-                                             lambda x: {"pool": x[:, 0, 0]}, "w")
+  exp = experiment.build(config)
+  ref = reference_stats.reference_statistics(exp.eval, exp.data, str(tmp_path),
+                                             lambda x: {"pool": x[:, 0, 0]}, "w", seed=exp.seed)
   assert seen == [("train", 4, False, False)] and len(ref["features"]) == 6
   assert ref["protocol"] == "cifar10:train first 6 images"
   assert (tmp_path / "eval_cache" / "ref_stats_cifar10_train_6.npz").is_file()
   config.eval.reference_num_images = 7
+  exp = experiment.build(config)
   with pytest.raises(ValueError, match="eval.reference_num_images=7 exceeds the 6 images"):
-    reference_stats.reference_statistics(config, str(tmp_path), lambda x: {"pool": x[:, 0, 0]},
-                                         "w")
+    reference_stats.reference_statistics(exp.eval, exp.data, str(tmp_path),
+                                         lambda x: {"pool": x[:, 0, 0]}, "w", seed=exp.seed)

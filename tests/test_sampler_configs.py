@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from score_jax import cli, evaluate, experiment, models, noise, toy
+from score_jax import cli, evaluate, experiment, models, noise, parallel, toy
 from score_jax import sampling as sampling_lib
-from score_jax.eval import evaluators, records, sampling, sweep
+from score_jax.eval import evaluators, records, sweep
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,15 @@ def test_summary_table_shows_nfe_and_per_mode_moments():
 
 def test_eval_rows_carry_the_samplers_nfe(tiny, tmp_path):
   config, state = tiny
-  evaluator = evaluators.make_evaluator(config, str(tmp_path), jax.random.key(0))
-  params = sampling_lib.sampling_params(state, config.sampling.use_ema)
+  exp = experiment.build(config)
+  evaluator = evaluators.make_evaluator(exp.eval, exp.data, str(tmp_path), jax.random.key(0),
+                                        seed=exp.seed)
+  params = exp.sampling.params(state)
   for method, nfe in (("heun", 7.0), ("adaptive", None)):
-    entry = {"step": 0, "method": method, "num_samples": config.eval.num_samples}
-    sampler = sampling.make_checkpoint_sampler(config, method)
-    row, _ = evaluate._evaluate_sampler(sampler, params, evaluator, entry, config, str(tmp_path),
-                                        jax.random.key(3), desc=method)
+    entry = {"step": 0, "method": method, "num_samples": exp.eval.num_samples}
+    sampler = exp.parallel_sampler(method, mesh=parallel.make_mesh())
+    row, _ = evaluate._evaluate_sampler(sampler, params, evaluator, entry, exp.eval,
+                                        str(tmp_path), jax.random.key(3), desc=method)
     assert "mmd_rbf" in row and row["nfe"] >= 3
     if nfe is not None:
       assert row["nfe"] == nfe

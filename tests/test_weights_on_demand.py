@@ -61,7 +61,7 @@ def test_offline_first_use_fails_in_one_line_naming_fetch_inception(tmp_path, mo
   # --mode=eval: a usage error (exit 2 in the CLI).
   config = test_config.get_config()
   with pytest.raises(UsageError, match="fetch_inception"):
-    evaluators.inception_weights_path(config)
+    evaluators.inception_weights_path(config.eval.inception_weights)
 
 
 def test_offline_switch_never_starts_a_download(tmp_path, monkeypatch, capsys):

@@ -11,9 +11,11 @@ by the notebook; nothing here imports a host loop (tests/test_imports.py checks 
 * `metrics`: FID, KID and Inception Score on feature arrays.
 * `feature_nets`: images -> Inception or classifier features over every device.
 * `reference_stats`: the reference statistics (a file, the workdir's cache, or data).
-* `evaluators`: the config's evaluator (features and metrics per kind of data).
+* `evaluators`: the run's evaluator from its eval and data specs (features and metrics per kind
+  of data).
 * `batches`: features of samples drawn in batches, resumable through a batch cache.
-* `sweep`: the sampler sweep's grid of settings; `sampling`: the eval modes' compiled samplers.
+* `sweep`: the sampler sweep's grid of settings (the samplers are `sampling.make_parallel_sampler`,
+  through `Experiment.parallel_sampler`).
 * `records`: evaluation rows: entry keys for resuming, tables, CSV and plots.
 * `fid`: FID, KID and IS between any two image sources (`python -m score_jax.eval.fid`).
 """

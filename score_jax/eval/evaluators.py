@@ -1,4 +1,4 @@
-"""Evaluators: what the eval modes measure for each kind of data, made from the config.
+"""Evaluators: what the eval modes measure for each kind of data, made from the eval and data specs.
 
 An `Evaluator` turns sample batches into features and the features of all samples into metrics,
 and names what the numbers are measured against (its `identity`, part of every row's
@@ -15,16 +15,17 @@ and names what the numbers are measured against (its `identity`, part of every r
   classifier (`score_jax.eval.mnist_classifier`). The weights come from
   `eval.mnist_classifier_weights` or the classifier's cache file; reference statistics are made
   as for Inception and cached keyed by a digest of the weights.
+
+`make_evaluator` takes the run's `EvalSpec` and `DataSpec` (`experiment.build`), never a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 
 from score_jax import data, rng_streams, sampling, toy
@@ -34,6 +35,9 @@ from score_jax.eval import fetch_inception, inception, metrics, mnist_classifier
 from score_jax.eval.feature_nets import (Features, classifier_features, classifier_features_fn,
                                          image_features, make_inception_fn, params_digest)
 from score_jax.eval.reference_stats import reference_statistics, stats_digest
+
+if TYPE_CHECKING:
+  from score_jax.experiment import DataSpec, EvalSpec
 
 _FEATURES = ("auto", "inception", "mnist_classifier", "toy")
 # The metric that ranks checkpoints and sampler settings, per feature kind (lower is better).
@@ -61,10 +65,9 @@ class Evaluator:
   identity: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def inception_weights_path(config: ml_collections.ConfigDict) -> str:
-  """`eval.inception_weights`, else the fetch CLI's default file, fetched on first use
+def inception_weights_path(path: str | None) -> str:
+  """`path` (`eval.inception_weights`), else the fetch CLI's default file, fetched on first use
   (`fetch_inception.ensure_weights`); UsageError if it is missing or cannot be fetched."""
-  path = config.eval.inception_weights
   if path is not None and not storage.isfile(path):
     raise UsageError(f"FID Inception weights not found at {path}: run "
                      f"`{fetch_inception.COMMAND}` first (or set --config.eval.inception_weights "
@@ -77,13 +80,13 @@ def inception_weights_path(config: ml_collections.ConfigDict) -> str:
     raise UsageError(str(e)) from None
 
 
-def classifier_weights_path(config: ml_collections.ConfigDict) -> str:
-  """`eval.mnist_classifier_weights`, else the classifier's cache file; ValueError if missing."""
-  path = (config.eval.mnist_classifier_weights
-          or os.fspath(mnist_classifier.default_params_path()))
+def classifier_weights_path(path: str | None, *, manual_dir: str | None = None) -> str:
+  """`path` (`eval.mnist_classifier_weights`), else the classifier's cache file; UsageError if
+  missing, naming the training command (with `manual_dir`, `data.manual_dir`, when set)."""
+  path = path or os.fspath(mnist_classifier.default_params_path())
   if not storage.isfile(path):
     command = mnist_classifier.COMMAND.format(
-        manual_dir=config.data.manual_dir or "<folder with the official MNIST .gz files>")
+        manual_dir=manual_dir or "<folder with the official MNIST .gz files>")
     raise UsageError(f"MNIST classifier weights not found at {path}: run `{command}` first (or "
                      "set --config.eval.mnist_classifier_weights to a saved classifier .npz)")
   return path
@@ -124,20 +127,19 @@ def classifier_metrics(features: Features, reference: dict[str, np.ndarray | Non
   return {_CLASSIFIER_NAMES.get(k, k): v for k, v in out.items()}
 
 
-def feature_kind(config: ml_collections.ConfigDict) -> str:
-  """`eval.features` resolved to "toy", "inception" or "mnist_classifier"; ValueError if unusable.
+def feature_kind(f: str, *, dataset: str, image_size: int, num_channels: int) -> str:
+  """`f` (`eval.features`) resolved to "toy", "inception" or "mnist_classifier" for the data set
+  `dataset` (`data.*`); UsageError if unusable.
 
   "auto" is "toy" for toys and "inception" for images; "mnist_classifier" needs 28x28x1 images.
   """
-  f, d = config.eval.features, config.data
-  dataset = d.dataset
   if f not in _FEATURES:
     raise UsageError(f"eval.features={f!r} is unknown; use one of {_FEATURES}")
   is_toy = data.is_toy(dataset)
   if f == "auto":
     return "toy" if is_toy else "inception"
   if f == "mnist_classifier":
-    shape = (d.image_size, d.image_size, d.num_channels)
+    shape = (image_size, image_size, num_channels)
     if is_toy or shape != mnist_classifier.IMAGE_SHAPE:
       got = "toy points" if is_toy else "x".join(map(str, shape)) + " images"
       raise UsageError(f"eval.features='mnist_classifier' needs 28x28x1 images (MNIST digits); "
@@ -148,24 +150,25 @@ def feature_kind(config: ml_collections.ConfigDict) -> str:
   return f
 
 
-def _toy_evaluator(config: ml_collections.ConfigDict, rng: jax.Array) -> Evaluator:
-  distribution = toy.get_toy(config.data.dataset, dim=config.data.toy_dim)
+def _toy_evaluator(d: DataSpec, rng: jax.Array) -> Evaluator:
+  distribution = toy.get_toy(d.dataset, dim=d.toy_dim)
   reference_rng = rng_streams.fold(rng, "eval.reference")
   return Evaluator(
       main_metric=MAIN_METRICS["toy"],
       featurize=lambda x: {"x": np.asarray(x, np.float32)},
       score=lambda f: toy.sample_metrics(f["x"], distribution, reference_rng),
-      identity={"protocol": f"against exact samples of {config.data.dataset}"})
+      identity={"protocol": f"against exact samples of {d.dataset}"})
 
 
-def _inception_evaluator(config: ml_collections.ConfigDict, workdir: str,
-                         rng: jax.Array) -> Evaluator:
-  weights_path = inception_weights_path(config)
+def _inception_evaluator(ev: EvalSpec, d: DataSpec, workdir: str, rng: jax.Array, *,
+                         seed: int) -> Evaluator:
+  weights_path = inception_weights_path(ev.inception_weights)
   variables = inception.load_params(weights_path)
   net = make_inception_fn(variables)
-  centered = config.data.centered
+  centered = d.centered
   featurize = lambda x: image_features(net, x, centered=centered)
-  reference = reference_statistics(config, workdir, featurize, os.path.basename(weights_path))
+  reference = reference_statistics(ev, d, workdir, featurize, os.path.basename(weights_path),
+                                   seed=seed)
   kid_rng = rng_streams.fold(rng, "eval.kid")
   return Evaluator(main_metric=MAIN_METRICS["inception"], featurize=featurize,
                    score=lambda f: image_metrics(f, reference, kid_rng),
@@ -177,16 +180,17 @@ def _identity(reference: dict[str, Any], weights_digest: str) -> dict[str, str]:
           "features_digest": weights_digest[:16], "reference_digest": stats_digest(reference)}
 
 
-def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
-                          rng: jax.Array) -> Evaluator:
-  params = mnist_classifier.load_checked(classifier_weights_path(config))
+def _classifier_evaluator(ev: EvalSpec, d: DataSpec, workdir: str, rng: jax.Array, *,
+                          seed: int) -> Evaluator:
+  params = mnist_classifier.load_checked(
+      classifier_weights_path(ev.mnist_classifier_weights, manual_dir=d.manual_dir))
   net = classifier_features_fn(params)
-  centered = config.data.centered
+  centered = d.centered
   featurize = lambda x: classifier_features(net, x, centered=centered)
-  reference = reference_statistics(config, workdir, featurize, params_digest(params),
+  reference = reference_statistics(ev, d, workdir, featurize, params_digest(params), seed=seed,
                                    kind="mnist_classifier")
   if np.shape(reference["mu"]) != (mnist_classifier.NUM_FEATURES,):
-    raise UsageError(f"eval.reference_stats={config.eval.reference_stats} holds "
+    raise UsageError(f"eval.reference_stats={ev.reference_stats} holds "
                      f"{np.shape(reference['mu'])[0]}-d statistics; the MNIST classifier's "
                      f"features are {mnist_classifier.NUM_FEATURES}-d (unset it to compute them)")
   kid_rng = rng_streams.fold(rng, "eval.kid")
@@ -195,20 +199,24 @@ def _classifier_evaluator(config: ml_collections.ConfigDict, workdir: str,
                    identity=_identity(reference, params_digest(params)))
 
 
-def make_evaluator(config: ml_collections.ConfigDict, workdir: str, rng: jax.Array) -> Evaluator:
-  """The evaluator of the config's data: toy distances, Inception or MNIST-classifier metrics.
+def make_evaluator(ev: EvalSpec, d: DataSpec, workdir: str, rng: jax.Array, *,
+                   seed: int) -> Evaluator:
+  """The evaluator of the run's data: toy distances, Inception or MNIST-classifier metrics.
 
   Args:
-    config: the run's config (data and eval groups).
+    ev: the run's eval spec (`Experiment.eval`).
+    d: the run's data spec (`Experiment.data`).
     workdir: holds the reference-statistics cache.
     rng: key of the reference samples (toys) and of the KID subsets (images).
+    seed: the run's seed (the reference images' reader).
   """
-  kind = feature_kind(config)
+  kind = feature_kind(ev.features, dataset=d.dataset, image_size=d.image_size,
+                      num_channels=d.num_channels)
   if kind == "toy":
-    return _toy_evaluator(config, rng)
+    return _toy_evaluator(d, rng)
   if kind == "mnist_classifier":
-    return _classifier_evaluator(config, workdir, rng)
-  return _inception_evaluator(config, workdir, rng)
+    return _classifier_evaluator(ev, d, workdir, rng, seed=seed)
+  return _inception_evaluator(ev, d, workdir, rng, seed=seed)
 
 
 def score_finite(evaluator: Evaluator, features: Features) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from score_jax import paths as storage
 from score_jax import plots
 from score_jax.metric_writers import MetricWriter
 
-# The sampler settings of a row (`experiment.sampler_settings`): part of what identifies an entry.
+# The sampler settings of a row (`SamplerSpec.settings` of the run's Experiment): part of what
+# identifies an entry.
 # Every sampler's arguments are listed (tests/test_evaluate.py checks that against the config's
 # sampler groups): two settings that differ only in a knob left out here would share one row.
 SETTING_KEYS = ("method", "step_lr", "steps_per_sigma", "n_sigma", "snr", "corrector_steps",
@@ -42,7 +43,7 @@ SETTING_COLUMNS = ("step", *SETTING_KEYS, "num_samples", "features", "seed", "pr
 def entry_key(row: dict) -> tuple:
   """What identifies an evaluation: step, sampler settings, sample count, features, seed, reference.
 
-  Two rows with the same key measure the same thing (every draw's keys fold from `config.seed`),
+  Two rows with the same key measure the same thing (every draw's keys fold from the run's seed),
   so a stored row stands in for a rerun. Knobs a row lacks count as None; `features` is part of
   the key because one checkpoint's FID in Inception and in MNIST-classifier space differ, and
   the digests of the feature weights and of the reference statistics are, so that new weights

@@ -10,32 +10,45 @@ cached under `<workdir>/eval_cache/` with a description of how they were made.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import ml_collections
 import numpy as np
 
-from score_jax import experiment, image_data, parallel, progress
+from score_jax import image_data, parallel, progress
 from score_jax import paths as storage
-from score_jax.config_schema import UsageError, reference_split
+from score_jax.config_schema import UsageError
 from score_jax.eval import metrics
 from score_jax.eval.feature_nets import Features
 
+if TYPE_CHECKING:
+  from score_jax.experiment import DataSpec, EvalSpec
 
-def _reference_path(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
-  d = config.data
-  split, n = reference_split(config)
+
+def reference_split(ev: EvalSpec, d: DataSpec) -> tuple[str, int]:
+  """The split and image count of computed reference statistics: `eval.reference_split` (None:
+  `data.eval_split`) and `eval.reference_num_images` (None: `eval.num_samples`); the values
+  `config_schema.reference_split` checks before a run starts."""
+  split = ev.reference_split or d.eval_split
+  n = ev.reference_num_images or ev.num_samples
+  if n < 2:
+    raise ValueError(f"eval.reference_num_images={n}: reference statistics need at least 2 images")
+  return split, int(n)
+
+
+def _reference_path(ev: EvalSpec, d: DataSpec, workdir: str, kind: str) -> str:
+  split, n = reference_split(ev, d)
   prefix = "ref_stats" if kind == "inception" else f"ref_stats_{kind}"
   name = f"{prefix}_{d.dataset.replace('/', '-')}_{split}_{n}.npz"
   return storage.join(workdir, "eval_cache", name)
 
 
-def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
+def reference_statistics(ev: EvalSpec, d: DataSpec, workdir: str,
                          featurize: Callable[[np.ndarray], Features], weights_id: str, *,
-                         kind: str = "inception") -> dict[str, np.ndarray | None]:
+                         seed: int, kind: str = "inception") -> dict[str, np.ndarray | None]:
   """Reference `{"mu", "sigma", "features"}`: from `eval.reference_stats`, the cache, or data.
 
   A given `.npz` must hold `mu` and `sigma` (KID also needs `features`, else it is skipped).
@@ -45,14 +58,15 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
   channels, data path); a cache made differently is recomputed.
 
   Args:
-    config: the run's config (data and eval groups).
+    ev: the run's eval spec (`Experiment.eval`).
+    d: the run's data spec (`Experiment.data`).
     workdir: holds the cache, `<workdir>/eval_cache/`.
     featurize: `[b, ...]` images in the data's range -> `{"pool": [b, d], ...}`.
     weights_id: names the feature network's weights (Inception: the file name; the MNIST
       classifier: `params_digest` of its parameters).
+    seed: the run's seed (the reference images' reader).
     kind: the feature kind ("inception" or "mnist_classifier").
   """
-  ev = config.eval
   if ev.reference_stats:
     f = storage.load_npz(ev.reference_stats)
     if "mu" not in f or "sigma" not in f:
@@ -60,14 +74,13 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
                        f"'sigma' (found {list(f)})")
     return {"mu": f["mu"], "sigma": f["sigma"], "features": f.get("features"),
             "protocol": f"statistics file {os.path.basename(ev.reference_stats)}"}
-  d = config.data
   description = {"weights": weights_id, "image_size": d.image_size,
                  "num_channels": d.num_channels, "path": d.path, "data_dir": d.data_dir}
   if kind != "inception":  # Inception caches made before other kinds existed stay valid.
     description = {"kind": kind, **description}
   meta = json.dumps(description)
-  path = _reference_path(config, workdir, kind)
-  split, n = reference_split(config)
+  path = _reference_path(ev, d, workdir, kind)
+  split, n = reference_split(ev, d)
   protocol = f"{d.dataset}:{split} first {n} images"
   # Process 0 reads the cache for every process: all of them compute the statistics or none.
   cached = parallel.from_main(lambda: _cached(path, meta))
@@ -80,13 +93,11 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"{setting}={n} exceeds the {available} images of {d.dataset}/{split} (the "
                      f"reference statistics would repeat images); lower {setting} or give "
                      "eval.reference_stats")
-  ref_config = config.copy_and_resolve_references()
-  ref_config.data.uniform_dequantization = False
-  ref_config.data.gaussian_dequantization = False
+  ref_data = dataclasses.replace(d, uniform_dequantization=False, gaussian_dequantization=False)
   batch = min(ev.batch_size, n)
   # Every process reads the same images: `featurize` splits each batch over all devices.
-  it = experiment.iterator_from_config(ref_config, split=split, seed=config.seed,
-                                       batch_size=batch, shuffle=False, per_process=False)
+  it = ref_data.iterator(split=split, seed=seed, batch_size=batch, shuffle=False,
+                         per_process=False)
   parts, count = [], 0
   with progress.bar(n, f"reference {d.dataset}:{split}",
                     unit="image") as pbar:

@@ -3,7 +3,7 @@
 Each sampler reads some knobs (`_METHOD_KNOBS`, from its registry entry); a knob it does not read
 is None in its settings, so the grid holds each real setting once. Settings that differ only in
 step_lr (ALS, CAS) form a group that the sweep can run as one program vmapped over the step sizes
-(`score_jax.eval.sampling.make_step_lr_sampler`).
+(`Experiment.parallel_sampler` with a `grid`).
 """
 
 from __future__ import annotations
