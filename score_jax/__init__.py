@@ -63,6 +63,7 @@ def configs_dir() -> pathlib.Path:
   try:
     # Installed (also in editable mode). Importing it also makes `configs`, the name the config
     # files import each other by, resolve outside a checkout.
+    # local import: may be absent (caught below); importing it aliases `configs`
     from score_jax import configs
   except ImportError:
     configs = None
@@ -80,6 +81,7 @@ def load_checkpoint(workdir, step=None, *, allow_undigested=False):
   Every step is checked against the digest saved with it; `allow_undigested=True` also reads
   steps without one, unverified (only for checkpoints written before digests existed).
   """
+  # local import: every submodule import runs this file; experiment loads Flax and Orbax
   from score_jax import experiment
   return experiment.load_checkpoint(workdir, step=step, allow_undigested=allow_undigested)
 
@@ -91,6 +93,7 @@ def load(path_or_url):
   EMA parameters and the config, no optimizer state. `make_sampler(config, state)` then samples
   exactly as from the workdir it was exported from.
   """
+  # local import: every submodule import runs this file; export loads Flax and Orbax
   from score_jax import export
   return export.load(path_or_url)
 
@@ -102,5 +105,6 @@ def make_sampler(config, state, method=None, **overrides):
   sampler's settings (`sampling.<method>`: step_lr, steps_per_sigma, n_sigma, snr,
   corrector_steps; denoise) or set `init`, `return_trajectory`, `save_every`.
   """
+  # local import: every submodule import runs this file; experiment loads Flax and Orbax
   from score_jax import experiment
   return experiment.make_sampler(config, state, method=method, **overrides)

@@ -53,7 +53,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from score_jax import paths
+from score_jax import parallel, paths
 
 PyTree = Any
 T = TypeVar("T")
@@ -492,7 +492,6 @@ def restore_newest(manager: ocp.CheckpointManager, restore_fn: Callable[[int], T
     raise UndigestedCheckpointError(
         f"no checkpoint in {manager.directory} has a digest (steps {present}); they are "
         f"unverified and were left in place; {UNDIGESTED_HINT}")
-  from score_jax import parallel
   damaged: list[int] = []
   gone: set[int] = set()
   reasons: list[str] = []

@@ -20,10 +20,13 @@ import math
 import os
 from typing import Any, Iterable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from ml_collections import config_flags
 
-from score_jax import gan
+from score_jax import data, gan, toy
 
 
 class UsageError(ValueError):
@@ -364,7 +367,6 @@ def sampler_fix_hint(method: str) -> str:
 
 
 def _toy_names() -> tuple[str, ...]:
-  from score_jax import toy
   return tuple(toy.DATASETS)
 
 
@@ -380,7 +382,7 @@ def _wrap(field: str, fix: str, fn, *args, **kwargs):
 
 def check_data_source(config: ml_collections.ConfigDict) -> None:
   """UsageError unless the training split can be opened (prepared TFDS data, data.path)."""
-  from score_jax import data, image_data
+  from score_jax import image_data  # local import: grain, for image datasets only
   d = config.data
   if not data.is_toy(d.dataset):
     _wrap("data", "", image_data._source, d.dataset, d.split, d.data_dir, d.path)
@@ -455,7 +457,6 @@ def _example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   A toy's dimension follows data.toy_dim when it differs between dims 1 and 2 (gaussian,
   point_mass); the other toys have their own.
   """
-  from score_jax import data, toy
   d = config.data
   if not data.is_toy(d.dataset):
     return (d.image_size, d.image_size, d.num_channels)
@@ -484,7 +485,7 @@ def _check_reference_size(config: ml_collections.ConfigDict) -> None:
   Checked here rather than when the statistics are first needed, which is after the feature
   network is loaded and samples are drawn.
   """
-  from score_jax import data, image_data
+  from score_jax import image_data  # local import: grain, for image datasets only
   d, ev = config.data, config.eval
   if data.is_toy(d.dataset) or ev.reference_stats:
     return
@@ -502,7 +503,6 @@ def _check_reference_size(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_data_and_model(config: ml_collections.ConfigDict) -> None:
-  from score_jax import data
   d, m = config.data, config.model
   _wrap("data.dataset", "", data.check_dataset, d.dataset)
   if data.is_toy(d.dataset):
@@ -519,7 +519,7 @@ def _check_data_and_model(config: ml_collections.ConfigDict) -> None:
   if d.uniform_dequantization and d.gaussian_dequantization:
     raise UsageError("data.uniform_dequantization and data.gaussian_dequantization are both True; "
                      "set at most one")
-  from score_jax import image_data
+  from score_jax import image_data  # local import: grain, for image datasets only
   _wrap("data", "", image_data._check_shape, d.dataset, d.image_size, d.num_channels)
   if m.name == "unet":
     ch_mult = m.unet.ch_mult
@@ -529,11 +529,12 @@ def _check_data_and_model(config: ml_collections.ConfigDict) -> None:
                        f"{ch_mult} halves it {len(ch_mult) - 1} times; use a multiple of "
                        f"{factor} or fewer entries in model.unet.ch_mult")
   else:
-    from score_jax import models
+    from score_jax import models  # local import: Flax, for image networks only
     _wrap("data.image_size", f"pick an image size {m.name} can take", models.build, config)
 
 
 def _check_noise(config: ml_collections.ConfigDict) -> None:
+  # local import: SciPy; usage errors of the earlier checks stay fast
   from score_jax import noise
   n = config.noise
   if not n.sigma_max > n.sigma_min:
@@ -558,7 +559,6 @@ def _check_noise(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_training(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  import jax
   t = config.training
   available = jax.device_count()
   if num_devices is not None and not 1 <= num_devices <= available:
@@ -574,7 +574,6 @@ def _check_training(config: ml_collections.ConfigDict, num_devices: int | None) 
 
 
 def _check_adversarial(config: ml_collections.ConfigDict) -> None:
-  from score_jax import data
   a = config.adversarial
   if config.training.loss != "dsm":
     raise UsageError(f"training.loss={config.training.loss!r}: adversarial training needs 'dsm' "
@@ -587,8 +586,7 @@ def _check_adversarial(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_samplers(config: ml_collections.ConfigDict, modes: tuple[str, ...]) -> None:
-  import numpy as np
-
+  # local import: Flax and SciPy; usage errors of the earlier checks stay fast
   from score_jax import experiment, noise, samplers, sampling
   s = config.sampling
   if "sample" in modes or "train" in modes:
@@ -628,9 +626,7 @@ def _trace_sampler(config: ml_collections.ConfigDict, method: str) -> None:
   (`jax.eval_shape`) with a one-unit MLP score network on one-dimensional data reaches all of
   those checks, present and future, before any work, without repeating them here.
   """
-  import jax
-  import jax.numpy as jnp
-
+  # local import: Flax; usage errors of the earlier checks stay fast
   from score_jax import experiment, models, sampling
   net = models.NoiseConditionalMLP(hidden=1, num_layers=1)
   params = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 1)),

@@ -38,7 +38,7 @@ def check_dataset(dataset: str) -> None:
   """ValueError unless `dataset` names a toy or an image dataset."""
   if is_toy(dataset):
     return
-  from score_jax import image_data
+  from score_jax import image_data  # local import: grain and PIL, for image datasets only
   if dataset not in image_data.DATASETS:
     raise ValueError(
         f"data.dataset={dataset!r} is unknown; toys: {sorted(toy.DATASETS)}, "
@@ -99,7 +99,7 @@ def create_iterator(*, dataset: str, batch_size: int, seed: int, shard_index: in
     return ToyIterator(dataset, batch_size=batch_size, seed=seed, shard_index=shard_index,
                        shard_count=shard_count, dim=toy_dim)
   check_dataset(dataset)
-  from score_jax import image_data
+  from score_jax import image_data  # local import: grain and PIL, for image datasets only
   return image_data.create_iterator(dataset=dataset, split=split, batch_size=batch_size, seed=seed,
                                     shard_index=shard_index, shard_count=shard_count,
                                     **image_kwargs)

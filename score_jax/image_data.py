@@ -120,7 +120,8 @@ def prepare(dataset: str, *, data_dir: str | None, manual_dir: str | None) -> No
   if missing:
     raise ValueError(f"--manual_dir={manual_dir} lacks {', '.join(missing)} (needed for {dataset})")
   import tensorflow_datasets as tfds
-  from score_jax import tfds_builders  # noqa: F401  (registers the TF-free builders)
+  # local import: tensorflow_datasets, for TFDS datasets only; registers the TF-free builders
+  from score_jax import tfds_builders  # noqa: F401
   builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False,
                                         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
@@ -135,6 +136,7 @@ def prepare_cached(dataset: str, manual_dir: str, cache_root: str) -> str:
 
 def _tfds_source(dataset: str, split: str, data_dir: str | None):
   import tensorflow_datasets as tfds
+  # local import: tensorflow_datasets, for TFDS datasets only; registers the TF-free builders
   from score_jax import tfds_builders  # noqa: F401
   info = _info(dataset)
   data_dir = data_dir or default_data_dir()

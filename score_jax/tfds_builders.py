@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from score_jax import paths
+from score_jax.idx import read_idx
 
 
 def _features(shape):
@@ -40,7 +41,6 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(d, "train"), "test": self._generate_examples(d, "t10k")}
 
   def _generate_examples(self, d, prefix):
-    from score_jax.idx import read_idx
     images = read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(d / f"{prefix}-labels-idx1-ubyte.gz")
     for i in range(len(images)):

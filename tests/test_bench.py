@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import HANG_TIMEOUT_S, REPO
 
 RUN = REPO / "bench" / "run.py"
@@ -20,6 +21,7 @@ def test_unknown_workload_is_a_clear_error():
   assert "unknown workload(s) toy_als_b9999" in proc.stderr and "--list" in proc.stderr
 
 
+@pytest.mark.e2e  # the driver, its peak measurement and two workloads: three JAX processes
 def test_short_run_prints_rows_in_the_given_order_and_saves_nothing():
   results = REPO / "bench" / "results.jsonl"
   before = results.read_bytes()

@@ -3,6 +3,7 @@
 import collections
 import io
 import pickle
+import resource
 import subprocess
 import sys
 import tracemalloc
@@ -10,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 from test_inception import _FakeTorch, _Storage, _TorchPickler, _example, _write_zip
 
 from score_jax.eval import fetch_inception, torch_weights
@@ -196,6 +198,7 @@ def test_tensors_sharing_a_storage_are_materialized_once(tmp_path, monkeypatch):
   assert peak < 2 * 4 * numel, peak
 
 
+_CHILD_CPU_S = 60
 _LOAD_IN_CHILD = """
 import sys
 from score_jax.eval import torch_weights
@@ -226,8 +229,11 @@ def test_pickle_structure_is_bounded_before_unpickling(tmp_path, kind):
   path = tmp_path / f"{kind}.pth"
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", data)
-  # A child process, so that a walk of 2^25 paths fails the test by its timeout, not by hanging.
+  # A child process with a CPU-time limit, so that a walk of 2^25 paths fails the test (SIGXCPU,
+  # whatever the machine's load) instead of hanging; loading the module and refusing the file
+  # take a few seconds of CPU.
+  limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (_CHILD_CPU_S, _CHILD_CPU_S))
   proc = subprocess.run([sys.executable, "-c", _LOAD_IN_CHILD, str(path)], capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=HANG_TIMEOUT_S, preexec_fn=limit)
   assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr[-2000:])
   assert proc.stdout.count("\n") == 1 and str(path) in proc.stdout, proc.stdout

