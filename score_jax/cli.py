@@ -140,6 +140,7 @@ def validate(config, mode: str, num_devices: int | None = None) -> None:
   if mode in ("train", "sweep"):
     config_schema.check_data_source(config)
   if mode in ("eval", "sampler_sweep"):
+    # local import: JAX and Flax load only past validation (fast --help and usage errors)
     from score_jax.eval import evaluators
     evaluators.feature_kind(config.eval.features, dataset=config.data.dataset,
                             image_size=config.data.image_size,
@@ -162,6 +163,7 @@ def _check_workdir(workdir: str, mode: str) -> None:
   if mode in ("train", "sweep"):
     # Every process of a multi-host run shares the workdir and would see its own job's lock:
     # process 0, the one that takes the lock, checks it and tells the others.
+    # local import: JAX and Flax load only past validation (fast --help and usage errors)
     from score_jax import parallel
     parallel.from_main(lambda: workdir_lock.raise_if_held(os.fspath(path)))
   elif not path.is_dir():
@@ -213,6 +215,7 @@ def _apply_overrides(config, overrides: dict):
         raise UsageError(f"override {dotted!r} names no config field")
       node = node[p]
     if leaf not in node:
+      # local import: JAX and Flax load only past validation (fast --help and usage errors)
       from score_jax import stored_config
       raise UsageError(f"override {dotted!r} names no config field"
                        f"{stored_config.moved_field_hint(dotted)}")
@@ -313,6 +316,7 @@ def _outputs(workdir: str, results: dict, *, trained: bool) -> str:
 def _reader_config(config, workdir: str, mode: str):
   """`(config, state)` of a reading mode: the checkpoint's state, with `--config=FILE` checked
   against the checkpoint, or else the checkpoint's config with this command's overrides."""
+  # local import: JAX and Flax load only past validation (fast --help and usage errors)
   from score_jax import experiment, stored_config
   loaded_config, state = experiment.load_checkpoint(
       workdir, allow_undigested=FLAGS.allow_undigested_checkpoints)
@@ -332,6 +336,7 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
   `sweep_runs`: the validated runs of `--mode=sweep` (`_sweep_runs`), so the config file's
   `get_sweep()` is not executed again.
   """
+  # local import: JAX and Flax load only past validation (fast --help and usage errors)
   from score_jax import experiment, parallel, sample, train
   if mode == "train":
     exp = experiment.build(config)
@@ -352,6 +357,7 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
       print(_summary_table(results))
       print(_outputs(workdir, results, trained=False))
   elif mode in ("eval", "sampler_sweep"):
+    # local import: JAX and Flax load only past validation (fast --help and usage errors)
     from score_jax import evaluate
     if not FLAGS["config"].present:
       config = _with_cli_overrides(experiment.load_checkpoint(
@@ -367,12 +373,14 @@ def run(config, workdir: str, mode: str, *, sweep_runs: list | None = None) -> N
     config, state = _reader_config(config, workdir, mode)
     exp = experiment.build(config)
     if mode == "likelihood":
+      # local import: JAX and Flax load only past validation (fast --help and usage errors)
       from score_jax import likelihood_eval
       row = likelihood_eval.run(exp, state, workdir)
       if parallel.is_main_process():
         print(likelihood_eval.format_row(row))
         print(f"rows in {os.path.join(os.path.abspath(workdir), 'likelihood.jsonl')} and .csv")
     elif parallel.is_main_process():
+      # local import: JAX and Flax load only past validation (fast --help and usage errors)
       from score_jax import export
       export.write(export_path, exp.config_json, state)
       print(f"exported step {int(state.step)} (EMA parameters and config) to "
@@ -433,6 +441,7 @@ def _initialize_distributed(config) -> None:
   except ValueError:
     raise UsageError(f"--local_device_ids={','.join(FLAGS.local_device_ids)} must be "
                      "comma-separated integers") from None
+  # local import: JAX and Flax load only past validation (fast --help and usage errors)
   from score_jax import parallel
   parallel.initialize_distributed(**given, local_device_ids=device_ids)
 
@@ -503,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
   status. `argv` defaults to `sys.argv`."""
   argv = _shipped_configs(sys.argv if argv is None else argv)
   if any(key.startswith("model.") for key in _cli_override_keys(argv)):
+    # local import: JAX and Flax load only past validation (fast --help and usage errors)
     from score_jax import stored_config
     moved = stored_config.moved_flag_error(argv, config_schema.FIELDS)
     if moved:
@@ -551,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     return _report_storage_error(e, workdir)
   # The library (Flax, Orbax, TFDS, the models) is imported once the command is known to be
   # valid, so a usage error costs only the imports its own check needs.
+  # local import: JAX and Flax load only past validation (fast --help and usage errors)
   from score_jax import checkpoint, export, sampling, train
   try:
     run(config, workdir, mode, sweep_runs=sweep_runs)

@@ -34,6 +34,7 @@ import optax
 
 from score_jax import (checkpoint, data, gan, models, noise, parallel, rng_streams, sampling,
                        steps, stored_config)
+from score_jax.models import discriminator
 from score_jax.train_state import (AdversarialState, TrainState, create_discriminator_state,
                                    create_train_state)
 
@@ -337,7 +338,6 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def discriminator_from_config(config: ml_collections.ConfigDict) -> nn.Module:
-  from score_jax.models import discriminator
   a = config.adversarial
   return discriminator.build_discriminator(a.d_arch, ch=a.d_ch, resolution=config.data.image_size)
 
