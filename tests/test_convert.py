@@ -17,7 +17,7 @@ import pytest
 from conftest import HANG_TIMEOUT_S
 
 from configs import default
-from score_jax import checkpoint, convert, models, stored_config
+from score_jax import checkpoint, convert, experiment, models, stored_config
 from score_jax.experiment import init_state
 from score_jax.score import make_score_fn
 
