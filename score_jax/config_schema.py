@@ -82,6 +82,19 @@ _STR = Field("str")
 _OPT_STR = Field("str", optional=True)
 # Each sampler's sub-group `sampling.<name>` (its keyword arguments, `sampling.SAMPLERS`); the
 # sampler names the config may choose are these sub-groups.
+def _ladder_fields(name: str, *, churn: bool) -> dict[str, Field]:
+  """The fields of a fixed-step ODE sampler's sub-group `sampling.<name>`: its ladder, and EDM's
+  churn where the sampler takes it."""
+  g = f"sampling.{name}."
+  fields = {g + "ladder": _choice("trained", "geometric", "karras"),
+            g + "num_steps": _int(2, optional=True), g + "rho": _pos_float(),
+            g + "sigma_max": _pos_float(optional=True), g + "sigma_min": _pos_float(optional=True)}
+  if churn:
+    fields.update({g + "s_churn": _float(0.0), g + "s_tmin": _float(0.0),
+                   g + "s_tmax": _float(0.0, optional=True), g + "s_noise": _float(0.0)})
+  return fields
+
+
 _SAMPLER_FIELDS: dict[str, Field] = {
     "sampling.als.step_lr": _pos_float(),
     "sampling.als.steps_per_sigma": _pos_int(),
@@ -90,29 +103,9 @@ _SAMPLER_FIELDS: dict[str, Field] = {
     "sampling.cas.n_sigma": _pos_int(),
     "sampling.pc.snr": _pos_float(),
     "sampling.pc.corrector_steps": _int(0),
-    "sampling.euler.ladder": _choice("trained", "geometric", "karras"),
-    "sampling.euler.num_steps": _int(2, optional=True),
-    "sampling.euler.rho": _pos_float(),
-    "sampling.euler.sigma_max": _pos_float(optional=True),
-    "sampling.euler.sigma_min": _pos_float(optional=True),
-    "sampling.euler.s_churn": _float(0.0),
-    "sampling.euler.s_tmin": _float(0.0),
-    "sampling.euler.s_tmax": _float(0.0, optional=True),
-    "sampling.euler.s_noise": _float(0.0),
-    "sampling.heun.ladder": _choice("trained", "geometric", "karras"),
-    "sampling.heun.num_steps": _int(2, optional=True),
-    "sampling.heun.rho": _pos_float(),
-    "sampling.heun.sigma_max": _pos_float(optional=True),
-    "sampling.heun.sigma_min": _pos_float(optional=True),
-    "sampling.heun.s_churn": _float(0.0),
-    "sampling.heun.s_tmin": _float(0.0),
-    "sampling.heun.s_tmax": _float(0.0, optional=True),
-    "sampling.heun.s_noise": _float(0.0),
-    "sampling.dpm_solver_pp_2m.ladder": _choice("trained", "geometric", "karras"),
-    "sampling.dpm_solver_pp_2m.num_steps": _int(2, optional=True),
-    "sampling.dpm_solver_pp_2m.rho": _pos_float(),
-    "sampling.dpm_solver_pp_2m.sigma_max": _pos_float(optional=True),
-    "sampling.dpm_solver_pp_2m.sigma_min": _pos_float(optional=True),
+    **_ladder_fields("euler", churn=True),
+    **_ladder_fields("heun", churn=True),
+    **_ladder_fields("dpm_solver_pp_2m", churn=False),
     "sampling.adaptive.sigma_max": _pos_float(optional=True),
     "sampling.adaptive.sigma_min": _pos_float(optional=True),
     "sampling.adaptive.abs_tol": _pos_float(),
